@@ -1,0 +1,30 @@
+"""llm_trainer: post-training for language models, a drop-in replacement for TRL.
+
+`from trl import SFTTrainer` becomes `from llm_trainer import SFTTrainer`; every public name is imported lazily.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._lazy import lazy_exports
+
+try:
+    __version__ = version("llm-trainer")
+except PackageNotFoundError:  # running from a source checkout
+    __version__ = "0.0.0.dev0"
+
+_EXPORTS = {
+    "data_utils": [
+        "apply_chat_template",
+        "extract_prompt",
+        "is_conversational",
+        "maybe_apply_chat_template",
+        "maybe_convert_to_chatml",
+        "maybe_extract_prompt",
+        "maybe_unpair_preference_dataset",
+        "pack_dataset",
+        "unpair_preference_dataset",
+    ],
+    "trainer": ["SFTConfig", "SFTTrainer"],
+}
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

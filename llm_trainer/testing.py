@@ -1,0 +1,241 @@
+"""Tiny offline models, a shipped tokenizer and small built-in datasets.
+
+Nothing here touches the network: the tokenizer is a byte-level BPE trained locally (its files ship in
+`llm_trainer/assets/tokenizer`), and models are random-weight architectures built from a config and saved to a
+folder, so `from_pretrained(path)` works offline. Tests, examples, benchmarks and the demo all use these.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
+
+# Same pre-tokenization as `transformers`' Qwen2Tokenizer, which AutoTokenizer rebuilds for `model_type == "qwen2"`:
+# training with anything else would make token ids differ silently between the two loading paths.
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# ChatML, with `{% generation %}` markers around what the assistant writes so `assistant_only_loss` works.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+ZEN_OF_PYTHON = [
+    "Beautiful is better than ugly.",
+    "Explicit is better than implicit.",
+    "Simple is better than complex.",
+    "Complex is better than complicated.",
+    "Flat is better than nested.",
+    "Sparse is better than dense.",
+    "Readability counts.",
+    "Special cases aren't special enough to break the rules.",
+    "Although practicality beats purity.",
+    "Errors should never pass silently.",
+    "Unless explicitly silenced.",
+    "In the face of ambiguity, refuse the temptation to guess.",
+    "There should be one-- and preferably only one --obvious way to do it.",
+    "Although that way may not be obvious at first unless you're Dutch.",
+    "Now is better than never.",
+    "Although never is often better than *right* now.",
+    "If the implementation is hard to explain, it's a bad idea.",
+    "If the implementation is easy to explain, it may be a good idea.",
+    "Namespaces are one honking great idea -- let's do more of those!",
+]
+
+
+def _corpus() -> list[str]:
+    """Text the tokenizer is trained on: the Zen of Python, chat turns, arithmetic and digits."""
+    lines = list(ZEN_OF_PYTHON)
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    for a in range(10):
+        for b in range(10):
+            lines.append(f"What is {a} plus {b}? {a} plus {b} is {a + b}.")
+            lines.append(f"{words[a]} times {words[b]} is {a * b}")
+    lines += [
+        "You are a helpful assistant. The answer is correct. Please think step by step.",
+        "<think>Let me think about this.</think><answer>42</answer>",
+        "The quick brown fox jumps over the lazy dog. Hello, world! How are you today?",
+        "user assistant system Question: Answer: Guess the number between 1 and 100. Too high. Too low. Correct!",
+    ]
+    return lines
+
+
+def build_tokenizer(vocab_size: int = 1024):
+    """Train the byte-level BPE tokenizer shipped in `assets/tokenizer` and return it as a transformers tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=32768,
+    )
+
+
+def write_tokenizer_assets(path: str | os.PathLike = TOKENIZER_DIR) -> None:
+    """Regenerate the shipped tokenizer files (run once; the result is committed)."""
+    build_tokenizer().save_pretrained(path)
+
+
+def get_tokenizer():
+    """The shipped tiny tokenizer (ChatML template with generation markers; pad `<|endoftext|>`, eos `<|im_end|>`)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+Architecture = Literal["qwen2", "llama"]
+Task = Literal["causal-lm", "sequence-classification"]
+
+
+def tiny_model_config(
+    architecture: Architecture = "qwen2",
+    vocab_size: int | None = None,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int | None = None,
+    tie_word_embeddings: bool = False,
+    **kwargs,
+):
+    """A config for a tiny random-weight model whose vocabulary matches the shipped tokenizer."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    tokenizer = get_tokenizer()
+    config_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[architecture]
+    return config_cls(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        max_position_embeddings=2048,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **kwargs,
+    )
+
+
+def make_tiny_model(
+    path: str | os.PathLike | None = None,
+    architecture: Architecture = "qwen2",
+    task: Task = "causal-lm",
+    seed: int = 0,
+    **config_kwargs,
+) -> str:
+    """Build a tiny random-weight model, save it with the shipped tokenizer, and return the folder.
+
+    `from_pretrained(folder)` then works offline for the model and for `AutoTokenizer`. Extra keyword arguments go
+    to `tiny_model_config` (hidden size, layers, tied embeddings, ...). Sequence-classification models get one label.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
+
+    path = Path(path or tempfile.mkdtemp(prefix=f"tiny-{architecture}-"))
+    config = tiny_model_config(architecture, **config_kwargs)
+    torch.manual_seed(seed)
+    if task == "causal-lm":
+        model = AutoModelForCausalLM.from_config(config)
+        model.generation_config = GenerationConfig(
+            eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, do_sample=False
+        )
+    elif task == "sequence-classification":
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        raise ValueError(f"Unknown task {task!r}; expected 'causal-lm' or 'sequence-classification'.")
+    model.save_pretrained(path)
+    get_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def zen_dataset(config: str, split: str = "train"):
+    """Offline twin of the `trl-internal-testing/zen` dataset (same row layout per config, 17 train / 2 test rows)."""
+    from datasets import Dataset
+
+    rows = [_zen_row(config, i, line) for i, line in enumerate(ZEN_OF_PYTHON)]
+    rows = rows[:17] if split == "train" else rows[17:]
+    return Dataset.from_list(rows)
+
+
+_UNPAIRED_LABELS = [True, False, False, True, True, False, True, False, True, True, False, True, True, False]
+_UNPAIRED_LABELS += [True, False, True, False, False]
+
+
+def _zen_row(config: str, i: int, line: str) -> dict:
+    words = line.rstrip(".!").split(" ")
+    prompt, completion = " ".join(words[:-1]), " " + words[-1] + line[len(line.rstrip(".!")) :]
+    other = ZEN_OF_PYTHON[(i + 7) % len(ZEN_OF_PYTHON)]
+    question = f"Complete the aphorism: {prompt}"
+    user = [{"role": "user", "content": question}]
+
+    def assistant(text):
+        return [{"role": "assistant", "content": text}]
+
+    layouts = {
+        "standard_language_modeling": {"text": line},
+        "standard_prompt_only": {"prompt": prompt},
+        "standard_prompt_completion": {"prompt": prompt, "completion": completion},
+        "standard_preference": {"prompt": prompt, "chosen": completion, "rejected": " " + other},
+        "standard_implicit_prompt_preference": {"chosen": line, "rejected": prompt + " " + other},
+        "standard_unpaired_preference": {
+            "prompt": prompt,
+            "completion": completion if _UNPAIRED_LABELS[i] else " " + other,
+            "label": _UNPAIRED_LABELS[i],
+        },
+        "conversational_language_modeling": {"messages": user + assistant(line)},
+        "conversational_prompt_only": {"prompt": user},
+        "conversational_prompt_completion": {"prompt": user, "completion": assistant(line)},
+        "conversational_preference": {"prompt": user, "chosen": assistant(line), "rejected": assistant(other)},
+        "conversational_implicit_prompt_preference": {
+            "chosen": user + assistant(line),
+            "rejected": user + assistant(other),
+        },
+        "conversational_unpaired_preference": {
+            "prompt": user,
+            "completion": assistant(line if _UNPAIRED_LABELS[i] else other),
+            "label": _UNPAIRED_LABELS[i],
+        },
+    }
+    if config not in layouts:
+        raise ValueError(f"Unknown zen config {config!r}; expected one of {sorted(layouts)}.")
+    return json.loads(json.dumps(layouts[config]))
