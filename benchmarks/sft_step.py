@@ -1,0 +1,191 @@
+"""SFT step time and peak RSS: llm_trainer vs TRL 1.16 vs a minimal PyTorch loop, side by side in one run.
+
+    python benchmarks/sft_step.py [--steps 10] [--warmup 3] [--gradient-checkpointing]
+
+Same Llama-style model (vocab 32000, hidden 256, 4 layers, fp32, CPU), same random token batches (8 x 256), same
+seed. The minimal loop is `model(input_ids, labels=labels).loss.backward(); AdamW.step()`. Both trainers run with
+`bf16=False` and, unless `--gradient-checkpointing`, without gradient checkpointing, so all three do the same
+arithmetic. Each runner is a fresh subprocess, so its peak RSS (`ru_maxrss`) is its own: the table shows it whole
+and above the process's RSS once the model and data are built. Prints a table, writes `results/sft_step.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+SHAPE = {"vocab_size": 32000, "hidden_size": 256, "num_hidden_layers": 4, "batch_size": 8, "seq_len": 256}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _model_and_rows(n_rows: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=SHAPE["vocab_size"],
+        hidden_size=SHAPE["hidden_size"],
+        num_hidden_layers=SHAPE["num_hidden_layers"],
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=4 * SHAPE["hidden_size"],
+        max_position_embeddings=SHAPE["seq_len"],
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    model = LlamaForCausalLM(config)
+    rows = torch.randint(2, SHAPE["vocab_size"], (n_rows, SHAPE["seq_len"])).tolist()
+    return model, rows
+
+
+def run_minimal(steps: int, warmup: int, _checkpointing: bool) -> dict:
+    import torch
+
+    model, rows = _model_and_rows(SHAPE["batch_size"] * (steps + warmup))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    base = _rss_mb()
+    times = []
+    for i in range(steps + warmup):
+        batch = torch.tensor(rows[i * SHAPE["batch_size"] : (i + 1) * SHAPE["batch_size"]])
+        start = time.perf_counter()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    return {"step_times": times[warmup:], "base_rss_mb": base}
+
+
+def run_trainer(library: str, steps: int, warmup: int, checkpointing: bool) -> dict:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+
+    if library == "trl":
+        from trl import SFTConfig, SFTTrainer
+    else:
+        from llm_trainer import SFTConfig, SFTTrainer
+    from llm_trainer.testing import get_tokenizer
+
+    model, rows = _model_and_rows(SHAPE["batch_size"] * (steps + warmup))
+    tokenizer: PreTrainedTokenizerFast = get_tokenizer()  # only its pad token id is used: data is pre-tokenized
+    dataset = Dataset.from_dict({"input_ids": rows})
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    config = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=steps + warmup,
+        per_device_train_batch_size=SHAPE["batch_size"],
+        max_length=SHAPE["seq_len"],
+        learning_rate=2e-5,
+        lr_scheduler_type="constant",
+        bf16=False,
+        gradient_checkpointing=checkpointing,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()]
+    )
+    base = _rss_mb()
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return {"step_times": times[warmup:], "base_rss_mb": base, "losses": losses}
+
+
+RUNNERS = ("minimal loop", "llm_trainer", "trl 1.16")
+
+
+def child(name: str, steps: int, warmup: int, checkpointing: bool) -> None:
+    if name == "minimal loop":
+        result = run_minimal(steps, warmup, checkpointing)
+    else:
+        result = run_trainer("trl" if name.startswith("trl") else "llm_trainer", steps, warmup, checkpointing)
+    result["peak_rss_mb"] = _peak_rss_mb()
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="turn it on in both trainers")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.steps, args.warmup, args.gradient_checkpointing)
+
+    results = {}
+    for name in RUNNERS:
+        command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+        result = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
+        times = sorted(result["step_times"])
+        result["median_step_s"] = times[len(times) // 2]
+        results[name] = result
+
+    ref = results["minimal loop"]
+    rows = []
+    for name, r in results.items():
+        r["time_vs_minimal"] = r["median_step_s"] / ref["median_step_s"]
+        r["peak_rss_vs_minimal"] = r["peak_rss_mb"] / ref["peak_rss_mb"]
+        r["time_vs_trl"] = r["median_step_s"] / results["trl 1.16"]["median_step_s"]
+        extra = r["peak_rss_mb"] - r["base_rss_mb"]
+        rows.append(
+            f"| {name:<12} | {r['median_step_s']:8.3f} | {r['time_vs_minimal']:5.2f}x | {r['time_vs_trl']:5.2f}x "
+            f"| {r['peak_rss_mb']:8.0f} | {r['peak_rss_vs_minimal']:5.2f}x | {extra:8.0f} |"
+        )
+    header = "| runner       | step (s) | vs minimal | vs TRL | peak RSS (MB) | vs minimal | above setup (MB) |"
+    print(f"SFT step, {SHAPE}, fp32, CPU, gradient_checkpointing={args.gradient_checkpointing}")
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    print("\n".join(rows))
+    ours, trl = results["llm_trainer"].get("losses"), results["trl 1.16"].get("losses")
+    if ours and trl:
+        worst = max(abs(a - b) / abs(b) for a, b in zip(ours, trl))
+        print(f"loss parity llm_trainer vs TRL over {len(ours)} steps: max relative difference {worst:.2e}")
+        results["loss_max_rel_diff_vs_trl"] = worst
+
+    RESULTS.mkdir(exist_ok=True)
+    suffix = "_gc" if args.gradient_checkpointing else ""
+    payload = {
+        "benchmark": "sft_step",
+        "shape": SHAPE,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "results": results,
+    }
+    (RESULTS / f"sft_step{suffix}.json").write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()

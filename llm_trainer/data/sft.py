@@ -1,0 +1,215 @@
+"""Turn an SFT dataset (text, messages, prompt-completion or pre-tokenized) into `input_ids` and `labels`.
+
+Mirrors TRL 1.16's `SFTTrainer._prepare_dataset`: add the eos token to plain text, tokenize (through the chat
+template for conversations), mask what should not be learned with -100, truncate or pack to `max_length`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+from datasets import Dataset, IterableDataset
+
+from .chat_template import common_prefix_length
+from .formats import get_dataset_column_names as column_names
+from .formats import is_conversational, is_conversational_from_value, maybe_convert_to_chatml
+from .packing import pack_dataset
+
+logger = logging.getLogger(__name__)
+
+_GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def has_generation_markers(chat_template: str | None) -> bool:
+    """Whether a chat template marks assistant output with `{% generation %}` (needed for assistant masks)."""
+    return bool(chat_template) and _GENERATION_MARKER.search(chat_template) is not None
+
+
+def check_sft_dataset(
+    dataset: Dataset | IterableDataset, text_field: str, name: str = "train", formatted: bool = False
+) -> dict[str, Any]:
+    """Validate that `dataset` is a usable SFT dataset and return its first example.
+
+    Raises a `ValueError` naming the columns found and the layouts accepted when it is empty or, unless a formatting
+    function makes the text (`formatted`), has no usable column.
+    """
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"The {name} dataset is empty: pass a dataset with at least one example.")
+    try:
+        example = next(iter(dataset))
+    except StopIteration:
+        raise ValueError(f"The {name} dataset is empty: pass a dataset with at least one example.") from None
+    usable = (
+        formatted
+        or "input_ids" in example
+        or text_field in example
+        or "messages" in example
+        or "conversations" in example
+        or ("prompt" in example and "completion" in example)
+    )
+    if not usable:
+        raise ValueError(
+            f"The {name} dataset has columns {sorted(example)}, none of which SFT can train on. Provide one of: "
+            f"'{text_field}' (plain text; see `dataset_text_field`), 'messages' (a conversation), 'prompt' and "
+            "'completion', or 'input_ids' (pre-tokenized); or pass a `formatting_func` that returns the text."
+        )
+    return example
+
+
+def prepare_sft_dataset(
+    dataset: Dataset | IterableDataset,
+    tokenizer: Any,
+    *,
+    text_field: str = "text",
+    max_length: int | None = 1024,
+    truncation_mode: str = "keep_start",
+    packing: bool = False,
+    packing_strategy: str = "bfd",
+    completion_only_loss: bool = False,
+    assistant_only_loss: bool = False,
+    chat_template: str | None = None,
+    formatting_func: Callable[[dict], str] | None = None,
+    num_proc: int | None = None,
+    shuffle_seed: int | None = None,
+    name: str = "train",
+) -> Dataset | IterableDataset:
+    """Tokenize and mask `dataset` for SFT; the result has `input_ids`, `labels` and, when packed, `seq_lengths`.
+
+    `labels` is -100 on tokens excluded from the loss: prompt tokens when `completion_only_loss`, non-assistant
+    tokens when `assistant_only_loss`. A dataset that already has `input_ids` is only masked, truncated and packed.
+    `shuffle_seed` shuffles the result (and the rows before packing).
+    """
+    map_kwargs: dict[str, Any] = {"num_proc": num_proc} if isinstance(dataset, Dataset) else {}
+
+    def desc(text: str) -> dict[str, Any]:
+        return {**map_kwargs, "desc": f"{text} {name} dataset"} if isinstance(dataset, Dataset) else map_kwargs
+
+    if "input_ids" not in column_names(dataset):
+        if formatting_func is not None:
+            # The formatted text is the whole example: the dataset becomes a language-modeling one.
+            dataset = dataset.map(
+                lambda ex: {"text": formatting_func(ex)}, remove_columns=column_names(dataset), **desc("Formatting")
+            )
+            text_field = "text"
+        if is_conversational_from_value(next(iter(dataset))):
+            drop = ["conversations"] if "conversations" in column_names(dataset) else None
+            dataset = dataset.map(maybe_convert_to_chatml, remove_columns=drop, **desc("Converting to ChatML"))
+        if not is_conversational(next(iter(dataset))):
+            dataset = dataset.map(
+                _add_eos, fn_kwargs={"eos": tokenizer.eos_token, "text_field": text_field}, **desc("Adding EOS to")
+            )
+        dataset = dataset.map(
+            _tokenize_example,
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "text_field": text_field,
+                "assistant_only_loss": assistant_only_loss,
+                "chat_template": chat_template,
+            },
+            **desc("Tokenizing"),
+        )
+
+    columns = column_names(dataset)
+    if "labels" not in columns:
+        masks = [c for c in ("completion_mask", "assistant_masks") if c in columns]
+        if not completion_only_loss and "completion_mask" in masks:
+            masks.remove("completion_mask")
+        dataset = dataset.map(
+            _build_labels, fn_kwargs={"mask_columns": masks}, remove_columns=masks, **desc("Building labels for")
+        )
+
+    if max_length is not None and not packing:
+        cut = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+        dataset = dataset.map(
+            lambda ex: {"input_ids": ex["input_ids"][cut], "labels": ex["labels"][cut]}, **desc("Truncating")
+        )
+        before = len(dataset) if isinstance(dataset, Dataset) else None
+        dataset = dataset.filter(lambda ex: any(label != -100 for label in ex["labels"]), **desc("Filtering"))
+        if before is not None and len(dataset) < before:
+            logger.warning(
+                "Dropped %d of %d %s examples with no trainable token left after truncation to max_length=%d.",
+                before - len(dataset),
+                before,
+                name,
+                max_length,
+            )
+
+    if packing:
+        dataset = dataset.select_columns(["input_ids", "labels"])
+        if shuffle_seed is not None:  # shuffle before packing too, so neighbours are not correlated
+            dataset = dataset.shuffle(seed=shuffle_seed)
+        dataset = pack_dataset(dataset, max_length, packing_strategy, desc("Packing"))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(seed=shuffle_seed)
+    return dataset
+
+
+def _add_eos(example: dict, eos: str, text_field: str) -> dict:
+    key = text_field if text_field in example else "completion" if "completion" in example else None
+    if key is not None and not example[key].endswith(eos):
+        example[key] = example[key] + eos
+    return example
+
+
+def _chat_ids(tokenizer: Any, messages: list, **kwargs) -> dict:
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+
+
+def _tokenize_example(
+    example: dict, tokenizer: Any, text_field: str, assistant_only_loss: bool, chat_template: str | None
+) -> dict:
+    tools = example.get("tools")
+    template_kwargs = {
+        "chat_template": chat_template,
+        "tools": json.loads(tools) if isinstance(tools, str) else tools,
+        **(example.get("chat_template_kwargs") or {}),
+    }
+    conversational = is_conversational(example)
+    if "prompt" in example:
+        if conversational:
+            prompt_ids = _chat_ids(tokenizer, example["prompt"], add_generation_prompt=True, **template_kwargs)
+            full = _chat_ids(
+                tokenizer,
+                example["prompt"] + example["completion"],
+                return_assistant_tokens_mask=assistant_only_loss,
+                **template_kwargs,
+            )
+        else:
+            prompt_ids = tokenizer(text=example["prompt"])
+            full = tokenizer(text=example["prompt"] + example["completion"])
+        prompt_len = common_prefix_length(prompt_ids["input_ids"], full["input_ids"])
+        if prompt_len < len(prompt_ids["input_ids"]):
+            logger.warning(
+                "The tokenized prompt is not a prefix of the tokenized prompt+completion (the template renders it "
+                "differently, or tokens merge across the boundary); the completion starts where they diverge."
+            )
+        output = {
+            "input_ids": full["input_ids"],
+            "completion_mask": [0] * prompt_len + [1] * (len(full["input_ids"]) - prompt_len),
+        }
+    elif conversational:
+        full = _chat_ids(
+            tokenizer, example["messages"], return_assistant_tokens_mask=assistant_only_loss, **template_kwargs
+        )
+        output = {"input_ids": full["input_ids"]}
+    else:
+        full = tokenizer(text=example[text_field])
+        output = {"input_ids": full["input_ids"]}
+    if assistant_only_loss:
+        if "assistant_masks" not in full or 1 not in full["assistant_masks"]:
+            raise ValueError(
+                "`assistant_only_loss=True`, but an example has no assistant token in its assistant mask. Check that "
+                "every conversation has an assistant turn and that the chat template wraps assistant output in "
+                "`{% generation %}` ... `{% endgeneration %}`."
+            )
+        output["assistant_masks"] = full["assistant_masks"]
+    return output
+
+
+def _build_labels(example: dict, mask_columns: list[str]) -> dict:
+    masks = [example[c] for c in mask_columns]
+    return {"labels": [tok if all(bits) else -100 for tok, *bits in zip(example["input_ids"], *masks)]}

@@ -1,0 +1,174 @@
+"""Model plumbing shared by every trainer: loading, PEFT wrapping, and the fused token log-prob forward."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from . import kernels
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def load_model(model_id: str, auto_class: Any = None, **init_kwargs: Any) -> PreTrainedModel:
+    """Load `model_id` (a local folder or Hub id) with `from_pretrained`, in float32 unless `dtype` says otherwise.
+
+    `auto_class` defaults to the architecture named in the model's config (falling back to `AutoModelForCausalLM`).
+    """
+    dtype = init_kwargs.get("dtype", "float32")
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(
+                f"Invalid `dtype` {dtype!r} in `model_init_kwargs`: use 'auto', {', '.join(map(repr, _DTYPES))} or a "
+                "torch.dtype."
+            )
+        init_kwargs["dtype"] = _DTYPES[dtype]
+    if auto_class is None:
+        import transformers
+
+        config = AutoConfig.from_pretrained(model_id, trust_remote_code=init_kwargs.get("trust_remote_code", False))
+        architectures = getattr(config, "architectures", None) or []
+        auto_class = getattr(transformers, architectures[0], None) if architectures else None
+        auto_class = auto_class or AutoModelForCausalLM
+    return auto_class.from_pretrained(model_id, **init_kwargs)
+
+
+def wrap_with_peft(model: PreTrainedModel, peft_config: Any, gradient_checkpointing: bool) -> PreTrainedModel:
+    """Wrap `model` with a PEFT adapter built from `peft_config` (a `peft.PeftConfig`)."""
+    try:
+        from peft import PeftConfig, get_peft_model
+    except ImportError as e:
+        raise ImportError('`peft_config` needs the peft library: pip install "llm-trainer[peft]"') from e
+    from accelerate.utils import is_peft_model
+
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(
+            f"`peft_config` must be a `peft.PeftConfig` (e.g. `peft.LoraConfig`), got {type(peft_config).__name__}."
+        )
+    if is_peft_model(model):
+        raise ValueError(
+            "You passed a `PeftModel` together with a `peft_config`. Merge and unload the existing adapter first, "
+            "or pass the PeftModel alone."
+        )
+    model = get_peft_model(model, peft_config)
+    if gradient_checkpointing:  # checkpointed layers need an input that requires grad to backprop into the adapter
+        model.enable_input_require_grads()
+    return model
+
+
+@dataclass
+class TokenLogprobOutput(ModelOutput):
+    """What a model patched by `add_token_logprob_head` returns when called with `token_logprobs=True`.
+
+    Per-token tensors have the shape of the (shifted) labels, `(batch, seq_len - 1)`, and are 0 where the label
+    is -100. `label_mask` is True where the label counts.
+    """
+
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def logit_transform(config: Any) -> tuple[float | None, float | None]:
+    """The `(logit_scale, softcap)` a model applies to its logits, read from its config (None when it does not)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(text_config, name, None)
+        if scale is not None:
+            break
+    logits_scaling = getattr(text_config, "logits_scaling", None)
+    if scale is None and logits_scaling is not None:  # Granite / MiniCPM divide, HyperCLOVA X multiplies
+        scale = logits_scaling if text_config.model_type == "hyperclovax" else 1 / logits_scaling
+    return scale, getattr(text_config, "final_logit_softcapping", None)
+
+
+def _splittable(model: PreTrainedModel) -> bool:
+    """Whether the forward can be run as backbone + a plain linear head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return (
+        isinstance(head, torch.nn.Linear)
+        and getattr(model, "base_model", model) is not model
+        and type(head) is torch.nn.Linear  # an adapter-wrapped head would be bypassed
+    )
+
+
+def add_token_logprob_head(model: PreTrainedModel, temperature: float = 1.0) -> None:
+    """Let `model(..., labels=..., token_logprobs=True)` return per-token log-probs without building the logits.
+
+    The patched forward runs the backbone, then projects the hidden states through the LM head chunk by chunk with
+    `llm_trainer.kernels.token_logprobs`, returning a `TokenLogprobOutput` with log-probs, entropy and top-1 flags of
+    the next-token labels. Called without `token_logprobs=True` it is the original forward, so generation and
+    user code are unchanged. Patching the instance's `forward` (rather than calling submodules directly) keeps DDP,
+    FSDP and DeepSpeed wrappers in the loop. Models whose head is not a plain linear layer fall back to the logits
+    with a one-line warning.
+    """
+    original_forward = model.forward
+    logit_scale, softcap = logit_transform(model.config)
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, token_logprobs: bool = False, labels=None, **kwargs):
+        if not token_logprobs:
+            if labels is not None:
+                kwargs["labels"] = labels
+            return original_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        target = labels[:, 1:]
+        if _splittable(self):
+            out = self.base_model(*args, **kwargs)
+            head = self.get_output_embeddings()
+            hidden = out.last_hidden_state[:, :-1].to(head.weight.device)
+            result = kernels.token_logprobs(
+                hidden,
+                head.weight,
+                target.to(head.weight.device),
+                temperature=temperature,
+                return_entropy=True,
+                return_accuracy=True,
+                bias=head.bias,
+                logit_scale=logit_scale,
+                softcap=softcap,
+            )
+            log_probs, entropy, is_top1 = result.logprobs, result.entropy, result.is_top1
+        else:
+            _warn_unsplittable(type(self).__name__)
+            out = original_forward(*args, **kwargs)
+            log_probs, entropy, is_top1 = _stats_from_logits(out.logits[:, :-1], target, temperature)
+        return TokenLogprobOutput(
+            log_probs=log_probs,
+            entropy=entropy,
+            is_top1=is_top1,
+            label_mask=target != -100,
+            aux_loss=getattr(out, "aux_loss", None),
+        )
+
+    model.forward = types.MethodType(forward, model)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unsplittable(name: str) -> None:
+    logger.warning("%s's LM head is not a plain linear layer: log-probs are computed from the full logits.", name)
+
+
+def _stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """Per-token log-prob, entropy and top-1 flag from materialized logits (the fallback path)."""
+    mask = labels != -100
+    safe = labels.clamp(min=0)
+    logits = logits.float() / temperature
+    log_probs = kernels.selective_log_softmax(logits, safe) * mask
+    with torch.no_grad():
+        logp_all = logits.log_softmax(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
+        is_top1 = (logits.argmax(-1) == safe) & mask
+    return log_probs, entropy, is_top1

@@ -1,0 +1,69 @@
+"""Defaults shared by every llm_trainer config (TRL's `_BaseConfig`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+
+@dataclass
+class BaseConfig(TrainingArguments):
+    """`TrainingArguments` with the defaults TRL's trainers share.
+
+    Differences from `TrainingArguments`: `logging_steps=10`, `gradient_checkpointing=True`, and `bf16=None`, which
+    resolves to `not fp16` where bf16 can run (a bf16-capable accelerator, or `use_cpu=True`) and to False
+    elsewhere, where TRL's config raises instead. Adds the model-loading fields every trainer reads (`model_init_kwargs`,
+    `trust_remote_code`).
+    """
+
+    logging_steps: float = field(
+        default=10,
+        metadata={"help": "Log every X update steps: an integer, or a float in [0, 1) read as a ratio of total steps."},
+    )
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "Recompute activations in the backward pass to save memory, at about 20%% more compute."},
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "Use bf16 (mixed) precision. Unset means `True` unless `fp16` is set."},
+    )
+    lr_scheduler_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Extra keyword arguments for the learning-rate scheduler, e.g. {'num_cycles': 1}."},
+    )
+    use_liger_kernel: bool = field(
+        default=False,
+        metadata={"help": "Patch the model's layers with Liger's Triton kernels (deprecated in TRL; kept for scripts)."},
+    )
+    torch_empty_cache_steps: int | None = field(
+        default=None,
+        metadata={"help": "Call `torch.<device>.empty_cache()` every N steps (slower, lowers peak memory)."},
+    )
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for `from_pretrained` when the model is given as a name or path. `dtype` "
+            "defaults to float32."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow custom model code from the model's repository when loading by name or path."},
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and _bf16_available(self.use_cpu)
+        if isinstance(self.model_init_kwargs, str):  # from the CLI
+            self.model_init_kwargs = json.loads(self.model_init_kwargs)
+        super().__post_init__()
+
+
+def _bf16_available(use_cpu: bool) -> bool:
+    """Whether `TrainingArguments` accepts `bf16=True` here (the same test it validates with)."""
+    return use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()

@@ -1,0 +1,165 @@
+"""The `transformers.Trainer` subclass every llm_trainer algorithm extends."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from ..modeling import load_model, wrap_with_peft
+
+logger = logging.getLogger(__name__)
+
+
+class BaseTrainer(Trainer):
+    """What every trainer shares: config resolution, model and tokenizer loading, PEFT, metrics and the model card.
+
+    Subclasses set `config_class`, `_name` and `_tag_names`, and record per-step metrics with
+    `self._metrics[mode][name].append(value)`; `log` averages them, with an `eval_` prefix during evaluation.
+    """
+
+    config_class: type[TrainingArguments] = TrainingArguments
+    _name = "Base"
+    _tag_names: list[str] = []
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(["llm-trainer", *self._tag_names])
+
+    @classmethod
+    def resolve_args(cls, args: TrainingArguments | None, model: str | PreTrainedModel) -> TrainingArguments:
+        """Return `args` as this trainer's config: a default one named after the model when None, converted from
+        plain `TrainingArguments` otherwise."""
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            return cls.config_class(f"{Path(str(name)).name}-{cls._name}")
+        if not isinstance(args, cls.config_class):
+            values = args.to_dict()
+            values["hub_token"] = args.hub_token  # `to_dict` hides it
+            return cls.config_class(**values)
+        return args
+
+    @staticmethod
+    def prepare_model(
+        model: str | PreTrainedModel,
+        args: TrainingArguments,
+        quantization_config: Any = None,
+        auto_class: Any = None,
+    ) -> PreTrainedModel:
+        """Load `model` when it is a name or path (with `args.model_init_kwargs`), after seeding for reproducibility."""
+        set_seed(args.seed)
+        init_kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
+        if not isinstance(model, str):
+            if init_kwargs:
+                logger.warning("`model_init_kwargs` is ignored: the model is already instantiated.")
+            if quantization_config is not None:
+                logger.warning("`quantization_config` is ignored: the model is already instantiated.")
+            return model
+        if quantization_config is not None:
+            if "quantization_config" in init_kwargs:
+                raise ValueError(
+                    "`quantization_config` is set both as a trainer argument and in `model_init_kwargs`; keep one."
+                )
+            init_kwargs["quantization_config"] = quantization_config
+        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+            init_kwargs["device_map"] = None
+        init_kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
+        return load_model(model, auto_class, **init_kwargs)
+
+    @staticmethod
+    def prepare_processing_class(
+        model: PreTrainedModel, processing_class: PreTrainedTokenizerBase | ProcessorMixin | None, args: Any
+    ) -> PreTrainedTokenizerBase | ProcessorMixin:
+        """Load the model's processor when none is given, and make sure its tokenizer has a pad token."""
+        if processing_class is None:
+            revision = (getattr(args, "model_init_kwargs", None) or {}).get("revision")
+            processing_class = AutoProcessor.from_pretrained(
+                model.config._name_or_path, revision=revision, trust_remote_code=getattr(args, "trust_remote_code", False)
+            )
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise TypeError(
+                "`processing_class` must be a tokenizer (`PreTrainedTokenizerBase`) or a processor (`ProcessorMixin`), "
+                f"got {type(processing_class).__name__}."
+            )
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return processing_class
+
+    @staticmethod
+    def prepare_peft(model: PreTrainedModel, peft_config: Any, args: TrainingArguments) -> PreTrainedModel:
+        """Wrap `model` with `peft_config` when one is given."""
+        if peft_config is None:
+            return model
+        return wrap_with_peft(model, peft_config, args.gradient_checkpointing)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the averaged per-step metrics of the current mode to `logs`, then log as `Trainer` does."""
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({f"{prefix}{key}": value for key, value in metrics.items()})
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+    def _save_checkpoint(self, model, trial):
+        self.create_model_card(model_name=self.args.hub_model_id or Path(self.args.output_dir).name)
+        super()._save_checkpoint(model, trial)
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+    ) -> None:
+        """Write a `README.md` model card in `output_dir`: base model, trainer, tags and framework versions."""
+        if not self.is_world_process_zero():
+            return
+        from huggingface_hub import ModelCard, ModelCardData
+
+        base_model = getattr(self.model.config, "_name_or_path", None)
+        base_model = base_model if base_model and not os.path.isdir(base_model) else None
+        tags = {tags} if isinstance(tags, str) else set(tags or ())
+        tags |= {"llm-trainer", *self._tag_names}
+        data = ModelCardData(
+            base_model=base_model,
+            datasets=dataset_name,
+            library_name="transformers",
+            model_name=model_name,
+            tags=["generated_from_trainer", *sorted(tags)],
+        )
+        versions = ", ".join(f"{pkg} {version(pkg)}" for pkg in ("transformers", "torch", "datasets", "tokenizers"))
+        body = (
+            f"# Model card for {model_name or 'this model'}\n\n"
+            f"Fine-tuned{f' from `{base_model}`' if base_model else ''} with {self._name} using llm_trainer "
+            f"{_package_version()}.\n\n## Framework versions\n\n{versions}\n"
+        )
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(os.path.join(self.args.output_dir, "README.md"))
+
+
+def _package_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def gather_sum(trainer: Trainer, value: torch.Tensor) -> torch.Tensor:
+    """Sum of `value` over all processes."""
+    return trainer.accelerator.gather_for_metrics(value.detach().reshape(1)).sum()

@@ -1,0 +1,335 @@
+"""Supervised fine-tuning, drop-in for TRL 1.16's `SFTTrainer`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers import (
+    DataCollator,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import EvalPrediction
+
+from ..data.collators import DataCollatorForLanguageModeling
+from ..data.formats import is_conversational
+from ..data.formats import get_dataset_column_names
+from ..data.sft import check_sft_dataset, has_generation_markers, prepare_sft_dataset
+from ..modeling import add_token_logprob_head
+from .base_trainer import BaseTrainer, gather_sum
+from .sft_config import SFTConfig
+
+__all__ = ["DataCollatorForLanguageModeling", "SFTTrainer"]
+
+
+class SFTTrainer(BaseTrainer):
+    """Supervised fine-tuning with the signature, dataset formats, metrics and numerics of TRL 1.16's `SFTTrainer`.
+
+    Datasets: language modeling (`text` or `messages`), prompt-completion (standard or conversational, with the loss
+    on the completion by default), or pre-tokenized (`input_ids`, optional `labels` / `completion_mask` /
+    `assistant_masks`). The loss is computed from the hidden states by `llm_trainer.kernels`, so the
+    `(batch, seq_len, vocab)` logits are never built. Logged metrics: `entropy`, `mean_token_accuracy`,
+    `num_tokens`.
+
+    >>> from llm_trainer import SFTConfig, SFTTrainer
+    >>> trainer = SFTTrainer(model="path/to/model", args=SFTConfig("out"), train_dataset=dataset)
+    >>> trainer.train()
+    """
+
+    config_class = SFTConfig
+    _name = "SFT"
+    _tag_names = ["sft"]
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        args: SFTConfig | TrainingArguments | None = None,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        formatting_func: Callable[[dict], str] | None = None,
+    ):
+        args = self.resolve_args(args, model)
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required: pass the dataset to train on.")
+        if not isinstance(train_dataset, Dataset | IterableDataset):
+            raise TypeError(
+                f"`train_dataset` must be a `datasets.Dataset` or `IterableDataset`, got {type(train_dataset).__name__}."
+            )
+        if isinstance(train_dataset, IterableDataset):
+            args.accelerator_config.dispatch_batches = False
+        sample = check_sft_dataset(train_dataset, args.dataset_text_field, formatted=formatting_func is not None)
+        if "image" in sample or "images" in sample:
+            raise ValueError("Vision-language datasets (with 'image' / 'images' columns) are not supported yet.")
+
+        model = self.prepare_model(model, args, quantization_config)
+        processing_class = self.prepare_processing_class(model, processing_class, args)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self._configure_special_tokens(model, tokenizer, args)
+        if args.chat_template_path is not None:
+            tokenizer.chat_template = _read_chat_template(args.chat_template_path)
+
+        self.padding_free = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
+        self._check_options(args, sample, tokenizer, data_collator, formatting_func, compute_loss_func)
+        self.completion_only_loss = (
+            "prompt" in sample and "completion" in sample
+            if args.completion_only_loss is None
+            else args.completion_only_loss
+        )
+        model = self.prepare_peft(model, peft_config, args)
+
+        if data_collator is None:
+            data_collator = DataCollatorForLanguageModeling(
+                pad_token_id=tokenizer.pad_token_id,
+                padding_free=self.padding_free,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+        self._skip_prepare_dataset = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset", False))
+        self._formatting_func = formatting_func
+        self._tokenizer = tokenizer
+        if not self._skip_prepare_dataset:
+            train_dataset = self._prepare(train_dataset, args, args.packing, "train")
+            if eval_dataset is not None:
+                eval_dataset = self._prepare_eval(eval_dataset, args)
+        else:
+            self._check_skipped_preparation({"train": train_dataset, "eval": eval_dataset})
+
+        if compute_loss_func is not None:
+            warnings.warn(
+                "`compute_loss_func` is deprecated (as in TRL): subclass `SFTTrainer` and override `compute_loss`. "
+                "It needs the full logits, so each step runs an extra forward pass.",
+                FutureWarning,
+                stacklevel=2,
+            )
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        add_token_logprob_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+        self._offload_context = (
+            torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+            if args.activation_offloading
+            else contextlib.nullcontext()
+        )
+        self.router_aux_loss_coef = self._configure_router_aux_loss(model, args.router_aux_loss_coef)
+        self._total_train_tokens = 0
+
+    # ----------------------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _configure_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: SFTConfig):
+        """Apply `eos_token` / `pad_token` overrides to the tokenizer and mirror them onto the model configs."""
+        vocab = tokenizer.get_vocab()
+        if args.eos_token is not None:
+            if args.eos_token not in vocab:
+                raise ValueError(
+                    f"`eos_token` {args.eos_token!r} is not in the tokenizer's vocabulary; pick an existing token."
+                )
+            tokenizer.eos_token = args.eos_token
+            model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+            eos_ids = model.generation_config.eos_token_id
+            eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+            if tokenizer.eos_token_id not in eos_ids:
+                model.generation_config.eos_token_id = [tokenizer.eos_token_id, *eos_ids]
+        pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+        if pad_token not in vocab:
+            raise ValueError(f"`pad_token` {pad_token!r} is not in the tokenizer's vocabulary; pick an existing token.")
+        tokenizer.pad_token = pad_token
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    def _check_options(self, args, sample, tokenizer, data_collator, formatting_func, compute_loss_func) -> None:
+        """Reject option combinations that cannot work, naming the fix."""
+        if self.padding_free and data_collator is not None:
+            raise ValueError("A custom `data_collator` cannot be used with padding-free batches (`padding_free` or bfd packing).")
+        if self.padding_free and not args.packing and args.max_length is not None:
+            raise ValueError(
+                "`padding_free=True` without packing does not truncate to `max_length`. Enable packing "
+                "(`packing=True`), set `max_length=None`, or pass already truncated inputs."
+            )
+        if args.assistant_only_loss:
+            if not is_conversational(sample):
+                raise ValueError(
+                    "`assistant_only_loss=True` needs a conversational dataset ('messages', or 'prompt'/'completion' "
+                    "as lists of messages); this one holds plain text."
+                )
+            if not has_generation_markers(tokenizer.chat_template):
+                raise ValueError(
+                    "`assistant_only_loss=True` needs a chat template that marks assistant output with "
+                    "`{% generation %}` ... `{% endgeneration %}`, and this tokenizer's template has none. Set "
+                    "`chat_template_path` to a template that has them."
+                )
+        completion_only = args.completion_only_loss
+        if formatting_func is not None and (completion_only or (completion_only is None and "completion" in sample)):
+            if "input_ids" not in sample:
+                raise ValueError(
+                    "A `formatting_func` turns the dataset into plain text, which conflicts with completion-only loss. "
+                    "Apply the function to the dataset yourself, or set `completion_only_loss=False`."
+                )
+        if args.loss_type == "dft" and compute_loss_func is not None:
+            raise ValueError("`compute_loss_func` cannot be combined with `loss_type='dft'`, which sets the loss itself.")
+
+    @staticmethod
+    def _configure_router_aux_loss(model: PreTrainedModel, coef: float | None) -> float:
+        """Enable the MoE load-balancing loss when the model has one and its coefficient is non-zero."""
+        config = model.config.get_text_config()
+        if coef and not hasattr(config, "output_router_logits"):
+            raise ValueError(
+                f"`router_aux_loss_coef={coef}`, but {type(model).__name__} is not a Mixture-of-Experts model with a "
+                "router loss; unset it."
+            )
+        coef = getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef
+        if hasattr(config, "router_aux_loss_coef"):
+            config.output_router_logits = bool(coef)
+            config.router_aux_loss_coef = coef
+        return coef if hasattr(config, "output_router_logits") else 0.0
+
+    def _prepare(self, dataset, args: SFTConfig, packing: bool, name: str):
+        check_sft_dataset(dataset, args.dataset_text_field, name, formatted=self._formatting_func is not None)
+        with args.main_process_first(desc=f"preparing {name} dataset"):
+            return prepare_sft_dataset(
+                dataset,
+                self._tokenizer,
+                text_field=args.dataset_text_field,
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                packing=packing,
+                packing_strategy=args.packing_strategy,
+                completion_only_loss=self.completion_only_loss,
+                assistant_only_loss=args.assistant_only_loss,
+                formatting_func=self._formatting_func,
+                num_proc=args.dataset_num_proc,
+                shuffle_seed=args.seed if args.shuffle_dataset else None,
+                name=name,
+            )
+
+    def _prepare_eval(self, eval_dataset, args: SFTConfig):
+        packing = args.packing if args.eval_packing is None else args.eval_packing
+        if isinstance(eval_dataset, dict):
+            return {key: self._prepare(ds, args, packing, key) for key, ds in eval_dataset.items()}
+        return self._prepare(eval_dataset, args, packing, "eval")
+
+    def _check_skipped_preparation(self, datasets: dict[str, Any]) -> None:
+        """A skipped preparation never builds labels, so mask columns without `labels` would be silently ignored."""
+        for name, dataset in datasets.items():
+            for key, ds in dataset.items() if isinstance(dataset, dict) else [(name, dataset)]:
+                columns = get_dataset_column_names(ds) if ds is not None else []
+                if "labels" not in columns and {"completion_mask", "assistant_masks"} & set(columns):
+                    raise ValueError(
+                        f"The {key} dataset has mask columns but no 'labels', and `skip_prepare_dataset=True` skips "
+                        "building them, so it would train on every token. Add a 'labels' column (-100 where the "
+                        "loss is off) or drop `skip_prepare_dataset`."
+                    )
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["input_ids", "labels", "seq_lengths"]
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.compute_loss_func is not None or self.label_smoother is not None:
+            # These need the full logits; the fused pass below only feeds the metrics.
+            logits_out = model(**model_inputs, use_cache=False)
+            if self.compute_loss_func is not None:
+                loss = self.compute_loss_func(logits_out, inputs["labels"], num_items_in_batch=num_items_in_batch)
+            else:
+                loss = self.label_smoother(logits_out, inputs["labels"], shift_labels=True)
+            with torch.no_grad():
+                outputs = model(**inputs, token_logprobs=True)
+        else:
+            outputs = model(**inputs, token_logprobs=True)
+            per_token_loss = -outputs.log_probs
+            if self.args.loss_type == "dft":  # Dynamic Fine-Tuning: weight each token by its (detached) probability
+                per_token_loss = per_token_loss * outputs.log_probs.detach().exp()
+            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            if self.router_aux_loss_coef and outputs.aux_loss is not None:
+                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+                loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+        self._record_metrics(mode, inputs, outputs)
+        if return_outputs:
+            with torch.no_grad():
+                return loss, model(**model_inputs, use_cache=False)
+        return loss
+
+    def _record_metrics(self, mode: str, inputs: dict, outputs) -> None:
+        num_valid = gather_sum(self, outputs.label_mask.sum())
+        entropy = gather_sum(self, outputs.entropy.sum())
+        correct = gather_sum(self, outputs.is_top1.sum())
+        metrics = self._metrics[mode]
+        metrics["entropy"].append((entropy / num_valid).item() if num_valid > 0 else 0.0)
+        metrics["mean_token_accuracy"].append((correct / num_valid).item() if num_valid > 0 else 0.0)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            else:
+                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            self._total_train_tokens += int(gather_sum(self, local).item())
+        metrics["num_tokens"] = [self._total_train_tokens]
+        if self.router_aux_loss_coef and outputs.aux_loss is not None:
+            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluate without the extra logits pass unless `compute_metrics` needs the logits."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            if prediction_loss_only:
+                return self.compute_loss(model, inputs), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        return loss, outputs.logits, inputs.get("labels")
+
+    def training_step(self, *args, **kwargs):
+        with self._offload_context:
+            return super().training_step(*args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """As `Trainer.evaluate`, preparing a raw dataset passed here the same way as at construction."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str) and not self._skip_prepare_dataset:
+            eval_dataset = self._prepare_eval(eval_dataset, self.args)
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+
+def _read_chat_template(path: str) -> str:
+    """A chat template from a `.jinja` file, or from the tokenizer saved at `path`."""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    from transformers import AutoTokenizer
+
+    template = AutoTokenizer.from_pretrained(path).chat_template
+    if not template:
+        raise ValueError(f"`chat_template_path={path!r}` has no chat template; pass a `.jinja` file or a tokenizer with one.")
+    return template
