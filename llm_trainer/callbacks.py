@@ -64,4 +64,5 @@ class RichProgressCallback(TrainerCallback):
         if self._live is not None:
             self._progress.update(self._train_task, completed=state.global_step)
             self._live.stop()
+            self._live.console.line()
             self._live = None

@@ -15,6 +15,7 @@ import tempfile
 import time
 
 from datasets import concatenate_datasets
+from transformers import PrinterCallback
 
 from .callbacks import RichProgressCallback
 from .testing import make_tiny_model, zen_dataset
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=0,
     )
     trainer = SFTTrainer(model=model_path, args=config, train_dataset=dataset, callbacks=[RichProgressCallback()])
+    trainer.remove_callback(PrinterCallback)  # the rich bar shows the logs
     prompts = [dataset[i]["prompt"] for i in PROMPTS]
     before = _complete(trainer, prompts)
 

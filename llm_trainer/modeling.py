@@ -129,7 +129,7 @@ def add_token_logprob_head(model: PreTrainedModel, temperature: float = 1.0) -> 
             out = self.base_model(*args, **kwargs)
             head = self.get_output_embeddings()
             hidden = out.last_hidden_state[:, :-1].to(head.weight.device)
-            result = kernels.token_logprobs(
+            log_probs, entropy, is_top1 = kernels.token_logprobs(
                 hidden,
                 head.weight,
                 target.to(head.weight.device),
@@ -140,7 +140,6 @@ def add_token_logprob_head(model: PreTrainedModel, temperature: float = 1.0) -> 
                 logit_scale=logit_scale,
                 softcap=softcap,
             )
-            log_probs, entropy, is_top1 = result.logprobs, result.entropy, result.is_top1
         else:
             _warn_unsplittable(type(self).__name__)
             out = original_forward(*args, **kwargs)

@@ -6,7 +6,6 @@ template for conversations), mask what should not be learned with -100, truncate
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable
@@ -14,10 +13,10 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
-from .chat_template import common_prefix_length
 from .formats import get_dataset_column_names as column_names
 from .formats import is_conversational, is_conversational_from_value, maybe_convert_to_chatml
 from .packing import pack_dataset
+from .tokenization import template_kwargs, tokenize, tokenize_prompt_completions
 
 logger = logging.getLogger(__name__)
 
@@ -155,58 +154,32 @@ def _add_eos(example: dict, eos: str, text_field: str) -> dict:
     return example
 
 
-def _chat_ids(tokenizer: Any, messages: list, **kwargs) -> dict:
-    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
-
-
 def _tokenize_example(
     example: dict, tokenizer: Any, text_field: str, assistant_only_loss: bool, chat_template: str | None
 ) -> dict:
-    tools = example.get("tools")
-    template_kwargs = {
-        "chat_template": chat_template,
-        "tools": json.loads(tools) if isinstance(tools, str) else tools,
-        **(example.get("chat_template_kwargs") or {}),
-    }
-    conversational = is_conversational(example)
+    kwargs = template_kwargs(example, chat_template)
     if "prompt" in example:
-        if conversational:
-            prompt_ids = _chat_ids(tokenizer, example["prompt"], add_generation_prompt=True, **template_kwargs)
-            full = _chat_ids(
-                tokenizer,
-                example["prompt"] + example["completion"],
-                return_assistant_tokens_mask=assistant_only_loss,
-                **template_kwargs,
-            )
-        else:
-            prompt_ids = tokenizer(text=example["prompt"])
-            full = tokenizer(text=example["prompt"] + example["completion"])
-        prompt_len = common_prefix_length(prompt_ids["input_ids"], full["input_ids"])
-        if prompt_len < len(prompt_ids["input_ids"]):
-            logger.warning(
-                "The tokenized prompt is not a prefix of the tokenized prompt+completion (the template renders it "
-                "differently, or tokens merge across the boundary); the completion starts where they diverge."
-            )
-        output = {
-            "input_ids": full["input_ids"],
-            "completion_mask": [0] * prompt_len + [1] * (len(full["input_ids"]) - prompt_len),
-        }
-    elif conversational:
-        full = _chat_ids(
-            tokenizer, example["messages"], return_assistant_tokens_mask=assistant_only_loss, **template_kwargs
+        ids = tokenize_prompt_completions(
+            tokenizer, example["prompt"], {"completion": example["completion"]}, kwargs, assistant_only_loss
         )
-        output = {"input_ids": full["input_ids"]}
+        prompt_len, completion_len = len(ids["prompt_ids"]), len(ids["completion_ids"])
+        output = {
+            "input_ids": ids["prompt_ids"] + ids["completion_ids"],
+            "completion_mask": [0] * prompt_len + [1] * completion_len,
+        }
+        masks = ids.get("completion_assistant_masks")
     else:
-        full = tokenizer(text=example[text_field])
-        output = {"input_ids": full["input_ids"]}
+        content = example["messages"] if is_conversational(example) else example[text_field]
+        full = tokenize(tokenizer, content, return_assistant_tokens_mask=assistant_only_loss, **kwargs)
+        output, masks = {"input_ids": full["input_ids"]}, full.get("assistant_masks")
     if assistant_only_loss:
-        if "assistant_masks" not in full or 1 not in full["assistant_masks"]:
+        if not masks or 1 not in masks:
             raise ValueError(
                 "`assistant_only_loss=True`, but an example has no assistant token in its assistant mask. Check that "
                 "every conversation has an assistant turn and that the chat template wraps assistant output in "
                 "`{% generation %}` ... `{% endgeneration %}`."
             )
-        output["assistant_masks"] = full["assistant_masks"]
+        output["assistant_masks"] = masks
     return output
 
 

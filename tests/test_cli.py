@@ -1,0 +1,55 @@
+"""The `llm-trainer` command: a real SFT run from flags and from a YAML config, `env`, and usage errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llm_trainer.cli import env, main
+from llm_trainer.testing import zen_dataset
+
+
+@pytest.fixture
+def dataset_dir(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with open(folder / "train.jsonl", "w") as f:
+        for row in zen_dataset("standard_language_modeling"):
+            f.write(json.dumps(row) + "\n")
+    return str(folder)
+
+
+def test_sft_from_flags_and_yaml(tiny_model_path, dataset_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("LLM_TRAINER_TEST_VAR", raising=False)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_model_path}\ndataset_name: {dataset_dir}\nmax_steps: 1\n"
+        "report_to: none\nbf16: false\nlearning_rate: 0.5\nenv:\n  LLM_TRAINER_TEST_VAR: set\n"
+    )
+    out = tmp_path / "out"
+    main(["sft", "--config", str(config), "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "no"])
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    assert not torch.equal(trained.lm_head.weight, initial.lm_head.weight)
+    assert os.environ["LLM_TRAINER_TEST_VAR"] == "set"
+
+
+def test_env_lists_versions():
+    text = env()
+    assert "llm_trainer version: " in text and "PyTorch version: " in text and "transformers version: " in text
+
+
+def test_missing_model_is_a_usage_error(dataset_dir):
+    with pytest.raises(SystemExit, match="--model_name_or_path and --dataset_name are required"):
+        main(["sft", "--dataset_name", dataset_dir, "--output_dir", "x"])
+
+
+def test_unknown_command_prints_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate"])
+    assert exit_info.value.code == 2
+    assert "llm-trainer sft" in capsys.readouterr().out
