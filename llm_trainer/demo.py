@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     trainer.train()
     elapsed = time.perf_counter() - start
 
-    losses = [(log["step"], log["loss"], log["mean_token_accuracy"]) for log in trainer.state.log_history if "loss" in log]
+    losses = [
+        (log["step"], log["loss"], log["mean_token_accuracy"]) for log in trainer.state.log_history if "loss" in log
+    ]
     table = Table(title="Training loss")
     for column in ("step", "loss", "mean_token_accuracy"):
         table.add_column(column, justify="right")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import types
@@ -155,7 +156,7 @@ def add_token_logprob_head(model: PreTrainedModel, temperature: float = 1.0) -> 
     model.forward = types.MethodType(forward, model)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_unsplittable(name: str) -> None:
     logger.warning("%s's LM head is not a plain linear layer: log-probs are computed from the full logits.", name)
 
@@ -171,3 +172,36 @@ def _stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: 
         entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
         is_top1 = (logits.argmax(-1) == safe) & mask
     return log_probs, entropy, is_top1
+
+
+def create_reference_model(model: PreTrainedModel) -> PreTrainedModel:
+    """A frozen copy of `model` in eval mode: the reference policy of DPO, KTO, GRPO's KL term, ..."""
+    import copy
+
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+@contextlib.contextmanager
+def reference_adapter(model: Any):
+    """Run a PEFT `model` as its reference: the adapter named "ref" when it has one, else with adapters disabled."""
+    if "ref" in getattr(model, "peft_config", {}):
+        previous = model.active_adapter
+        model.set_adapter("ref")
+        try:
+            yield
+        finally:
+            model.set_adapter(previous)
+    else:
+        with model.disable_adapter():
+            yield
+
+
+def completion_labels(
+    input_ids: torch.Tensor, completion_mask: torch.Tensor, attention_mask: torch.Tensor | None = None
+):
+    """`input_ids` with -100 wherever the token is not a (real) completion token: the labels whose log-probs a
+    preference or policy-gradient loss needs."""
+    keep = completion_mask.bool() if attention_mask is None else completion_mask.bool() & attention_mask.bool()
+    return input_ids.masked_fill(~keep, -100)

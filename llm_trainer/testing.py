@@ -17,9 +17,7 @@ TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
 
 # Same pre-tokenization as `transformers`' Qwen2Tokenizer, which AutoTokenizer rebuilds for `model_type == "qwen2"`:
 # training with anything else would make token ids differ silently between the two loading paths.
-QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ChatML, with `{% generation %}` markers around what the assistant writes so `assistant_only_loss` works.

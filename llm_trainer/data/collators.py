@@ -92,3 +92,52 @@ class DataCollatorForLanguageModeling(DataCollatorMixin):
             torch.arange(len(cu_seq_lens) - 1, dtype=torch.int32), cu_seq_lens.diff()
         )[None]
         return out
+
+
+def truncate(ids: list, max_length: int | None, truncation_mode: str = "keep_start") -> list:
+    """The first (`keep_start`) or last (`keep_end`) `max_length` items of `ids`; all of them when None."""
+    if max_length is None:
+        return ids
+    if truncation_mode not in ("keep_start", "keep_end"):
+        raise ValueError(f"`truncation_mode` must be 'keep_start' or 'keep_end', got {truncation_mode!r}.")
+    return ids[:max_length] if truncation_mode == "keep_start" else ids[-max_length:]
+
+
+@dataclass
+class DataCollatorForPreference(DataCollatorMixin):
+    """Collate `prompt_ids` / `chosen_ids` / `rejected_ids` examples into one batch of 2B rows, chosen first
+    (TRL's collator of the same name).
+
+    Returns `input_ids`, `attention_mask` and `completion_mask` (1 on completion tokens), right-padded, each sequence
+    truncated to `max_length`; `ref_chosen_logps` / `ref_rejected_logps` pass through when precomputed.
+
+    >>> DataCollatorForPreference(pad_token_id=0)(
+    ...     [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
+    ...      {"prompt_ids": [7, 8], "chosen_ids": [9, 10], "rejected_ids": [11, 12, 13]}])["completion_mask"]
+    tensor([[0, 0, 0, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 1, 0], [0, 0, 1, 1, 1]])
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        sequences, masks = [], []
+        for key in ("chosen_ids", "rejected_ids"):
+            for ex in examples:
+                prompt, completion = ex["prompt_ids"], ex[key]
+                sequences.append(torch.as_tensor(truncate(prompt + completion, self.max_length, self.truncation_mode)))
+                mask = [0] * len(prompt) + [1] * len(completion)
+                masks.append(torch.as_tensor(truncate(mask, self.max_length, self.truncation_mode)))
+        multiple = self.pad_to_multiple_of
+        out = {
+            "input_ids": pad(sequences, self.pad_token_id, pad_to_multiple_of=multiple),
+            "attention_mask": pad([torch.ones_like(s) for s in sequences], 0, pad_to_multiple_of=multiple),
+            "completion_mask": pad(masks, 0, pad_to_multiple_of=multiple),
+        }
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                out[key] = torch.tensor([ex[key] for ex in examples])
+        return out

@@ -22,7 +22,9 @@ class BaseConfig(TrainingArguments):
 
     logging_steps: float = field(
         default=10,
-        metadata={"help": "Log every X update steps: an integer, or a float in [0, 1) read as a ratio of total steps."},
+        metadata={
+            "help": "Log every X update steps: an integer, or a float in [0, 1) read as a ratio of total steps."
+        },
     )
     gradient_checkpointing: bool = field(
         default=True,
@@ -38,7 +40,9 @@ class BaseConfig(TrainingArguments):
     )
     use_liger_kernel: bool = field(
         default=False,
-        metadata={"help": "Patch the model's layers with Liger's Triton kernels (deprecated in TRL; kept for scripts)."},
+        metadata={
+            "help": "Patch the model's layers with Liger's Triton kernels (deprecated in TRL; kept for scripts)."
+        },
     )
     torch_empty_cache_steps: int | None = field(
         default=None,

@@ -20,7 +20,7 @@ from transformers import (
     set_seed,
 )
 
-from ..modeling import load_model, wrap_with_peft
+from ..modeling import create_reference_model, load_model, wrap_with_peft
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,10 @@ class BaseTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics: dict[str, defaultdict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(["llm-trainer", *self._tag_names])
 
@@ -90,7 +93,9 @@ class BaseTrainer(Trainer):
         if processing_class is None:
             revision = (getattr(args, "model_init_kwargs", None) or {}).get("revision")
             processing_class = AutoProcessor.from_pretrained(
-                model.config._name_or_path, revision=revision, trust_remote_code=getattr(args, "trust_remote_code", False)
+                model.config._name_or_path,
+                revision=revision,
+                trust_remote_code=getattr(args, "trust_remote_code", False),
             )
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if not isinstance(tokenizer, PreTrainedTokenizerBase):
@@ -108,6 +113,30 @@ class BaseTrainer(Trainer):
         if peft_config is None:
             return model
         return wrap_with_peft(model, peft_config, args.gradient_checkpointing)
+
+    @staticmethod
+    def prepare_reference_model(
+        model: PreTrainedModel, ref_model: PreTrainedModel | None, precomputed: bool = False
+    ) -> PreTrainedModel | None:
+        """The frozen reference policy of a trainer that needs one.
+
+        `ref_model` when given (it must not be `model` itself); None when `model` is a PEFT model (the reference is
+        the base model, run with the adapter disabled, see `modeling.reference_adapter`) or when the reference
+        log-probs are `precomputed`; otherwise a frozen copy of the initial `model`.
+        """
+        from accelerate.utils import is_peft_model
+
+        if ref_model is model:
+            raise ValueError(
+                "`model` and `ref_model` are the same object; omit `ref_model` to use a frozen copy of the initial "
+                "model, or pass a separate model."
+            )
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+            return ref_model
+        if is_peft_model(model) or precomputed:
+            return None
+        return create_reference_model(model)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the averaged per-step metrics of the current mode to `logs`, then log as `Trainer` does."""

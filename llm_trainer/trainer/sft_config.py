@@ -131,9 +131,7 @@ class SFTConfig(BaseConfig):
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"`truncation_mode` must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}.")
         if self.packing_strategy not in PACKING_STRATEGIES:
-            raise ValueError(
-                f"`packing_strategy` must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}."
-            )
+            raise ValueError(f"`packing_strategy` must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}.")
         if self.loss_type not in SFT_LOSS_TYPES:
             raise ValueError(f"`loss_type` must be one of {SFT_LOSS_TYPES}, got {self.loss_type!r}.")
         if (self.packing or self.eval_packing) and self.max_length is None:

@@ -22,8 +22,7 @@ from transformers import (
 from transformers.trainer_utils import EvalPrediction
 
 from ..data.collators import DataCollatorForLanguageModeling
-from ..data.formats import is_conversational
-from ..data.formats import get_dataset_column_names
+from ..data.formats import get_dataset_column_names, is_conversational
 from ..data.sft import check_sft_dataset, has_generation_markers, prepare_sft_dataset
 from ..modeling import add_token_logprob_head
 from .base_trainer import BaseTrainer, gather_sum
@@ -162,7 +161,9 @@ class SFTTrainer(BaseTrainer):
                 model.generation_config.eos_token_id = [tokenizer.eos_token_id, *eos_ids]
         pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
         if pad_token not in vocab:
-            raise ValueError(f"`pad_token` {pad_token!r} is not in the tokenizer's vocabulary; pick an existing token.")
+            raise ValueError(
+                f"`pad_token` {pad_token!r} is not in the tokenizer's vocabulary; pick an existing token."
+            )
         tokenizer.pad_token = pad_token
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -170,7 +171,9 @@ class SFTTrainer(BaseTrainer):
     def _check_options(self, args, sample, tokenizer, data_collator, formatting_func, compute_loss_func) -> None:
         """Reject option combinations that cannot work, naming the fix."""
         if self.padding_free and data_collator is not None:
-            raise ValueError("A custom `data_collator` cannot be used with padding-free batches (`padding_free` or bfd packing).")
+            raise ValueError(
+                "A custom `data_collator` cannot be used with padding-free batches (`padding_free` or bfd packing)."
+            )
         if self.padding_free and not args.packing and args.max_length is not None:
             raise ValueError(
                 "`padding_free=True` without packing does not truncate to `max_length`. Enable packing "
@@ -196,7 +199,9 @@ class SFTTrainer(BaseTrainer):
                     "Apply the function to the dataset yourself, or set `completion_only_loss=False`."
                 )
         if args.loss_type == "dft" and compute_loss_func is not None:
-            raise ValueError("`compute_loss_func` cannot be combined with `loss_type='dft'`, which sets the loss itself.")
+            raise ValueError(
+                "`compute_loss_func` cannot be combined with `loss_type='dft'`, which sets the loss itself."
+            )
 
     @staticmethod
     def _configure_router_aux_loss(model: PreTrainedModel, coef: float | None) -> float:
@@ -319,7 +324,9 @@ class SFTTrainer(BaseTrainer):
         """As `Trainer.evaluate`, preparing a raw dataset passed here the same way as at construction."""
         if eval_dataset is not None and not isinstance(eval_dataset, str) and not self._skip_prepare_dataset:
             eval_dataset = self._prepare_eval(eval_dataset, self.args)
-        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        return super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
 
 
 def _read_chat_template(path: str) -> str:
@@ -331,5 +338,7 @@ def _read_chat_template(path: str) -> str:
 
     template = AutoTokenizer.from_pretrained(path).chat_template
     if not template:
-        raise ValueError(f"`chat_template_path={path!r}` has no chat template; pass a `.jinja` file or a tokenizer with one.")
+        raise ValueError(
+            f"`chat_template_path={path!r}` has no chat template; pass a `.jinja` file or a tokenizer with one."
+        )
     return template

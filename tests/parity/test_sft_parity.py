@@ -37,9 +37,15 @@ CASES = {
     "prompt_completion": ("standard_prompt_completion", {}),
     "conversational_prompt_completion": ("conversational_prompt_completion", {}),
     "packing_bfd": ("standard_language_modeling", {"packing": True, "max_length": 32}),
-    "packing_wrapped": ("standard_language_modeling", {"packing": True, "packing_strategy": "wrapped", "max_length": 16}),
+    "packing_wrapped": (
+        "standard_language_modeling",
+        {"packing": True, "packing_strategy": "wrapped", "max_length": 16},
+    ),
     "assistant_only_loss": ("conversational_language_modeling", {"assistant_only_loss": True}),
-    "grad_accumulation_2": ("standard_language_modeling", {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}),
+    "grad_accumulation_2": (
+        "standard_language_modeling",
+        {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2},
+    ),
     "truncation": ("standard_language_modeling", {"max_length": 6}),
     "dft_loss": ("standard_language_modeling", {"loss_type": "dft"}),
     "no_gradient_checkpointing": ("conversational_prompt_completion", {"gradient_checkpointing": False}),

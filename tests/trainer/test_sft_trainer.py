@@ -86,7 +86,9 @@ def test_assistant_only_loss_trains_on_assistant_tokens_only(tiny_model_path, tm
 
 def test_pretokenized_dataset_with_completion_mask(tiny_model_path, tmp_path):
     dataset = Dataset.from_dict({"input_ids": [[5, 6, 7, 8, 9]] * 4, "completion_mask": [[0, 0, 1, 1, 1]] * 4})
-    trainer = SFTTrainer(model=tiny_model_path, args=_config(tmp_path, completion_only_loss=True), train_dataset=dataset)
+    trainer = SFTTrainer(
+        model=tiny_model_path, args=_config(tmp_path, completion_only_loss=True), train_dataset=dataset
+    )
     assert trainer.train_dataset[0]["labels"] == [-100, -100, 7, 8, 9]
     trainer.train()
 
@@ -105,7 +107,9 @@ def test_formatting_func(tiny_model_path, tmp_path):
 
 def test_truncation_keeps_the_start(tiny_model_path, tmp_path):
     trainer = SFTTrainer(
-        model=tiny_model_path, args=_config(tmp_path, max_length=3), train_dataset=zen_dataset("standard_language_modeling")
+        model=tiny_model_path,
+        args=_config(tmp_path, max_length=3),
+        train_dataset=zen_dataset("standard_language_modeling"),
     )
     full = get_tokenizer()(zen_dataset("standard_language_modeling")[0]["text"])["input_ids"]
     assert trainer.train_dataset[0]["input_ids"] == full[:3]
