@@ -1,0 +1,89 @@
+"""Turn a preference dataset (explicit or implicit prompt, standard or conversational) into token ids.
+
+Shared by DPO, ORPO and CPO (TRL's `DPOTrainer._prepare_dataset`): extract the shared prompt when there is none,
+append eos to plain-text completions, tokenize into `prompt_ids`, `chosen_ids` and `rejected_ids`, and drop rows
+whose prompt alone fills `max_length` (they would keep no completion token).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from datasets import Dataset, IterableDataset
+
+from .chat_template import extract_prompt
+from .formats import is_conversational
+from .tokenization import template_kwargs, tokenize_prompt_completions
+
+logger = logging.getLogger(__name__)
+
+PREFERENCE_COLUMNS = ("chosen", "rejected")
+
+
+def check_preference_dataset(dataset: Dataset | IterableDataset, name: str = "train") -> dict[str, Any]:
+    """Return the first row, or raise a `ValueError` naming what an empty or non-preference dataset lacks."""
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"The {name} dataset is empty: pass a dataset with at least one preference pair.")
+    example = next(iter(dataset), None)
+    if example is None:
+        raise ValueError(f"The {name} dataset is empty: pass a dataset with at least one preference pair.")
+    if "chosen_ids" in example and "rejected_ids" in example:
+        return example
+    missing = [column for column in PREFERENCE_COLUMNS if column not in example]
+    if missing:
+        raise ValueError(
+            f"The {name} dataset has columns {sorted(example)} but a preference dataset needs 'chosen' and 'rejected' "
+            f"(and optionally 'prompt'); missing: {missing}. Rename your columns, e.g. "
+            "`dataset.rename_column('response_good', 'chosen')`."
+        )
+    return example
+
+
+def prepare_preference_dataset(
+    dataset: Dataset | IterableDataset,
+    tokenizer: Any,
+    *,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    num_proc: int | None = None,
+    name: str = "train",
+) -> Dataset | IterableDataset:
+    """Add `prompt_ids`, `chosen_ids` and `rejected_ids` to a preference dataset (already tokenized rows pass)."""
+    first = check_preference_dataset(dataset, name)
+    if "chosen_ids" in first:
+        return dataset
+    map_kwargs: dict[str, Any] = {"num_proc": num_proc} if isinstance(dataset, Dataset) else {}
+
+    def desc(text: str) -> dict[str, Any]:
+        return {**map_kwargs, "desc": f"{text} {name} dataset"} if isinstance(dataset, Dataset) else map_kwargs
+
+    if "prompt" not in first:
+        dataset = dataset.map(extract_prompt, **desc("Extracting prompt from"))
+    if not is_conversational(next(iter(dataset))):
+        dataset = dataset.map(_add_eos, fn_kwargs={"eos": tokenizer.eos_token}, **desc("Adding EOS to"))
+    dataset = dataset.map(_tokenize_pair, fn_kwargs={"tokenizer": tokenizer}, **desc("Tokenizing"))
+    if max_length is not None and truncation_mode == "keep_start":
+        before = len(dataset) if isinstance(dataset, Dataset) else None
+        dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < max_length, **desc("Filtering"))
+        if before is not None and len(dataset) < before:
+            logger.warning(
+                "Dropped %d of %d %s pairs whose prompt alone fills max_length=%d.",
+                before - len(dataset),
+                before,
+                name,
+                max_length,
+            )
+    return dataset
+
+
+def _add_eos(example: dict, eos: str) -> dict:
+    for key in PREFERENCE_COLUMNS:
+        if not example[key].endswith(eos):
+            example[key] = example[key] + eos
+    return example
+
+
+def _tokenize_pair(example: dict, tokenizer: Any) -> dict:
+    completions = {key: example[key] for key in PREFERENCE_COLUMNS}
+    return tokenize_prompt_completions(tokenizer, example["prompt"], completions, template_kwargs(example))
