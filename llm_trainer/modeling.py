@@ -77,8 +77,13 @@ class TokenLogprobOutput(ModelOutput):
     log_probs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
     label_mask: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+
+
+TOKEN_OUTPUTS = ("entropy", "is_top1", "mean_logits", "log_sum_sq_probs")
 
 
 def logit_transform(config: Any) -> tuple[float | None, float | None]:
@@ -105,18 +110,28 @@ def _splittable(model: PreTrainedModel) -> bool:
     )
 
 
-def add_token_logprob_head(model: PreTrainedModel, temperature: float = 1.0) -> None:
+def add_token_logprob_head(
+    model: PreTrainedModel,
+    temperature: float = 1.0,
+    outputs: tuple[str, ...] = ("entropy", "is_top1", "mean_logits"),
+) -> None:
     """Let `model(..., labels=..., token_logprobs=True)` return per-token log-probs without building the logits.
 
     The patched forward runs the backbone, then projects the hidden states through the LM head chunk by chunk with
-    `llm_trainer.kernels.token_logprobs`, returning a `TokenLogprobOutput` with log-probs, entropy and top-1 flags of
-    the next-token labels. Called without `token_logprobs=True` it is the original forward, so generation and
-    user code are unchanged. Patching the instance's `forward` (rather than calling submodules directly) keeps DDP,
-    FSDP and DeepSpeed wrappers in the loop. Models whose head is not a plain linear layer fall back to the logits
-    with a one-line warning.
+    `llm_trainer.kernels.token_logprobs`, returning a `TokenLogprobOutput` with the log-probs of the next-token
+    labels and the per-token fields named in `outputs` (among `TOKEN_OUTPUTS`; the others are None): `entropy`,
+    `is_top1` (label ranked first), `mean_logits` (mean logit over the vocabulary) and `log_sum_sq_probs`
+    (`log sum_v p_v^2`). Called without `token_logprobs=True` it is the original forward, so generation and user
+    code are unchanged. Patching the instance's `forward` (rather than calling submodules directly) keeps DDP, FSDP
+    and DeepSpeed wrappers in the loop. Models whose head is not a plain linear layer fall back to the logits with a
+    one-line warning.
     """
+    unknown = set(outputs) - set(TOKEN_OUTPUTS)
+    if unknown:
+        raise ValueError(f"Unknown token outputs {sorted(unknown)}; choose among {TOKEN_OUTPUTS}.")
     original_forward = model.forward
     logit_scale, softcap = logit_transform(model.config)
+    wanted = {name: name in outputs for name in TOKEN_OUTPUTS}
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, token_logprobs: bool = False, labels=None, **kwargs):
@@ -130,27 +145,27 @@ def add_token_logprob_head(model: PreTrainedModel, temperature: float = 1.0) -> 
             out = self.base_model(*args, **kwargs)
             head = self.get_output_embeddings()
             hidden = out.last_hidden_state[:, :-1].to(head.weight.device)
-            log_probs, entropy, is_top1 = kernels.token_logprobs(
+            log_probs, *extras = kernels.token_logprobs(
                 hidden,
                 head.weight,
                 target.to(head.weight.device),
                 temperature=temperature,
-                return_entropy=True,
-                return_accuracy=True,
                 bias=head.bias,
                 logit_scale=logit_scale,
                 softcap=softcap,
+                return_entropy=wanted["entropy"],
+                return_accuracy=wanted["is_top1"],
+                return_mean_logits=wanted["mean_logits"],
+                return_log_sum_sq_probs=wanted["log_sum_sq_probs"],
             )
+            fields = dict(zip([name for name in TOKEN_OUTPUTS if wanted[name]], extras))
         else:
             _warn_unsplittable(type(self).__name__)
             out = original_forward(*args, **kwargs)
-            log_probs, entropy, is_top1 = _stats_from_logits(out.logits[:, :-1], target, temperature)
+            log_probs, fields = _stats_from_logits(out.logits[:, :-1], target, temperature)
+            fields = {name: value for name, value in fields.items() if wanted[name]}
         return TokenLogprobOutput(
-            log_probs=log_probs,
-            entropy=entropy,
-            is_top1=is_top1,
-            label_mask=target != -100,
-            aux_loss=getattr(out, "aux_loss", None),
+            log_probs=log_probs, label_mask=target != -100, aux_loss=getattr(out, "aux_loss", None), **fields
         )
 
     model.forward = types.MethodType(forward, model)
@@ -162,16 +177,20 @@ def _warn_unsplittable(name: str) -> None:
 
 
 def _stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
-    """Per-token log-prob, entropy and top-1 flag from materialized logits (the fallback path)."""
+    """Per-token log-prob and the `TOKEN_OUTPUTS` fields from materialized logits (the fallback path)."""
     mask = labels != -100
     safe = labels.clamp(min=0)
     logits = logits.float() / temperature
     log_probs = kernels.selective_log_softmax(logits, safe) * mask
     with torch.no_grad():
         logp_all = logits.log_softmax(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1) * mask
-        is_top1 = (logits.argmax(-1) == safe) & mask
-    return log_probs, entropy, is_top1
+        fields = {
+            "entropy": -(logp_all.exp() * logp_all).sum(-1) * mask,
+            "is_top1": (logits.argmax(-1) == safe) & mask,
+            "mean_logits": logits.mean(-1) * mask,
+            "log_sum_sq_probs": torch.logsumexp(2 * logp_all, -1) * mask,
+        }
+    return log_probs, fields
 
 
 def create_reference_model(model: PreTrainedModel) -> PreTrainedModel:
@@ -196,6 +215,20 @@ def reference_adapter(model: Any):
     else:
         with model.disable_adapter():
             yield
+
+
+def add_reference_adapter(model: Any) -> None:
+    """Give a PEFT `model` a frozen "ref" adapter, a copy of its "default" one, so `reference_adapter` runs the
+    policy as it was before training rather than the bare base model (TRL does this when handed a `PeftModel`)."""
+    if "ref" in model.peft_config or "default" not in model.peft_config:
+        return
+    model.add_adapter("ref", model.peft_config["default"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".default." in name:
+                ref_param = model.get_parameter(name.replace(".default.", ".ref."))
+                ref_param.copy_(param)
+                ref_param.requires_grad_(False)
 
 
 def completion_labels(

@@ -134,7 +134,9 @@ class SFTTrainer(BaseTrainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
-        add_token_logprob_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+        add_token_logprob_head(
+            self.model.get_base_model() if is_peft_model(self.model) else self.model, outputs=("entropy", "is_top1")
+        )
         self._offload_context = (
             torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
             if args.activation_offloading
