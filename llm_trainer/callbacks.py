@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-__all__ = ["RichProgressCallback"]
+__all__ = ["RichProgressCallback", "SyncRefModelCallback"]
 
 
 class RichProgressCallback(TrainerCallback):
@@ -66,3 +66,31 @@ class RichProgressCallback(TrainerCallback):
             self._live.stop()
             self._live.console.line()
             self._live = None
+
+
+class SyncRefModelCallback(TrainerCallback):
+    """TR-DPO reference syncing (TRL's callback of the same name): every `args.ref_model_sync_steps` optimizer steps,
+    `ref = α·policy + (1 − α)·ref` with α = `args.ref_model_mixup_alpha`.
+
+    Trainers with `sync_ref_model=True` add it themselves; `accelerator` (optional) unwraps the policy first.
+    """
+
+    def __init__(self, ref_model, accelerator=None):
+        self.ref_model = ref_model
+        self.accelerator = accelerator
+
+    @staticmethod
+    def sync_target_model(model, target_model, alpha: float) -> None:
+        """Move `target_model`'s parameters a fraction `alpha` of the way towards `model`'s, in place."""
+        import torch
+
+        with torch.no_grad():
+            for target, source in zip(target_model.parameters(), model.parameters(), strict=True):
+                target.mul_(1.0 - alpha).add_(source.to(target.dtype), alpha=alpha)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.ref_model is None or model is None or state.global_step % args.ref_model_sync_steps != 0:
+            return
+        if self.accelerator is not None:
+            model = self.accelerator.unwrap_model(model)
+        self.sync_target_model(model, self.ref_model, args.ref_model_mixup_alpha)

@@ -145,18 +145,20 @@ def add_token_logprob_head(
             out = self.base_model(*args, **kwargs)
             head = self.get_output_embeddings()
             hidden = out.last_hidden_state[:, :-1].to(head.weight.device)
-            log_probs, *extras = kernels.token_logprobs(
-                hidden,
-                head.weight,
-                target.to(head.weight.device),
-                temperature=temperature,
-                bias=head.bias,
-                logit_scale=logit_scale,
-                softcap=softcap,
-                return_entropy=wanted["entropy"],
-                return_accuracy=wanted["is_top1"],
-                return_mean_logits=wanted["mean_logits"],
-                return_log_sum_sq_probs=wanted["log_sum_sq_probs"],
+            log_probs, *extras = _as_tuple(
+                kernels.token_logprobs(
+                    hidden,
+                    head.weight,
+                    target.to(head.weight.device),
+                    temperature=temperature,
+                    bias=head.bias,
+                    logit_scale=logit_scale,
+                    softcap=softcap,
+                    return_entropy=wanted["entropy"],
+                    return_accuracy=wanted["is_top1"],
+                    return_mean_logits=wanted["mean_logits"],
+                    return_log_sum_sq_probs=wanted["log_sum_sq_probs"],
+                )
             )
             fields = dict(zip([name for name in TOKEN_OUTPUTS if wanted[name]], extras))
         else:
@@ -169,6 +171,11 @@ def add_token_logprob_head(
         )
 
     model.forward = types.MethodType(forward, model)
+
+
+def _as_tuple(result):
+    """`kernels.token_logprobs` returns a bare tensor when no extra output is asked for."""
+    return result if isinstance(result, tuple) else (result,)
 
 
 @functools.cache

@@ -118,7 +118,7 @@ def get_tokenizer():
 
 
 Architecture = Literal["qwen2", "llama"]
-Task = Literal["causal-lm", "sequence-classification"]
+Task = Literal["causal-lm", "sequence-classification", "token-classification"]
 
 
 def tiny_model_config(
@@ -163,7 +163,8 @@ def make_tiny_model(
     """Build a tiny random-weight model, save it with the shipped tokenizer, and return the folder.
 
     `from_pretrained(folder)` then works offline for the model and for `AutoTokenizer`. Extra keyword arguments go
-    to `tiny_model_config` (hidden size, layers, tied embeddings, ...). Sequence-classification models get one label.
+    to `tiny_model_config` (hidden size, layers, tied embeddings, ...). Sequence-classification models get one label,
+    token-classification models two.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
@@ -179,8 +180,15 @@ def make_tiny_model(
     elif task == "sequence-classification":
         config.num_labels = 1
         model = AutoModelForSequenceClassification.from_config(config)
+    elif task == "token-classification":  # a process reward model: one of 2 labels per token
+        from transformers import AutoModelForTokenClassification
+
+        config.num_labels = 2
+        model = AutoModelForTokenClassification.from_config(config)
     else:
-        raise ValueError(f"Unknown task {task!r}; expected 'causal-lm' or 'sequence-classification'.")
+        raise ValueError(
+            f"Unknown task {task!r}; expected 'causal-lm', 'sequence-classification' or 'token-classification'."
+        )
     model.save_pretrained(path)
     get_tokenizer().save_pretrained(path)
     return str(path)

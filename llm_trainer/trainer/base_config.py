@@ -71,3 +71,13 @@ class BaseConfig(TrainingArguments):
 def _bf16_available(use_cpu: bool) -> bool:
     """Whether `TrainingArguments` accepts `bf16=True` here (the same test it validates with)."""
     return use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()
+
+
+def resolve_pad_to_multiple_of(value: int | str | None, device_type: str) -> int | None:
+    """`pad_to_multiple_of` as an int or None: "auto" is 128 on Neuron (one compilation per shape) and None elsewhere;
+    strings from the CLI ("8", "none") are parsed."""
+    if value == "auto":
+        return 128 if device_type == "neuron" else None
+    if isinstance(value, str):
+        return None if value.lower() in ("none", "null") else int(value)
+    return value

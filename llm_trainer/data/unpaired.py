@@ -1,0 +1,204 @@
+"""Unpaired preference data (`prompt`, `completion`, `label`) as KTO and BCO read it, and its collator.
+
+`prepare_unpaired_dataset` is TRL 1.16's `KTOTrainer._prepare_dataset`: extract an implicit prompt, unpair
+`chosen` / `rejected` pairs, append eos to plain-text completions, tokenize into `prompt_ids` / `completion_ids`, drop
+rows whose prompt alone fills `max_length`, and optionally add `KL_completion_ids`, the mismatched completions KTO's
+reference point is estimated from.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from transformers.data.data_collator import DataCollatorMixin
+
+from .chat_template import extract_prompt
+from .collators import pad
+from .formats import is_conversational
+from .preference import unpair_preference_dataset
+from .tokenization import template_kwargs, tokenize_prompt_completions
+
+logger = logging.getLogger(__name__)
+
+UNPAIRED_COLUMNS = ("prompt", "completion", "label")
+TOKENIZED_COLUMNS = ("prompt_ids", "completion_ids", "label")
+
+
+def check_unpaired_dataset(dataset: Dataset | IterableDataset, name: str = "train") -> dict[str, Any]:
+    """Return the first row, or raise a `ValueError` naming what an empty or unusable dataset lacks.
+
+    Accepted: unpaired (`prompt`, `completion`, `label`), paired preference (`chosen`, `rejected`, optional `prompt`;
+    unpaired automatically) and already tokenized (`prompt_ids`, `completion_ids`, `label`) rows.
+    """
+    example = None if isinstance(dataset, Dataset) and len(dataset) == 0 else next(iter(dataset), None)
+    if example is None:
+        raise ValueError(f"The {name} dataset is empty: pass a dataset with at least one labelled completion.")
+    if "image" in example or "images" in example:
+        raise ValueError(
+            f"The {name} dataset has image columns; vision-language unpaired preference data is not supported yet. "
+            "Drop the 'image' / 'images' columns to train on the text alone."
+        )
+    if "chosen" in example and "rejected" in example:
+        return example
+    layout = TOKENIZED_COLUMNS if "prompt_ids" in example else UNPAIRED_COLUMNS
+    missing = [column for column in layout if column not in example]
+    if missing:
+        raise ValueError(
+            f"The {name} dataset has columns {sorted(example)}, but unpaired preference data needs 'prompt', "
+            f"'completion' and 'label' (a bool, True for a desirable completion); missing: {missing}. Rename your "
+            "columns (e.g. `dataset.rename_column('response', 'completion')`), or pass paired 'chosen' / 'rejected' "
+            "data, which is unpaired automatically."
+        )
+    return example
+
+
+def prepare_unpaired_dataset(
+    dataset: Dataset | IterableDataset,
+    tokenizer: Any,
+    *,
+    max_length: int | None = None,
+    kl_batch_size: int | None = None,
+    num_proc: int | None = None,
+    name: str = "train",
+) -> Dataset | IterableDataset:
+    """Tokenize unpaired (or paired, then unpaired) preference data into `prompt_ids`, `completion_ids`, `label`.
+
+    With `kl_batch_size`, `KL_completion_ids` holds, within each run of `kl_batch_size` consecutive rows, the
+    completion of the row before (the first row takes the last one's): (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}).
+    These mismatched pairs line up with training batches only when the sampler is sequential and the batch size is
+    `kl_batch_size`. Rows already tokenized skip straight to filtering.
+    """
+    first = check_unpaired_dataset(dataset, name)
+    is_map_style = isinstance(dataset, Dataset)
+    map_kwargs: dict[str, Any] = {"num_proc": num_proc} if is_map_style else {}
+
+    def described(text: str) -> dict[str, Any]:
+        return {**map_kwargs, "desc": f"{text} {name} dataset"} if is_map_style else map_kwargs
+
+    if "prompt_ids" not in first:
+        if "prompt" not in first:
+            dataset = dataset.map(extract_prompt, **described("Extracting prompt from"))
+        if "chosen" in first and "rejected" in first:
+            dataset = unpair_preference_dataset(dataset, **described("Unpairing"))
+        if not is_conversational(next(iter(dataset))):
+            dataset = dataset.map(_add_eos, fn_kwargs={"eos": tokenizer.eos_token}, **described("Adding EOS to"))
+        dataset = dataset.map(_tokenize_row, fn_kwargs={"tokenizer": tokenizer}, **described("Tokenizing"))
+    if max_length is not None:
+        before = len(dataset) if is_map_style else None
+        dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < max_length, **described("Filtering"))
+        if before is not None and len(dataset) < before:
+            logger.warning(
+                "Dropped %d of %d %s examples whose prompt alone fills max_length=%d.",
+                before - len(dataset),
+                before,
+                name,
+                max_length,
+            )
+    if kl_batch_size is not None:
+        dataset = dataset.map(
+            _add_kl_completions, batched=True, batch_size=kl_batch_size, **described("Extracting KL completions of")
+        )
+    return dataset
+
+
+def _add_eos(example: dict, eos: str) -> dict:
+    if not example["completion"].endswith(eos):
+        example["completion"] = example["completion"] + eos
+    return example
+
+
+def _tokenize_row(example: dict, tokenizer: Any) -> dict:
+    return tokenize_prompt_completions(
+        tokenizer, example["prompt"], {"completion": example["completion"]}, template_kwargs(example)
+    )
+
+
+def _add_kl_completions(batch: dict[str, list]) -> dict[str, list]:
+    completions = batch["completion_ids"]
+    batch["KL_completion_ids"] = completions[-1:] + completions[:-1]
+    return batch
+
+
+def check_label_balance(labels: list[bool], name: str = "train") -> None:
+    """Raise a `ValueError` when all `labels` are of one kind: the unpaired losses weigh desirable completions
+    against undesirable ones (KTO's reward margins, BCO's classifier), so a dataset needs both."""
+    num_desirable = sum(bool(label) for label in labels)
+    if 0 < num_desirable < len(labels):
+        return
+    kind = "desirable (label=True)" if num_desirable else "undesirable (label=False)"
+    raise ValueError(
+        f"Every example of the {name} dataset is {kind}, but the loss weighs desirable against undesirable "
+        "completions and needs both. Add examples with the other label (e.g. unpair a preference dataset with "
+        "`unpair_preference_dataset`), or train on desirable completions alone with SFTTrainer."
+    )
+
+
+def recommend_loss_weights(labels: list[bool], desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> None:
+    """Warn, as TRL's KTOTrainer does, when the loss weights don't offset an imbalance between desirable and
+    undesirable examples; the recommended ranges are Eq. (8) of the KTO paper, λ_D·n_D / (λ_U·n_U) in [1, 4/3]."""
+    num_desirable = max(sum(bool(label) for label in labels), 1)
+    num_undesirable = max(len(labels) - num_desirable, 1)
+    if num_desirable == num_undesirable:
+        return
+    ratio = num_undesirable / num_desirable
+    des_low, des_high = round(ratio * undesirable_weight, 2), round(ratio * undesirable_weight * 1.33, 2)
+    und_low, und_high = round(desirable_weight / ratio / 1.33, 2), round(desirable_weight / ratio, 2)
+    if not (des_low <= desirable_weight <= des_high or und_low <= undesirable_weight <= und_high):
+        logger.warning(
+            "You have different amounts of desirable/positive and undesirable/negative examples but the weights on "
+            "the desirable and undesirable losses don't seem to be in an ideal range. Based on your data, we recommend "
+            "EITHER desirable_weight in [%s, %s] or undesirable_weight in [%s, %s] (but NOT BOTH). See the "
+            "documentation on how to optimally set these weights.",
+            des_low,
+            des_high,
+            und_low,
+            und_high,
+        )
+
+
+@dataclass
+class DataCollatorForUnpairedPreference(DataCollatorMixin):
+    """Collate `prompt_ids` / `completion_ids` / `label` examples (TRL's collator of the same name).
+
+    Returns `input_ids`, `attention_mask` and `completion_mask` (1 on completion tokens), right-padded, each
+    prompt+completion truncated to its first `max_length` tokens, and `label` as a bool tensor. With
+    `KL_completion_ids` the same three tensors come back for the mismatched sequences as `KL_input_ids`,
+    `KL_attention_mask` and `KL_completion_mask`; precomputed `ref_logps` / `ref_KL_logps` pass through.
+
+    >>> DataCollatorForUnpairedPreference(pad_token_id=0)(
+    ...     [{"prompt_ids": [1, 2, 3], "completion_ids": [4, 5], "label": True},
+    ...      {"prompt_ids": [7, 8], "completion_ids": [9], "label": False}])["completion_mask"]
+    tensor([[0, 0, 0, 1, 1], [0, 0, 1, 0, 0]])
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for prefix, key in (("", "completion_ids"), ("KL_", "KL_completion_ids")):
+            if key not in examples[0]:
+                continue
+            sequences, masks = [], []
+            for ex in examples:
+                prompt, completion = list(ex["prompt_ids"]), list(ex[key])
+                end = None if self.max_length is None else self.max_length
+                sequences.append(torch.tensor((prompt + completion)[:end], dtype=torch.int64))
+                masks.append(torch.tensor(([0] * len(prompt) + [1] * len(completion))[:end], dtype=torch.int64))
+            multiple = self.pad_to_multiple_of
+            out[f"{prefix}input_ids"] = pad(sequences, self.pad_token_id, pad_to_multiple_of=multiple)
+            out[f"{prefix}attention_mask"] = pad(
+                [torch.ones_like(s) for s in sequences], 0, pad_to_multiple_of=multiple
+            )
+            out[f"{prefix}completion_mask"] = pad(masks, 0, pad_to_multiple_of=multiple)
+        for key in ("ref_logps", "ref_KL_logps"):
+            if key in examples[0]:
+                out[key] = torch.tensor([ex[key] for ex in examples])
+        out["label"] = torch.tensor([bool(ex["label"]) for ex in examples])
+        return out

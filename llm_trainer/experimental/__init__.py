@@ -1,0 +1,1 @@
+"""Trainers TRL keeps (or kept) under `trl.experimental`, at the same import paths."""

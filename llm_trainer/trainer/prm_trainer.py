@@ -1,0 +1,141 @@
+"""Process reward modelling, with the API of TRL 1.13's `experimental.prm.PRMTrainer` (removed from TRL in 1.14)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from transformers import (
+    AutoModelForTokenClassification,
+    DataCollator,
+    DataCollatorForTokenClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+    TrainerCallback,
+)
+from transformers.trainer_utils import EvalPrediction
+
+from ..data.stepwise import check_stepwise_dataset, prepare_stepwise_dataset, tokenize_stepwise
+from .base_trainer import BaseTrainer
+from .prm_config import PRMConfig
+from .utils import disable_dropout_in_model
+
+__all__ = ["PRMTrainer", "compute_accuracy"]
+
+
+def compute_accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
+    """Token-classification accuracy over the labelled positions (label != -100): the PRM's default metric.
+
+    `predictions` are logits `(batch, seq_len, num_labels)` or already-argmaxed ids `(batch, seq_len)`.
+    """
+    predictions, labels = eval_pred.predictions, eval_pred.label_ids
+    predictions = np.asarray(predictions)
+    if predictions.ndim == 3:
+        predictions = predictions.argmax(-1)
+    labels = np.asarray(labels)
+    keep = labels != -100
+    return {"accuracy": float((predictions[keep] == labels[keep]).mean()) if keep.any() else 0.0}
+
+
+class PRMTrainer(BaseTrainer):
+    """Process reward model training with the signature, dataset format and defaults of TRL 1.13's `PRMTrainer`.
+
+    Dataset: stepwise supervision, `prompt` (text), `completions` (list of step texts) and `labels` (one bool per
+    step, True when the step is correct), or pre-tokenized `input_ids` / `labels`. Each step is followed by
+    `step_separator` and its label sits on the step's last token, so a token-classification model
+    (`AutoModelForTokenClassification`, 2 labels) learns to score every step; the loss is the model's own
+    cross-entropy. `compute_metrics` defaults to `compute_accuracy` (step accuracy).
+
+    >>> from llm_trainer import PRMConfig, PRMTrainer
+    >>> model = AutoModelForTokenClassification.from_pretrained("path/to/model", num_labels=2)
+    >>> trainer = PRMTrainer(model=model, args=PRMConfig("out"), processing_class=tokenizer, train_dataset=dataset)
+    >>> trainer.train()
+    """
+
+    config_class = PRMConfig
+    _name = "PRM"
+    _tag_names = ["prm"]
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | None = None,
+        args: PRMConfig | None = None,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        model_init: Callable[[], PreTrainedModel] | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        peft_config: Any = None,
+    ):
+        if model is None or model_init is not None:
+            raise ValueError(
+                "PRMTrainer needs `model` (a token-classification model, or its name/path); `model_init` is not "
+                "supported."
+            )
+        args = self.resolve_args(args, model)
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required: pass the stepwise dataset to train on.")
+        check_stepwise_dataset(train_dataset, "train")
+        model = self.prepare_model(model, args, auto_class=AutoModelForTokenClassification)
+        processing_class = self.prepare_processing_class(model, processing_class, args)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if peft_config is not None:
+            model = self.prepare_peft(model, peft_config, args)
+        elif is_peft_model(model) and args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        if args.disable_dropout:
+            disable_dropout_in_model(model)
+        if data_collator is None:
+            data_collator = DataCollatorForTokenClassification(tokenizer)
+        prep = {
+            "step_separator": args.step_separator,
+            "max_length": args.max_length,
+            "max_completion_length": args.max_completion_length,
+            "train_on_last_step_only": args.train_on_last_step_only,
+            "num_proc": args.dataset_num_proc,
+        }
+        with args.main_process_first(desc="preparing datasets"):
+            train_dataset = prepare_stepwise_dataset(train_dataset, tokenizer, **prep, name="train")
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {
+                    key: prepare_stepwise_dataset(ds, tokenizer, **prep, is_eval=True, name=key)
+                    for key, ds in eval_dataset.items()
+                }
+            elif eval_dataset is not None:
+                eval_dataset = prepare_stepwise_dataset(eval_dataset, tokenizer, **prep, is_eval=True, name="eval")
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics if compute_metrics is not None else compute_accuracy,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+
+    @staticmethod
+    def tokenize_row(
+        features: dict[str, Any],
+        tokenizer: PreTrainedTokenizerBase,
+        step_separator: str,
+        max_length: int | None,
+        max_completion_length: int | None,
+        train_on_last_step_only: bool,
+        is_eval: bool,
+    ) -> dict[str, list[int]]:
+        """Tokenize one stepwise row into `input_ids` and per-token `labels` (see `data.stepwise.tokenize_stepwise`)."""
+        return tokenize_stepwise(
+            features, tokenizer, step_separator, max_length, max_completion_length, train_on_last_step_only, is_eval
+        )
