@@ -1,0 +1,222 @@
+"""Outcome reward-model training, drop-in for TRL 1.16's `RewardTrainer`."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from packaging.version import Version
+from transformers import (
+    AutoModelForSequenceClassification,
+    DataCollator,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import EvalPrediction
+
+from ..data.reward_dataset import DataCollatorForReward, prepare_reward_dataset
+from ..losses import reward_model_loss, reward_model_metrics
+from .base_trainer import BaseTrainer, gather_sum
+from .reward_config import RewardConfig
+from .sft_trainer import _read_chat_template
+from .special_tokens import configure_special_tokens
+from .utils import disable_dropout_in_model
+
+__all__ = ["DataCollatorForPreference", "RewardTrainer"]
+
+DataCollatorForPreference = DataCollatorForReward
+"""TRL's name for the reward collator (`trl.trainer.reward_trainer.DataCollatorForPreference`)."""
+
+
+class RewardTrainer(BaseTrainer):
+    """Bradley–Terry reward-model training with the signature, dataset formats, metrics and numerics of TRL 1.16's
+    `RewardTrainer`.
+
+    The model is a sequence classifier with one label (a name or path loads as
+    `AutoModelForSequenceClassification(num_labels=1)`); it scores each whole sequence from its last non-padding
+    token. Datasets: preference with an explicit (`prompt`, `chosen`, `rejected`) or implicit (`chosen`, `rejected`)
+    prompt, standard or conversational, with an optional per-pair `margin`; or tokenized (`chosen_ids`,
+    `rejected_ids`). Pairs longer than `max_length` are dropped. The loss is `−logσ(r_c − r_r − margin)`, plus
+    `center_rewards_coefficient · mean((r_c + r_r)²)` when set. Logged metrics: `accuracy`, `margin`,
+    `{min,mean,max}_reward`, `num_tokens`.
+
+    >>> from llm_trainer import RewardConfig, RewardTrainer
+    >>> trainer = RewardTrainer(model="path/to/model", args=RewardConfig("out"), train_dataset=dataset)
+    >>> trainer.train()
+    """
+
+    config_class = RewardConfig
+    _name = "Reward"
+    _tag_names = ["reward-trainer"]
+    loss_is_scaled_for_ga = False  # `compute_loss` returns a per-batch mean; `Trainer` divides it for accumulation
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        args: RewardConfig | TrainingArguments | None = None,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        quantization_config: Any = None,
+        peft_config: Any = None,
+    ):
+        args = self.resolve_args(args, model)
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required: pass a preference dataset ('chosen' / 'rejected').")
+        if not isinstance(train_dataset, Dataset | IterableDataset):
+            raise TypeError(
+                f"`train_dataset` must be a `datasets.Dataset` or `IterableDataset`, got {type(train_dataset).__name__}."
+            )
+        if isinstance(train_dataset, IterableDataset):
+            args.accelerator_config.dispatch_batches = False
+        if not isinstance(model, str) and getattr(model.config, "num_labels", None) != 1:
+            raise ValueError(
+                f"The model has `num_labels={model.config.num_labels}`, but a reward model outputs one score per "
+                "sequence: load it with `num_labels=1`, or pass its name or path to have it loaded that way."
+            )
+
+        load_args = copy.copy(args)
+        load_args.model_init_kwargs = {**(args.model_init_kwargs or {}), "num_labels": 1}
+        with _expected_head_swap():
+            model = self.prepare_model(model, load_args, quantization_config, AutoModelForSequenceClassification)
+        is_quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+        processing_class = self.prepare_processing_class(model, processing_class, args)
+        # Sequence classification reads the score at the last token that is not padding: the model needs the pad id.
+        configure_special_tokens(model, processing_class, args.eos_token, args.pad_token)
+        if args.chat_template_path is not None:
+            processing_class.chat_template = _read_chat_template(args.chat_template_path)
+
+        model = self.prepare_peft(model, peft_config, args)
+        if peft_config is None and is_peft_model(model) and args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        if is_quantized and is_peft_model(model):  # QLoRA: bf16 adapters, as the paper recommends
+            for name, param in model.named_parameters():
+                if param.requires_grad and "lora_magnitude_vector" not in name:
+                    param.data = param.data.to(torch.bfloat16)
+        if args.disable_dropout:
+            disable_dropout_in_model(model)
+
+        if data_collator is None:
+            data_collator = DataCollatorForReward(
+                pad_token_id=processing_class.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of
+            )
+        self._tokenizer = processing_class
+        train_dataset = self._prepare(train_dataset, args, "train")
+        if eval_dataset is not None:
+            eval_dataset = self._prepare_eval(eval_dataset, args)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        if args.n_gpu > 1:
+            raise ValueError(
+                "RewardTrainer does not support `nn.DataParallel` (several GPUs visible to one process): launch with "
+                "`accelerate launch` or `torchrun`, or make one GPU visible with `CUDA_VISIBLE_DEVICES`."
+            )
+        # Evaluation calls `compute_loss` only when the loss needs no labels.
+        self.can_return_loss = True
+        self.label_names = []
+        self._offload_context = (
+            torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+            if args.activation_offloading
+            else contextlib.nullcontext()
+        )
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        self._tp_size = parallelism.tp_size if parallelism is not None else 1  # TP ranks see the same batch
+        self._total_train_tokens = 0
+
+    def _prepare(self, dataset, args: RewardConfig, name: str):
+        with args.main_process_first(desc=f"preparing {name} dataset"):
+            return prepare_reward_dataset(
+                dataset, self._tokenizer, max_length=args.max_length, num_proc=args.dataset_num_proc, name=name
+            )
+
+    def _prepare_eval(self, eval_dataset, args: RewardConfig):
+        if isinstance(eval_dataset, dict):
+            return {key: self._prepare(dataset, args, key) for key, dataset in eval_dataset.items()}
+        return self._prepare(eval_dataset, args, "eval")
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        chosen_rewards, rejected_rewards = outputs.logits.squeeze(-1).chunk(2)
+        loss = reward_model_loss(
+            chosen_rewards, rejected_rewards, inputs.get("margin"), self.args.center_rewards_coefficient
+        )
+        if mode == "train":
+            self._total_train_tokens += int(gather_sum(self, inputs["attention_mask"].sum()).item()) // self._tp_size
+        metrics = self._metrics[mode]
+        metrics["num_tokens"] = [self._total_train_tokens]
+        gathered = reward_model_metrics(chosen_rewards, rejected_rewards, gather=self.accelerator.gather_for_metrics)
+        for key, value in gathered.items():
+            metrics[key].append(value)
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, *args, **kwargs):
+        with self._offload_context:
+            return super().training_step(*args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """As `Trainer.evaluate`, preparing a raw dataset passed here the same way as at construction."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._prepare_eval(eval_dataset, self.args)
+        return super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
+
+
+@contextlib.contextmanager
+def _expected_head_swap():
+    """Keep `from_pretrained` quiet about the two keys a causal LM checkpoint loaded as a sequence classifier always
+    reports: the new `score` head (missing) and the unused `lm_head` (unexpected)."""
+    if Version(transformers.__version__) < Version("4.57.0"):  # older versions misload with these set; let them warn
+        yield
+        return
+    from transformers.modeling_layers import GenericForSequenceClassification as classifier
+
+    patterns = {
+        "_keys_to_ignore_on_load_missing": r"^score\.weight$",
+        "_keys_to_ignore_on_load_unexpected": r"^lm_head\.",
+    }
+    saved = {name: classifier.__dict__.get(name, _ABSENT) for name in patterns}
+    for name, pattern in patterns.items():
+        setattr(classifier, name, [*(getattr(classifier, name, None) or []), pattern])
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is _ABSENT:
+                delattr(classifier, name)
+            else:
+                setattr(classifier, name, value)
+
+
+_ABSENT = object()
