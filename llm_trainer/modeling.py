@@ -140,6 +140,8 @@ def add_token_logprob_head(
                 kwargs["labels"] = labels
             return original_forward(*args, **kwargs)
         kwargs["use_cache"] = False
+        if getattr(self.config.get_text_config(), "output_router_logits", False):  # MoE: the backbone's router logits
+            kwargs.setdefault("output_router_logits", True)
         target = labels[:, 1:]
         if _splittable(self):
             out = self.base_model(*args, **kwargs)
@@ -161,16 +163,28 @@ def add_token_logprob_head(
                 )
             )
             fields = dict(zip([name for name in TOKEN_OUTPUTS if wanted[name]], extras))
+            aux_loss = _router_aux_loss(self.config, out, kwargs.get("attention_mask"))
         else:
             _warn_unsplittable(type(self).__name__)
             out = original_forward(*args, **kwargs)
             log_probs, fields = _stats_from_logits(out.logits[:, :-1], target, temperature)
             fields = {name: value for name, value in fields.items() if wanted[name]}
-        return TokenLogprobOutput(
-            log_probs=log_probs, label_mask=target != -100, aux_loss=getattr(out, "aux_loss", None), **fields
-        )
+            aux_loss = getattr(out, "aux_loss", None)
+        return TokenLogprobOutput(log_probs=log_probs, label_mask=target != -100, aux_loss=aux_loss, **fields)
 
     model.forward = types.MethodType(forward, model)
+
+
+def _router_aux_loss(config: Any, backbone_out: Any, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The MoE load-balancing loss the causal-LM forward would add (unweighted), from the backbone's router logits."""
+    router_logits = getattr(backbone_out, "router_logits", None)
+    if router_logits is None:
+        return None
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    text_config = config.get_text_config()
+    num_experts = getattr(text_config, "num_experts", None) or getattr(text_config, "num_local_experts", None)
+    return load_balancing_loss_func(router_logits, num_experts, text_config.num_experts_per_tok, attention_mask)
 
 
 def _as_tuple(result):

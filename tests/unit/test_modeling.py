@@ -87,3 +87,30 @@ def test_logit_transform_reads_the_config():
 
     assert logit_transform(Gemma2Config(final_logit_softcapping=30.0)) == (None, 30.0)
     assert logit_transform(GraniteConfig(logits_scaling=4.0)) == (0.25, None)
+
+
+def test_moe_router_loss_matches_the_models_own():
+    from transformers import Qwen2MoeConfig
+
+    config = Qwen2MoeConfig(
+        vocab_size=100,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(0, 100, (2, 7))
+    expected = model(input_ids=ids, labels=ids)
+    add_token_logprob_head(model)
+    out = model(input_ids=ids, labels=ids, token_logprobs=True)
+    torch.testing.assert_close(out.aux_loss, expected.aux_loss)
+    loss = -out.log_probs.sum() / out.label_mask.sum() + config.router_aux_loss_coef * out.aux_loss
+    torch.testing.assert_close(loss, expected.loss, rtol=1e-5, atol=1e-6)
