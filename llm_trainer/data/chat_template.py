@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -186,3 +187,18 @@ def maybe_extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
     ):
         return example
     return extract_prompt(example)
+
+
+def read_chat_template(path: str) -> str:
+    """A chat template from a `.jinja` file, or from the tokenizer saved at `path`."""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    from transformers import AutoTokenizer
+
+    template = AutoTokenizer.from_pretrained(path).chat_template
+    if not template:
+        raise ValueError(
+            f"`chat_template_path={path!r}` has no chat template; pass a `.jinja` file or a tokenizer with one."
+        )
+    return template

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from contextlib import nullcontext
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset, IterableDataset
 from transformers import (
     AutoProcessor,
     PreTrainedModel,
@@ -57,6 +59,63 @@ class BaseTrainer(Trainer):
             values["hub_token"] = args.hub_token  # `to_dict` hides it
             return cls.config_class(**values)
         return args
+
+    @staticmethod
+    def check_train_dataset(
+        train_dataset: Any, args: TrainingArguments, what: str = "the dataset to train on"
+    ) -> None:
+        """Require a `datasets.Dataset` or `IterableDataset` (the latter needs `dispatch_batches=False`)."""
+        if train_dataset is None:
+            raise ValueError(f"`train_dataset` is required: pass {what}.")
+        if not isinstance(train_dataset, Dataset | IterableDataset):
+            raise TypeError(
+                f"`train_dataset` must be a `datasets.Dataset` or `IterableDataset`, got {type(train_dataset).__name__}."
+            )
+        if isinstance(train_dataset, IterableDataset):
+            args.accelerator_config.dispatch_batches = False
+
+    def prepare_dataset(self, dataset: Dataset | IterableDataset, name: str, args: TrainingArguments):
+        """Turn a raw dataset into this trainer's model inputs; `name` is "train", "eval" or an eval-dict key.
+
+        Trainers override it; `prepare_eval_dataset` and `evaluate` route every eval dataset through it.
+        """
+        return dataset
+
+    def prepare_eval_dataset(self, eval_dataset: Any, args: TrainingArguments | None = None) -> Any:
+        """`prepare_dataset` applied to an eval dataset, or to each dataset of a dict of them."""
+        args = args or self.args
+        if isinstance(eval_dataset, dict):
+            return {name: self.prepare_dataset(dataset, name, args) for name, dataset in eval_dataset.items()}
+        return self.prepare_dataset(eval_dataset, "eval", args)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """As `Trainer.evaluate`, preparing a raw dataset passed here the same way as at construction."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self.prepare_eval_dataset(eval_dataset)
+        return super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
+
+    def training_step(self, *args, **kwargs):
+        """As `Trainer.training_step`, keeping saved activations in CPU memory when `activation_offloading` is set."""
+        offload = getattr(self.args, "activation_offloading", False)
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload else nullcontext():
+            return super().training_step(*args, **kwargs)
+
+    @staticmethod
+    def configure_router_aux_loss(model: PreTrainedModel, coef: float | None) -> float:
+        """Enable the MoE load-balancing loss when the model has one and its coefficient is non-zero."""
+        config = model.config.get_text_config()
+        if coef and not hasattr(config, "output_router_logits"):
+            raise ValueError(
+                f"`router_aux_loss_coef={coef}`, but {type(model).__name__} is not a Mixture-of-Experts model with a "
+                "router loss; unset it."
+            )
+        coef = getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef
+        if hasattr(config, "router_aux_loss_coef"):
+            config.output_router_logits = bool(coef)
+            config.router_aux_loss_coef = coef
+        return coef if hasattr(config, "output_router_logits") else 0.0
 
     @staticmethod
     def prepare_model(

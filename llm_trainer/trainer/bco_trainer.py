@@ -192,8 +192,8 @@ class BCOTrainer(UnpairedPreferenceTrainer):
             pad_token_id=tokenizer.pad_token_id, max_length=args.max_length, embedding_pad_token_id=pad_id
         )
 
-    def _prepare_dataset(self, dataset, name, args=None):
-        dataset = super()._prepare_dataset(dataset, name, args)
+    def prepare_dataset(self, dataset, name, args):
+        dataset = super().prepare_dataset(dataset, name, args)
         if self.embedding_tokenizer is None:
             return dataset
         if not isinstance(dataset, Dataset):

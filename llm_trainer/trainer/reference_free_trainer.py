@@ -95,14 +95,7 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
                 )
             model = model_init()  # called once; the model is not re-initialized at `train()`
         args = self.resolve_args(args, model)
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required: pass a preference dataset ('chosen' / 'rejected').")
-        if not isinstance(train_dataset, Dataset | IterableDataset):
-            raise TypeError(
-                f"`train_dataset` must be a `datasets.Dataset` or `IterableDataset`, got {type(train_dataset).__name__}."
-            )
-        if isinstance(train_dataset, IterableDataset):
-            args.accelerator_config.dispatch_batches = False
+        self.check_train_dataset(train_dataset, args, "a preference dataset ('chosen' / 'rejected')")
         if not isinstance(model, str) and args.model_init_kwargs is not None:
             raise ValueError(
                 "`model_init_kwargs` is set but the model is already instantiated; pass the model's name or path, or "
@@ -137,9 +130,9 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
         if data_collator is None:
             data_collator = DataCollatorForPreference(pad_token_id=self.padding_value)
         self._tokenizer = tokenizer
-        train_dataset = self._prepare(train_dataset, args, "train")
+        train_dataset = self.prepare_dataset(train_dataset, "train", args)
         if eval_dataset is not None:
-            eval_dataset = self._prepare_eval(eval_dataset, args)
+            eval_dataset = self.prepare_eval_dataset(eval_dataset, args)
 
         super().__init__(
             model=model,
@@ -179,16 +172,11 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
         return tokenizer.pad_token_id if padding_value is None else padding_value
 
     # ------------------------------------------------------------------------------------------------- data
-    def _prepare(self, dataset, args: ReferenceFreeConfig, name: str):
+    def prepare_dataset(self, dataset, name: str, args: ReferenceFreeConfig):
         with args.main_process_first(desc=f"preparing {name} dataset"):
             return prepare_reference_free_dataset(
                 dataset, self._tokenizer, max_length=self.max_length, num_proc=args.dataset_num_proc, name=name
             )
-
-    def _prepare_eval(self, eval_dataset, args: ReferenceFreeConfig):
-        if isinstance(eval_dataset, dict):
-            return {key: self._prepare(dataset, args, key) for key, dataset in eval_dataset.items()}
-        return self._prepare(eval_dataset, args, "eval")
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -266,14 +254,6 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
         return loss.detach(), logits, torch.zeros(logits.shape[0], device=self.accelerator.device)
 
     # ----------------------------------------------------------------------------------------------- eval
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """As `Trainer.evaluate`, preparing a raw dataset passed here the same way as at construction."""
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            eval_dataset = self._prepare_eval(eval_dataset, self.args)
-        return super().evaluate(
-            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
-        )
-
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, **kwargs):
         if self.args.generate_during_eval and self.is_world_process_zero():
             self.log_generations(dataloader.dataset)

@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base_config import BaseConfig
+from .base_config import BaseConfig, resolve_pad_to_multiple_of
 
 
 @dataclass
@@ -68,11 +68,7 @@ class RewardConfig(BaseConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.pad_to_multiple_of, str) and self.pad_to_multiple_of != "auto":  # from the CLI
-            text = self.pad_to_multiple_of.lower()
-            self.pad_to_multiple_of = None if text in ("none", "null") else int(text)
-        if self.pad_to_multiple_of == "auto":
-            self.pad_to_multiple_of = 128 if self.device.type == "neuron" else None
+        self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of, self.device.type)
         if self.pad_token is not None:
             warnings.warn(
                 "`pad_token` is deprecated: set `tokenizer.pad_token` and pass it as `processing_class` instead.",

@@ -22,11 +22,11 @@ from transformers import (
 )
 from transformers.trainer_utils import EvalPrediction
 
+from ..data.chat_template import read_chat_template
 from ..data.reward_dataset import DataCollatorForReward, prepare_reward_dataset
 from ..losses import reward_model_loss, reward_model_metrics
 from .base_trainer import BaseTrainer, gather_sum
 from .reward_config import RewardConfig
-from .sft_trainer import _read_chat_template
 from .special_tokens import configure_special_tokens
 from .utils import disable_dropout_in_model
 
@@ -75,14 +75,7 @@ class RewardTrainer(BaseTrainer):
         peft_config: Any = None,
     ):
         args = self.resolve_args(args, model)
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required: pass a preference dataset ('chosen' / 'rejected').")
-        if not isinstance(train_dataset, Dataset | IterableDataset):
-            raise TypeError(
-                f"`train_dataset` must be a `datasets.Dataset` or `IterableDataset`, got {type(train_dataset).__name__}."
-            )
-        if isinstance(train_dataset, IterableDataset):
-            args.accelerator_config.dispatch_batches = False
+        self.check_train_dataset(train_dataset, args, "a preference dataset ('chosen' / 'rejected')")
         if not isinstance(model, str) and getattr(model.config, "num_labels", None) != 1:
             raise ValueError(
                 f"The model has `num_labels={model.config.num_labels}`, but a reward model outputs one score per "
@@ -98,7 +91,7 @@ class RewardTrainer(BaseTrainer):
         # Sequence classification reads the score at the last token that is not padding: the model needs the pad id.
         configure_special_tokens(model, processing_class, args.eos_token, args.pad_token)
         if args.chat_template_path is not None:
-            processing_class.chat_template = _read_chat_template(args.chat_template_path)
+            processing_class.chat_template = read_chat_template(args.chat_template_path)
 
         model = self.prepare_peft(model, peft_config, args)
         if peft_config is None and is_peft_model(model) and args.gradient_checkpointing:
@@ -115,9 +108,9 @@ class RewardTrainer(BaseTrainer):
                 pad_token_id=processing_class.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of
             )
         self._tokenizer = processing_class
-        train_dataset = self._prepare(train_dataset, args, "train")
+        train_dataset = self.prepare_dataset(train_dataset, "train", args)
         if eval_dataset is not None:
-            eval_dataset = self._prepare_eval(eval_dataset, args)
+            eval_dataset = self.prepare_eval_dataset(eval_dataset, args)
 
         super().__init__(
             model=model,
@@ -140,25 +133,15 @@ class RewardTrainer(BaseTrainer):
         # Evaluation calls `compute_loss` only when the loss needs no labels.
         self.can_return_loss = True
         self.label_names = []
-        self._offload_context = (
-            torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-            if args.activation_offloading
-            else contextlib.nullcontext()
-        )
         parallelism = getattr(self.accelerator, "parallelism_config", None)
         self._tp_size = parallelism.tp_size if parallelism is not None else 1  # TP ranks see the same batch
         self._total_train_tokens = 0
 
-    def _prepare(self, dataset, args: RewardConfig, name: str):
+    def prepare_dataset(self, dataset, name: str, args: RewardConfig):
         with args.main_process_first(desc=f"preparing {name} dataset"):
             return prepare_reward_dataset(
                 dataset, self._tokenizer, max_length=args.max_length, num_proc=args.dataset_num_proc, name=name
             )
-
-    def _prepare_eval(self, eval_dataset, args: RewardConfig):
-        if isinstance(eval_dataset, dict):
-            return {key: self._prepare(dataset, args, key) for key, dataset in eval_dataset.items()}
-        return self._prepare(eval_dataset, args, "eval")
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -179,18 +162,6 @@ class RewardTrainer(BaseTrainer):
         for key, value in gathered.items():
             metrics[key].append(value)
         return (loss, outputs) if return_outputs else loss
-
-    def training_step(self, *args, **kwargs):
-        with self._offload_context:
-            return super().training_step(*args, **kwargs)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """As `Trainer.evaluate`, preparing a raw dataset passed here the same way as at construction."""
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            eval_dataset = self._prepare_eval(eval_dataset, self.args)
-        return super().evaluate(
-            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
-        )
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base_config import BaseConfig
+from .base_config import BaseConfig, resolve_pad_to_multiple_of
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
 PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
@@ -94,11 +94,7 @@ class SFTConfig(BaseConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.pad_to_multiple_of, str) and self.pad_to_multiple_of != "auto":  # from the CLI
-            text = self.pad_to_multiple_of.lower()
-            self.pad_to_multiple_of = None if text in ("none", "null") else int(text)
-        if self.pad_to_multiple_of == "auto":
-            self.pad_to_multiple_of = 128 if self.device.type == "neuron" else None
+        self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of, self.device.type)
         if isinstance(self.dataset_kwargs, str):
             import json
 

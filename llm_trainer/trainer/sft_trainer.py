@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -21,12 +19,14 @@ from transformers import (
 )
 from transformers.trainer_utils import EvalPrediction
 
+from ..data.chat_template import read_chat_template
 from ..data.collators import DataCollatorForLanguageModeling
 from ..data.formats import get_dataset_column_names, is_conversational
 from ..data.sft import check_sft_dataset, has_generation_markers, prepare_sft_dataset
 from ..modeling import add_token_logprob_head
 from .base_trainer import BaseTrainer, gather_sum
 from .sft_config import SFTConfig
+from .special_tokens import configure_special_tokens
 
 __all__ = ["DataCollatorForLanguageModeling", "SFTTrainer"]
 
@@ -68,14 +68,7 @@ class SFTTrainer(BaseTrainer):
         formatting_func: Callable[[dict], str] | None = None,
     ):
         args = self.resolve_args(args, model)
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required: pass the dataset to train on.")
-        if not isinstance(train_dataset, Dataset | IterableDataset):
-            raise TypeError(
-                f"`train_dataset` must be a `datasets.Dataset` or `IterableDataset`, got {type(train_dataset).__name__}."
-            )
-        if isinstance(train_dataset, IterableDataset):
-            args.accelerator_config.dispatch_batches = False
+        self.check_train_dataset(train_dataset, args)
         sample = check_sft_dataset(train_dataset, args.dataset_text_field, formatted=formatting_func is not None)
         if "image" in sample or "images" in sample:
             raise ValueError("Vision-language datasets (with 'image' / 'images' columns) are not supported yet.")
@@ -83,9 +76,9 @@ class SFTTrainer(BaseTrainer):
         model = self.prepare_model(model, args, quantization_config)
         processing_class = self.prepare_processing_class(model, processing_class, args)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        self._configure_special_tokens(model, tokenizer, args)
+        configure_special_tokens(model, tokenizer, args.eos_token, args.pad_token)
         if args.chat_template_path is not None:
-            tokenizer.chat_template = _read_chat_template(args.chat_template_path)
+            tokenizer.chat_template = read_chat_template(args.chat_template_path)
 
         self.padding_free = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
         self._check_options(args, sample, tokenizer, data_collator, formatting_func, compute_loss_func)
@@ -105,12 +98,11 @@ class SFTTrainer(BaseTrainer):
         self._skip_prepare_dataset = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset", False))
         self._formatting_func = formatting_func
         self._tokenizer = tokenizer
-        if not self._skip_prepare_dataset:
-            train_dataset = self._prepare(train_dataset, args, args.packing, "train")
-            if eval_dataset is not None:
-                eval_dataset = self._prepare_eval(eval_dataset, args)
-        else:
+        if self._skip_prepare_dataset:
             self._check_skipped_preparation({"train": train_dataset, "eval": eval_dataset})
+        train_dataset = self.prepare_dataset(train_dataset, "train", args)
+        if eval_dataset is not None:
+            eval_dataset = self.prepare_eval_dataset(eval_dataset, args)
 
         if compute_loss_func is not None:
             warnings.warn(
@@ -137,39 +129,10 @@ class SFTTrainer(BaseTrainer):
         add_token_logprob_head(
             self.model.get_base_model() if is_peft_model(self.model) else self.model, outputs=("entropy", "is_top1")
         )
-        self._offload_context = (
-            torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-            if args.activation_offloading
-            else contextlib.nullcontext()
-        )
-        self.router_aux_loss_coef = self._configure_router_aux_loss(model, args.router_aux_loss_coef)
+        self.router_aux_loss_coef = self.configure_router_aux_loss(model, args.router_aux_loss_coef)
         self._total_train_tokens = 0
 
     # ----------------------------------------------------------------------------------------------- setup
-    @staticmethod
-    def _configure_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: SFTConfig):
-        """Apply `eos_token` / `pad_token` overrides to the tokenizer and mirror them onto the model configs."""
-        vocab = tokenizer.get_vocab()
-        if args.eos_token is not None:
-            if args.eos_token not in vocab:
-                raise ValueError(
-                    f"`eos_token` {args.eos_token!r} is not in the tokenizer's vocabulary; pick an existing token."
-                )
-            tokenizer.eos_token = args.eos_token
-            model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
-            eos_ids = model.generation_config.eos_token_id
-            eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
-            if tokenizer.eos_token_id not in eos_ids:
-                model.generation_config.eos_token_id = [tokenizer.eos_token_id, *eos_ids]
-        pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
-        if pad_token not in vocab:
-            raise ValueError(
-                f"`pad_token` {pad_token!r} is not in the tokenizer's vocabulary; pick an existing token."
-            )
-        tokenizer.pad_token = pad_token
-        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-
     def _check_options(self, args, sample, tokenizer, data_collator, formatting_func, compute_loss_func) -> None:
         """Reject option combinations that cannot work, naming the fix."""
         if self.padding_free and data_collator is not None:
@@ -205,22 +168,11 @@ class SFTTrainer(BaseTrainer):
                 "`compute_loss_func` cannot be combined with `loss_type='dft'`, which sets the loss itself."
             )
 
-    @staticmethod
-    def _configure_router_aux_loss(model: PreTrainedModel, coef: float | None) -> float:
-        """Enable the MoE load-balancing loss when the model has one and its coefficient is non-zero."""
-        config = model.config.get_text_config()
-        if coef and not hasattr(config, "output_router_logits"):
-            raise ValueError(
-                f"`router_aux_loss_coef={coef}`, but {type(model).__name__} is not a Mixture-of-Experts model with a "
-                "router loss; unset it."
-            )
-        coef = getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef
-        if hasattr(config, "router_aux_loss_coef"):
-            config.output_router_logits = bool(coef)
-            config.router_aux_loss_coef = coef
-        return coef if hasattr(config, "output_router_logits") else 0.0
-
-    def _prepare(self, dataset, args: SFTConfig, packing: bool, name: str):
+    def prepare_dataset(self, dataset, name: str, args: SFTConfig):
+        """Tokenize, mask, and truncate or pack `dataset`; a raw dataset passed to `evaluate` goes through it too."""
+        if self._skip_prepare_dataset:
+            return dataset
+        packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
         check_sft_dataset(dataset, args.dataset_text_field, name, formatted=self._formatting_func is not None)
         with args.main_process_first(desc=f"preparing {name} dataset"):
             return prepare_sft_dataset(
@@ -238,12 +190,6 @@ class SFTTrainer(BaseTrainer):
                 shuffle_seed=args.seed if args.shuffle_dataset else None,
                 name=name,
             )
-
-    def _prepare_eval(self, eval_dataset, args: SFTConfig):
-        packing = args.packing if args.eval_packing is None else args.eval_packing
-        if isinstance(eval_dataset, dict):
-            return {key: self._prepare(ds, args, packing, key) for key, ds in eval_dataset.items()}
-        return self._prepare(eval_dataset, args, packing, "eval")
 
     def _check_skipped_preparation(self, datasets: dict[str, Any]) -> None:
         """A skipped preparation never builds labels, so mask columns without `labels` would be silently ignored."""
@@ -317,30 +263,3 @@ class SFTTrainer(BaseTrainer):
                 return self.compute_loss(model, inputs), None, None
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         return loss, outputs.logits, inputs.get("labels")
-
-    def training_step(self, *args, **kwargs):
-        with self._offload_context:
-            return super().training_step(*args, **kwargs)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """As `Trainer.evaluate`, preparing a raw dataset passed here the same way as at construction."""
-        if eval_dataset is not None and not isinstance(eval_dataset, str) and not self._skip_prepare_dataset:
-            eval_dataset = self._prepare_eval(eval_dataset, self.args)
-        return super().evaluate(
-            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
-        )
-
-
-def _read_chat_template(path: str) -> str:
-    """A chat template from a `.jinja` file, or from the tokenizer saved at `path`."""
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    from transformers import AutoTokenizer
-
-    template = AutoTokenizer.from_pretrained(path).chat_template
-    if not template:
-        raise ValueError(
-            f"`chat_template_path={path!r}` has no chat template; pass a `.jinja` file or a tokenizer with one."
-        )
-    return template

@@ -19,7 +19,7 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, Trainer
 
 from ..callbacks import SyncRefModelCallback
 from ..data.unpaired import (
@@ -79,14 +79,7 @@ class UnpairedPreferenceTrainer(BaseTrainer):
         calculate_kl: bool,
     ):
         args = self.resolve_args(args, model)
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required: pass the dataset to train on.")
-        if not isinstance(train_dataset, Dataset | IterableDataset):
-            raise TypeError(
-                f"`train_dataset` must be a `datasets.Dataset` or `IterableDataset`, got {type(train_dataset).__name__}."
-            )
-        if isinstance(train_dataset, IterableDataset):
-            args.accelerator_config.dispatch_batches = False
+        self.check_train_dataset(train_dataset, args)
         check_unpaired_dataset(train_dataset, "train")
         self.calculate_kl = calculate_kl
 
@@ -113,12 +106,12 @@ class UnpairedPreferenceTrainer(BaseTrainer):
 
         if data_collator is None:
             data_collator = self._default_collator(tokenizer, args)
-        train_dataset = self._prepare_dataset(train_dataset, "train", args)
+        train_dataset = self.prepare_dataset(train_dataset, "train", args)
         if isinstance(train_dataset, Dataset):
             check_label_balance(train_dataset["label"], "train")
             self._check_balance(train_dataset["label"], args)
         if eval_dataset is not None:
-            eval_dataset = self._prepare_eval_datasets(eval_dataset, args)
+            eval_dataset = self.prepare_eval_dataset(eval_dataset, args)
 
         super().__init__(
             model=model,
@@ -133,11 +126,7 @@ class UnpairedPreferenceTrainer(BaseTrainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
 
-        from .sft_trainer import SFTTrainer  # the MoE auxiliary-loss setup is the same for every trainer
-
-        self.router_aux_loss_coef = SFTTrainer._configure_router_aux_loss(
-            model, getattr(args, "router_aux_loss_coef", None)
-        )
+        self.router_aux_loss_coef = self.configure_router_aux_loss(model, getattr(args, "router_aux_loss_coef", None))
         self.aux_loss_enabled = bool(self.router_aux_loss_coef)
         self.precompute_ref_logps = bool(args.precompute_ref_log_probs)
         self.ref_model = self.prepare_reference_model(model, ref_model, precomputed=self.precompute_ref_logps)
@@ -155,11 +144,6 @@ class UnpairedPreferenceTrainer(BaseTrainer):
                 self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
         if getattr(args, "sync_ref_model", False):
             self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
-        self._offload_context = (
-            torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-            if getattr(args, "activation_offloading", False)
-            else contextlib.nullcontext()
-        )
         self._total_train_tokens = 0
         if self.precompute_ref_logps:
             self.train_dataset = self._precompute_reference(self.train_dataset, "train", train=True)
@@ -174,11 +158,8 @@ class UnpairedPreferenceTrainer(BaseTrainer):
             pad_to_multiple_of=getattr(args, "pad_to_multiple_of", None),
         )
 
-    def _prepare_dataset(
-        self, dataset: Dataset | IterableDataset, name: str, args: Any = None
-    ) -> Dataset | IterableDataset:
+    def prepare_dataset(self, dataset: Dataset | IterableDataset, name: str, args: Any) -> Dataset | IterableDataset:
         """Tokenize one dataset (KL completions in batches of `per_device_train_batch_size`, as TRL)."""
-        args = args or self.args
         with args.main_process_first(desc=f"preparing {name} dataset"):
             return prepare_unpaired_dataset(
                 dataset,
@@ -188,11 +169,6 @@ class UnpairedPreferenceTrainer(BaseTrainer):
                 num_proc=args.dataset_num_proc,
                 name=name,
             )
-
-    def _prepare_eval_datasets(self, eval_dataset: Any, args: Any = None) -> Any:
-        if isinstance(eval_dataset, dict):
-            return {key: self._prepare_dataset(ds, key, args) for key, ds in eval_dataset.items()}
-        return self._prepare_dataset(eval_dataset, "eval", args)
 
     def _check_balance(self, labels: list[bool], args: Any) -> None:
         """Hook for a subclass's own label-balance advice (KTO's loss-weight ranges)."""
@@ -375,10 +351,6 @@ class UnpairedPreferenceTrainer(BaseTrainer):
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         return loss.detach(), outputs.logits, inputs["input_ids"]
 
-    def training_step(self, *args, **kwargs):
-        with self._offload_context:
-            return super().training_step(*args, **kwargs)
-
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """As `Trainer.evaluate`, preparing (and, with `precompute_ref_log_probs`, scoring) a raw dataset passed
         here the same way as at construction."""
@@ -395,16 +367,10 @@ class UnpairedPreferenceTrainer(BaseTrainer):
                     "dataset as `eval_dataset` when creating the trainer, pass a `ref_model`, or set "
                     "`precompute_ref_log_probs=False`."
                 )
-            eval_dataset = self._prepare_eval_datasets(eval_dataset)
+            eval_dataset = self.prepare_eval_dataset(eval_dataset)
             if self.precompute_ref_logps:
                 eval_dataset = self._precompute_eval(eval_dataset)
-            if isinstance(eval_dataset, dict):
-                metrics = {}
-                for name, dataset in eval_dataset.items():
-                    metrics.update(
-                        super().evaluate(dataset, ignore_keys, metric_key_prefix=f"{metric_key_prefix}_{name}")
-                    )
-                return metrics
-        return super().evaluate(
-            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        # Prepared above: skip `BaseTrainer.evaluate`, which would prepare it again
+        return Trainer.evaluate(
+            self, eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
         )
