@@ -26,7 +26,25 @@ _EXPORTS = {
         "prepare_multimodal_messages",
         "unpair_preference_dataset",
     ],
-    "trainer": ["SFTConfig", "SFTTrainer"],
+    "trainer": [
+        "SFTConfig",
+        "SFTTrainer",
+        "RewardConfig",
+        "RewardTrainer",
+        "ORPOConfig",
+        "ORPOTrainer",
+        "CPOConfig",
+        "CPOTrainer",
+        "DPOConfig",
+        "DPOTrainer",
+        "KTOConfig",
+        "KTOTrainer",
+        "BCOConfig",
+        "BCOTrainer",
+        "PRMConfig",
+        "PRMTrainer",
+    ],
+    "callbacks": ["SyncRefModelCallback"],
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

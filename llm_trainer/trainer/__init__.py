@@ -5,6 +5,20 @@ from .._lazy import lazy_exports
 _EXPORTS = {
     "sft_config": ["SFTConfig"],
     "sft_trainer": ["SFTTrainer"],
+    "reward_config": ["RewardConfig"],
+    "reward_trainer": ["RewardTrainer"],
+    "orpo_config": ["ORPOConfig"],
+    "orpo_trainer": ["ORPOTrainer"],
+    "cpo_config": ["CPOConfig"],
+    "cpo_trainer": ["CPOTrainer"],
+    "dpo_config": ["DPOConfig"],
+    "dpo_trainer": ["DPOTrainer"],
+    "kto_config": ["KTOConfig"],
+    "kto_trainer": ["KTOTrainer"],
+    "bco_config": ["BCOConfig"],
+    "bco_trainer": ["BCOTrainer"],
+    "prm_config": ["PRMConfig"],
+    "prm_trainer": ["PRMTrainer"],
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,202 @@
+"""Configuration for `DPOTrainer`: the fields and defaults of TRL 1.16's `DPOConfig`."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from ..losses import DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, check_dpo_options
+from .base_config import BaseConfig, resolve_pad_to_multiple_of
+
+TRUNCATION_MODES = ("keep_start", "keep_end")
+
+
+@dataclass
+class DPOConfig(BaseConfig):
+    """Configuration for [`DPOTrainer`]; every other argument is a `transformers.TrainingArguments` field.
+
+    Field names and defaults are TRL 1.16's (`learning_rate=1e-6`, `beta=0.1`, `loss_type=["sigmoid"]`,
+    `max_length=1024`, ...), so a TRL script keeps working after swapping the import. `loss_type` may be one name or a
+    list; it is stored as a list.
+    """
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Initial learning rate for AdamW."})
+
+    # Model
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the MoE load-balancing loss; None uses the model config's own coefficient."},
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Disable dropout in the model and the reference model."}
+    )
+
+    # Data
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset preparation."})
+    max_length: int | None = field(
+        default=1024,
+        metadata={
+            "help": "Maximum tokens of prompt + completion; longer sequences are truncated (see `truncation_mode`) "
+            "and pairs whose prompt alone fills it are dropped. None disables truncation."
+        },
+    )
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata={
+            "help": "Which end to keep when truncating: 'keep_start' (supported) or 'keep_end' (deprecated).",
+            "choices": list(TRUNCATION_MODES),
+        },
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Accepted for compatibility: TRL 1.16 temporarily disables it, warning and falling back to "
+            "padded batches, and so does llm_trainer."
+        },
+    )
+    pad_to_multiple_of: int | str | None = field(
+        default="auto", metadata={"help": "Pad sequence lengths to a multiple of this value; 'auto' means None."}
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the reference log-probs of the whole dataset before training, so no reference model is "
+            "kept in memory."
+        },
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Batch size for precomputing reference log-probs; None uses `per_device_train_batch_size` "
+            "(training) or `per_device_eval_batch_size` (evaluation)."
+        },
+    )
+
+    # Loss
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={
+            "help": f"DPO loss type, or a list of them combined with `loss_weights`. One of: {', '.join(DPO_LOSS_TYPES)}."
+        },
+    )
+    loss_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "One weight per loss type when combining several (e.g. [0.8, 0.2, 1.0] for MPO); None = 1.0."
+        },
+    )
+    ld_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "LD-DPO α in [0, 1]: weight of the log-probs of the longer response's tokens beyond the shorter "
+            "one's length. None (or 1.0) is plain DPO, 0.0 masks those tokens."
+        },
+    )
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": "f-divergence regularizer (f-DPO): 'reverse_kl' (standard DPO), 'forward_kl', 'js_divergence' or "
+            "'alpha_divergence'. A non-default value needs loss types built on the chosen − rejected difference: "
+            "sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft.",
+            "choices": list(F_DIVERGENCE_TYPES),
+        },
+    )
+    f_alpha_divergence_coef: float = field(
+        default=0.5, metadata={"help": "α of the α-divergence, used when `f_divergence_type='alpha_divergence'`."}
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "Label smoothing ε: the preference-flip probability of 'robust' (in [0, 0.5), e.g. 0.1), the ε of "
+            "'exo_pair' (must be > 0, e.g. 1e-3) and the conservative smoothing of 'aot'/'aot_unpaired'."
+        },
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={
+            "help": "β: how far the policy may move from the reference (higher stays closer). For 'ipo' it is the "
+            "paper's τ."
+        },
+    )
+    use_weighting: bool = field(
+        default=False,
+        metadata={"help": "Weight each pair by the policy's length-normalised sequence probabilities (WPO)."},
+    )
+    discopop_tau: float = field(default=0.05, metadata={"help": "τ of the 'discopop' loss (the paper's default)."})
+    activation_offloading: bool = field(
+        default=False, metadata={"help": "Offload saved activations to CPU memory during the forward pass."}
+    )
+    sync_ref_model: bool = field(
+        default=False,
+        metadata={
+            "help": "TR-DPO: every `ref_model_sync_steps` steps, move the reference model towards the policy by "
+            "`ref_model_mixup_alpha`. Not compatible with PEFT or `precompute_ref_log_probs`."
+        },
+    )
+    ref_model_mixup_alpha: float = field(
+        default=0.6,
+        metadata={"help": "TR-DPO α in π_ref ← α·π_θ + (1 − α)·π_ref; used with `sync_ref_model=True`."},
+    )
+    ref_model_sync_steps: int = field(
+        default=512,
+        metadata={"help": "TR-DPO τ: optimizer steps between reference syncs; used with `sync_ref_model=True`."},
+    )
+
+    # Deprecated
+    pad_token: str | None = field(
+        default=None,
+        metadata={"help": "Deprecated. Set `tokenizer.pad_token` and pass it as `processing_class` instead."},
+    )
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        self.loss_type = list(self.loss_type)
+        if self.loss_weights is not None:
+            self.loss_weights = [float(weight) for weight in self.loss_weights]
+        if self.pad_token is not None:
+            warnings.warn(
+                "`pad_token` is deprecated: set `tokenizer.pad_token` and pass it as `processing_class` instead.",
+                FutureWarning,
+                stacklevel=3,
+            )
+        if self.truncation_mode == "keep_end":
+            warnings.warn("`truncation_mode='keep_end'` is deprecated; use 'keep_start'.", FutureWarning, stacklevel=3)
+        super().__post_init__()
+        self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of, self.device.type)
+        self._validate()
+
+    def _validate(self) -> None:
+        check_dpo_options(
+            self.loss_type,
+            self.loss_weights,
+            f_divergence_type=self.f_divergence_type,
+            label_smoothing=self.label_smoothing,
+            use_weighting=self.use_weighting,
+        )
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(
+                f"`max_length` must be a positive number of tokens or None (no truncation), got {self.max_length}."
+            )
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"`truncation_mode` must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}.")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(
+                f"`ld_alpha` must lie in [0.0, 1.0] (1.0 = plain DPO, 0.0 = ignore the longer response's extra "
+                f"tokens), got {self.ld_alpha}. Use None to turn LD-DPO off."
+            )
+        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
+            raise ValueError(
+                f"`precompute_ref_batch_size` must be a positive batch size or None, got "
+                f"{self.precompute_ref_batch_size}."
+            )
+        if self.sync_ref_model:
+            if self.precompute_ref_log_probs:
+                raise ValueError(
+                    "`sync_ref_model=True` cannot be combined with `precompute_ref_log_probs=True`: the reference "
+                    "model changes during training, so precomputed log-probs would go stale. Set one of them to False."
+                )
+            if self.ref_model_sync_steps < 1:
+                raise ValueError(f"`ref_model_sync_steps` must be at least 1 step, got {self.ref_model_sync_steps}.")
+            if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+                raise ValueError(f"`ref_model_mixup_alpha` must lie in [0.0, 1.0], got {self.ref_model_mixup_alpha}.")

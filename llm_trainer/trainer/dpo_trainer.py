@@ -1,0 +1,395 @@
+"""Direct Preference Optimization, drop-in for TRL 1.16's `DPOTrainer`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import (
+    DataCollator,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import EvalPrediction
+
+from ..callbacks import SyncRefModelCallback
+from ..data.collators import DataCollatorForPreference
+from ..data.preference_dataset import check_preference_dataset, prepare_preference_dataset
+from ..losses import dpo_loss, masked_mean_nll, preference_metrics, wpo_weights
+from ..modeling import add_reference_adapter, add_token_logprob_head, reference_adapter
+from .base_trainer import BaseTrainer, gather_sum
+from .dpo_config import DPOConfig
+from .preference_forward import (
+    NON_MODEL_KEYS,
+    POLICY_OUTPUTS,
+    PairedLogps,
+    concatenated_forward,
+    paired_token_metrics,
+)
+from .special_tokens import configure_special_tokens
+from .utils import disable_dropout_in_model
+
+__all__ = ["DPOTrainer", "DataCollatorForPreference"]
+
+logger = logging.getLogger(__name__)
+
+
+class DPOTrainer(BaseTrainer):
+    """DPO (Rafailov et al., 2023) with the signature, dataset formats, metrics and numerics of TRL 1.16's
+    `DPOTrainer`.
+
+    Datasets: preference (`prompt`, `chosen`, `rejected`) or implicit-prompt preference (`chosen`, `rejected`, the
+    shared prefix becoming the prompt), standard or conversational. Each step runs the chosen and rejected sequences
+    through the policy in one concatenated pass, and through the reference policy (`ref_model`, a frozen copy of the
+    initial model, or with PEFT the model with its adapter disabled) unless `precompute_ref_log_probs`. Every TRL loss
+    type is supported, alone or weighted (`loss_type=[...]`, `loss_weights=[...]`), with f-DPO, LD-DPO, WPO and
+    TR-DPO (`sync_ref_model`). The log-probs come from `llm_trainer.kernels`, so the logits are never built. Logged
+    metrics: `rewards/{chosen,rejected,accuracies,margins}`, `logps/{chosen,rejected}`, `logits/{chosen,rejected}`,
+    `entropy`, `mean_token_accuracy`, `num_tokens`.
+
+    >>> from llm_trainer import DPOConfig, DPOTrainer
+    >>> trainer = DPOTrainer(model="path/to/model", args=DPOConfig("out"), train_dataset=dataset)
+    >>> trainer.train()
+    """
+
+    config_class = DPOConfig
+    _name = "DPO"
+    _tag_names = ["dpo"]
+    # The loss is a per-batch mean: `Trainer` divides it by the gradient accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        ref_model: str | PreTrainedModel | None = None,
+        args: DPOConfig | TrainingArguments | None = None,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+    ):
+        args = self.resolve_args(args, model)
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required: pass a preference dataset ('chosen', 'rejected').")
+        if not isinstance(train_dataset, Dataset | IterableDataset):
+            raise TypeError(
+                f"`train_dataset` must be a `datasets.Dataset` or `IterableDataset`, got {type(train_dataset).__name__}."
+            )
+        if isinstance(train_dataset, IterableDataset):
+            args.accelerator_config.dispatch_batches = False
+        sample = check_preference_dataset(train_dataset, "train")
+        if "image" in sample or "images" in sample:
+            raise ValueError(
+                "Vision-language preference datasets (with 'image' / 'images' columns) are not supported yet; "
+                "remove those columns to train on the text alone."
+            )
+        if ref_model is not None and ref_model is model:
+            raise ValueError(
+                "`model` and `ref_model` are the same object. Omit `ref_model` to use a frozen copy of the initial "
+                "model, or pass a separate model."
+            )
+
+        model = self.prepare_model(model, args, quantization_config)
+        if isinstance(ref_model, str):
+            ref_model = self.prepare_model(ref_model, args, quantization_config)
+        processing_class = self.prepare_processing_class(model, processing_class, args)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        configure_special_tokens(model, tokenizer, pad_token=args.pad_token)
+        self._tokenizer = tokenizer
+
+        if peft_config is not None:
+            model = self.prepare_peft(model, peft_config, args)
+        elif is_peft_model(model):
+            if ref_model is None:
+                add_reference_adapter(model)  # a pretrained adapter is its own reference, as in TRL
+            if args.gradient_checkpointing:
+                model.enable_input_require_grads()
+        if args.sync_ref_model and is_peft_model(model):
+            raise ValueError(
+                "`sync_ref_model=True` needs a separate reference model, but with PEFT the reference is the model with "
+                "its adapter disabled. Set `sync_ref_model=False`, or train without PEFT."
+            )
+
+        if args.padding_free:
+            logger.warning(
+                "`padding_free=True` is temporarily unavailable for DPO (as in TRL 1.16): falling back to padded "
+                "batches. Set `padding_free=False` to silence this warning."
+            )
+        self.padding_free = False
+        if data_collator is None:
+            data_collator = DataCollatorForPreference(
+                pad_token_id=tokenizer.pad_token_id,
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+
+        self.beta = args.beta
+        self.loss_types = list(args.loss_type)
+        self.loss_weights = list(args.loss_weights or [1.0] * len(self.loss_types))
+        self.label_smoothing = args.label_smoothing
+        self.f_divergence_type = args.f_divergence_type
+        self.f_alpha_divergence_coef = args.f_alpha_divergence_coef
+        self.ld_alpha = args.ld_alpha
+        self.use_weighting = args.use_weighting
+        self.precompute_ref_logps = args.precompute_ref_log_probs
+
+        train_dataset = self._prepare_dataset(train_dataset, "train", args)
+        if eval_dataset is not None:
+            eval_dataset = self._prepare_eval_datasets(eval_dataset, args)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+
+        self.router_aux_loss_coef = self.configure_router_aux_loss(model, args.router_aux_loss_coef)
+        self.aux_loss_enabled = bool(self.router_aux_loss_coef)
+        # Copy the initial policy before its forward is patched: a deep copy would keep calling the original's.
+        self.ref_model = self.prepare_reference_model(model, ref_model, precomputed=self.precompute_ref_logps)
+        if args.disable_dropout:
+            disable_dropout_in_model(model)
+            if self.ref_model is not None:
+                disable_dropout_in_model(self.ref_model)
+        # The policy returns what the metrics (and WPO) read; the reference only its log-probs.
+        policy_outputs = POLICY_OUTPUTS + (("log_sum_sq_probs",) if self.use_weighting else ())
+        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        add_token_logprob_head(policy, outputs=policy_outputs)
+        if self.ref_model is not None:
+            add_token_logprob_head(self.ref_model, outputs=())
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                self.ref_model = self.ref_model.to(self.accelerator.device)
+            else:
+                self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+        if args.sync_ref_model:
+            self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
+        self._offload_context = (
+            torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+            if args.activation_offloading
+            else contextlib.nullcontext()
+        )
+        self._total_train_tokens = 0
+        if self.precompute_ref_logps:
+            self.train_dataset = self._precompute_reference(self.train_dataset, "train", train=True)
+            if self.eval_dataset is not None:
+                self.eval_dataset = self._precompute_eval(self.eval_dataset)
+
+    # ------------------------------------------------------------------------------------------------ data
+    def _prepare_dataset(
+        self, dataset: Dataset | IterableDataset, name: str, args: DPOConfig | None = None
+    ) -> Dataset | IterableDataset:
+        """Tokenize one preference dataset into `prompt_ids` / `chosen_ids` / `rejected_ids` (idempotent)."""
+        args = args or self.args
+        with args.main_process_first(desc=f"preparing {name} dataset"):
+            return prepare_preference_dataset(
+                dataset,
+                self._tokenizer,
+                max_length=args.max_length,
+                truncation_mode=args.truncation_mode,
+                num_proc=args.dataset_num_proc,
+                name=name,
+            )
+
+    def _prepare_eval_datasets(self, eval_dataset: Any, args: DPOConfig | None = None) -> Any:
+        if isinstance(eval_dataset, dict):
+            return {key: self._prepare_dataset(ds, key, args) for key, ds in eval_dataset.items()}
+        return self._prepare_dataset(eval_dataset, "eval", args)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = [
+                "prompt_ids",
+                "chosen_ids",
+                "rejected_ids",
+                "ref_chosen_logps",
+                "ref_rejected_logps",
+            ]
+
+    # ------------------------------------------------------------------------------------------- reference
+    def compute_ref_log_probs(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+        """Reference sequence log-probs `(chosen, rejected)` of one collated batch, without gradient.
+
+        `model` is the reference model, or the policy: a PEFT policy is run with its "ref" adapter, or with adapters
+        disabled; a full policy is its own reference only before training (to precompute).
+        """
+        unwrapped = self.accelerator.unwrap_model(model)
+        use_adapter = self.ref_model is None and is_peft_model(unwrapped)
+        context = reference_adapter(unwrapped) if use_adapter else contextlib.nullcontext()
+        with torch.no_grad(), context, self.accelerator.autocast():
+            forward = concatenated_forward(model, inputs, ld_alpha=self.ld_alpha)
+        return forward.chosen_logps, forward.rejected_logps
+
+    def _precompute_reference(self, dataset: Any, name: str, train: bool) -> Any:
+        """Add `ref_chosen_logps` / `ref_rejected_logps` columns computed by the reference policy."""
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "`precompute_ref_log_probs=True` needs a map-style `Dataset`, not an `IterableDataset`: load the "
+                "dataset without streaming, or set `precompute_ref_log_probs=False`."
+            )
+        if "ref_chosen_logps" in dataset.column_names:
+            return dataset
+        batch_size = self.args.precompute_ref_batch_size or (
+            self.args.per_device_train_batch_size if train else self.args.per_device_eval_batch_size
+        )
+        loader = self.accelerator.prepare(
+            DataLoader(
+                dataset,
+                batch_size=batch_size,
+                collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+                shuffle=False,
+            )
+        )
+        model = self.ref_model if self.ref_model is not None else self.model
+        chosen, rejected = [], []
+        disable = not self.is_local_process_zero() or bool(os.environ.get("TQDM_DISABLE"))
+        for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset", disable=disable):
+            chosen_logps, rejected_logps = self.compute_ref_log_probs(model, batch)
+            chosen_logps, rejected_logps = self.accelerator.gather_for_metrics((chosen_logps, rejected_logps))
+            chosen.append(chosen_logps.float().cpu())
+            rejected.append(rejected_logps.float().cpu())
+        dataset = dataset.add_column("ref_chosen_logps", torch.cat(chosen).tolist())
+        return dataset.add_column("ref_rejected_logps", torch.cat(rejected).tolist())
+
+    def _precompute_eval(self, eval_dataset: Any) -> Any:
+        if isinstance(eval_dataset, dict):
+            return {key: self._precompute_reference(ds, key, train=False) for key, ds in eval_dataset.items()}
+        return self._precompute_reference(eval_dataset, "eval", train=False)
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        policy = concatenated_forward(model, inputs, ld_alpha=self.ld_alpha, **extra)
+        if "ref_chosen_logps" in inputs:
+            ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(
+                self.ref_model if self.ref_model is not None else self.model, inputs
+            )
+        loss, chosen_rewards, rejected_rewards = dpo_loss(
+            policy.chosen_logps,
+            policy.rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            beta=self.beta,
+            loss_type=self.loss_types,
+            loss_weights=self.loss_weights,
+            label_smoothing=self.label_smoothing,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            discopop_tau=self.args.discopop_tau,
+            **self._loss_inputs(policy, inputs),
+        )
+        outputs = policy.outputs
+        if self.aux_loss_enabled and outputs.aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item()
+            )
+        self._record_metrics(mode, inputs, policy, chosen_rewards, rejected_rewards)
+        if return_outputs:
+            warnings.warn(
+                "`return_outputs=True` (the logits `compute_metrics` receives) needs an extra forward pass: the fused "
+                "log-prob head never builds the logits. TRL deprecates it too.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            with torch.no_grad():
+                model_inputs = {key: value for key, value in inputs.items() if key not in NON_MODEL_KEYS}
+                return loss, model(**model_inputs, use_cache=False)
+        return loss
+
+    def _loss_inputs(self, policy: PairedLogps, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The extra `dpo_loss` arguments the configured loss types need."""
+        extra: dict[str, Any] = {}
+        if {"ipo", "sigmoid_norm"} & set(self.loss_types):
+            extra["chosen_lengths"], extra["rejected_lengths"] = inputs["completion_mask"].sum(dim=1).chunk(2)
+        if "sft" in self.loss_types:
+            chosen_token_logps = policy.per_token_logps.chunk(2, dim=0)[0]
+            extra["chosen_nll"] = masked_mean_nll(chosen_token_logps, policy.mask.chunk(2, dim=0)[0])
+        if self.use_weighting:
+            log_sum_sq_probs = policy.outputs.log_sum_sq_probs[:, -policy.mask.size(1) :]
+            extra["pair_weights"] = wpo_weights(policy.per_token_logps, log_sum_sq_probs, policy.mask)
+        return extra
+
+    def _record_metrics(self, mode: str, inputs, policy: PairedLogps, chosen_rewards, rejected_rewards) -> None:
+        metrics = self._metrics[mode]
+        for key, value in paired_token_metrics(policy, lambda value: gather_sum(self, value)).items():
+            metrics[key].append(value)
+        if mode == "train":
+            self._total_train_tokens += int(gather_sum(self, inputs["attention_mask"].sum()).item())
+        metrics["num_tokens"] = [self._total_train_tokens]
+        for key, value in preference_metrics(
+            chosen_rewards, rejected_rewards, policy.chosen_logps, policy.rejected_logps, self.accelerator.gather
+        ).items():
+            metrics[key].append(value)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluate through `compute_loss` (the batch has no `labels`); the logits only when `compute_metrics`
+        needs them."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            if prediction_loss_only:
+                return self.compute_loss(model, inputs).detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        return loss.detach(), outputs.logits, inputs["input_ids"]
+
+    def training_step(self, *args, **kwargs):
+        with self._offload_context:
+            return super().training_step(*args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """As `Trainer.evaluate`, preparing (and, with `precompute_ref_log_probs`, scoring) a raw dataset passed
+        here the same way as at construction."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            if (
+                self.precompute_ref_logps
+                and self.ref_model is None
+                and not is_peft_model(self.model)
+                and self.state.global_step > 0
+            ):
+                raise ValueError(
+                    "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training started: "
+                    "with `precompute_ref_log_probs=True` and no `ref_model`, the initial policy is gone. Pass the "
+                    "dataset as `eval_dataset` when creating the trainer, pass a `ref_model`, or set "
+                    "`precompute_ref_log_probs=False`."
+                )
+            eval_dataset = self._prepare_eval_datasets(eval_dataset)
+            if self.precompute_ref_logps:
+                eval_dataset = self._precompute_eval(eval_dataset)
+            if isinstance(eval_dataset, dict):
+                metrics = {}
+                for name, dataset in eval_dataset.items():
+                    metrics.update(
+                        super().evaluate(dataset, ignore_keys, metric_key_prefix=f"{metric_key_prefix}_{name}")
+                    )
+                return metrics
+        return super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
