@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -12,8 +11,6 @@ from typing import Any
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import (
     DataCollator,
     PreTrainedModel,
@@ -38,6 +35,7 @@ from .preference_forward import (
     concatenated_forward,
     paired_token_metrics,
 )
+from .reference_logps import PrecomputedReferenceMixin
 from .special_tokens import configure_special_tokens
 from .utils import disable_dropout_in_model
 
@@ -46,7 +44,7 @@ __all__ = ["DPOTrainer", "DataCollatorForPreference"]
 logger = logging.getLogger(__name__)
 
 
-class DPOTrainer(BaseTrainer):
+class DPOTrainer(PrecomputedReferenceMixin, BaseTrainer):
     """DPO (Rafailov et al., 2023) with the signature, dataset formats, metrics and numerics of TRL 1.16's
     `DPOTrainer`.
 
@@ -69,6 +67,7 @@ class DPOTrainer(BaseTrainer):
     _tag_names = ["dpo"]
     # The loss is a per-batch mean: `Trainer` divides it by the gradient accumulation steps.
     loss_is_scaled_for_ga = False
+    reference_columns = ("ref_chosen_logps", "ref_rejected_logps")
 
     def __init__(
         self,
@@ -86,14 +85,7 @@ class DPOTrainer(BaseTrainer):
         peft_config: Any = None,
     ):
         args = self.resolve_args(args, model)
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required: pass a preference dataset ('chosen', 'rejected').")
-        if not isinstance(train_dataset, Dataset | IterableDataset):
-            raise TypeError(
-                f"`train_dataset` must be a `datasets.Dataset` or `IterableDataset`, got {type(train_dataset).__name__}."
-            )
-        if isinstance(train_dataset, IterableDataset):
-            args.accelerator_config.dispatch_batches = False
+        self.check_train_dataset(train_dataset, args, "a preference dataset ('chosen', 'rejected')")
         sample = check_preference_dataset(train_dataset, "train")
         if "image" in sample or "images" in sample:
             raise ValueError(
@@ -151,9 +143,9 @@ class DPOTrainer(BaseTrainer):
         self.use_weighting = args.use_weighting
         self.precompute_ref_logps = args.precompute_ref_log_probs
 
-        train_dataset = self._prepare_dataset(train_dataset, "train", args)
+        train_dataset = self.prepare_dataset(train_dataset, "train", args)
         if eval_dataset is not None:
-            eval_dataset = self._prepare_eval_datasets(eval_dataset, args)
+            eval_dataset = self.prepare_eval_dataset(eval_dataset, args)
 
         super().__init__(
             model=model,
@@ -187,11 +179,6 @@ class DPOTrainer(BaseTrainer):
                 self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
         if args.sync_ref_model:
             self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
-        self._offload_context = (
-            torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-            if args.activation_offloading
-            else contextlib.nullcontext()
-        )
         self._total_train_tokens = 0
         if self.precompute_ref_logps:
             self.train_dataset = self._precompute_reference(self.train_dataset, "train", train=True)
@@ -199,11 +186,10 @@ class DPOTrainer(BaseTrainer):
                 self.eval_dataset = self._precompute_eval(self.eval_dataset)
 
     # ------------------------------------------------------------------------------------------------ data
-    def _prepare_dataset(
-        self, dataset: Dataset | IterableDataset, name: str, args: DPOConfig | None = None
+    def prepare_dataset(
+        self, dataset: Dataset | IterableDataset, name: str, args: DPOConfig
     ) -> Dataset | IterableDataset:
         """Tokenize one preference dataset into `prompt_ids` / `chosen_ids` / `rejected_ids` (idempotent)."""
-        args = args or self.args
         with args.main_process_first(desc=f"preparing {name} dataset"):
             return prepare_preference_dataset(
                 dataset,
@@ -213,11 +199,6 @@ class DPOTrainer(BaseTrainer):
                 num_proc=args.dataset_num_proc,
                 name=name,
             )
-
-    def _prepare_eval_datasets(self, eval_dataset: Any, args: DPOConfig | None = None) -> Any:
-        if isinstance(eval_dataset, dict):
-            return {key: self._prepare_dataset(ds, key, args) for key, ds in eval_dataset.items()}
-        return self._prepare_dataset(eval_dataset, "eval", args)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -230,6 +211,10 @@ class DPOTrainer(BaseTrainer):
             ]
 
     # ------------------------------------------------------------------------------------------- reference
+    def reference_batch_logps(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        chosen, rejected = self.compute_ref_log_probs(self.ref_model or self.model, batch)
+        return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
     def compute_ref_log_probs(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
         """Reference sequence log-probs `(chosen, rejected)` of one collated batch, without gradient.
 
@@ -242,44 +227,6 @@ class DPOTrainer(BaseTrainer):
         with torch.no_grad(), context, self.accelerator.autocast():
             forward = concatenated_forward(model, inputs, ld_alpha=self.ld_alpha)
         return forward.chosen_logps, forward.rejected_logps
-
-    def _precompute_reference(self, dataset: Any, name: str, train: bool) -> Any:
-        """Add `ref_chosen_logps` / `ref_rejected_logps` columns computed by the reference policy."""
-        if isinstance(dataset, IterableDataset):
-            raise ValueError(
-                "`precompute_ref_log_probs=True` needs a map-style `Dataset`, not an `IterableDataset`: load the "
-                "dataset without streaming, or set `precompute_ref_log_probs=False`."
-            )
-        if "ref_chosen_logps" in dataset.column_names:
-            return dataset
-        batch_size = self.args.precompute_ref_batch_size or (
-            self.args.per_device_train_batch_size if train else self.args.per_device_eval_batch_size
-        )
-        loader = self.accelerator.prepare(
-            DataLoader(
-                dataset,
-                batch_size=batch_size,
-                collate_fn=self.data_collator,
-                num_workers=self.args.dataloader_num_workers,
-                pin_memory=self.args.dataloader_pin_memory,
-                shuffle=False,
-            )
-        )
-        model = self.ref_model if self.ref_model is not None else self.model
-        chosen, rejected = [], []
-        disable = not self.is_local_process_zero() or bool(os.environ.get("TQDM_DISABLE"))
-        for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset", disable=disable):
-            chosen_logps, rejected_logps = self.compute_ref_log_probs(model, batch)
-            chosen_logps, rejected_logps = self.accelerator.gather_for_metrics((chosen_logps, rejected_logps))
-            chosen.append(chosen_logps.float().cpu())
-            rejected.append(rejected_logps.float().cpu())
-        dataset = dataset.add_column("ref_chosen_logps", torch.cat(chosen).tolist())
-        return dataset.add_column("ref_rejected_logps", torch.cat(rejected).tolist())
-
-    def _precompute_eval(self, eval_dataset: Any) -> Any:
-        if isinstance(eval_dataset, dict):
-            return {key: self._precompute_reference(ds, key, train=False) for key, ds in eval_dataset.items()}
-        return self._precompute_reference(eval_dataset, "eval", train=False)
 
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -349,47 +296,3 @@ class DPOTrainer(BaseTrainer):
             chosen_rewards, rejected_rewards, policy.chosen_logps, policy.rejected_logps, self.accelerator.gather
         ).items():
             metrics[key].append(value)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluate through `compute_loss` (the batch has no `labels`); the logits only when `compute_metrics`
-        needs them."""
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            if prediction_loss_only:
-                return self.compute_loss(model, inputs).detach(), None, None
-            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-        return loss.detach(), outputs.logits, inputs["input_ids"]
-
-    def training_step(self, *args, **kwargs):
-        with self._offload_context:
-            return super().training_step(*args, **kwargs)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """As `Trainer.evaluate`, preparing (and, with `precompute_ref_log_probs`, scoring) a raw dataset passed
-        here the same way as at construction."""
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            if (
-                self.precompute_ref_logps
-                and self.ref_model is None
-                and not is_peft_model(self.model)
-                and self.state.global_step > 0
-            ):
-                raise ValueError(
-                    "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training started: "
-                    "with `precompute_ref_log_probs=True` and no `ref_model`, the initial policy is gone. Pass the "
-                    "dataset as `eval_dataset` when creating the trainer, pass a `ref_model`, or set "
-                    "`precompute_ref_log_probs=False`."
-                )
-            eval_dataset = self._prepare_eval_datasets(eval_dataset)
-            if self.precompute_ref_logps:
-                eval_dataset = self._precompute_eval(eval_dataset)
-            if isinstance(eval_dataset, dict):
-                metrics = {}
-                for name, dataset in eval_dataset.items():
-                    metrics.update(
-                        super().evaluate(dataset, ignore_keys, metric_key_prefix=f"{metric_key_prefix}_{name}")
-                    )
-                return metrics
-        return super().evaluate(
-            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
-        )

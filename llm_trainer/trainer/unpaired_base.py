@@ -11,15 +11,12 @@ recorded here.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, NamedTuple
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel
 
 from ..callbacks import SyncRefModelCallback
 from ..data.unpaired import (
@@ -31,6 +28,7 @@ from ..data.unpaired import (
 from ..losses import unpaired_metrics
 from ..modeling import add_reference_adapter, add_token_logprob_head, completion_labels, reference_adapter
 from .base_trainer import BaseTrainer, gather_sum
+from .reference_logps import PrecomputedReferenceMixin
 from .special_tokens import configure_special_tokens
 from .utils import disable_dropout_in_model
 
@@ -51,7 +49,7 @@ class UnpairedForward(NamedTuple):
     rejected_idx: torch.Tensor
 
 
-class UnpairedPreferenceTrainer(BaseTrainer):
+class UnpairedPreferenceTrainer(PrecomputedReferenceMixin, BaseTrainer):
     """Base of the trainers that learn from completions labelled desirable / undesirable (KTO, BCO).
 
     Subclasses set `config_class`, `_name`, `_tag_names`, call `__init__` with `calculate_kl`, and implement
@@ -226,47 +224,14 @@ class UnpairedPreferenceTrainer(BaseTrainer):
             )
         return ref_logps, ref_kl_logps
 
-    def _precompute_reference(self, dataset: Any, name: str, train: bool) -> Any:
-        """Add `ref_logps` (and `ref_KL_logps`) columns computed by the reference policy."""
-        if isinstance(dataset, IterableDataset):
-            raise ValueError(
-                "`precompute_ref_log_probs=True` needs a map-style `Dataset`, not an `IterableDataset`: load the "
-                "dataset without streaming, or set `precompute_ref_log_probs=False`."
-            )
-        if "ref_logps" in dataset.column_names:
-            return dataset
-        batch_size = getattr(self.args, "precompute_ref_batch_size", None) or (
-            self.args.per_device_train_batch_size if train else self.args.per_device_eval_batch_size
-        )
-        loader = self.accelerator.prepare(
-            DataLoader(
-                dataset,
-                batch_size=batch_size,
-                collate_fn=self.data_collator,
-                num_workers=self.args.dataloader_num_workers,
-                pin_memory=self.args.dataloader_pin_memory,
-                shuffle=False,
-            )
-        )
-        ref_logps, ref_kl_logps = [], []
-        disable = not self.is_local_process_zero() or bool(os.environ.get("TQDM_DISABLE"))
-        for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset", disable=disable):
-            with self.accelerator.autocast():
-                logps, kl_logps = self.compute_reference_log_probs(batch)
-            ref_logps.append(self.accelerator.gather_for_metrics(logps).float().cpu())
-            if kl_logps is not None:
-                ref_kl_logps.append(self.accelerator.gather_for_metrics(kl_logps).float().cpu())
-        dataset = dataset.add_column("ref_logps", torch.cat(ref_logps).tolist())
-        if ref_kl_logps:
-            dataset = dataset.add_column("ref_KL_logps", torch.cat(ref_kl_logps).tolist())
-        return dataset
-
-    def _precompute_eval(self, eval_dataset: Any) -> Any:
-        if isinstance(eval_dataset, dict):
-            return {key: self._precompute_reference(ds, key, train=False) for key, ds in eval_dataset.items()}
-        return self._precompute_reference(eval_dataset, "eval", train=False)
-
     # ------------------------------------------------------------------------------------------------ loss
+    reference_columns = ("ref_logps", "ref_KL_logps")
+
+    def reference_batch_logps(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        with self.accelerator.autocast():
+            logps, kl_logps = self.compute_reference_log_probs(batch)
+        return {"ref_logps": logps, "ref_KL_logps": kl_logps}
+
     def unpaired_forward(self, model, batch: dict[str, torch.Tensor]) -> UnpairedForward:
         """Policy (and, unless precomputed, reference) log-probs of a collated batch."""
         labels = batch["label"].bool()
@@ -342,35 +307,3 @@ class UnpairedPreferenceTrainer(BaseTrainer):
             chosen_rewards, rejected_rewards, forward.chosen_logps, forward.rejected_logps, gather
         ).items():
             metrics[key].append(value)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            if prediction_loss_only:
-                return self.compute_loss(model, inputs).detach(), None, None
-            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-        return loss.detach(), outputs.logits, inputs["input_ids"]
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """As `Trainer.evaluate`, preparing (and, with `precompute_ref_log_probs`, scoring) a raw dataset passed
-        here the same way as at construction."""
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            if (
-                self.precompute_ref_logps
-                and self.ref_model is None
-                and not is_peft_model(self.model)
-                and self.state.global_step > 0
-            ):
-                raise ValueError(
-                    "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training started: "
-                    "with `precompute_ref_log_probs=True` and no `ref_model`, the initial policy is gone. Pass the "
-                    "dataset as `eval_dataset` when creating the trainer, pass a `ref_model`, or set "
-                    "`precompute_ref_log_probs=False`."
-                )
-            eval_dataset = self.prepare_eval_dataset(eval_dataset)
-            if self.precompute_ref_logps:
-                eval_dataset = self._precompute_eval(eval_dataset)
-        # Prepared above: skip `BaseTrainer.evaluate`, which would prepare it again
-        return Trainer.evaluate(
-            self, eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
-        )
