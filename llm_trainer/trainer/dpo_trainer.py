@@ -21,11 +21,10 @@ from transformers import (
 )
 from transformers.trainer_utils import EvalPrediction
 
-from ..callbacks import SyncRefModelCallback
 from ..data.collators import DataCollatorForPreference
 from ..data.preference_dataset import check_preference_dataset, prepare_preference_dataset
 from ..losses import dpo_loss, masked_mean_nll, preference_metrics, wpo_weights
-from ..modeling import add_reference_adapter, add_token_logprob_head, reference_adapter
+from ..modeling import add_reference_adapter, reference_adapter
 from .base_trainer import BaseTrainer, gather_sum
 from .dpo_config import DPOConfig
 from .preference_forward import (
@@ -37,7 +36,6 @@ from .preference_forward import (
 )
 from .reference_logps import PrecomputedReferenceMixin
 from .special_tokens import configure_special_tokens
-from .utils import disable_dropout_in_model
 
 __all__ = ["DPOTrainer", "DataCollatorForPreference"]
 
@@ -161,29 +159,11 @@ class DPOTrainer(PrecomputedReferenceMixin, BaseTrainer):
 
         self.router_aux_loss_coef = self.configure_router_aux_loss(model, args.router_aux_loss_coef)
         self.aux_loss_enabled = bool(self.router_aux_loss_coef)
-        # Copy the initial policy before its forward is patched: a deep copy would keep calling the original's.
-        self.ref_model = self.prepare_reference_model(model, ref_model, precomputed=self.precompute_ref_logps)
-        if args.disable_dropout:
-            disable_dropout_in_model(model)
-            if self.ref_model is not None:
-                disable_dropout_in_model(self.ref_model)
         # The policy returns what the metrics (and WPO) read; the reference only its log-probs.
-        policy_outputs = POLICY_OUTPUTS + (("log_sum_sq_probs",) if self.use_weighting else ())
-        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        add_token_logprob_head(policy, outputs=policy_outputs)
-        if self.ref_model is not None:
-            add_token_logprob_head(self.ref_model, outputs=())
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                self.ref_model = self.ref_model.to(self.accelerator.device)
-            else:
-                self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
-        if args.sync_ref_model:
-            self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
+        self.setup_reference(
+            model, ref_model, args, POLICY_OUTPUTS + (("log_sum_sq_probs",) if self.use_weighting else ())
+        )
         self._total_train_tokens = 0
-        if self.precompute_ref_logps:
-            self.train_dataset = self._precompute_reference(self.train_dataset, "train", train=True)
-            if self.eval_dataset is not None:
-                self.eval_dataset = self._precompute_eval(self.eval_dataset)
 
     # ------------------------------------------------------------------------------------------------ data
     def prepare_dataset(

@@ -1,7 +1,7 @@
 """Reference log-probs computed once over a dataset and stored as columns (`precompute_ref_log_probs`).
 
-Shared by the trainers with a reference policy (DPO, KTO, BCO): the precompute pass, and the `evaluate` /
-`prediction_step` that go with a batch carrying no `labels`.
+Shared by the trainers with a reference policy (DPO, KTO, BCO): setting the reference up, the precompute pass, and
+the `evaluate` / `prediction_step` that go with a batch carrying no `labels`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import Trainer
 
+from ..callbacks import SyncRefModelCallback
+from ..modeling import add_token_logprob_head
+from .utils import disable_dropout_in_model
+
 
 class PrecomputedReferenceMixin:
     """Mixed into a `BaseTrainer` subclass that sets `precompute_ref_logps` and `ref_model`, names the columns it
@@ -23,6 +27,34 @@ class PrecomputedReferenceMixin:
     collated batch."""
 
     reference_columns: tuple[str, ...] = ()
+
+    def setup_reference(self, model: Any, ref_model: Any, args: Any, policy_outputs: tuple[str, ...]) -> None:
+        """After `Trainer.__init__`: the reference policy (as given, a frozen copy of the initial model, or None
+        under PEFT / precomputation), dropout off where asked, the fused log-prob head on the policy (with the
+        per-token `policy_outputs` its metrics read) and the reference, the TR-DPO sync callback, and the
+        precomputed reference columns."""
+        self.precompute_ref_logps = bool(args.precompute_ref_log_probs)
+        # Copy the initial policy before its forward is patched: a deep copy would keep calling the original's.
+        self.ref_model = self.prepare_reference_model(model, ref_model, precomputed=self.precompute_ref_logps)
+        if args.disable_dropout:
+            disable_dropout_in_model(model)
+            if self.ref_model is not None:
+                disable_dropout_in_model(self.ref_model)
+        add_token_logprob_head(
+            self.model.get_base_model() if is_peft_model(self.model) else self.model, outputs=policy_outputs
+        )
+        if self.ref_model is not None:
+            add_token_logprob_head(self.ref_model, outputs=())
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                self.ref_model = self.ref_model.to(self.accelerator.device)
+            else:
+                self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+        if getattr(args, "sync_ref_model", False):
+            self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
+        if self.precompute_ref_logps:
+            self.train_dataset = self._precompute_reference(self.train_dataset, "train", train=True)
+            if self.eval_dataset is not None:
+                self.eval_dataset = self._precompute_eval(self.eval_dataset)
 
     def reference_batch_logps(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         raise NotImplementedError(f"{type(self).__name__} must implement `reference_batch_logps`.")

@@ -18,7 +18,6 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel
 
-from ..callbacks import SyncRefModelCallback
 from ..data.unpaired import (
     DataCollatorForUnpairedPreference,
     check_label_balance,
@@ -26,11 +25,10 @@ from ..data.unpaired import (
     prepare_unpaired_dataset,
 )
 from ..losses import unpaired_metrics
-from ..modeling import add_reference_adapter, add_token_logprob_head, completion_labels, reference_adapter
+from ..modeling import add_reference_adapter, completion_labels, reference_adapter
 from .base_trainer import BaseTrainer, gather_sum
 from .reference_logps import PrecomputedReferenceMixin
 from .special_tokens import configure_special_tokens
-from .utils import disable_dropout_in_model
 
 
 class UnpairedForward(NamedTuple):
@@ -126,27 +124,8 @@ class UnpairedPreferenceTrainer(PrecomputedReferenceMixin, BaseTrainer):
 
         self.router_aux_loss_coef = self.configure_router_aux_loss(model, getattr(args, "router_aux_loss_coef", None))
         self.aux_loss_enabled = bool(self.router_aux_loss_coef)
-        self.precompute_ref_logps = bool(args.precompute_ref_log_probs)
-        self.ref_model = self.prepare_reference_model(model, ref_model, precomputed=self.precompute_ref_logps)
-        if args.disable_dropout:
-            disable_dropout_in_model(model)
-            if self.ref_model is not None:
-                disable_dropout_in_model(self.ref_model)
-        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        add_token_logprob_head(policy, outputs=("entropy", "mean_logits"))  # what the metrics read
-        if self.ref_model is not None:
-            add_token_logprob_head(self.ref_model, outputs=())
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                self.ref_model = self.ref_model.to(self.accelerator.device)
-            else:
-                self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
-        if getattr(args, "sync_ref_model", False):
-            self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
+        self.setup_reference(model, ref_model, args, ("entropy", "mean_logits"))  # what the metrics read
         self._total_train_tokens = 0
-        if self.precompute_ref_logps:
-            self.train_dataset = self._precompute_reference(self.train_dataset, "train", train=True)
-            if self.eval_dataset is not None:
-                self.eval_dataset = self._precompute_eval(self.eval_dataset)
 
     # ------------------------------------------------------------------------------------------------ data
     def _default_collator(self, tokenizer: Any, args: Any) -> DataCollatorForUnpairedPreference:
