@@ -1,5 +1,6 @@
 """`llm-trainer`: train from the command line, TRL-CLI style.
 
+    llm-trainer sft|dpo|kto|orpo|cpo --model_name_or_path ... --dataset_name ... --output_dir out
     llm-trainer sft --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara --output_dir out
     llm-trainer sft --config run.yaml --learning_rate 1e-5     # flags override the YAML
     llm-trainer env                                            # versions, for bug reports
@@ -17,7 +18,14 @@ import sys
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
-TRAINERS = {"sft": ("SFTConfig", "SFTTrainer")}
+# Trainers of causal LMs whose constructor takes (model, args, train_dataset, eval_dataset, peft_config)
+TRAINERS = {
+    "sft": ("SFTConfig", "SFTTrainer"),
+    "dpo": ("DPOConfig", "DPOTrainer"),
+    "kto": ("KTOConfig", "KTOTrainer"),
+    "orpo": ("ORPOConfig", "ORPOTrainer"),
+    "cpo": ("CPOConfig", "CPOTrainer"),
+}
 
 
 @dataclass

@@ -53,3 +53,42 @@ def test_unknown_command_prints_usage(capsys):
         main(["frobnicate"])
     assert exit_info.value.code == 2
     assert "llm-trainer sft" in capsys.readouterr().out
+
+
+def test_dpo_from_flags(tiny_model_path, tmp_path):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    with open(folder / "train.jsonl", "w") as f:
+        for row in zen_dataset("standard_preference"):
+            f.write(json.dumps(row) + "\n")
+    out = tmp_path / "dpo"
+    main(
+        [
+            "dpo",
+            "--model_name_or_path",
+            tiny_model_path,
+            "--dataset_name",
+            str(folder),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--learning_rate",
+            "0.1",
+            "--report_to",
+            "none",
+            "--bf16",
+            "false",
+            "--save_strategy",
+            "no",
+            "--loss_type",
+            "sigmoid",
+            "bco_pair",
+            "--loss_weights",
+            "1.0",
+            "0.5",
+        ]
+    )
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    assert not torch.equal(trained.lm_head.weight, initial.lm_head.weight)
