@@ -1,4 +1,4 @@
-"""A real SFT run on CPU in about a minute: a tiny model learns to complete the Zen of Python.
+"""A real SFT run on CPU in seconds: a tiny model learns to complete the Zen of Python.
 
     python -m llm_trainer.demo [--steps 120] [--output-dir outputs/demo]
 
