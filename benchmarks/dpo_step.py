@@ -16,17 +16,13 @@ suffixes for the non-default settings).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from step_report import ENV, RUNNERS, emit, report, rss_mb, run_child
+
 SHAPE = {
     "vocab_size": 32000,
     "hidden_size": 256,
@@ -36,15 +32,6 @@ SHAPE = {
     "prompt_len": 128,
 }
 BETA = 0.1
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_model(path: str) -> None:
@@ -112,7 +99,7 @@ def run_minimal(model_path: str, steps: int, warmup: int, checkpointing: bool) -
             (prompt_ids + tokenizer(chosen)["input_ids"] + eos, prompt_ids + tokenizer(rejected)["input_ids"] + eos)
         )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    base = _rss_mb()
+    base = rss_mb()
 
     def sequence_logps(m, input_ids):
         logits = m(input_ids=input_ids).logits[:, :-1]
@@ -178,13 +165,10 @@ def run_trainer(library: str, model_path: str, steps: int, warmup: int, checkpoi
     )
     lengths = {len(row["prompt_ids"]) + len(row["chosen_ids"]) for row in trainer.train_dataset}
     assert lengths == {SHAPE["seq_len"]}, lengths
-    base = _rss_mb()
+    base = rss_mb()
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     return {"step_times": times[warmup:], "base_rss_mb": base, "losses": losses}
-
-
-RUNNERS = ("minimal loop", "llm_trainer", "trl 1.16")
 
 
 def child(name: str, model_path: str, steps: int, warmup: int, checkpointing: bool, threads: int | None) -> None:
@@ -197,8 +181,7 @@ def child(name: str, model_path: str, steps: int, warmup: int, checkpointing: bo
     else:
         library = "trl" if name.startswith("trl") else "llm_trainer"
         result = run_trainer(library, model_path, steps, warmup, checkpointing)
-    result["peak_rss_mb"] = _peak_rss_mb()
-    print("RESULT " + json.dumps(result))
+    emit(result)
 
 
 def main() -> None:
@@ -216,58 +199,20 @@ def main() -> None:
     if args.child:
         return child(args.child, args.model_path, args.steps, args.warmup, args.gradient_checkpointing, args.threads)
 
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     results = {}
     with tempfile.TemporaryDirectory() as model_path:
         subprocess.run(
-            [sys.executable, __file__, "--build-model", model_path], env=env, check=True, capture_output=True
+            [sys.executable, __file__, "--build-model", model_path], env=ENV, check=True, capture_output=True
         )
         for name in RUNNERS:
             command = [sys.executable, __file__, "--child", name, "--model-path", model_path]
             command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
             command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
             command += ["--threads", str(args.threads)] if args.threads else []
-            out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
-            result = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
-            times = sorted(result["step_times"])
-            result["median_step_s"] = times[len(times) // 2]
-            results[name] = result
-
-    ref = results["minimal loop"]
-    rows = []
-    for name, r in results.items():
-        r["time_vs_minimal"] = r["median_step_s"] / ref["median_step_s"]
-        r["peak_rss_vs_minimal"] = r["peak_rss_mb"] / ref["peak_rss_mb"]
-        r["time_vs_trl"] = r["median_step_s"] / results["trl 1.16"]["median_step_s"]
-        r["peak_rss_vs_trl"] = r["peak_rss_mb"] / results["trl 1.16"]["peak_rss_mb"]
-        extra = r["peak_rss_mb"] - r["base_rss_mb"]
-        rows.append(
-            f"| {name:<12} | {r['median_step_s']:8.3f} | {r['time_vs_minimal']:8.2f}x | {r['time_vs_trl']:5.2f}x "
-            f"| {r['peak_rss_mb']:13.0f} | {r['peak_rss_vs_trl']:5.2f}x | {extra:16.0f} |"
-        )
-    header = "| runner       | step (s) | vs minimal | vs TRL | peak RSS (MB) | vs TRL | above setup (MB) |"
-    threads = args.threads or "default"
-    print(f"DPO step, {SHAPE}, fp32, CPU, gradient_checkpointing={args.gradient_checkpointing}, threads={threads}")
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    print("\n".join(rows))
-    ours, trl = results["llm_trainer"].get("losses"), results["trl 1.16"].get("losses")
-    if ours and trl:
-        worst = max(abs(a - b) / abs(b) for a, b in zip(ours, trl))
-        print(f"loss parity llm_trainer vs TRL over {len(ours)} steps: max relative difference {worst:.2e}")
-        results["loss_max_rel_diff_vs_trl"] = worst
-
-    RESULTS.mkdir(exist_ok=True)
+            results[name] = run_child(command)
+    settings = {"shape": SHAPE, "gradient_checkpointing": args.gradient_checkpointing, "threads": args.threads}
     suffix = ("_gc" if args.gradient_checkpointing else "") + (f"_t{args.threads}" if args.threads else "")
-    payload = {
-        "benchmark": "dpo_step",
-        "shape": SHAPE,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "threads": args.threads,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "results": results,
-    }
-    (RESULTS / f"dpo_step{suffix}.json").write_text(json.dumps(payload, indent=2))
+    report("dpo_step", "DPO step, fp32, CPU", results, settings, suffix)
 
 
 if __name__ == "__main__":

@@ -12,27 +12,13 @@ and above the process's RSS once the model and data are built. Prints a table, w
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from step_report import RUNNERS, emit, report, rss_mb, run_child
+
 SHAPE = {"vocab_size": 32000, "hidden_size": 256, "num_hidden_layers": 4, "batch_size": 8, "seq_len": 256}
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _model_and_rows(n_rows: int):
@@ -61,7 +47,7 @@ def run_minimal(steps: int, warmup: int, _checkpointing: bool) -> dict:
 
     model, rows = _model_and_rows(SHAPE["batch_size"] * (steps + warmup))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
-    base = _rss_mb()
+    base = rss_mb()
     times = []
     for i in range(steps + warmup):
         batch = torch.tensor(rows[i * SHAPE["batch_size"] : (i + 1) * SHAPE["batch_size"]])
@@ -114,13 +100,10 @@ def run_trainer(library: str, steps: int, warmup: int, checkpointing: bool) -> d
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()]
     )
-    base = _rss_mb()
+    base = rss_mb()
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     return {"step_times": times[warmup:], "base_rss_mb": base, "losses": losses}
-
-
-RUNNERS = ("minimal loop", "llm_trainer", "trl 1.16")
 
 
 def child(name: str, steps: int, warmup: int, checkpointing: bool) -> None:
@@ -128,8 +111,7 @@ def child(name: str, steps: int, warmup: int, checkpointing: bool) -> None:
         result = run_minimal(steps, warmup, checkpointing)
     else:
         result = run_trainer("trl" if name.startswith("trl") else "llm_trainer", steps, warmup, checkpointing)
-    result["peak_rss_mb"] = _peak_rss_mb()
-    print("RESULT " + json.dumps(result))
+    emit(result)
 
 
 def main() -> None:
@@ -146,45 +128,9 @@ def main() -> None:
     for name in RUNNERS:
         command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
         command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        out = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
-        result = json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
-        times = sorted(result["step_times"])
-        result["median_step_s"] = times[len(times) // 2]
-        results[name] = result
-
-    ref = results["minimal loop"]
-    rows = []
-    for name, r in results.items():
-        r["time_vs_minimal"] = r["median_step_s"] / ref["median_step_s"]
-        r["peak_rss_vs_minimal"] = r["peak_rss_mb"] / ref["peak_rss_mb"]
-        r["time_vs_trl"] = r["median_step_s"] / results["trl 1.16"]["median_step_s"]
-        extra = r["peak_rss_mb"] - r["base_rss_mb"]
-        rows.append(
-            f"| {name:<12} | {r['median_step_s']:8.3f} | {r['time_vs_minimal']:5.2f}x | {r['time_vs_trl']:5.2f}x "
-            f"| {r['peak_rss_mb']:8.0f} | {r['peak_rss_vs_minimal']:5.2f}x | {extra:8.0f} |"
-        )
-    header = "| runner       | step (s) | vs minimal | vs TRL | peak RSS (MB) | vs minimal | above setup (MB) |"
-    print(f"SFT step, {SHAPE}, fp32, CPU, gradient_checkpointing={args.gradient_checkpointing}")
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    print("\n".join(rows))
-    ours, trl = results["llm_trainer"].get("losses"), results["trl 1.16"].get("losses")
-    if ours and trl:
-        worst = max(abs(a - b) / abs(b) for a, b in zip(ours, trl))
-        print(f"loss parity llm_trainer vs TRL over {len(ours)} steps: max relative difference {worst:.2e}")
-        results["loss_max_rel_diff_vs_trl"] = worst
-
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "_gc" if args.gradient_checkpointing else ""
-    payload = {
-        "benchmark": "sft_step",
-        "shape": SHAPE,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "results": results,
-    }
-    (RESULTS / f"sft_step{suffix}.json").write_text(json.dumps(payload, indent=2))
+        results[name] = run_child(command)
+    settings = {"shape": SHAPE, "gradient_checkpointing": args.gradient_checkpointing}
+    report("sft_step", "SFT step, fp32, CPU", results, settings, "_gc" if args.gradient_checkpointing else "")
 
 
 if __name__ == "__main__":
