@@ -43,6 +43,12 @@ _EXPORTS = {
         "BCOTrainer",
         "PRMConfig",
         "PRMTrainer",
+        "GRPOConfig",
+        "GRPOTrainer",
+        "RLOOConfig",
+        "RLOOTrainer",
+        "PPOConfig",
+        "PPOTrainer",
     ],
     "callbacks": ["SyncRefModelCallback"],
 }

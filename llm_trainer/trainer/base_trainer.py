@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import defaultdict
 from contextlib import nullcontext
@@ -35,11 +36,19 @@ class BaseTrainer(Trainer):
     """
 
     config_class: type[TrainingArguments] = TrainingArguments
+    _skip_nan_metrics = False  # average the non-NaN values only (a metric that is NaN throughout logs None)
     _name = "Base"
     _tag_names: list[str] = []
 
+    loss_is_scaled_for_ga: bool | None = None
+    """Whether `compute_loss` already divides by the gradient-accumulation steps (`Trainer` reads it from 5.19 on)."""
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if self.loss_is_scaled_for_ga is not None and not hasattr(Trainer, "loss_is_scaled_for_ga"):
+            self.model_accepts_loss_kwargs = False  # transformers < 5.19 reads these two instead
+            if self.loss_is_scaled_for_ga:
+                self.compute_loss_func = lambda *args, **kwargs: None
         self._metrics: dict[str, defaultdict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -200,7 +209,13 @@ class BaseTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the averaged per-step metrics of the current mode to `logs`, then log as `Trainer` does."""
         mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        metrics = {}
+        for key, values in self._metrics[mode].items():
+            if self._skip_nan_metrics:
+                values = [value for value in values if not math.isnan(value)]
+                metrics[key] = sum(values) / len(values) if values else None
+            elif values:
+                metrics[key] = sum(values) / len(values)
         prefix = "eval_" if mode == "eval" else ""
         logs.update({f"{prefix}{key}": value for key, value in metrics.items()})
         super().log(logs, start_time)

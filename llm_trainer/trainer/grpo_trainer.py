@@ -1,0 +1,282 @@
+"""`GRPOTrainer`: Group Relative Policy Optimization and its variants (DAPO, Dr. GRPO, GSPO, CISPO, SAPO, ...)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from accelerate.utils import gather
+from datasets import Dataset, IterableDataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..losses.policy_gradient import (
+    clip_metrics,
+    entropy_bonus,
+    group_advantages,
+    grpo_loss,
+    high_entropy_mask,
+    masked_sum_count,
+    nanmax,
+    nanmin,
+    reduce_metrics,
+    vllm_importance_sampling_ratio,
+)
+from .grpo_config import GRPOConfig
+from .online_trainer import OnlineRLTrainer, RolloutFunc
+from .reward_functions import RewardFunc
+
+logger = logging.getLogger(__name__)
+
+
+class GRPOTrainer(OnlineRLTrainer):
+    """Train a causal LM with GRPO: sample `num_generations` completions per prompt, score them with reward functions,
+    and push up the log-probability of completions better than their group's mean.
+
+    Drop-in for TRL's `GRPOTrainer`: same arguments, dataset format (a "prompt" column, standard or conversational;
+    other columns reach the reward functions as keywords), reward-function contract and logged metrics. The
+    log-probs come from `llm_trainer.kernels` (the vocabulary-sized logits are never materialized).
+
+    Args:
+        model: model id or path, or a loaded `PreTrainedModel` (or `PeftModel`).
+        reward_funcs: a reward function, a sequence-classification model (or its id), or a list of them.
+        args: the `GRPOConfig`; a default one is made when None.
+        train_dataset / eval_dataset: datasets with a "prompt" column.
+        processing_class: the tokenizer; loaded from the model when None.
+        reward_processing_classes: tokenizers of the reward models (loaded from them when None).
+        callbacks / optimizers: as for `transformers.Trainer`.
+        peft_config: a `peft.PeftConfig` to train an adapter.
+        quantization_config: passed to `from_pretrained` when `model` is a name or path.
+        rollout_func: `f(prompts, trainer) -> {"prompt_ids", "completion_ids", "logprobs", ...}` replacing generation;
+            extra keys reach the reward functions.
+    """
+
+    config_class = GRPOConfig
+    loss_is_scaled_for_ga = True  # `compute_loss` divides by the accumulation steps (or the window's token count)
+    _name = "GRPO"
+    _tag_names = ["llm-trainer", "grpo"]
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        reward_funcs: RewardFunc | list[RewardFunc] | None = None,
+        args: GRPOConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        reward_processing_classes: PreTrainedTokenizerBase | list[PreTrainedTokenizerBase] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        tools: list | None = None,
+        rollout_func: RolloutFunc | None = None,
+        environment_factory: Any = None,
+    ):
+        if tools or environment_factory is not None:
+            raise NotImplementedError(
+                "Tool calling (`tools`) and `environment_factory` are not supported by llm_trainer's GRPOTrainer yet; "
+                "use `rollout_func` for custom multi-turn rollouts."
+            )
+        super().__init__(
+            model,
+            reward_funcs,
+            args,
+            train_dataset,
+            eval_dataset,
+            processing_class,
+            reward_processing_classes,
+            callbacks,
+            optimizers,
+            peft_config,
+            quantization_config,
+            rollout_func,
+        )
+        args = self.args
+        self.loss_type = args.loss_type
+        self.scale_rewards = args.scale_rewards
+        self.multi_objective_aggregation = args.multi_objective_aggregation
+        self.importance_sampling_level = args.importance_sampling_level
+        self.top_entropy_quantile = args.top_entropy_quantile
+        self.use_vllm = args.use_vllm
+        self.vllm_importance_sampling_correction = args.use_vllm and args.vllm_importance_sampling_correction
+        self.entropy_coef = args.entropy_coef
+        self.use_adaptive_entropy = args.use_adaptive_entropy
+        self._entropy_bonus_enabled = self.entropy_coef != 0.0 or self.use_adaptive_entropy
+        self._last_world_entropy = math.inf
+        self._entropy_window: torch.Tensor | None = None
+
+    def needs_old_logps(self) -> bool:
+        return super().needs_old_logps() or self.vllm_importance_sampling_correction
+
+    # ----------------------------------------------------------------------------------------------- rollouts
+    def compute_advantages(self, rewards_per_func, batch):
+        mode = "train" if self.model.training else "eval"
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        loss_mask = batch["completion_mask"]
+        batch["num_items_in_batch"] = gather(loss_mask.sum()).sum()
+        if self.vllm_importance_sampling_correction:
+            self._importance_sampling_ratio(batch, mode)
+        advantages, _, is_std_zero = group_advantages(
+            rewards_per_func,
+            self.reward_functions.weights.to(rewards_per_func.device),
+            num_generations,
+            scale_rewards=self.scale_rewards,
+            aggregation=self.multi_objective_aggregation,
+        )
+        return advantages, is_std_zero
+
+    def _importance_sampling_ratio(self, batch: dict[str, Any], mode: str) -> None:
+        """Store the vLLM importance-sampling correction (`exp(old - sampling)`, truncated or masked) and log how far
+        the sampler's log-probs are from the trainer's."""
+        args = self.args
+        mask = batch["completion_mask"].bool()
+        old, sampling = batch["old_per_token_logps"], batch["sampling_per_token_logps"]
+        ratio = vllm_importance_sampling_ratio(
+            old,
+            sampling,
+            batch["completion_mask"],
+            args.vllm_importance_sampling_mode,
+            args.vllm_importance_sampling_clip_min,
+            args.vllm_importance_sampling_clip_max,
+        )
+        batch["importance_sampling_ratio"] = ratio
+        delta = (old - sampling).abs()[mask & ~torch.isnan(old - sampling)]
+        flat = ratio.flatten() if ratio.size(1) == 1 else ratio[mask]
+        zero = ratio.new_zeros(())
+        stats = {
+            "sampling/sampling_logp_difference/mean": (delta.mean() if delta.numel() else zero, torch.nanmean),
+            "sampling/sampling_logp_difference/max": (delta.max() if delta.numel() else zero, nanmax),
+            "sampling/importance_sampling_ratio/min": (flat.min() if flat.numel() else zero, nanmin),
+            "sampling/importance_sampling_ratio/mean": (flat.mean() if flat.numel() else zero, torch.nanmean),
+            "sampling/importance_sampling_ratio/max": (flat.max() if flat.numel() else zero, nanmax),
+        }
+        for name, (value, reduce) in stats.items():
+            self._metrics[mode][name].append(reduce(gather(value.reshape(1))).item())
+
+    # ----------------------------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("GRPOTrainer does not return model outputs from `compute_loss`.")
+        mode = "train" if self.model.training else "eval"
+        completion_ids, mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], mask], dim=1)
+        per_token_logps, entropies, aux_loss = self._token_logps(
+            model, input_ids, attention_mask, completion_ids.size(1), entropy=True
+        )
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            quantile = 1 - self.top_entropy_quantile
+            entropy_mask = high_entropy_mask(entropies, mask, quantile, gather=self._gather_entropies)
+        advantages = inputs["advantages"]
+        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        token_normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            token_normalizer = token_normalizer * accumulation / self.args.steps_per_generation
+        args = self.args
+        out = grpo_loss(
+            per_token_logps,
+            inputs.get("old_per_token_logps"),
+            advantages,
+            mask,
+            loss_type=self.loss_type,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            delta=args.delta,
+            importance_sampling_level=self.importance_sampling_level,
+            beta=self.beta,
+            ref_per_token_logps=inputs.get("ref_per_token_logps"),
+            use_bias_correction_kl=args.use_bias_correction_kl,
+            sapo_temperature_pos=args.sapo_temperature_pos,
+            sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_k_pos=args.vespo_k_pos,
+            vespo_lambda_pos=args.vespo_lambda_pos,
+            vespo_k_neg=args.vespo_k_neg,
+            vespo_lambda_neg=args.vespo_lambda_neg,
+            importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
+            off_policy_mask_threshold=args.off_policy_mask_threshold,
+            sampling_per_token_logps=inputs.get("sampling_per_token_logps"),
+            entropy_mask=entropy_mask,
+            max_completion_length=self.max_completion_length,
+            accumulation_steps=accumulation,
+            token_normalizer=token_normalizer,
+        )
+        loss = out.loss
+        metrics = self._metrics[mode]
+        if self._entropy_bonus_enabled:
+            loss = loss - self._entropy_bonus(entropies, mask if entropy_mask is None else mask * entropy_mask, mode)
+            metrics["policy_loss"].append(gather(out.policy_loss.reshape(1)).nanmean().item())
+        if aux_loss is not None and self.router_aux_loss_coef:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        self._log_loss_metrics(out, entropies, advantages, mask, mode)
+        return loss
+
+    def _gather_entropies(self, local: torch.Tensor) -> torch.Tensor:
+        """Every process's masked entropies, concatenated (lengths differ: pad with a negative sentinel)."""
+        sentinel = -1e9  # entropies are >= 0
+        everyone = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0, pad_index=sentinel))
+        return everyone[everyone != sentinel]
+
+    def _entropy_bonus(self, entropies: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+        """`coef * mean entropy`, to subtract from the loss. With `use_adaptive_entropy`, the coefficient steps by
+        `entropy_coef_delta` towards keeping the window's entropy above `entropy_target` (updated at each optimizer
+        step, applied from the next)."""
+        args = self.args
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        coef = self.entropy_coef
+        if self.use_adaptive_entropy:
+            coef = self.entropy_coef if self._last_world_entropy <= args.entropy_target else 0.0
+            if mode == "train":
+                self._update_entropy_coef(entropies, mask)
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        return coef * entropy_bonus(entropies, mask, accumulation_steps=accumulation)
+
+    def _update_entropy_coef(self, entropies: torch.Tensor, mask: torch.Tensor) -> None:
+        args = self.args
+        stats = masked_sum_count(entropies, mask).detach()
+        self._entropy_window = stats if self._entropy_window is None else self._entropy_window + stats
+        if not self.accelerator.sync_gradients:
+            return
+        total = self.accelerator.reduce(self._entropy_window, reduction="sum")
+        self._last_world_entropy = (total[0] / total[1].clamp(min=1.0)).item()
+        low = self._last_world_entropy <= args.entropy_target
+        coef = self.entropy_coef + (args.entropy_coef_delta if low else -args.entropy_coef_delta)
+        self.entropy_coef = min(max(coef, args.entropy_coef_min), args.entropy_coef_max)
+        self._entropy_window = None
+
+    def _log_loss_metrics(self, out, entropies, advantages, mask, mode: str) -> None:
+        local = {"entropy": masked_sum_count(entropies.detach(), mask)}
+        if out.per_token_kl is not None:
+            local["kl"] = masked_sum_count(out.per_token_kl.detach(), mask)
+        local |= clip_metrics(out.coef_1, advantages, mask, self.epsilon_low, self.epsilon_high, self.loss_type)
+        if out.phi_seq is not None:
+            local["vespo/phi_seq_mean"] = masked_sum_count(out.phi_seq, mask)
+        reduced = reduce_metrics(local, lambda t: self.accelerator.reduce(t, reduction="sum"), gather)
+        for name, value in reduced.items():
+            self._metrics[mode][name].append(value)
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.use_adaptive_entropy and self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            with open(os.path.join(folder, "entropy_ctrl_state.json"), "w") as f:
+                json.dump({"entropy_coef": self.entropy_coef, "last_world_entropy": self._last_world_entropy}, f)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, "entropy_ctrl_state.json") if checkpoint else None
+        if self.use_adaptive_entropy and path and os.path.exists(path):
+            with open(path) as f:
+                state = json.load(f)
+            self.entropy_coef, self._last_world_entropy = state["entropy_coef"], state["last_world_entropy"]

@@ -1,0 +1,551 @@
+"""What GRPO and RLOO share: sample prompts in groups, generate, score with reward functions, buffer, log.
+
+One training "generation batch" (`generation_batch_size` rows: every prompt repeated `num_generations` times) is
+generated and scored at once, then split into `steps_per_generation` micro-batches and reused for
+`num_iterations` passes. Subclasses turn rewards into advantages (`compute_advantages`) and advantages into a loss
+(`compute_loss`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from accelerate.utils import gather, gather_object, is_peft_model, set_seed
+from datasets import Dataset, IterableDataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
+
+from ..callbacks import SyncRefModelCallback
+from ..data.collators import pad
+from ..data.formats import is_conversational
+from ..data.sampling import RepeatSampler
+from ..generation import make_generator
+from ..losses.policy_gradient import nanstd
+from ..modeling import add_reference_adapter, add_token_logprob_head, reference_adapter
+from .base_trainer import BaseTrainer
+from .reward_functions import RewardFunc, RewardFunctions
+from .utils import disable_dropout_in_model
+
+logger = logging.getLogger(__name__)
+
+RolloutFunc = Callable[[list[Any], Any], dict[str, Any]]
+
+
+class OnlineRLTrainer(BaseTrainer):
+    """The generate-score-train loop of the online RL trainers (`GRPOTrainer`, `RLOOTrainer`).
+
+    Subclasses implement `compute_advantages(rewards_per_func, batch)` and `compute_loss`, and may extend
+    `rollout_tensors` with what their loss needs.
+    """
+
+    _skip_nan_metrics = True
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        reward_funcs: RewardFunc | list[RewardFunc] | None = None,
+        args: Any = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Any = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        reward_processing_classes: PreTrainedTokenizerBase | list[PreTrainedTokenizerBase] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        peft_config: Any = None,
+        quantization_config: Any = None,
+        rollout_func: RolloutFunc | None = None,
+    ):
+        args = self.resolve_args(args, model)
+        model = self.prepare_model(model, args, quantization_config)
+        processing_class = self.prepare_processing_class(model, processing_class, args)
+        self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        model.config.get_text_config().pad_token_id = self._tokenizer.pad_token_id
+        model.generation_config.pad_token_id = self._tokenizer.pad_token_id
+        self.eos_token_ids = _eos_token_ids(model, self._tokenizer)
+
+        self.beta = args.beta
+        model = self.prepare_peft(model, peft_config, args)
+        if peft_config is None and is_peft_model(model) and self.beta != 0.0:
+            add_reference_adapter(model)  # the reference is the adapter as given, not the bare base model
+        self.reward_functions = RewardFunctions(
+            reward_funcs,
+            args.reward_weights,
+            reward_processing_classes,
+            model_init_kwargs=args.model_init_kwargs,
+            trust_remote_code=args.trust_remote_code,
+        )
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required: pass a dataset with a 'prompt' column.")
+        self.check_train_dataset(train_dataset, args, "a dataset with a 'prompt' column")
+        if isinstance(train_dataset, IterableDataset):
+            raise NotImplementedError(
+                f"{type(self).__name__} needs a map-style `datasets.Dataset` to group prompts; convert the iterable "
+                "dataset with `Dataset.from_generator` or `Dataset.from_list`."
+            )
+        if "prompt" not in train_dataset.column_names and rollout_func is None:
+            raise ValueError(
+                f"The training dataset has no 'prompt' column (columns: {train_dataset.column_names}); rename the "
+                "column holding the prompts to 'prompt'."
+            )
+        self.rollout_func = rollout_func
+        self.num_generations = args.num_generations
+        self.num_generations_eval = args.num_generations_eval or args.num_generations
+        self.max_completion_length = args.max_completion_length
+        self.temperature = args.temperature
+        self.chat_template_kwargs = args.chat_template_kwargs or {}
+        self.num_iterations = args.num_iterations
+        self.epsilon_low = args.epsilon
+        self.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+        self.mask_truncated_completions = args.mask_truncated_completions
+        self.pad_to_multiple_of = args.pad_to_multiple_of
+        self.shuffle_dataset = args.shuffle_dataset
+        self.router_aux_loss_coef = self.configure_router_aux_loss(model, args.router_aux_loss_coef)
+        self._step = 0
+        self._buffered_inputs: list[dict[str, Any]] | None = None
+        self._step_time = 0.0
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=_identity,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"{type(self).__name__} does not support `nn.DataParallel`; launch with `accelerate launch` or "
+                "`torchrun`, or make one GPU visible with `CUDA_VISIBLE_DEVICES`."
+            )
+        self._setup_reference(model, args)
+        for i, reward_model in enumerate(self.reward_functions.funcs):
+            if isinstance(reward_model, torch.nn.Module):
+                self.reward_functions.funcs[i] = self.accelerator.prepare_model(reward_model, evaluation_mode=True)
+
+        self.log_completions = args.log_completions
+        self.num_completions_to_print = args.num_completions_to_print
+        self._logs: dict[str, Any] = {
+            "prompt": deque(maxlen=args.generation_batch_size),
+            "completion": deque(maxlen=args.generation_batch_size),
+            "rewards": defaultdict(lambda: deque(maxlen=args.generation_batch_size)),
+            "advantages": deque(maxlen=args.generation_batch_size),
+            "extra": defaultdict(lambda: deque(maxlen=args.generation_batch_size)),
+        }
+        self._pending_extra_logs: defaultdict[str, list] = defaultdict(list)
+        self._pending_metrics: defaultdict[str, list[float]] = defaultdict(list)
+        set_seed(args.seed, device_specific=True)
+        self.generator = make_generator(
+            args, self.model, processing_class, accelerator=self.accelerator, unwrap=self._generation_model
+        )
+        self._last_loaded_step = -1
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _setup_reference(self, model: PreTrainedModel, args: Any) -> None:
+        """Frozen reference policy (when `beta != 0`), dropout, and the fused log-prob heads."""
+        self.ref_model = self.prepare_reference_model(model, None) if self.beta != 0.0 else None
+        if args.disable_dropout:
+            disable_dropout_in_model(model)
+            if self.ref_model is not None:
+                disable_dropout_in_model(self.ref_model)
+        add_token_logprob_head(
+            model.get_base_model() if is_peft_model(model) else model, self.temperature, outputs=("entropy",)
+        )
+        if self.ref_model is not None:
+            add_token_logprob_head(self.ref_model, self.temperature, outputs=())
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                self.ref_model = self.ref_model.to(self.accelerator.device)
+            else:
+                self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+        if args.sync_ref_model:
+            if self.beta == 0.0:
+                raise ValueError(
+                    "`sync_ref_model=True` needs a reference model, but `beta=0.0` uses none; set `beta` > 0 or "
+                    "`sync_ref_model=False`."
+                )
+            if is_peft_model(model):
+                raise NotImplementedError(
+                    "`sync_ref_model=True` is not supported with a PEFT model: the reference is the adapter-free base "
+                    "model. Set `sync_ref_model=False`."
+                )
+            self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
+
+    @contextlib.contextmanager
+    def _generation_model(self) -> Iterator[PreTrainedModel]:
+        """The policy as `generate` needs it: unwrapped, with ZeRO-3 parameters gathered when configured."""
+        unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
+        if self.is_deepspeed_enabled and self.args.ds3_gather_for_generation:
+            import deepspeed
+
+            if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
+                    yield unwrapped
+                return
+        yield unwrapped
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt", "image", "images"]
+
+    # ----------------------------------------------------------------------------------------------- data
+    def get_train_dataloader(self):
+        """Batches of `steps_per_generation` micro-batches: one generation batch per `_prepare_inputs` refill."""
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _get_train_sampler(self, dataset: Dataset | None = None) -> RepeatSampler:
+        return RepeatSampler(
+            dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=self.num_generations,
+            batch_size=self.args.generation_batch_size // self.num_generations,
+            repeat_count=self.num_iterations * self.args.steps_per_generation,
+            shuffle=self.shuffle_dataset,
+            seed=self.args.seed,
+        )
+
+    def _get_eval_sampler(self, eval_dataset) -> RepeatSampler:
+        return RepeatSampler(eval_dataset, mini_repeat_count=self.num_generations_eval, seed=self.args.seed)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        start = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step += 1
+        self._step_time += time.perf_counter() - start
+        if self._step % self.current_gradient_accumulation_steps == 0:
+            self._metrics["train"]["step_time"].append(self._step_time)
+            self._step_time = 0.0
+        return loss
+
+    def _prepare_inputs(self, generation_batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """Training: generate for a whole generation batch every `steps_per_generation * num_iterations` steps and
+        return this step's slice of it; evaluation: generate and score the batch as is."""
+        if not self.model.training:
+            return self._generate_and_score_completions(generation_batch)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            batch = _shuffle_rows(self._generate_and_score_completions(generation_batch))
+            self._buffered_inputs = _split_rows(batch, self.args.steps_per_generation)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    # ----------------------------------------------------------------------------------------------- rollouts
+    def _tokenize_prompts(self, prompts: list[Any]) -> list[list[int]]:
+        if is_conversational({"prompt": prompts[0]}):
+            return self.processing_class.apply_chat_template(
+                conversation=prompts,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                **self.chat_template_kwargs,
+            )["input_ids"]
+        return self.processing_class(text=prompts)["input_ids"]
+
+    def _generate(self, prompts: list[Any]) -> tuple[list[list[int]], list[list[int]], list[Any], Any, dict]:
+        """Prompt ids, completion ids, decoded completions, sampling log-probs (or None) and extra rollout fields."""
+        mode = "train" if self.model.training else "eval"
+        if self.state.global_step != self._last_loaded_step:
+            self.generator.sync_weights(self.accelerator.unwrap_model(self.model))
+            self._last_loaded_step = self.state.global_step
+        extra_fields: dict[str, Any] = {}
+        if self.rollout_func is not None:
+            output = self.rollout_func(copy.deepcopy(prompts), self)
+            missing = {"prompt_ids", "completion_ids", "logprobs"} - output.keys()
+            if missing:
+                raise ValueError(f"`rollout_func` must return the keys {sorted(missing)} in its output dict.")
+            prompt_ids, completion_ids, logprobs = output["prompt_ids"], output["completion_ids"], output["logprobs"]
+            extra_fields = {k: v for k, v in output.items() if k not in ("prompt_ids", "completion_ids", "logprobs")}
+        else:
+            prompt_ids = self._tokenize_prompts(prompts)
+            result = self.generator.generate(prompt_ids)
+            completion_ids, logprobs = result.completion_ids, result.logprobs
+        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        if is_conversational({"prompt": prompts[0]}):
+            completions = [[{"role": "assistant", "content": text}] for text in texts]
+        else:
+            completions = texts
+        self._log_lengths(prompt_ids, completion_ids, mode)
+        return prompt_ids, completion_ids, completions, logprobs, extra_fields
+
+    def _log_lengths(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], mode: str) -> None:
+        device = self.accelerator.device
+        prompt_lengths = gather(torch.tensor([len(ids) for ids in prompt_ids], device=device))
+        lengths = gather(torch.tensor([len(ids) for ids in completion_ids], device=device))
+        if lengths.numel() == 0:
+            raise RuntimeError("No completions were generated; see the generation logs above for the cause.")
+        if mode == "train":
+            self.state.num_input_tokens_seen += int(prompt_lengths.sum() + lengths.sum())
+        metrics = self._metrics[mode]
+        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+        ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        truncated = gather(torch.tensor([not ids or ids[-1] not in ends for ids in completion_ids], device=device))
+        terminated = lengths[~truncated].float()
+        terminated = terminated if terminated.numel() else torch.zeros(1, device=device)
+        lengths = lengths.float()
+        for prefix, values in (("", lengths), ("terminated_", terminated)):
+            metrics[f"completions/mean_{prefix}length"].append(values.mean().item())
+            metrics[f"completions/min_{prefix}length"].append(values.min().item())
+            metrics[f"completions/max_{prefix}length"].append(values.max().item())
+        metrics["completions/clipped_ratio"].append(truncated.float().mean().item())
+
+    def _token_logps(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_length: int,
+        batch_size: int | None = None,
+        entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Log-probs (and entropies, and the MoE aux loss) of the last `completion_length` tokens, in chunks of
+        `batch_size` rows, through the fused log-prob head: the vocabulary-sized logits are never built."""
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies, aux_losses = [], [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+            labels = ids.masked_fill(mask == 0, -100)
+            labels[:, : ids.size(1) - completion_length] = -100
+            with self.accelerator.autocast():
+                out = model(input_ids=ids, attention_mask=mask, labels=labels, token_logprobs=True)
+            logps.append(out.log_probs[:, -completion_length:])
+            if entropy:
+                entropies.append(out.entropy[:, -completion_length:])
+            if out.aux_loss is not None:
+                aux_losses.append(out.aux_loss)
+        return (
+            torch.cat(logps),
+            torch.cat(entropies) if entropy else None,
+            torch.stack(aux_losses).mean() if aux_losses else None,
+        )
+
+    def _reference_logps(self, input_ids, attention_mask, completion_length, batch_size) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self._token_logps(self.ref_model, input_ids, attention_mask, completion_length, batch_size)[0]
+        with reference_adapter(self.accelerator.unwrap_model(self.model)):
+            return self._token_logps(self.model, input_ids, attention_mask, completion_length, batch_size)[0]
+
+    def needs_old_logps(self) -> bool:
+        """Whether the sampling policy's log-probs must be stored (the policy moves before the batch is used up)."""
+        return self.args.gradient_accumulation_steps % (self.args.steps_per_generation * self.num_iterations) != 0
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        device = self.accelerator.device
+        mode = "train" if self.model.training else "eval"
+        prompts = [row["prompt"] for row in inputs]
+        prompt_ids_list, completion_ids_list, completions, sampling_logps, extra_fields = self._generate(prompts)
+
+        prompt_ids, prompt_mask = self._pad([torch.tensor(ids) for ids in prompt_ids_list], "left")
+        completion_ids, completion_mask = self._pad([torch.tensor(ids) for ids in completion_ids_list], "right")
+        if self.mask_truncated_completions:
+            ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+            truncated = torch.tensor([not ids or ids[-1] not in ends for ids in completion_ids_list], device=device)
+            completion_mask = completion_mask * (~truncated).unsqueeze(1).int()
+        batch: dict[str, Any] = {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+        }
+        if sampling_logps is not None:
+            rows = [torch.tensor([math.nan if x is None else x for x in row]) for row in sampling_logps]
+            batch["sampling_per_token_logps"] = self._pad(rows, "right")[0].float()
+
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        chunk = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        with torch.no_grad():
+            if self.needs_old_logps():
+                batch["old_per_token_logps"] = self._token_logps(
+                    self.model, input_ids, attention_mask, completion_ids.size(1), chunk
+                )[0]
+            if self.beta != 0.0:
+                batch["ref_per_token_logps"] = self._reference_logps(
+                    input_ids, attention_mask, completion_ids.size(1), chunk
+                )
+
+        for i, row in enumerate(inputs):  # extra rollout fields become reward-function keywords
+            for key, values in extra_fields.items():
+                row[key] = values[i] if isinstance(values, list) else values
+        rewards_per_func = gather(self._score(inputs, prompts, completions, completion_ids_list))
+        advantages, is_std_zero = self.compute_advantages(rewards_per_func, batch)
+        process = self.accelerator.process_index
+        batch["advantages"] = advantages[process * len(prompts) : (process + 1) * len(prompts)]
+        self._log_rewards(rewards_per_func, is_std_zero, mode)
+        self._log_samples(prompts, completions, rewards_per_func, advantages)
+        return batch
+
+    def _pad(self, rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.accelerator.device
+        values = pad(rows, self._tokenizer.pad_token_id, side, self.pad_to_multiple_of).to(device)
+        mask = pad([torch.ones(len(row), dtype=torch.long) for row in rows], 0, side, self.pad_to_multiple_of)
+        return values, mask.to(device)
+
+    def _score(self, inputs, prompts, completions, completion_ids) -> torch.Tensor:
+        columns = {key: [row[key] for row in inputs] for key in inputs[0] if key not in ("prompt", "completion")}
+        columns.pop("completion_ids", None)
+        columns |= {
+            "trainer_state": self.state,
+            "log_extra": self._pending_extra_logs_extend,
+            "log_metric": self._pending_metric_append,
+        }
+        return self.reward_functions.score(
+            prompts, completions, completion_ids, columns, self.accelerator.device, self.chat_template_kwargs
+        )
+
+    def _pending_extra_logs_extend(self, column: str, values: list) -> None:
+        """`log_extra(column, values)`, for reward functions: an extra column in the completions table."""
+        self._pending_extra_logs[column].extend(values)
+
+    def _pending_metric_append(self, name: str, value: float) -> None:
+        """`log_metric(name, value)`, for reward functions: a scalar averaged into the logs."""
+        self._pending_metrics[name].append(value)
+
+    def compute_advantages(
+        self, rewards_per_func: torch.Tensor, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The advantages of every process's completions (rewards are gathered) and, for logging, which rows belong
+        to a group whose rewards have zero std. May add what the loss needs to `batch`."""
+        raise NotImplementedError
+
+    def _log_rewards(self, rewards_per_func: torch.Tensor, is_std_zero: torch.Tensor, mode: str) -> None:
+        metrics = self._metrics[mode]
+        for i, name in enumerate(self.reward_functions.names):
+            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
+            metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, i]).item())
+        weights = self.reward_functions.weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        metrics["reward"].append(torch.nanmean(rewards).item())
+        metrics["reward_std"].append(nanstd(rewards).item())
+        metrics["frac_reward_zero_std"].append(is_std_zero.float().mean().item())
+        device = self.accelerator.device
+        for name in sorted(set(gather_object(list(self._pending_metrics)))):
+            values = self._pending_metrics.get(name, [])
+            stats = gather(torch.tensor([sum(values), len(values)], dtype=torch.float32, device=device))
+            total, count = stats.view(-1, 2).sum(dim=0).tolist()
+            metrics[name].append(total / count)
+        self._pending_metrics.clear()
+
+    def _log_samples(self, prompts, completions, rewards_per_func, advantages) -> None:
+        self._logs["prompt"].extend(gather_object(prompts))
+        self._logs["completion"].extend(gather_object(completions))
+        for i, name in enumerate(self.reward_functions.names):
+            self._logs["rewards"][name].extend(rewards_per_func[:, i].tolist())
+        self._logs["advantages"].extend(advantages.tolist())
+        for column in sorted(set(gather_object(list(self._pending_extra_logs)))):
+            values = self._pending_extra_logs.get(column, [None] * len(prompts))
+            self._logs["extra"][column].extend(gather_object(values))
+        self._pending_extra_logs.clear()
+
+    # ----------------------------------------------------------------------------------------------- loss, logs
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.mean().detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        if self.accelerator.is_main_process and self.log_completions and self._logs["prompt"]:
+            self._write_completions()
+
+    def _write_completions(self) -> None:
+        """Print a sample of the latest completions (rich) and save them all to `completions/*.parquet`; also log
+        them as a table to wandb / trackio when those are in `report_to`."""
+        import pandas as pd
+
+        table = {
+            "step": [self.state.global_step] * len(self._logs["prompt"]),
+            "prompt": list(self._logs["prompt"]),
+            "completion": list(self._logs["completion"]),
+            **{name: list(values) for name, values in self._logs["rewards"].items()},
+            **{name: list(values) for name, values in self._logs["extra"].items()},
+            "advantage": list(self._logs["advantages"]),
+        }
+        frame = pd.DataFrame(table)
+        _print_completions(frame, self.num_completions_to_print)
+        folder = os.path.join(self.args.output_dir, "completions")
+        os.makedirs(folder, exist_ok=True)
+        frame.astype({"prompt": str, "completion": str}).to_parquet(
+            os.path.join(folder, f"completions_{self.state.global_step:05d}.parquet")
+        )
+        report_to = self.args.report_to or []
+        if "wandb" in report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"completions": wandb.Table(dataframe=frame.astype(str))})
+        if "trackio" in report_to:
+            import trackio
+
+            trackio.log({"completions": trackio.Table(dataframe=frame.astype(str))})
+
+    def close(self) -> None:
+        """Stop the generation back end and the reward functions' event loop."""
+        self.generator.close()
+        self.reward_functions.close()
+
+
+def _identity(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return rows
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a completion: the generation config's, plus the tokenizer's eos token."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return ids if tokenizer.eos_token_id in ids else [tokenizer.eos_token_id, *ids]
+
+
+def _shuffle_rows(batch: dict[str, Any]) -> dict[str, Any]:
+    """The same random permutation of the rows of every tensor (and list) in `batch`; scalars are kept."""
+    size = len(batch["prompt_ids"])
+    order = torch.randperm(size)
+    shuffled = {}
+    for key, value in batch.items():
+        if _is_rows(value):
+            value = value[order]
+        elif isinstance(value, list):
+            value = [value[i] for i in order.tolist()]
+        shuffled[key] = value
+    return shuffled
+
+
+def _split_rows(batch: dict[str, Any], chunks: int) -> list[dict[str, Any]]:
+    """`batch` cut into `chunks` equal slices of rows; scalars are shared by every slice."""
+    size = len(batch["prompt_ids"]) // chunks
+    rows = {key for key, value in batch.items() if isinstance(value, list) or _is_rows(value)}
+    return [
+        {key: value[i * size : (i + 1) * size] if key in rows else value for key, value in batch.items()}
+        for i in range(chunks)
+    ]
+
+
+def _is_rows(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim > 0
+
+
+def _print_completions(frame: Any, num_samples: int | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    sample = frame if num_samples is None or num_samples >= len(frame) else frame.sample(num_samples, random_state=0)
+    table = Table(show_lines=True, title=f"Step {int(frame['step'].iloc[0])}")
+    columns = [c for c in sample.columns if c != "step"]
+    for column in columns:
+        table.add_column(column)
+    for _, row in sample.iterrows():
+        table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row[columns]])
+    Console().print(table)

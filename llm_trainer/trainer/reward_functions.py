@@ -1,0 +1,179 @@
+"""Reward functions of the online RL trainers (GRPO, RLOO): loading, naming, calling, as TRL does.
+
+A reward function is either a callable `f(prompts, completions, completion_ids, **kwargs) -> list[float | None]`
+(sync or `async def`), receiving every other dataset column as a keyword plus `trainer_state`, `log_extra` and
+`log_metric`; or a sequence-classification model (or its name or path), scoring the prompt + completion text by its
+first logit. `None` means "not applicable to this sample" and becomes NaN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from ..data.formats import is_conversational
+from ..data_utils import apply_chat_template
+
+logger = logging.getLogger(__name__)
+
+RewardFunc = str | nn.Module | Callable[..., list[float | None]]
+
+
+def reward_function_name(func: Any) -> str:
+    """The name a reward function's metrics are logged under (`rewards/<name>/mean`)."""
+    if isinstance(func, nn.Module):
+        return str(getattr(func.config, "_name_or_path", type(func).__name__)).rstrip("/").split("/")[-1]
+    for candidate in (func, getattr(func, "func", None), type(func)):  # plain function, functools.partial, instance
+        name = getattr(candidate, "__name__", None)
+        if name and name != "partial":
+            return name
+    return type(func).__name__
+
+
+class RewardFunctions:
+    """The trainer's reward functions with their weights and tokenizers; `score` returns rewards per function."""
+
+    def __init__(
+        self,
+        funcs: RewardFunc | Sequence[RewardFunc] | None,
+        weights: Sequence[float] | None,
+        processing_classes: PreTrainedTokenizerBase | Sequence[PreTrainedTokenizerBase | None] | None,
+        model_init_kwargs: dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+    ):
+        funcs = [] if funcs is None else list(funcs) if isinstance(funcs, list | tuple) else [funcs]
+        init_kwargs = {"trust_remote_code": trust_remote_code, **(model_init_kwargs or {})}
+        self.funcs = [self._load(func, init_kwargs) if isinstance(func, str) else func for func in funcs]
+        for func in self.funcs:
+            if not isinstance(func, nn.Module) and not callable(func):
+                raise TypeError(
+                    f"Reward functions must be callables, models or model names; got {type(func).__name__}."
+                )
+        self.names = [reward_function_name(func) for func in self.funcs]
+        if weights is not None and len(weights) != len(self.funcs):
+            raise ValueError(
+                f"`reward_weights` has {len(weights)} values but there are {len(self.funcs)} reward functions; give one "
+                "weight per reward function."
+            )
+        self.weights = torch.tensor(weights if weights is not None else [1.0] * len(self.funcs), dtype=torch.float32)
+        if processing_classes is None or isinstance(processing_classes, PreTrainedTokenizerBase):
+            processing_classes = [processing_classes] * len(self.funcs)
+        if len(processing_classes) != len(self.funcs):
+            raise ValueError(
+                f"`reward_processing_classes` has {len(processing_classes)} entries but there are {len(self.funcs)} "
+                "reward functions; give one per reward function (None for plain functions)."
+            )
+        self.processing_classes = [
+            self._tokenizer_for(func, tokenizer, init_kwargs) if isinstance(func, nn.Module) else tokenizer
+            for func, tokenizer in zip(self.funcs, processing_classes)
+        ]
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __len__(self) -> int:
+        return len(self.funcs)
+
+    @property
+    def models(self) -> list[nn.Module]:
+        return [func for func in self.funcs if isinstance(func, nn.Module)]
+
+    @staticmethod
+    def _load(name: str, init_kwargs: dict[str, Any]) -> nn.Module:
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **init_kwargs)
+        return model.eval().requires_grad_(False)
+
+    @staticmethod
+    def _tokenizer_for(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, init_kwargs: dict[str, Any]):
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(
+                model.config._name_or_path,
+                revision=init_kwargs.get("revision"),
+                trust_remote_code=init_kwargs.get("trust_remote_code", False),
+            )
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+        return tokenizer
+
+    def score(
+        self,
+        prompts: list[Any],
+        completions: list[Any],
+        completion_ids: list[list[int]],
+        columns: dict[str, list[Any]],
+        device: torch.device,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Rewards of shape `(len(prompts), len(self))`, NaN where a function returned None.
+
+        Plain functions get `prompts`, `completions`, `completion_ids` and every entry of `columns` as keywords;
+        async ones run concurrently on a background event loop while the sync ones run here.
+        """
+        rewards = torch.full((len(prompts), len(self.funcs)), torch.nan, device=device)
+        kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns}
+        pending = {}
+        for i, func in enumerate(self.funcs):
+            if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__):
+                pending[i] = asyncio.run_coroutine_threadsafe(func(**kwargs), self._event_loop())
+        for i, func in enumerate(self.funcs):
+            if isinstance(func, nn.Module):
+                rewards[:, i] = self._model_scores(
+                    func, self.processing_classes[i], prompts, completions, device, chat_template_kwargs or {}
+                )
+            elif i not in pending:
+                rewards[:, i] = self._as_tensor(i, func(**kwargs), len(prompts), device)
+        for i, future in pending.items():
+            rewards[:, i] = self._as_tensor(i, future.result(), len(prompts), device)
+        unscored = torch.isnan(rewards).all(dim=1)
+        if len(self.funcs) and unscored.any():
+            row = int(unscored.nonzero()[0, 0])
+            logger.warning(
+                "Every reward function returned None for the completion %r of the prompt %r; return a reward from at "
+                "least one function for each sample.",
+                completions[row],
+                prompts[row],
+            )
+        return rewards
+
+    def _as_tensor(self, index: int, values: Any, expected: int, device: torch.device) -> torch.Tensor:
+        values = list(values)
+        if len(values) != expected:
+            raise ValueError(
+                f"The reward function '{self.names[index]}' returned {len(values)} rewards for {expected} completions; "
+                "return exactly one reward (or None) per completion."
+            )
+        return torch.tensor([torch.nan if v is None else float(v) for v in values], dtype=torch.float32, device=device)
+
+    @staticmethod
+    @torch.no_grad()
+    def _model_scores(model, tokenizer, prompts, completions, device, chat_template_kwargs) -> torch.Tensor:
+        if is_conversational({"prompt": prompts[0]}):
+            texts = [
+                apply_chat_template({"messages": p + c}, tokenizer, **chat_template_kwargs)["text"]
+                for p, c in zip(prompts, completions)
+            ]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions)]
+        inputs = tokenizer(
+            text=texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
+        ).to(device)
+        return model(**inputs).logits[:, 0].float()
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """A background event loop for async reward functions, started on first use."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, daemon=True, name="reward-functions").start()
+        return self._loop
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop = None

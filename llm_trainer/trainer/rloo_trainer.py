@@ -1,0 +1,119 @@
+"""`RLOOTrainer`: REINFORCE Leave-One-Out, each completion's baseline being the mean reward of its siblings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate.utils import gather
+from datasets import Dataset, IterableDataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
+
+from ..losses.policy_gradient import (
+    clip_metrics,
+    masked_sum_count,
+    reduce_metrics,
+    rloo_advantages,
+    rloo_loss,
+    rloo_rewards,
+    rloo_sequence_kl,
+    zero_std_groups,
+)
+from .online_trainer import OnlineRLTrainer
+from .reward_functions import RewardFunc
+from .rloo_config import RLOOConfig
+
+
+class RLOOTrainer(OnlineRLTrainer):
+    """Train a causal LM with RLOO: `num_generations` completions per prompt, the advantage of each being its reward
+    (minus `beta` times its KL to the reference) minus the mean reward of the other completions of its prompt, with a
+    clipped sequence-level importance ratio.
+
+    Drop-in for TRL's `RLOOTrainer`: same arguments, dataset format, reward-function contract and logged metrics.
+    See `GRPOTrainer` for the arguments.
+    """
+
+    config_class = RLOOConfig
+    loss_is_scaled_for_ga = False  # `compute_loss` returns a per-batch mean; `Trainer` divides it for accumulation
+    _name = "RLOO"
+    _tag_names = ["llm-trainer", "rloo"]
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        reward_funcs: RewardFunc | list[RewardFunc],
+        args: RLOOConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        reward_processing_classes: PreTrainedTokenizerBase | list[PreTrainedTokenizerBase] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+    ):
+        super().__init__(
+            model,
+            reward_funcs,
+            args,
+            train_dataset,
+            eval_dataset,
+            processing_class,
+            reward_processing_classes,
+            callbacks,
+            optimizers,
+            peft_config,
+            quantization_config,
+        )
+        self.normalize_advantages = self.args.normalize_advantages
+        self.reward_clip_range = self.args.reward_clip_range
+
+    def needs_old_logps(self) -> bool:
+        return True  # the KL penalty in the reward is measured on the sampling policy
+
+    def compute_advantages(self, rewards_per_func, batch):
+        mode = "train" if self.model.training else "eval"
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        mask = batch["completion_mask"]
+        old_per_token_logps = batch.pop("old_per_token_logps")
+        batch["old_logps"] = (old_per_token_logps * mask).sum(1)
+        sequence_kl = None
+        if self.beta != 0.0:  # first-order estimate (k1), summed over the sequence and charged to the reward
+            kl = rloo_sequence_kl(old_per_token_logps, batch.pop("ref_per_token_logps"), mask)
+            totals = self.accelerator.reduce(torch.stack([kl.sum(), mask.sum().float()]), reduction="sum")
+            self._metrics[mode]["kl"].append((totals[0] / totals[1].clamp(min=1.0)).item())
+            sequence_kl = gather(kl)
+        rewards = rloo_rewards(
+            rewards_per_func,
+            self.reward_functions.weights.to(rewards_per_func.device),
+            reward_clip_range=self.reward_clip_range,
+            beta=self.beta,
+            sequence_kl=sequence_kl,
+        )
+        advantages = rloo_advantages(rewards, num_generations, self.normalize_advantages)
+        return advantages, zero_std_groups(rewards, num_generations)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("RLOOTrainer does not return model outputs from `compute_loss`.")
+        mode = "train" if self.model.training else "eval"
+        completion_ids, mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], mask], dim=1)
+        per_token_logps, entropies, aux_loss = self._token_logps(
+            model, input_ids, attention_mask, completion_ids.size(1), entropy=True
+        )
+        logps = (per_token_logps * mask).sum(1)
+        advantages = inputs["advantages"]
+        loss, coef_1 = rloo_loss(logps, inputs["old_logps"], advantages, self.epsilon_low, self.epsilon_high)
+        metrics = self._metrics[mode]
+        if aux_loss is not None and self.router_aux_loss_coef:
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        local = {"entropy": masked_sum_count(entropies.detach(), mask)}
+        local |= clip_metrics(coef_1, advantages, None, self.epsilon_low, self.epsilon_high, loss_type="grpo")
+        for name, value in reduce_metrics(
+            local, lambda t: self.accelerator.reduce(t, reduction="sum"), gather
+        ).items():
+            metrics[name].append(value)
+        return loss
