@@ -9,11 +9,38 @@
 | CPOTrainer (experimental)  | `cpo_loss` (sigmoid, hinge, ipo, SimPO, AlphaPO), `preference_metrics`          |
 | RewardTrainer              | `reward_model_loss`, `reward_model_metrics`                                    |
 | PRMTrainer (TRL <= 1.13)   | none: token-classification cross-entropy computed by the model                  |
+| GRPOTrainer                | `group_advantages`, `grpo_loss`, `vllm_importance_sampling_ratio`,              |
+|                            | `high_entropy_mask`, `off_policy_mask`, `vespo_gamma_weights`, `entropy_bonus`  |
+| RLOOTrainer                | `rloo_sequence_kl`, `rloo_rewards`, `rloo_advantages`, `zero_std_groups`,       |
+|                            | `rloo_loss`                                                                     |
 
-Shared: `sequence_logps`, `masked_mean_nll` and the loss shapes in `common`.
+Shared: `sequence_logps`, `masked_mean_nll` and the loss shapes in `common`; for GRPO and RLOO metrics,
+`clip_metrics`, `masked_sum_count`, `reduce_metrics` and TRL's `nanstd` / `nanmin` / `nanmax`.
 """
 
 from .common import Gather, masked_mean_nll, preference_metrics, sequence_logps
+from .policy_gradient import (
+    GRPO_LOSS_TYPES,
+    PolicyLossOutput,
+    clip_metrics,
+    entropy_bonus,
+    group_advantages,
+    grpo_loss,
+    high_entropy_mask,
+    masked_sum_count,
+    nanmax,
+    nanmin,
+    nanstd,
+    off_policy_mask,
+    reduce_metrics,
+    rloo_advantages,
+    rloo_loss,
+    rloo_rewards,
+    rloo_sequence_kl,
+    vespo_gamma_weights,
+    vllm_importance_sampling_ratio,
+    zero_std_groups,
+)
 from .preference import (
     DPO_LOSS_TYPES,
     F_DIVERGENCE_LOSS_TYPES,
@@ -52,31 +79,51 @@ __all__ = [
     "DPO_LOSS_TYPES",
     "F_DIVERGENCE_LOSS_TYPES",
     "F_DIVERGENCE_TYPES",
+    "GRPO_LOSS_TYPES",
     "KTO_LOSS_TYPES",
     "BCOLossOutput",
     "CPOLossOutput",
     "DPOLossOutput",
     "Gather",
     "ORPOLossOutput",
+    "PolicyLossOutput",
     "RunningMoments",
     "UnpairedLossOutput",
     "alphapo_reward",
     "bco_loss",
     "check_dpo_options",
+    "clip_metrics",
     "cpo_loss",
     "density_ratio_weights",
     "dpo_loss",
     "dpo_sequence_logps",
+    "entropy_bonus",
     "f_divergence_scores",
+    "group_advantages",
+    "grpo_loss",
+    "high_entropy_mask",
     "kto_kl",
     "kto_loss",
     "log1mexp",
     "masked_mean_nll",
+    "masked_sum_count",
+    "nanmax",
+    "nanmin",
+    "nanstd",
     "odds_ratio_loss",
+    "off_policy_mask",
     "preference_metrics",
+    "reduce_metrics",
     "reward_model_loss",
     "reward_model_metrics",
+    "rloo_advantages",
+    "rloo_loss",
+    "rloo_rewards",
+    "rloo_sequence_kl",
     "sequence_logps",
     "unpaired_metrics",
+    "vespo_gamma_weights",
+    "vllm_importance_sampling_ratio",
     "wpo_weights",
+    "zero_std_groups",
 ]

@@ -5,9 +5,20 @@ from __future__ import annotations
 import torch
 
 from ..data.collators import pad
+from ..data.sampling import RepeatSampler
 from ..kernels import entropy_from_logits, selective_log_softmax
+from ..losses.policy_gradient import nanmax, nanmin, nanstd
 
-__all__ = ["disable_dropout_in_model", "entropy_from_logits", "pad", "selective_log_softmax"]
+__all__ = [
+    "RepeatSampler",
+    "disable_dropout_in_model",
+    "entropy_from_logits",
+    "nanmax",
+    "nanmin",
+    "nanstd",
+    "pad",
+    "selective_log_softmax",
+]
 
 
 def disable_dropout_in_model(model: torch.nn.Module) -> None:

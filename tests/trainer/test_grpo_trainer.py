@@ -276,17 +276,17 @@ def _digit_reward(completions, **kwargs):
 
 @pytest.mark.slow
 def test_grpo_learns_to_say_seven(tmp_path):
-    """A verifiable reward (how many "7"s the completion holds) rises clearly within 30 CPU steps."""
+    """A verifiable reward (how many "7"s the completion holds) rises clearly within 40 CPU steps."""
     path = make_tiny_model(tmp_path / "policy", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     tokenizer = get_tokenizer()
     dataset = Dataset.from_dict({"prompt": [f"Count: {i}" for i in range(64)]})
     args = _config(
         tmp_path / "out",
-        max_steps=30,
+        max_steps=40,
         per_device_train_batch_size=16,
         num_generations=8,
         max_completion_length=8,
-        learning_rate=3e-3,
+        learning_rate=3e-2,
         gradient_checkpointing=False,
         logging_steps=5,
         seed=0,
