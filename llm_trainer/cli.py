@@ -1,10 +1,13 @@
 """`llm-trainer`: train from the command line, TRL-CLI style.
 
-    llm-trainer sft|dpo|kto|orpo|cpo --model_name_or_path ... --dataset_name ... --output_dir out
+    llm-trainer sft|dpo|kto|orpo|cpo|grpo|rloo --model_name_or_path ... --dataset_name ... --output_dir out
     llm-trainer sft --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara --output_dir out
     llm-trainer sft --config run.yaml --learning_rate 1e-5     # flags override the YAML
+    llm-trainer grpo ... --reward_funcs think_format_reward my_rewards.length_reward  # names or import paths
+    llm-trainer vllm-serve --model Qwen/Qwen2.5-0.5B           # a generation server for `vllm_mode="server"`
     llm-trainer env                                            # versions, for bug reports
     llm-trainer demo                                           # the offline SFT demo
+    llm-trainer vllm-serve --model Qwen/Qwen2.5-0.5B           # generation server for vllm_mode="server"
 
 Every field of the trainer's config is a flag (`llm-trainer sft --help` lists them). A YAML `--config` file sets
 defaults for any flag, and its optional `env:` mapping sets environment variables.
@@ -25,7 +28,10 @@ TRAINERS = {
     "kto": ("KTOConfig", "KTOTrainer"),
     "orpo": ("ORPOConfig", "ORPOTrainer"),
     "cpo": ("CPOConfig", "CPOTrainer"),
+    "grpo": ("GRPOConfig", "GRPOTrainer"),
+    "rloo": ("RLOOConfig", "RLOOTrainer"),
 }
+ONLINE = {"grpo", "rloo"}  # trainers that also take reward functions
 
 
 @dataclass
@@ -36,6 +42,17 @@ class ScriptArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on, when evaluating."})
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "GRPO/RLOO reward functions: names from `llm_trainer.rewards` (accuracy_reward, "
+            "reasoning_accuracy_reward, think_format_reward, get_soft_overlong_punishment) or import paths "
+            "(`my_module.my_reward`, resolved from the working directory)."
+        },
+    )
+    reward_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "GRPO/RLOO: a sequence-classification reward model, scored first."}
+    )
 
 
 @dataclass
@@ -90,8 +107,10 @@ def train(name: str, argv: list[str]) -> None:
             task_type="CAUSAL_LM",
         )
     evaluating = config.eval_strategy != "no"
+    extra = {"reward_funcs": reward_functions(script)} if name in ONLINE else {}
     trainer = getattr(llm_trainer, trainer_name)(
         model=model_args.model_name_or_path,
+        **extra,
         args=config,
         train_dataset=dataset[script.dataset_train_split],
         eval_dataset=dataset[script.dataset_test_split] if evaluating else None,
@@ -99,6 +118,33 @@ def train(name: str, argv: list[str]) -> None:
     )
     trainer.train()
     trainer.save_model(config.output_dir)
+
+
+def reward_functions(script: ScriptArguments) -> list:
+    """The reward model and functions named on the command line, TRL's `grpo` script style."""
+    import importlib
+
+    from . import rewards
+
+    registry = {
+        "accuracy_reward": rewards.accuracy_reward,
+        "reasoning_accuracy_reward": rewards.reasoning_accuracy_reward,
+        "think_format_reward": rewards.think_format_reward,
+        "get_soft_overlong_punishment": rewards.get_soft_overlong_punishment(1280, 256),
+    }
+    funcs: list = [script.reward_model_name_or_path] if script.reward_model_name_or_path else []
+    for name in script.reward_funcs or []:
+        if name in registry:
+            funcs.append(registry[name])
+        elif "." in name:
+            module, attribute = name.rsplit(".", 1)
+            sys.path.insert(0, os.getcwd())
+            funcs.append(getattr(importlib.import_module(module), attribute))
+        else:
+            raise SystemExit(f"Unknown reward function {name!r}: use one of {sorted(registry)} or an import path.")
+    if not funcs:
+        raise SystemExit("GRPO/RLOO need --reward_funcs and/or --reward_model_name_or_path.")
+    return funcs
 
 
 def env() -> str:
@@ -122,7 +168,7 @@ def env() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = [*TRAINERS, "env", "demo"]
+    commands = [*TRAINERS, "env", "demo", "vllm-serve"]
     if not argv or argv[0] not in commands:
         print(__doc__)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
@@ -133,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         from .demo import main as demo
 
         demo(rest)
+    elif command == "vllm-serve":
+        from .generation.server import main as vllm_serve
+
+        vllm_serve(rest)
     else:
         train(command, rest)
 

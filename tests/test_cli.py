@@ -92,3 +92,30 @@ def test_dpo_from_flags(tiny_model_path, tmp_path):
     trained = AutoModelForCausalLM.from_pretrained(out)
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     assert not torch.equal(trained.lm_head.weight, initial.lm_head.weight)
+
+
+def test_grpo_with_a_builtin_reward_and_one_from_an_import_path(tiny_model_path, tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with open(folder / "train.jsonl", "w") as f:
+        for row in zen_dataset("standard_prompt_only"):
+            f.write(json.dumps(row) + "\n")
+    (tmp_path / "my_rewards.py").write_text(
+        "def letters(completions, **kwargs):\n    return [sum(c.isalpha() for c in t) / 8 for t in completions]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    main(
+        ["grpo", "--model_name_or_path", tiny_model_path, "--dataset_name", str(folder), "--output_dir", str(out)]
+        + ["--reward_funcs", "think_format_reward", "my_rewards.letters", "--max_steps", "1", "--report_to", "none"]
+        + ["--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "4"]
+        + ["--bf16", "false", "--save_strategy", "no", "--learning_rate", "0.1"]
+    )
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    assert not torch.equal(trained.lm_head.weight, initial.lm_head.weight)
+    with pytest.raises(SystemExit, match="Unknown reward function 'nope'"):
+        main(
+            ["grpo", "--model_name_or_path", tiny_model_path, "--dataset_name", str(folder), "--output_dir", str(out)]
+            + ["--reward_funcs", "nope"]
+        )
