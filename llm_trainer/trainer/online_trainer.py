@@ -90,6 +90,15 @@ class OnlineRLTrainer(BaseTrainer):
                 f"{type(self).__name__} needs a map-style `datasets.Dataset` to group prompts; convert the iterable "
                 "dataset with `Dataset.from_generator` or `Dataset.from_list`."
             )
+        if {"image", "images"} & set(train_dataset.column_names):
+            raise NotImplementedError(
+                f"{type(self).__name__} does not train vision-language models yet: drop the image column(s) or use TRL."
+            )
+        if args.use_transformers_continuous_batching:
+            raise NotImplementedError(
+                "`use_transformers_continuous_batching` is not supported yet; generation uses batched `generate` with "
+                "a KV cache (or vLLM with `use_vllm=True`)."
+            )
         if "prompt" not in train_dataset.column_names and rollout_func is None:
             raise ValueError(
                 f"The training dataset has no 'prompt' column (columns: {train_dataset.column_names}); rename the "

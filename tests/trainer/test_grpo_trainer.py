@@ -196,6 +196,15 @@ def test_bad_configuration_is_refused(tiny_model_path, tmp_path):
         GRPOTrainer(
             tiny_model_path, length_reward, args=_config(tmp_path), train_dataset=dataset.rename_column("prompt", "q")
         )
+    with pytest.raises(NotImplementedError, match="vision-language"):
+        GRPOTrainer(
+            tiny_model_path,
+            length_reward,
+            args=_config(tmp_path),
+            train_dataset=dataset.add_column("image", [None] * 17),
+        )
+    with pytest.raises(NotImplementedError, match="rollout_func"):
+        GRPOTrainer(tiny_model_path, length_reward, args=_config(tmp_path), train_dataset=dataset, tools=[len])
     with pytest.raises(ValueError, match="sync_ref_model"):
         GRPOTrainer(tiny_model_path, length_reward, args=_config(tmp_path, sync_ref_model=True), train_dataset=dataset)
 
@@ -295,3 +304,37 @@ def test_grpo_learns_to_say_seven(tmp_path):
     trainer.train()
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
     assert rewards[-1] > max(4 * rewards[0], rewards[0] + 1.0), rewards
+
+
+def test_rollout_func_replaces_generation_and_its_extra_fields_reach_the_rewards(tiny_model_path, tmp_path):
+    tokenizer = get_tokenizer()
+    seen = {}
+
+    def rollout(prompts, trainer):
+        prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+        completion_ids = [tokenizer(" beautiful is better")["input_ids"][: 1 + i % 3] for i in range(len(prompts))]
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": completion_ids,
+            "logprobs": None,
+            "turns": [2] * len(prompts),
+        }
+
+    def reward(completions, turns, **kwargs):
+        seen["turns"], seen["completions"] = turns, completions
+        return [float(len(c)) for c in completions]
+
+    trainer = GRPOTrainer(
+        tiny_model_path,
+        reward,
+        args=_config(tmp_path, max_steps=1),
+        train_dataset=zen_dataset("standard_prompt_only"),
+        rollout_func=rollout,
+    )
+    before = _params(trainer.model)
+    trainer.train()
+    assert _changed(before, trainer.model)
+    assert seen["turns"] == [2, 2, 2, 2]
+    assert seen["completions"][:3] == [
+        tokenizer.decode(tokenizer(" beautiful is better")["input_ids"][:n]) for n in (1, 2, 3)
+    ]
