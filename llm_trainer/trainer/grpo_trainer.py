@@ -117,8 +117,7 @@ class GRPOTrainer(OnlineRLTrainer):
     def compute_advantages(self, rewards_per_func, batch):
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        loss_mask = batch["completion_mask"]
-        batch["num_items_in_batch"] = gather(loss_mask.sum()).sum()
+        batch["num_items_in_batch"] = gather(self.loss_mask(batch).sum()).sum()
         if self.vllm_importance_sampling_correction:
             self._importance_sampling_ratio(batch, mode)
         advantages, _, is_std_zero = group_advantages(
@@ -163,9 +162,9 @@ class GRPOTrainer(OnlineRLTrainer):
         if return_outputs:
             raise ValueError("GRPOTrainer does not return model outputs from `compute_loss`.")
         mode = "train" if self.model.training else "eval"
-        completion_ids, mask = inputs["completion_ids"], inputs["completion_mask"]
+        completion_ids, mask = inputs["completion_ids"], self.loss_mask(inputs)
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], mask], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         per_token_logps, entropies, aux_loss = self._token_logps(
             model, input_ids, attention_mask, completion_ids.size(1), entropy=True
         )

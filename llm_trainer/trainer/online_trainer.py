@@ -28,6 +28,7 @@ from ..data.collators import pad
 from ..data.formats import is_conversational
 from ..data.sampling import RepeatSampler
 from ..generation import make_generator
+from ..generation.factory import eos_token_ids
 from ..losses.policy_gradient import nanstd
 from ..modeling import add_reference_adapter, add_token_logprob_head, reference_adapter
 from .base_trainer import BaseTrainer
@@ -69,7 +70,7 @@ class OnlineRLTrainer(BaseTrainer):
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
         model.config.get_text_config().pad_token_id = self._tokenizer.pad_token_id
         model.generation_config.pad_token_id = self._tokenizer.pad_token_id
-        self.eos_token_ids = _eos_token_ids(model, self._tokenizer)
+        self.eos_token_ids = eos_token_ids(model, self._tokenizer)
 
         self.beta = args.beta
         model = self.prepare_peft(model, peft_config, args)
@@ -262,8 +263,9 @@ class OnlineRLTrainer(BaseTrainer):
             )["input_ids"]
         return self.processing_class(text=prompts)["input_ids"]
 
-    def _generate(self, prompts: list[Any]) -> tuple[list[list[int]], list[list[int]], list[Any], Any, dict]:
-        """Prompt ids, completion ids, decoded completions, sampling log-probs (or None) and extra rollout fields."""
+    def _generate(self, prompts: list[Any]) -> tuple[list[list[int]], list[list[int]], list[Any], Any, Any, dict]:
+        """Prompt ids, completion ids, decoded completions, sampling log-probs (or None), the environment mask (1
+        where the policy wrote the token, 0 where an environment did; None without one) and extra rollout fields."""
         mode = "train" if self.model.training else "eval"
         if self.state.global_step != self._last_loaded_step:
             self.generator.sync_weights(self.accelerator.unwrap_model(self.model))
@@ -285,13 +287,16 @@ class OnlineRLTrainer(BaseTrainer):
             completions = [[{"role": "assistant", "content": text}] for text in texts]
         else:
             completions = texts
-        self._log_lengths(prompt_ids, completion_ids, mode)
-        return prompt_ids, completion_ids, completions, logprobs, extra_fields
+        env_mask = extra_fields.pop("env_mask", None)
+        self._log_lengths(prompt_ids, completion_ids, mode, env_mask)
+        return prompt_ids, completion_ids, completions, logprobs, env_mask, extra_fields
 
-    def _log_lengths(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], mode: str) -> None:
+    def _log_lengths(self, prompt_ids, completion_ids, mode: str, env_mask=None) -> None:
+        """Token counts and completion-length metrics; with an environment mask, only the policy's tokens count."""
         device = self.accelerator.device
         prompt_lengths = gather(torch.tensor([len(ids) for ids in prompt_ids], device=device))
-        lengths = gather(torch.tensor([len(ids) for ids in completion_ids], device=device))
+        written = [sum(mask) for mask in env_mask] if env_mask is not None else [len(ids) for ids in completion_ids]
+        lengths = gather(torch.tensor(written, device=device))
         if lengths.numel() == 0:
             raise RuntimeError("No completions were generated; see the generation logs above for the cause.")
         if mode == "train":
@@ -353,20 +358,26 @@ class OnlineRLTrainer(BaseTrainer):
         device = self.accelerator.device
         mode = "train" if self.model.training else "eval"
         prompts = [row["prompt"] for row in inputs]
-        prompt_ids_list, completion_ids_list, completions, sampling_logps, extra_fields = self._generate(prompts)
+        generated = self._generate(prompts)
+        prompt_ids_list, completion_ids_list, completions, sampling_logps, env_mask, extra_fields = generated
 
         prompt_ids, prompt_mask = self._pad([torch.tensor(ids) for ids in prompt_ids_list], "left")
         completion_ids, completion_mask = self._pad([torch.tensor(ids) for ids in completion_ids_list], "right")
-        if self.mask_truncated_completions:
-            ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
-            truncated = torch.tensor([not ids or ids[-1] not in ends for ids in completion_ids_list], device=device)
-            completion_mask = completion_mask * (~truncated).unsqueeze(1).int()
         batch: dict[str, Any] = {
             "prompt_ids": prompt_ids,
             "prompt_mask": prompt_mask,
             "completion_ids": completion_ids,
-            "completion_mask": completion_mask,
         }
+        if env_mask is not None:  # tokens an environment wrote are attended to but not trained on
+            rows = [torch.tensor(mask, dtype=torch.long) for mask in env_mask]
+            batch["tool_mask"] = pad(rows, 1, "right", self.pad_to_multiple_of).to(device)
+        if self.mask_truncated_completions:
+            ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+            truncated = torch.tensor([not ids or ids[-1] not in ends for ids in completion_ids_list], device=device)
+            completion_mask = completion_mask * (~truncated).unsqueeze(1).int()
+            if env_mask is not None:
+                batch["tool_mask"] = batch["tool_mask"] * (~truncated).unsqueeze(1).int()
+        batch["completion_mask"] = completion_mask
         if sampling_logps is not None:
             rows = [torch.tensor([math.nan if x is None else x for x in row]) for row in sampling_logps]
             batch["sampling_per_token_logps"] = self._pad(rows, "right")[0].float()
@@ -394,6 +405,12 @@ class OnlineRLTrainer(BaseTrainer):
         self._log_rewards(rewards_per_func, is_std_zero, mode)
         self._log_samples(prompts, completions, rewards_per_func, advantages)
         return batch
+
+    @staticmethod
+    def loss_mask(batch: dict[str, Any]) -> torch.Tensor:
+        """The completion tokens the loss trains on: the completion mask, without environment-written tokens."""
+        mask = batch["completion_mask"]
+        return mask if "tool_mask" not in batch else mask * batch["tool_mask"]
 
     def _pad(self, rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.accelerator.device
@@ -509,13 +526,6 @@ class OnlineRLTrainer(BaseTrainer):
 
 def _identity(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
-
-
-def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokens that end a completion: the generation config's, plus the tokenizer's eos token."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return ids if tokenizer.eos_token_id in ids else [tokenizer.eos_token_id, *ids]
 
 
 def _shuffle_rows(batch: dict[str, Any]) -> dict[str, Any]:
