@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from typing import Any
@@ -29,8 +28,6 @@ from ..losses.policy_gradient import (
 from .grpo_config import GRPOConfig
 from .online_trainer import OnlineRLTrainer, RolloutFunc
 from .reward_functions import RewardFunc
-
-logger = logging.getLogger(__name__)
 
 
 class GRPOTrainer(OnlineRLTrainer):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import math
 import os
 import time
@@ -35,16 +34,15 @@ from .base_trainer import BaseTrainer
 from .reward_functions import RewardFunc, RewardFunctions
 from .utils import disable_dropout_in_model
 
-logger = logging.getLogger(__name__)
-
 RolloutFunc = Callable[[list[Any], Any], dict[str, Any]]
 
 
 class OnlineRLTrainer(BaseTrainer):
     """The generate-score-train loop of the online RL trainers (`GRPOTrainer`, `RLOOTrainer`).
 
-    Subclasses implement `compute_advantages(rewards_per_func, batch)` and `compute_loss`, and may extend
-    `rollout_tensors` with what their loss needs.
+    Subclasses implement `compute_advantages(rewards_per_func, batch)` (which may add what their loss needs to the
+    batch) and `compute_loss`, and override `needs_old_logps` when their loss always needs the sampling policy's
+    log-probs.
     """
 
     _skip_nan_metrics = True
@@ -158,6 +156,23 @@ class OnlineRLTrainer(BaseTrainer):
             args, self.model, processing_class, accelerator=self.accelerator, unwrap=self._generation_model
         )
         self._last_loaded_step = -1
+
+    # TRL's attribute names, for code that inspects the trainer
+    @property
+    def reward_funcs(self) -> list[Any]:
+        return self.reward_functions.funcs
+
+    @property
+    def reward_func_names(self) -> list[str]:
+        return self.reward_functions.names
+
+    @property
+    def reward_weights(self) -> torch.Tensor:
+        return self.reward_functions.weights
+
+    @property
+    def reward_processing_classes(self) -> list[Any]:
+        return self.reward_functions.processing_classes
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _setup_reference(self, model: PreTrainedModel, args: Any) -> None:
