@@ -13,6 +13,8 @@
 |                            | `high_entropy_mask`, `off_policy_mask`, `vespo_gamma_weights`, `entropy_bonus`  |
 | RLOOTrainer                | `rloo_sequence_kl`, `rloo_rewards`, `rloo_advantages`, `zero_std_groups`,       |
 |                            | `rloo_loss`                                                                     |
+| PPOTrainer (TRL <= 1.12)   | `kl_shaped_rewards`, `whiten_rewards`, `gae_advantages`, `ppo_policy_loss`,     |
+|                            | `ppo_value_loss`, `masked_whiten`, `response_padding_masks`                     |
 
 Shared: `sequence_logps`, `masked_mean_nll` and the loss shapes in `common`; for GRPO and RLOO metrics,
 `clip_metrics`, `masked_sum_count`, `reduce_metrics` and TRL's `nanstd` / `nanmin` / `nanmax`.
@@ -40,6 +42,22 @@ from .policy_gradient import (
     vespo_gamma_weights,
     vllm_importance_sampling_ratio,
     zero_std_groups,
+)
+from .ppo import (
+    INVALID_LOGPROB,
+    PPO_KL_ESTIMATORS,
+    KLRewardOutput,
+    PPOPolicyLossOutput,
+    first_true_indices,
+    gae_advantages,
+    kl_shaped_rewards,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    response_padding_masks,
+    whiten_rewards,
 )
 from .preference import (
     DPO_LOSS_TYPES,
@@ -75,17 +93,21 @@ from .unpaired import (
 )
 
 __all__ = [
+    "BCOLossOutput",
+    "CPOLossOutput",
     "CPO_LOSS_TYPES",
+    "DPOLossOutput",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCE_LOSS_TYPES",
     "F_DIVERGENCE_TYPES",
     "GRPO_LOSS_TYPES",
-    "KTO_LOSS_TYPES",
-    "BCOLossOutput",
-    "CPOLossOutput",
-    "DPOLossOutput",
     "Gather",
+    "INVALID_LOGPROB",
+    "KLRewardOutput",
+    "KTO_LOSS_TYPES",
     "ORPOLossOutput",
+    "PPOPolicyLossOutput",
+    "PPO_KL_ESTIMATORS",
     "PolicyLossOutput",
     "RunningMoments",
     "UnpairedLossOutput",
@@ -99,21 +121,30 @@ __all__ = [
     "dpo_sequence_logps",
     "entropy_bonus",
     "f_divergence_scores",
+    "first_true_indices",
+    "gae_advantages",
     "group_advantages",
     "grpo_loss",
     "high_entropy_mask",
+    "kl_shaped_rewards",
     "kto_kl",
     "kto_loss",
     "log1mexp",
+    "masked_mean",
     "masked_mean_nll",
     "masked_sum_count",
+    "masked_var",
+    "masked_whiten",
     "nanmax",
     "nanmin",
     "nanstd",
     "odds_ratio_loss",
     "off_policy_mask",
+    "ppo_policy_loss",
+    "ppo_value_loss",
     "preference_metrics",
     "reduce_metrics",
+    "response_padding_masks",
     "reward_model_loss",
     "reward_model_metrics",
     "rloo_advantages",
@@ -124,6 +155,7 @@ __all__ = [
     "unpaired_metrics",
     "vespo_gamma_weights",
     "vllm_importance_sampling_ratio",
+    "whiten_rewards",
     "wpo_weights",
     "zero_std_groups",
 ]

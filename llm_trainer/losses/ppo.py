@@ -20,7 +20,7 @@ from ..kernels import kl_penalty
 
 INVALID_LOGPROB = 1.0
 """What TRL writes into padded log-prob positions; equal on both sides of a ratio, it makes the log-ratio 0."""
-KL_ESTIMATORS = ("k1", "k3")
+PPO_KL_ESTIMATORS = ("k1", "k3")
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis: int | None = None) -> torch.Tensor:
@@ -99,7 +99,7 @@ def kl_shaped_rewards(
         kl_coef: weight of the KL penalty.
         kl_estimator: "k1" or "k3".
     """
-    if kl_estimator not in KL_ESTIMATORS:
+    if kl_estimator not in PPO_KL_ESTIMATORS:
         raise ValueError(
             f"kl_estimator must be 'k1' (unbiased) or 'k3' (unbiased, lower variance), got {kl_estimator!r}. See "
             "http://joschu.net/blog/kl-approx.html."
@@ -149,7 +149,7 @@ def gae_advantages(
     return advantages, returns
 
 
-class PolicyLossOutput(NamedTuple):
+class PPOPolicyLossOutput(NamedTuple):
     loss: torch.Tensor
     """Clipped surrogate loss, the mean over valid tokens of max(−A·ρ, −A·clip(ρ, 1 ± ε))."""
     clipfrac: torch.Tensor
@@ -166,7 +166,7 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     padding_mask: torch.Tensor,
     cliprange: float,
-) -> PolicyLossOutput:
+) -> PPOPolicyLossOutput:
     """PPO's clipped policy objective, as a loss, with TRL's statistics.
 
     Args:
@@ -185,7 +185,7 @@ def ppo_policy_loss(
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), valid)
         approxkl = 0.5 * log_ratio.square().mean()
-    return PolicyLossOutput(loss, clipfrac, approxkl, ratio.detach().mean())
+    return PPOPolicyLossOutput(loss, clipfrac, approxkl, ratio.detach().mean())
 
 
 def ppo_value_loss(

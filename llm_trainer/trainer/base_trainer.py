@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from importlib.metadata import version
 from pathlib import Path
@@ -110,6 +112,21 @@ class BaseTrainer(Trainer):
         offload = getattr(self.args, "activation_offloading", False)
         with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload else nullcontext():
             return super().training_step(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def unwrapped_for_generation(self, select: Callable[[Any], Any] | None = None) -> Iterator[Any]:
+        """The model as `generate` needs it: unwrapped from DDP/DeepSpeed (then `select(model)`, e.g. the policy of a
+        policy-and-value wrapper), with its ZeRO-3 parameters gathered when `ds3_gather_for_generation` is set."""
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        model = select(model) if select is not None else model
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if zero3 and getattr(self.args, "ds3_gather_for_generation", True):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                yield model
+        else:
+            yield model
 
     @staticmethod
     def configure_router_aux_loss(model: PreTrainedModel, coef: float | None) -> float:

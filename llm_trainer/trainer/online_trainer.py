@@ -8,13 +8,12 @@ generated and scored at once, then split into `steps_per_generation` micro-batch
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -153,7 +152,7 @@ class OnlineRLTrainer(BaseTrainer):
         self._pending_metrics: defaultdict[str, list[float]] = defaultdict(list)
         set_seed(args.seed, device_specific=True)
         self.generator = make_generator(
-            args, self.model, processing_class, accelerator=self.accelerator, unwrap=self._generation_model
+            args, self.model, processing_class, accelerator=self.accelerator, unwrap=self.unwrapped_for_generation
         )
         self._last_loaded_step = -1
 
@@ -203,19 +202,6 @@ class OnlineRLTrainer(BaseTrainer):
                     "model. Set `sync_ref_model=False`."
                 )
             self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
-
-    @contextlib.contextmanager
-    def _generation_model(self) -> Iterator[PreTrainedModel]:
-        """The policy as `generate` needs it: unwrapped, with ZeRO-3 parameters gathered when configured."""
-        unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
-        if self.is_deepspeed_enabled and self.args.ds3_gather_for_generation:
-            import deepspeed
-
-            if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-                with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
-                    yield unwrapped
-                return
-        yield unwrapped
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import TrainOutput
 
 from ..data.collators import pad
@@ -46,8 +46,6 @@ from .ppo_config import PPOConfig
 from .utils import disable_dropout_in_model
 
 __all__ = ["OnlineTrainerState", "PPOTrainer", "PolicyAndValueWrapper"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -267,7 +265,9 @@ class PPOTrainer(BaseTrainer):
         self.state = OnlineTrainerState(
             is_local_process_zero=self.is_local_process_zero(),
             is_world_process_zero=self.is_world_process_zero(),
-            stateful_callbacks=list(self._exportable_callbacks()),
+            stateful_callbacks=[
+                cb for cb in [*self.callback_handler.callbacks, self.control] if isinstance(cb, ExportableState)
+            ],
         )
         self._compute_batch_sizes(args, self.accelerator.num_processes)
         if self.train_dataset_len < args.local_batch_size:
@@ -314,20 +314,15 @@ class PPOTrainer(BaseTrainer):
             pad_token_id=self.pad_token_id,
             eos_token_id=list(dict.fromkeys(stop_ids)),
             batch_size=args.local_rollout_forward_batch_size,
-            unwrap=self._generation_policy,
+            unwrap=self._unwrapped_policy,
         )
         self.eval_generator = TransformersGenerator(
             policy,
             SamplingConfig(max_tokens=args.response_length, temperature=0.01 + 1e-7, top_p=1.0, top_k=0),
             pad_token_id=self.pad_token_id,
             eos_token_id=list(dict.fromkeys(stop_ids)),
-            unwrap=self._generation_policy,
+            unwrap=self._unwrapped_policy,
         )
-
-    def _exportable_callbacks(self) -> Iterator[Any]:
-        from transformers.trainer_callback import ExportableState
-
-        return (cb for cb in [*self.callback_handler.callbacks, self.control] if isinstance(cb, ExportableState))
 
     def _compute_batch_sizes(self, args: PPOConfig, world_size: int) -> None:
         """Fill in TRL's derived batch-size fields of `args` (they are config fields, read by scripts)."""
@@ -363,23 +358,13 @@ class PPOTrainer(BaseTrainer):
     def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader | None:
         return self.eval_dataloader
 
-    @contextlib.contextmanager
-    def _generation_policy(self) -> Iterator[nn.Module]:
-        """The policy as `generate` needs it: unwrapped, with ZeRO-3 parameters gathered when configured."""
-        policy = self.accelerator.unwrap_model(self.model_wrapped).policy
-        if self.is_deepspeed_enabled and self.args.ds3_gather_for_generation:
-            import deepspeed
-
-            if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-                with deepspeed.zero.GatheredParameters(list(policy.parameters())):
-                    yield policy
-                return
-        yield policy
+    def _unwrapped_policy(self):
+        return self.unwrapped_for_generation(lambda model: model.policy)
 
     @contextlib.contextmanager
     def null_ref_context(self) -> Iterator[None]:
         """Run the PEFT policy as the reference: the `ref_adapter_name` adapter if set, else adapters disabled."""
-        policy = self.accelerator.unwrap_model(self.model_wrapped).policy
+        policy = self.policy_model
         if not self.ref_adapter_name:
             with policy.disable_adapter():
                 yield
