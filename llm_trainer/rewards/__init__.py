@@ -6,10 +6,12 @@ dataset columns as keyword arguments, and returns one reward per completion (`No
 """
 
 from .accuracy_rewards import accuracy_reward, get_cosine_scaled_reward, reasoning_accuracy_reward
+from .adaptive_teaching import AdaptiveTeachingReward
 from .format_rewards import think_format_reward
 from .other_rewards import get_repetition_penalty_reward, get_soft_overlong_punishment
 
 __all__ = [
+    "AdaptiveTeachingReward",
     "accuracy_reward",
     "get_cosine_scaled_reward",
     "get_repetition_penalty_reward",

@@ -25,6 +25,8 @@ _EXPORTS = {
     "rloo_trainer": ["RLOOTrainer"],
     "ppo_config": ["PPOConfig"],
     "ppo_trainer": ["PPOTrainer"],
+    "teacher_grpo_config": ["TeacherGRPOConfig"],
+    "teacher_grpo_trainer": ["TeacherGRPOTrainer"],
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -13,6 +13,7 @@ from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..environments.rollout import rollout_and_rewards
 from ..losses.policy_gradient import (
     clip_metrics,
     entropy_bonus,
@@ -49,7 +50,9 @@ class GRPOTrainer(OnlineRLTrainer):
         peft_config: a `peft.PeftConfig` to train an adapter.
         quantization_config: passed to `from_pretrained` when `model` is a name or path.
         rollout_func: `f(prompts, trainer) -> {"prompt_ids", "completion_ids", "logprobs", ...}` replacing generation;
-            extra keys reach the reward functions.
+            extra keys reach the reward functions (`trainer.rollout_rows` holds the batch's dataset rows).
+        environment: llm_trainer's multi-turn environments (not in TRL): an `EnvironmentInterface` class or factory,
+            or an `EnvironmentRollout`; its rewards are added to `reward_funcs` (see `llm_trainer.environments`).
     """
 
     config_class = GRPOConfig
@@ -73,12 +76,17 @@ class GRPOTrainer(OnlineRLTrainer):
         tools: list | None = None,
         rollout_func: RolloutFunc | None = None,
         environment_factory: Any = None,
+        environment: Any = None,
     ):
         if tools or environment_factory is not None:
             raise NotImplementedError(
                 "Tool calling (`tools`) and `environment_factory` are not supported by llm_trainer's GRPOTrainer yet; "
-                "use `rollout_func` for custom multi-turn rollouts."
+                "for multi-turn rollouts pass `environment=` (see `llm_trainer.environments`) or a `rollout_func`."
             )
+        if environment is not None:
+            if rollout_func is not None:
+                raise ValueError("Pass `environment` or `rollout_func`, not both: an environment is a rollout.")
+            rollout_func, reward_funcs = rollout_and_rewards(environment, reward_funcs)
         super().__init__(
             model,
             reward_funcs,

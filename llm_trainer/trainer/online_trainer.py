@@ -155,6 +155,7 @@ class OnlineRLTrainer(BaseTrainer):
             args, self.model, processing_class, accelerator=self.accelerator, unwrap=self.unwrapped_for_generation
         )
         self._last_loaded_step = -1
+        self.rollout_rows: list[dict[str, Any]] = []
 
     # TRL's attribute names, for code that inspects the trainer
     @property
@@ -359,6 +360,7 @@ class OnlineRLTrainer(BaseTrainer):
         device = self.accelerator.device
         mode = "train" if self.model.training else "eval"
         prompts = [row["prompt"] for row in inputs]
+        self.rollout_rows = inputs  # the batch's dataset rows, for rollout functions that need more than prompts
         generated = self._generate(prompts)
         prompt_ids_list, completion_ids_list, completions, sampling_logps, env_mask, extra_fields = generated
 

@@ -1,0 +1,20 @@
+"""Environments for multi-turn RL: the policy writes a turn, the environment answers with an observation, a reward
+and a done flag, until done or a turn limit.
+
+`GRPOTrainer(model, reward_funcs=environment_reward, rollout_func=EnvironmentRollout(MyEnvironment))` trains on them.
+"""
+
+from .base import EnvironmentFactory, EnvironmentInterface, EnvironmentStep
+from .examples import GuessTheNumberEnvironment, MathAnswerEnvironment
+from .rollout import EnvironmentRollout, environment_reward, rollout_and_rewards
+
+__all__ = [
+    "EnvironmentFactory",
+    "EnvironmentInterface",
+    "EnvironmentRollout",
+    "EnvironmentStep",
+    "GuessTheNumberEnvironment",
+    "MathAnswerEnvironment",
+    "environment_reward",
+    "rollout_and_rewards",
+]
