@@ -13,6 +13,7 @@ except PackageNotFoundError:  # running from a source checkout
     __version__ = "0.0.0.dev0"
 
 _EXPORTS = {
+    "api": ["TrainResult", "create_trainer", "get_algorithm", "list_algorithms", "register_algorithm", "train"],
     "data_utils": [
         "apply_chat_template",
         "extract_prompt",
@@ -49,8 +50,11 @@ _EXPORTS = {
         "RLOOTrainer",
         "PPOConfig",
         "PPOTrainer",
+        "TeacherGRPOConfig",
+        "TeacherGRPOTrainer",
     ],
-    "callbacks": ["SyncRefModelCallback"],
+    "callbacks": ["Callback", "SyncRefModelCallback"],
+    "trainer.simple": ["TrainingResult"],
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -1,10 +1,17 @@
-"""Training callbacks with TRL's names."""
+"""Training callbacks with TRL's names, and `Callback`: simple hooks for the simple API."""
 
 from __future__ import annotations
 
-from transformers import TrainerCallback
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["RichProgressCallback", "SyncRefModelCallback"]
+from transformers import TrainerCallback, TrainingArguments
+
+__all__ = ["Callback", "RichProgressCallback", "SyncRefModelCallback"]
+
+_SIMPLE_HOOKS = ("on_train_begin", "on_step_begin", "on_step_end", "on_epoch_end", "on_train_end")
 
 
 class RichProgressCallback(TrainerCallback):
@@ -94,3 +101,96 @@ class SyncRefModelCallback(TrainerCallback):
         if self.accelerator is not None:
             model = self.accelerator.unwrap_model(model)
         self.sync_target_model(model, self.ref_model, args.ref_model_mixup_alpha)
+
+
+class Callback(TrainerCallback):
+    """Training hooks with plain arguments instead of `transformers`' `(args, state, control, **kwargs)`.
+
+    Subclass it, override any of these hooks, and pass instances in `callbacks=[...]` to `llm_trainer.train`, `fit` or
+    any trainer. It is a `TrainerCallback`, so a plain `transformers.Trainer` takes it too.
+
+    - `on_train_begin(trainer)`
+    - `on_step_begin(trainer, step)`: `step` counts optimizer steps from 1.
+    - `on_step_end(trainer, step, metrics)`: `metrics` maps every metric logged so far to its latest value (this
+      step's when the step logs; called after that log).
+    - `on_epoch_end(trainer, epoch, metrics)`: `epoch` counts from 1 (a partial last epoch counts).
+    - `on_train_end(trainer, result)`: `result` is a `TrainingResult` (metrics, best checkpoint, steps, epochs).
+
+    `trainer` is the llm_trainer trainer running the callback, bound when the callback is added to it; under a plain
+    `transformers.Trainer` it is None unless you set `callback.trainer` yourself.
+    """
+
+    trainer: Any = None
+    _pending_step_end: tuple[Callable, int] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        for name in _SIMPLE_HOOKS:
+            hook = vars(cls).get(name)
+            if hook is not None and not getattr(hook, "_dispatches", False):
+                setattr(cls, name, _dispatching(name, hook))
+
+    def on_train_begin(self, trainer: Any) -> None:
+        """Called once, before the first step."""
+
+    def on_step_begin(self, trainer: Any, step: int) -> None:
+        """Called before optimizer step `step` (1-based)."""
+
+    def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:
+        """Called after optimizer step `step`, with the latest logged value of every metric."""
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
+        """Called after epoch `epoch` (1-based), with the latest logged value of every metric."""
+
+    def on_train_end(self, trainer: Any, result: Any) -> None:
+        """Called once at the end of training with its `TrainingResult`."""
+
+    # ------------------------------------------------------------------ transformers' events, translated
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._latest_metrics = {**getattr(self, "_latest_metrics", {}), **(logs or {})}
+        self._flush_step_end()
+
+    def _flush_step_end(self) -> None:
+        """Run an `on_step_end` held back until its step's log (or the next event, when the step does not log)."""
+        if self._pending_step_end is not None:
+            hook, step = self._pending_step_end
+            self._pending_step_end = None
+            hook(self, self.trainer, step, dict(getattr(self, "_latest_metrics", {})))
+
+    def _transformers_event(self, name: str, hook: Callable, args, state, control, **kwargs) -> None:
+        if name == "on_train_begin":
+            self._latest_metrics, self._pending_step_end = {}, None
+            hook(self, self.trainer)
+            return
+        if name == "on_step_end":  # the step's metrics are logged right after this event
+            self._flush_step_end()
+            self._pending_step_end = (hook, state.global_step)
+            return
+        self._flush_step_end()
+        metrics = dict(getattr(self, "_latest_metrics", {}))
+        if name == "on_step_begin":
+            hook(self, self.trainer, state.global_step + 1)
+        elif name == "on_epoch_end":
+            hook(self, self.trainer, math.ceil(state.epoch or 0), metrics)
+        else:  # on_train_end
+            from .trainer.simple import TrainingResult
+
+            hook(self, self.trainer, TrainingResult.from_state(state, args.output_dir))
+
+
+def _dispatching(name: str, hook: Callable) -> Callable:
+    """`hook` as a method that also answers transformers' `(args, state, control, **kwargs)` call of the same name."""
+
+    @functools.wraps(hook)
+    def method(self, *args, **kwargs):
+        if args and isinstance(args[0], TrainingArguments):
+            return self._transformers_event(name, hook, *args, **kwargs)
+        return hook(self, *args, **kwargs)
+
+    method._dispatches = True
+    return method
+
+
+for _name in _SIMPLE_HOOKS:
+    setattr(Callback, _name, _dispatching(_name, vars(Callback)[_name]))
+del _name

@@ -26,11 +26,12 @@ from transformers import (
 )
 
 from ..modeling import create_reference_model, load_model, wrap_with_peft
+from .simple import SimpleAPIMixin
 
 logger = logging.getLogger(__name__)
 
 
-class BaseTrainer(Trainer):
+class BaseTrainer(SimpleAPIMixin, Trainer):
     """What every trainer shares: config resolution, model and tokenizer loading, PEFT, metrics and the model card.
 
     Subclasses set `config_class`, `_name` and `_tag_names`, and record per-step metrics with
