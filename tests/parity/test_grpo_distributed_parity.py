@@ -30,7 +30,7 @@ def _run(package: str, model: str, out: Path) -> dict:
         env.pop(name, None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     command = [*launcher, str(_free_port()), str(SCRIPT), model, str(out), package]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
 
