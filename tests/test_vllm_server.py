@@ -206,3 +206,61 @@ def test_main_process_generates_for_all_processes(server_url, model, tokenizer, 
     assert [r["ids"] for r in results] == [expected[:2], expected[2:]]
     assert [r["client"] for r in results] == [True, False]  # only the main process talks to the server
     assert [len(lp) for lp in results[1]["logprobs"]] == [len(ids) for ids in expected[2:]]
+
+
+def test_grpo_trains_against_the_server_and_pushes_its_weights_each_step(
+    server_url, model, tokenizer, prompts, tmp_path
+):
+    """`GRPOTrainer(use_vllm=True, vllm_mode="server")`: completions come from the live server, with its sampling
+    log-probs driving the importance-sampling correction, and the trained weights reach the server before each
+    generation after an optimizer step."""
+    from transformers import TrainerCallback
+
+    from llm_trainer import GRPOConfig, GRPOTrainer
+    from llm_trainer.testing import zen_dataset
+
+    snapshots = {}
+
+    class Snapshot(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            snapshots[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def length_reward(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        learning_rate=0.05,
+        logging_steps=1,
+        bf16=False,
+        save_strategy="no",
+        disable_tqdm=True,
+        use_vllm=True,
+        vllm_mode="server",
+        vllm_server_base_url=server_url,
+        seed=1,
+    )
+    trainer = GRPOTrainer(
+        str(model.config._name_or_path),
+        length_reward,
+        args=args,
+        train_dataset=zen_dataset("standard_prompt_only"),
+        callbacks=[Snapshot()],
+    )
+    try:
+        trainer.train()
+        logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
+        assert "sampling/importance_sampling_ratio/mean" in logged  # the server's log-probs reached the loss
+        served = remote(server_url, tokenizer).generate(prompts).completion_ids
+        after_first_step = copy.deepcopy(model)
+        after_first_step.load_state_dict(snapshots[1])
+        synced = local(after_first_step, tokenizer).generate(prompts).completion_ids
+        assert served == synced
+        assert served != local(model, tokenizer).generate(prompts).completion_ids
+    finally:
+        remote(server_url, tokenizer).sync_weights(model)
