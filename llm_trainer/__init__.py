@@ -53,7 +53,11 @@ _EXPORTS = {
         "TeacherGRPOConfig",
         "TeacherGRPOTrainer",
     ],
-    "callbacks": ["Callback", "SyncRefModelCallback"],
+    "callbacks": ["Callback", "RichProgressCallback", "SyncRefModelCallback"],
+    "modeling": ["create_reference_model"],
+    "scripts.utils": ["DatasetMixtureConfig", "ScriptArguments", "TrlParser", "get_dataset", "init_zero_verbose"],
+    "trainer.model_config": ["ModelConfig"],
+    "trainer.utils": ["get_kbit_device_map", "get_peft_config", "get_quantization_config"],
     "trainer.simple": ["TrainingResult"],
 }
 

@@ -7,10 +7,10 @@
     llm-trainer vllm-serve --model Qwen/Qwen2.5-0.5B           # a generation server for `vllm_mode="server"`
     llm-trainer env                                            # versions, for bug reports
     llm-trainer demo                                           # the offline SFT demo
-    llm-trainer vllm-serve --model Qwen/Qwen2.5-0.5B           # generation server for vllm_mode="server"
 
-Every field of the trainer's config is a flag (`llm-trainer sft --help` lists them). A YAML `--config` file sets
-defaults for any flag, and its optional `env:` mapping sets environment variables.
+Every field of the trainer's config, of `ModelConfig` and of `ScriptArguments` is a flag (`llm-trainer sft --help`
+lists them). A YAML `--config` file sets defaults for any flag, its optional `env:` mapping sets environment
+variables, and a `datasets:` list (see `DatasetMixtureConfig`) trains on a mixture instead of `--dataset_name`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+
+from .scripts.utils import DatasetMixtureConfig, ScriptArguments, TrlParser, get_dataset
+from .trainer.model_config import ModelConfig
 
 # Trainers of causal LMs whose constructor takes (model, args, train_dataset, eval_dataset, peft_config)
 TRAINERS = {
@@ -35,13 +39,9 @@ ONLINE = {"grpo", "rloo"}  # trainers that also take reward functions
 
 
 @dataclass
-class ScriptArguments:
-    """What to train on (TRL's `ScriptArguments` fields)."""
+class TrainScriptArguments(ScriptArguments):
+    """`ScriptArguments`, plus the reward options of TRL's `grpo` / `rloo` scripts."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Dataset name, local folder or data file."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on, when evaluating."})
     reward_funcs: list[str] | None = field(
         default=None,
         metadata={
@@ -55,72 +55,61 @@ class ScriptArguments:
     )
 
 
-@dataclass
-class ModelArguments:
-    """Which model, and how to load and adapt it (a subset of TRL's `ModelConfig`)."""
-
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Model name or local folder."})
-    dtype: str = field(default="float32", metadata={"help": "'float32', 'bfloat16', 'float16' or 'auto'."})
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of the full model."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules to adapt."})
-
-
-def _parse(config_cls, argv: list[str]):
-    import yaml
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser((ScriptArguments, config_cls, ModelArguments))
-    if "--config" in argv:
-        i = argv.index("--config")
-        with open(argv[i + 1], encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-        os.environ.update({k: str(v) for k, v in (values.pop("env", None) or {}).items()})
-        parser.set_defaults(**values)
-        argv = argv[:i] + argv[i + 2 :]
-    return parser.parse_args_into_dataclasses(argv)
-
-
 def train(name: str, argv: list[str]) -> None:
-    """Run the `name` trainer with arguments parsed from `argv`."""
+    """Run the `name` trainer with arguments parsed from `argv`, as TRL's script of that name does."""
+    import torch
+
     import llm_trainer
 
+    from .trainer.utils import get_kbit_device_map, get_peft_config, get_quantization_config
+
     config_name, trainer_name = TRAINERS[name]
-    script, config, model_args = _parse(getattr(llm_trainer, config_name), argv)
-    if not model_args.model_name_or_path or not script.dataset_name:
-        raise SystemExit(f"llm-trainer {name}: --model_name_or_path and --dataset_name are required.")
-    from datasets import load_dataset
-
-    dataset = load_dataset(script.dataset_name, script.dataset_config)
-    config.model_init_kwargs = {**(config.model_init_kwargs or {}), "dtype": model_args.dtype}
-    peft_config = None
-    if model_args.use_peft:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
-            target_modules=model_args.lora_target_modules,
-            task_type="CAUSAL_LM",
+    parser = TrlParser(
+        (TrainScriptArguments, getattr(llm_trainer, config_name), ModelConfig, DatasetMixtureConfig),
+        prog=f"llm-trainer {name}",
+    )
+    script, config, model_args, mixture = parser.parse_args_and_config(argv)
+    if not model_args.model_name_or_path or not (script.dataset_name or mixture.datasets):
+        raise SystemExit(
+            f"llm-trainer {name}: --model_name_or_path and --dataset_name are required (or, instead of "
+            "--dataset_name, a `datasets:` list in the --config YAML)."
         )
-    evaluating = config.eval_strategy != "no"
     extra = {"reward_funcs": reward_functions(script)} if name in ONLINE else {}
+    if mixture.datasets:
+        if script.dataset_name:
+            warnings.warn("Both `datasets` and --dataset_name are set: training on `datasets`.", stacklevel=2)
+        dataset = get_dataset(mixture)
+    else:
+        from datasets import load_dataset
+
+        dataset = load_dataset(script.dataset_name, script.dataset_config, streaming=script.dataset_streaming)
+    init_kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        init_kwargs |= {"quantization_config": quantization_config, "device_map": get_kbit_device_map()}
+    config.model_init_kwargs = {**init_kwargs, **(config.model_init_kwargs or {})}
+    evaluating = config.eval_strategy != "no"
     trainer = getattr(llm_trainer, trainer_name)(
         model=model_args.model_name_or_path,
         **extra,
         args=config,
         train_dataset=dataset[script.dataset_train_split],
         eval_dataset=dataset[script.dataset_test_split] if evaluating else None,
-        peft_config=peft_config,
+        peft_config=get_peft_config(model_args),
     )
-    trainer.train()
+    if script.ignore_bias_buffers:  # DDP cannot broadcast boolean buffers
+        trainer.model._ddp_params_and_buffers_to_ignore = [
+            buffer_name for buffer_name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
+        ]
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
 
 
-def reward_functions(script: ScriptArguments) -> list:
+def reward_functions(script: TrainScriptArguments) -> list:
     """The reward model and functions named on the command line, TRL's `grpo` script style."""
     import importlib
 

@@ -214,8 +214,18 @@ def _stats_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: 
     return log_probs, fields
 
 
-def create_reference_model(model: PreTrainedModel) -> PreTrainedModel:
-    """A frozen copy of `model` in eval mode: the reference policy of DPO, KTO, GRPO's KL term, ..."""
+def create_reference_model(
+    model: PreTrainedModel, num_shared_layers: int | None = None, pattern: str | None = None
+) -> PreTrainedModel:
+    """A frozen copy of `model` in eval mode: the reference policy of DPO, KTO, GRPO's KL term, ...
+
+    TRL's signature; sharing the first `num_shared_layers` layers with the policy is not supported.
+    """
+    if num_shared_layers is not None or pattern is not None:
+        raise NotImplementedError(
+            "`create_reference_model` makes a full frozen copy; sharing layers (`num_shared_layers`, `pattern`) is not "
+            "supported. Omit them."
+        )
     import copy
 
     reference = copy.deepcopy(model).eval()

@@ -119,3 +119,11 @@ def test_grpo_with_a_builtin_reward_and_one_from_an_import_path(tiny_model_path,
             ["grpo", "--model_name_or_path", tiny_model_path, "--dataset_name", str(folder), "--output_dir", str(out)]
             + ["--reward_funcs", "nope"]
         )
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo", "kto", "orpo", "cpo", "grpo", "rloo"])
+def test_help_lists_the_config_fields(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--learning_rate" in capsys.readouterr().out

@@ -27,6 +27,8 @@ _EXPORTS = {
     "ppo_trainer": ["PPOTrainer"],
     "teacher_grpo_config": ["TeacherGRPOConfig"],
     "teacher_grpo_trainer": ["TeacherGRPOTrainer"],
+    "model_config": ["ModelConfig"],
+    "utils": ["get_peft_config", "get_quantization_config"],
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

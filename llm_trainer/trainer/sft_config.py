@@ -82,7 +82,7 @@ class SFTConfig(BaseConfig):
     )
     assistant_only_loss: bool = field(
         default=False,
-        metadata={"help": "Train only on assistant tokens (needs `{% generation %}` markers in the chat template)."},
+        metadata={"help": "Train only on assistant tokens (needs `{%% generation %%}` markers in the chat template)."},
     )
     loss_type: str = field(
         default="nll",

@@ -1,0 +1,86 @@
+"""`ModelConfig`: which model a script trains, how it is loaded, and its LoRA / quantization options (TRL 1.16's)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+BNB_4BIT_QUANT_TYPES = ("fp4", "nf4")
+
+
+@dataclass
+class ModelConfig:
+    """Model arguments of TRL's example scripts; `TrlParser` turns every field into a command-line flag.
+
+    Field names and defaults are TRL 1.16's. `get_peft_config` builds a `peft.LoraConfig` from the `lora_*` fields
+    (when `use_peft`), and `get_quantization_config` a `BitsAndBytesConfig` from `load_in_4bit` / `load_in_8bit`.
+    A one-element `lora_target_modules` list becomes that string, so `--lora_target_modules all-linear` means PEFT's
+    "all-linear" shortcut rather than a module named so.
+    """
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Model to train: a Hub id or a local folder."}
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "Model version to load: a branch name, a tag or a commit id."}
+    )
+    dtype: str | None = field(
+        default="float32",
+        metadata={
+            "help": "dtype to load the model weights in; 'auto' keeps the checkpoint's.",
+            "choices": list(DTYPES),
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention implementation, e.g. 'sdpa', 'eager' or 'flash_attention_2' (installed apart)."},
+    )
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of the full model."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the adapter is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules to adapt (names, or 'all-linear'); None uses PEFT's default."}
+    )
+    lora_target_parameters: list[str] | None = field(
+        default=None, metadata={"help": "Parameters to adapt directly (e.g. MoE expert weights)."}
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full and saved alongside the adapter."}
+    )
+    lora_task_type: str = field(
+        default="CAUSAL_LM", metadata={"help": "PEFT task type: 'CAUSAL_LM', or 'SEQ_CLS' for reward models."}
+    )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "Rank-stabilized LoRA: scale the adapter by alpha / sqrt(r) instead of r."}
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata={"help": "Weight-decomposed LoRA (DoRA): LoRA learns the direction, a vector the magnitude."},
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Load the base model in 8 bits (bitsandbytes); for LoRA training."}
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "Load the base model in 4 bits (bitsandbytes); for LoRA training."}
+    )
+    bnb_4bit_quant_type: str = field(
+        default="nf4",
+        metadata={"help": "4-bit quantization data type.", "choices": list(BNB_4BIT_QUANT_TYPES)},
+    )
+    use_bnb_nested_quant: bool = field(
+        default=False, metadata={"help": "Also quantize the 4-bit quantization constants (double quantization)."}
+    )
+    bnb_4bit_quant_storage: str | None = field(
+        default=None, metadata={"help": "dtype the 4-bit weights are stored in; None keeps bitsandbytes' uint8."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.load_in_8bit and self.load_in_4bit:
+            raise ValueError("`load_in_8bit` and `load_in_4bit` are both set: choose one quantization.")
+        if isinstance(self.dtype, str) and self.dtype not in DTYPES:
+            raise ValueError(f"Invalid `dtype` {self.dtype!r}: use one of {', '.join(map(repr, DTYPES))}.")
+        if self.bnb_4bit_quant_type not in BNB_4BIT_QUANT_TYPES:
+            raise ValueError(f"Invalid `bnb_4bit_quant_type` {self.bnb_4bit_quant_type!r}: use 'fp4' or 'nf4'.")
+        if isinstance(self.lora_target_modules, (list, tuple)) and len(self.lora_target_modules) == 1:
+            self.lora_target_modules = self.lora_target_modules[0]
