@@ -52,6 +52,8 @@ _EXPORTS = {
         "PPOTrainer",
         "TeacherGRPOConfig",
         "TeacherGRPOTrainer",
+        "DistillationConfig",
+        "DistillationTrainer",
     ],
     "callbacks": ["Callback", "RichProgressCallback", "SyncRefModelCallback"],
     "modeling": ["create_reference_model"],

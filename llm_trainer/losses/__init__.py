@@ -13,6 +13,7 @@
 |                            | `high_entropy_mask`, `off_policy_mask`, `vespo_gamma_weights`, `entropy_bonus`  |
 | RLOOTrainer                | `rloo_sequence_kl`, `rloo_rewards`, `rloo_advantages`, `zero_std_groups`,       |
 |                            | `rloo_loss`                                                                     |
+| DistillationTrainer        | `generalized_jsd`, `chunked_distillation_loss`, `transform_logits`              |
 | PPOTrainer (TRL <= 1.12)   | `kl_shaped_rewards`, `whiten_rewards`, `gae_advantages`, `ppo_policy_loss`,     |
 |                            | `ppo_value_loss`, `masked_whiten`, `response_padding_masks`                     |
 
@@ -21,6 +22,7 @@ Shared: `sequence_logps`, `masked_mean_nll` and the loss shapes in `common`; for
 """
 
 from .common import Gather, masked_mean_nll, preference_metrics, sequence_logps
+from .distillation import chunked_distillation_loss, generalized_jsd, transform_logits
 from .policy_gradient import (
     GRPO_LOSS_TYPES,
     PolicyLossOutput,
@@ -93,6 +95,9 @@ from .unpaired import (
 )
 
 __all__ = [
+    "chunked_distillation_loss",
+    "generalized_jsd",
+    "transform_logits",
     "BCOLossOutput",
     "CPOLossOutput",
     "CPO_LOSS_TYPES",

@@ -25,6 +25,8 @@ _EXPORTS = {
     "rloo_trainer": ["RLOOTrainer"],
     "ppo_config": ["PPOConfig"],
     "ppo_trainer": ["PPOTrainer"],
+    "distillation_config": ["DistillationConfig"],
+    "distillation_trainer": ["DistillationTrainer"],
     "teacher_grpo_config": ["TeacherGRPOConfig"],
     "teacher_grpo_trainer": ["TeacherGRPOTrainer"],
     "model_config": ["ModelConfig"],

@@ -1,5 +1,7 @@
 """What GRPO and RLOO share: sample prompts in groups, generate, score with reward functions, buffer, log.
 
+`OnPolicyGenerationMixin` holds the parts that do not involve rewards, shared with `DistillationTrainer`.
+
 One training "generation batch" (`generation_batch_size` rows: every prompt repeated `num_generations` times) is
 generated and scored at once, then split into `steps_per_generation` micro-batches and reused for
 `num_iterations` passes. Subclasses turn rewards into advantages (`compute_advantages`) and advantages into a loss
@@ -36,7 +38,99 @@ from .utils import disable_dropout_in_model
 RolloutFunc = Callable[[list[Any], Any], dict[str, Any]]
 
 
-class OnlineRLTrainer(BaseTrainer):
+class OnPolicyGenerationMixin:
+    """What every trainer that samples its own completions shares (`OnlineRLTrainer`, `DistillationTrainer`):
+    prompt tokenization, padding, completion-length metrics, step timing and label-free evaluation.
+
+    Expects `chat_template_kwargs`, `eos_token_ids`, `_tokenizer`, `pad_to_multiple_of`, `_step` and `_step_time`
+    on the trainer, and `_prepare_inputs` to return a batch `compute_loss` accepts.
+    """
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt", "image", "images"]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        start = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step += 1
+        self._step_time += time.perf_counter() - start
+        if self._step % self.current_gradient_accumulation_steps == 0:
+            self._metrics["train"]["step_time"].append(self._step_time)
+            self._step_time = 0.0
+        return loss
+
+    def _tokenize_prompts(self, prompts: list[Any]) -> list[list[int]]:
+        if is_conversational({"prompt": prompts[0]}):
+            return self.processing_class.apply_chat_template(
+                conversation=prompts,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                **self.chat_template_kwargs,
+            )["input_ids"]
+        return self.processing_class(text=prompts)["input_ids"]
+
+    def _log_lengths(self, prompt_ids, completion_ids, mode: str, env_mask=None) -> None:
+        """Token counts and completion-length metrics; with an environment mask, only the policy's tokens count."""
+        device = self.accelerator.device
+        prompt_lengths = gather(torch.tensor([len(ids) for ids in prompt_ids], device=device))
+        written = [sum(mask) for mask in env_mask] if env_mask is not None else [len(ids) for ids in completion_ids]
+        lengths = gather(torch.tensor(written, device=device))
+        if lengths.numel() == 0:
+            raise RuntimeError("No completions were generated; see the generation logs above for the cause.")
+        if mode == "train":
+            self.state.num_input_tokens_seen += int(prompt_lengths.sum() + lengths.sum())
+        metrics = self._metrics[mode]
+        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+        ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        truncated = gather(torch.tensor([not ids or ids[-1] not in ends for ids in completion_ids], device=device))
+        terminated = lengths[~truncated].float()
+        terminated = terminated if terminated.numel() else torch.zeros(1, device=device)
+        lengths = lengths.float()
+        for prefix, values in (("", lengths), ("terminated_", terminated)):
+            metrics[f"completions/mean_{prefix}length"].append(values.mean().item())
+            metrics[f"completions/min_{prefix}length"].append(values.min().item())
+            metrics[f"completions/max_{prefix}length"].append(values.max().item())
+        metrics["completions/clipped_ratio"].append(truncated.float().mean().item())
+
+    def _pad(self, rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.accelerator.device
+        values = pad(rows, self._tokenizer.pad_token_id, side, self.pad_to_multiple_of).to(device)
+        mask = pad([torch.ones(len(row), dtype=torch.long) for row in rows], 0, side, self.pad_to_multiple_of)
+        return values, mask.to(device)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.mean().detach(), None, None
+
+    def _save_completions_table(self, table: dict[str, list]) -> None:
+        """Print a sample of `table` (rich) and save it all to `completions/*.parquet`; also log it to wandb /
+        trackio when those are in `report_to`. `table` needs the columns `step`, `prompt` and `completion`."""
+        import pandas as pd
+
+        frame = pd.DataFrame(table)
+        _print_completions(frame, self.num_completions_to_print)
+        folder = os.path.join(self.args.output_dir, "completions")
+        os.makedirs(folder, exist_ok=True)
+        frame.astype({"prompt": str, "completion": str}).to_parquet(
+            os.path.join(folder, f"completions_{self.state.global_step:05d}.parquet")
+        )
+        report_to = self.args.report_to or []
+        if "wandb" in report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"completions": wandb.Table(dataframe=frame.astype(str))})
+        if "trackio" in report_to:
+            import trackio
+
+            trackio.log({"completions": trackio.Table(dataframe=frame.astype(str))})
+
+
+class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
     """The generate-score-train loop of the online RL trainers (`GRPOTrainer`, `RLOOTrainer`).
 
     Subclasses implement `compute_advantages(rewards_per_func, batch)` (which may add what their loss needs to the
@@ -204,10 +298,6 @@ class OnlineRLTrainer(BaseTrainer):
                 )
             self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
 
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = ["prompt", "image", "images"]
-
     # ----------------------------------------------------------------------------------------------- data
     def get_train_dataloader(self):
         """Batches of `steps_per_generation` micro-batches: one generation batch per `_prepare_inputs` refill."""
@@ -232,16 +322,6 @@ class OnlineRLTrainer(BaseTrainer):
     def _get_eval_sampler(self, eval_dataset) -> RepeatSampler:
         return RepeatSampler(eval_dataset, mini_repeat_count=self.num_generations_eval, seed=self.args.seed)
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        start = time.perf_counter()
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self._step += 1
-        self._step_time += time.perf_counter() - start
-        if self._step % self.current_gradient_accumulation_steps == 0:
-            self._metrics["train"]["step_time"].append(self._step_time)
-            self._step_time = 0.0
-        return loss
-
     def _prepare_inputs(self, generation_batch: list[dict[str, Any]]) -> dict[str, Any]:
         """Training: generate for a whole generation batch every `steps_per_generation * num_iterations` steps and
         return this step's slice of it; evaluation: generate and score the batch as is."""
@@ -254,17 +334,6 @@ class OnlineRLTrainer(BaseTrainer):
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     # ----------------------------------------------------------------------------------------------- rollouts
-    def _tokenize_prompts(self, prompts: list[Any]) -> list[list[int]]:
-        if is_conversational({"prompt": prompts[0]}):
-            return self.processing_class.apply_chat_template(
-                conversation=prompts,
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                **self.chat_template_kwargs,
-            )["input_ids"]
-        return self.processing_class(text=prompts)["input_ids"]
-
     def _generate(self, prompts: list[Any]) -> tuple[list[list[int]], list[list[int]], list[Any], Any, Any, dict]:
         """Prompt ids, completion ids, decoded completions, sampling log-probs (or None), the environment mask (1
         where the policy wrote the token, 0 where an environment did; None without one) and extra rollout fields."""
@@ -292,29 +361,6 @@ class OnlineRLTrainer(BaseTrainer):
         env_mask = extra_fields.pop("env_mask", None)
         self._log_lengths(prompt_ids, completion_ids, mode, env_mask)
         return prompt_ids, completion_ids, completions, logprobs, env_mask, extra_fields
-
-    def _log_lengths(self, prompt_ids, completion_ids, mode: str, env_mask=None) -> None:
-        """Token counts and completion-length metrics; with an environment mask, only the policy's tokens count."""
-        device = self.accelerator.device
-        prompt_lengths = gather(torch.tensor([len(ids) for ids in prompt_ids], device=device))
-        written = [sum(mask) for mask in env_mask] if env_mask is not None else [len(ids) for ids in completion_ids]
-        lengths = gather(torch.tensor(written, device=device))
-        if lengths.numel() == 0:
-            raise RuntimeError("No completions were generated; see the generation logs above for the cause.")
-        if mode == "train":
-            self.state.num_input_tokens_seen += int(prompt_lengths.sum() + lengths.sum())
-        metrics = self._metrics[mode]
-        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
-        ends = {*self.eos_token_ids, self._tokenizer.pad_token_id}
-        truncated = gather(torch.tensor([not ids or ids[-1] not in ends for ids in completion_ids], device=device))
-        terminated = lengths[~truncated].float()
-        terminated = terminated if terminated.numel() else torch.zeros(1, device=device)
-        lengths = lengths.float()
-        for prefix, values in (("", lengths), ("terminated_", terminated)):
-            metrics[f"completions/mean_{prefix}length"].append(values.mean().item())
-            metrics[f"completions/min_{prefix}length"].append(values.min().item())
-            metrics[f"completions/max_{prefix}length"].append(values.max().item())
-        metrics["completions/clipped_ratio"].append(truncated.float().mean().item())
 
     def _token_logps(
         self,
@@ -415,12 +461,6 @@ class OnlineRLTrainer(BaseTrainer):
         mask = batch["completion_mask"]
         return mask if "tool_mask" not in batch else mask * batch["tool_mask"]
 
-    def _pad(self, rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.accelerator.device
-        values = pad(rows, self._tokenizer.pad_token_id, side, self.pad_to_multiple_of).to(device)
-        mask = pad([torch.ones(len(row), dtype=torch.long) for row in rows], 0, side, self.pad_to_multiple_of)
-        return values, mask.to(device)
-
     def _score(self, inputs, prompts, completions, completion_ids) -> torch.Tensor:
         columns = {key: [row[key] for row in inputs] for key in inputs[0] if key not in ("prompt", "completion")}
         columns.pop("completion_ids", None)
@@ -479,22 +519,13 @@ class OnlineRLTrainer(BaseTrainer):
         self._pending_extra_logs.clear()
 
     # ----------------------------------------------------------------------------------------------- loss, logs
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.mean().detach(), None, None
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         super().log(logs, start_time)
         if self.accelerator.is_main_process and self.log_completions and self._logs["prompt"]:
             self._write_completions()
 
     def _write_completions(self) -> None:
-        """Print a sample of the latest completions (rich) and save them all to `completions/*.parquet`; also log
-        them as a table to wandb / trackio when those are in `report_to`."""
-        import pandas as pd
-
+        """Print, save and report the latest completions with their rewards (see `_save_completions_table`)."""
         table = {
             "step": [self.state.global_step] * len(self._logs["prompt"]),
             "prompt": list(self._logs["prompt"]),
@@ -503,23 +534,7 @@ class OnlineRLTrainer(BaseTrainer):
             **{name: list(values) for name, values in self._logs["extra"].items()},
             "advantage": list(self._logs["advantages"]),
         }
-        frame = pd.DataFrame(table)
-        _print_completions(frame, self.num_completions_to_print)
-        folder = os.path.join(self.args.output_dir, "completions")
-        os.makedirs(folder, exist_ok=True)
-        frame.astype({"prompt": str, "completion": str}).to_parquet(
-            os.path.join(folder, f"completions_{self.state.global_step:05d}.parquet")
-        )
-        report_to = self.args.report_to or []
-        if "wandb" in report_to:
-            import wandb
-
-            if wandb.run is not None:
-                wandb.log({"completions": wandb.Table(dataframe=frame.astype(str))})
-        if "trackio" in report_to:
-            import trackio
-
-            trackio.log({"completions": trackio.Table(dataframe=frame.astype(str))})
+        self._save_completions_table(table)
 
     def close(self) -> None:
         """Stop the generation back end and the reward functions' event loop."""

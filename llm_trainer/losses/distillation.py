@@ -1,0 +1,181 @@
+"""Knowledge-distillation losses: the generalized Jensen-Shannon divergence between a student's and a teacher's
+next-token distributions, as TRL 1.16's `DistillationTrainer`.
+
+`beta` picks the divergence: 0 is the forward KL(teacher || student), 1 the reverse KL(student || teacher), and
+anything in between the generalized JSD with mixture m = (1 - beta) p_student + beta p_teacher:
+
+    JSD_beta = beta KL(p_teacher || m) + (1 - beta) KL(p_student || m)
+
+Both models' logits go through their own transform, `z = softcap * tanh(scale * l / softcap) / temperature`
+(no `tanh` without a softcap, `scale` 1 when unset), before the softmax. `chunked_distillation_loss` starts from the
+hidden states and LM heads and never materializes more than one `(chunk, vocab)` block of logits per model: each
+chunk of tokens is projected, reduced and dropped, then recomputed in the backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+# fp32 logits per model in one chunk of tokens (rows * vocab), about 64 MiB
+CHUNK_ELEMENTS = 1 << 24
+
+
+def transform_logits(
+    logits: torch.Tensor, temperature: float = 1.0, logit_scale: float | None = None, softcap: float | None = None
+) -> torch.Tensor:
+    """`softcap * tanh(logit_scale * logits / softcap) / temperature` in fp32 (each step skipped when unset)."""
+    z = logits.float()
+    if logit_scale is not None:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row divergence between `softmax(student_logits)` and `softmax(teacher_logits)`, and the student entropy.
+
+    Args:
+        student_logits: `(..., V)` transformed student logits (see `transform_logits`).
+        teacher_logits: `(..., V)` transformed teacher logits.
+        beta: in [0, 1]; 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher), else generalized JSD.
+
+    Returns:
+        `(divergence, entropy)`, fp32 `(...)`, in nats. Only the divergence carries a gradient.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}.")
+    log_ps = student_logits.float().log_softmax(-1)
+    log_pt = teacher_logits.float().log_softmax(-1)
+    p_s = log_ps.exp()
+    entropy = -(p_s * log_ps).sum(-1).detach()
+    if beta == 0.0:
+        divergence = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    elif beta == 1.0:
+        divergence = (p_s * (log_ps - log_pt)).sum(-1)
+    else:
+        log_m = torch.logaddexp(log_ps + math.log(1 - beta), log_pt + math.log(beta))
+        kl_teacher = (log_pt.exp() * (log_pt - log_m)).sum(-1)
+        kl_student = (p_s * (log_ps - log_m)).sum(-1)
+        divergence = beta * kl_teacher + (1 - beta) * kl_student
+    return divergence, entropy
+
+
+def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits of `hidden` (rounded to the compute dtype first, as the forward pass would)."""
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    logits = hidden.to(dtype).float() @ weight.to(dtype).float().t()
+    return logits if bias is None else logits + bias.float()
+
+
+def _chunk_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    beta: float,
+    temperature: float,
+    student_transform: tuple[float | None, float | None],
+    teacher_transform: tuple[float | None, float | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    z_s = transform_logits(_project(student_hidden, student_weight, student_bias), temperature, *student_transform)
+    z_t = transform_logits(_project(teacher_hidden, teacher_weight, teacher_bias), temperature, *teacher_transform)
+    divergence, entropy = generalized_jsd(z_s, z_t, beta)
+    return divergence.sum(), entropy.sum()
+
+
+def chunked_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    temperature: float = 1.0,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_logit_scale: float | None = None,
+    student_softcap: float | None = None,
+    teacher_logit_scale: float | None = None,
+    teacher_softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Generalized JSD between the student and the teacher over the masked positions, from hidden states.
+
+    Only the positions where `mask` is non-zero are projected through the heads, `chunk_size` rows at a time; each
+    chunk's logits are recomputed in the backward rather than stored. The teacher gets no gradient.
+
+    Args:
+        student_hidden: `(..., H_s)` student hidden states aligned with the predicted tokens (before the head).
+        student_weight: `(V, H_s)` student LM-head weight.
+        teacher_hidden: `(..., H_t)` teacher hidden states at the same positions; the widths may differ.
+        teacher_weight: `(V, H_t)` teacher LM-head weight; the vocabulary must match the student's.
+        mask: `(...)`, 1 where the position is trained on.
+        beta: 0 = forward KL, 1 = reverse KL, in between = generalized JSD.
+        temperature: divides both models' (scaled, soft-capped) logits; must be positive.
+        num_items_in_batch: divide the summed divergence by this (gradient-accumulation-correct); None divides by
+            the number of masked positions here (at least 1).
+        student_bias, teacher_bias: `(V,)` head biases, or None.
+        student_logit_scale, teacher_logit_scale: multipliers of the raw logits (Cohere-style), or None.
+        student_softcap, teacher_softcap: final-logit soft-capping values (Gemma-style), or None.
+        chunk_size: rows projected at a time; None sizes chunks to about 64 MiB of fp32 logits per model.
+
+    Returns:
+        `(loss, entropy_sum, num_valid)`: the scalar loss, the summed student entropy (nats, no gradient) and the
+        number of masked positions, so callers can reduce the entropy across processes.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}.")
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"The student head has {student_weight.shape[0]} vocabulary rows but the teacher's has "
+            f"{teacher_weight.shape[0]}; distillation needs a shared vocabulary."
+        )
+    if student_hidden.shape[:-1] != mask.shape or teacher_hidden.shape[:-1] != mask.shape:
+        raise ValueError(
+            f"expected hidden states (..., H) over the mask's shape {tuple(mask.shape)}; got student "
+            f"{tuple(student_hidden.shape)} and teacher {tuple(teacher_hidden.shape)}"
+        )
+    kept = mask.reshape(-1) != 0
+    num_valid = kept.sum()
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])[kept]
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[kept].detach()
+    chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // student_weight.shape[0])
+    loss = student_hidden.new_zeros((), dtype=torch.float32)
+    entropy = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    args = (beta, temperature, (student_logit_scale, student_softcap), (teacher_logit_scale, teacher_softcap))
+    for start in range(0, h_s.shape[0], chunk_size):
+        end = start + chunk_size
+        chunk_loss, chunk_entropy = checkpoint(
+            _chunk_divergence,
+            h_s[start:end],
+            student_weight,
+            student_bias,
+            h_t[start:end],
+            teacher_weight.detach(),
+            None if teacher_bias is None else teacher_bias.detach(),
+            *args,
+            use_reentrant=False,
+        )
+        loss = loss + chunk_loss
+        entropy = entropy + chunk_entropy
+    if h_s.shape[0] == 0:  # keep the graph connected to the student so backward still runs
+        loss = loss + 0.0 * student_hidden.sum()
+    if num_items_in_batch is None:
+        loss = loss / num_valid.clamp(min=1)
+    else:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss, entropy.detach(), num_valid
