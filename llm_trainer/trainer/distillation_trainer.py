@@ -25,7 +25,7 @@ from ..losses.distillation import chunked_distillation_loss
 from ..modeling import load_model, logit_transform
 from .base_trainer import BaseTrainer
 from .distillation_config import DistillationConfig
-from .online_trainer import OnPolicyGenerationMixin, _identity, _shuffle_rows, _split_rows
+from .online_trainer import OnPolicyGenerationMixin, shuffle_rows, split_rows
 from .utils import disable_dropout_in_model
 
 
@@ -112,25 +112,7 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
         self.chat_template_kwargs = args.chat_template_kwargs or {}
         self.pad_to_multiple_of = args.pad_to_multiple_of
         self.shuffle_dataset = args.shuffle_dataset
-        self._step = 0
-        self._step_time = 0.0
-        self._buffered_inputs: list[dict[str, Any]] | None = None
-
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=_identity,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
-        if args.n_gpu > 1:
-            raise ValueError(
-                "DistillationTrainer does not support `nn.DataParallel`; launch with `accelerate launch` or "
-                "`torchrun`, or make one GPU visible with `CUDA_VISIBLE_DEVICES`."
-            )
+        self.init_trainer(model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers)
         teacher_model.eval().requires_grad_(False)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             self.teacher_model = teacher_model.to(self.accelerator.device)
@@ -240,8 +222,8 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
             return self._generate_completions(generation_batch)
         steps = self.args.gradient_accumulation_steps
         if self._step % steps == 0 or self._buffered_inputs is None:
-            batch = _shuffle_rows(self._generate_completions(generation_batch))
-            self._buffered_inputs = _split_rows(batch, steps)
+            batch = shuffle_rows(self._generate_completions(generation_batch))
+            self._buffered_inputs = split_rows(batch, steps)
         return self._buffered_inputs[self._step % steps]
 
     def _generate_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -50,6 +50,28 @@ class OnPolicyGenerationMixin:
         if self._signature_columns is None:
             self._signature_columns = ["prompt", "image", "images"]
 
+    def init_trainer(self, model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers) -> None:
+        """`Trainer.__init__` without collation (the rows reach `_prepare_inputs` as they are); `nn.DataParallel`,
+        which splits a generation batch arbitrarily, is refused."""
+        self._step = 0
+        self._step_time = 0.0
+        self._buffered_inputs: list[dict[str, Any]] | None = None
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=_identity,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"{type(self).__name__} does not support `nn.DataParallel`; launch with `accelerate launch` or "
+                "`torchrun`, or make one GPU visible with `CUDA_VISIBLE_DEVICES`."
+            )
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         start = time.perf_counter()
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -209,25 +231,7 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
         self.pad_to_multiple_of = args.pad_to_multiple_of
         self.shuffle_dataset = args.shuffle_dataset
         self.router_aux_loss_coef = self.configure_router_aux_loss(model, args.router_aux_loss_coef)
-        self._step = 0
-        self._buffered_inputs: list[dict[str, Any]] | None = None
-        self._step_time = 0.0
-
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=_identity,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
-        if args.n_gpu > 1:
-            raise ValueError(
-                f"{type(self).__name__} does not support `nn.DataParallel`; launch with `accelerate launch` or "
-                "`torchrun`, or make one GPU visible with `CUDA_VISIBLE_DEVICES`."
-            )
+        self.init_trainer(model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers)
         self._setup_reference(model, args)
         for i, reward_model in enumerate(self.reward_functions.funcs):
             if isinstance(reward_model, torch.nn.Module):
@@ -329,8 +333,8 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
             return self._generate_and_score_completions(generation_batch)
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
-            batch = _shuffle_rows(self._generate_and_score_completions(generation_batch))
-            self._buffered_inputs = _split_rows(batch, self.args.steps_per_generation)
+            batch = shuffle_rows(self._generate_and_score_completions(generation_batch))
+            self._buffered_inputs = split_rows(batch, self.args.steps_per_generation)
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
 
     # ----------------------------------------------------------------------------------------------- rollouts
@@ -546,7 +550,7 @@ def _identity(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _shuffle_rows(batch: dict[str, Any]) -> dict[str, Any]:
+def shuffle_rows(batch: dict[str, Any]) -> dict[str, Any]:
     """The same random permutation of the rows of every tensor (and list) in `batch`; scalars are kept."""
     size = len(batch["prompt_ids"])
     order = torch.randperm(size)
@@ -560,7 +564,7 @@ def _shuffle_rows(batch: dict[str, Any]) -> dict[str, Any]:
     return shuffled
 
 
-def _split_rows(batch: dict[str, Any], chunks: int) -> list[dict[str, Any]]:
+def split_rows(batch: dict[str, Any], chunks: int) -> list[dict[str, Any]]:
     """`batch` cut into `chunks` equal slices of rows; scalars are shared by every slice."""
     size = len(batch["prompt_ids"]) // chunks
     rows = {key for key, value in batch.items() if isinstance(value, list) or _is_rows(value)}
