@@ -18,14 +18,13 @@ from accelerate.utils import gather, gather_object, is_peft_model, set_seed
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 
-from ..data.sampling import RepeatSampler
 from ..generation import make_generator
 from ..generation.factory import eos_token_ids
 from ..losses.distillation import chunked_distillation_loss
 from ..modeling import load_model, logit_transform
 from .base_trainer import BaseTrainer
 from .distillation_config import DistillationConfig
-from .online_trainer import OnPolicyGenerationMixin, shuffle_rows, split_rows
+from .online_trainer import OnPolicyGenerationMixin
 from .utils import disable_dropout_in_model
 
 
@@ -191,42 +190,7 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
         return teacher_model
 
     # ----------------------------------------------------------------------------------------------- data
-    def get_train_dataloader(self):
-        """Batches of `gradient_accumulation_steps` micro-batches: one generation batch per optimizer step."""
-        return self._get_dataloader(
-            dataset=self.train_dataset,
-            description="Training",
-            batch_size=self._train_batch_size * self.args.gradient_accumulation_steps,
-            sampler_fn=self._get_train_sampler,
-            is_training=True,
-        )
-
-    def _get_train_sampler(self, dataset: Dataset | None = None) -> RepeatSampler:
-        steps = self.args.gradient_accumulation_steps
-        return RepeatSampler(
-            dataset if dataset is not None else self.train_dataset,
-            mini_repeat_count=1,
-            batch_size=self.args.per_device_train_batch_size * self.accelerator.num_processes * steps,
-            repeat_count=steps,
-            shuffle=self.shuffle_dataset,
-            seed=self.args.seed,
-        )
-
-    def _get_eval_sampler(self, eval_dataset) -> RepeatSampler:
-        return RepeatSampler(eval_dataset, mini_repeat_count=1, seed=self.args.seed)
-
-    def _prepare_inputs(self, generation_batch: list[dict[str, Any]]) -> dict[str, Any]:
-        """Training: sample completions for the whole generation batch once per optimizer step and return this
-        micro-step's slice; evaluation: sample for the batch as is."""
-        if not self.model.training:
-            return self._generate_completions(generation_batch)
-        steps = self.args.gradient_accumulation_steps
-        if self._step % steps == 0 or self._buffered_inputs is None:
-            batch = shuffle_rows(self._generate_completions(generation_batch))
-            self._buffered_inputs = split_rows(batch, steps)
-        return self._buffered_inputs[self._step % steps]
-
-    def _generate_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         """One student completion per prompt, padded, with the number of completion tokens across processes."""
         mode = "train" if self.model.training else "eval"
         if self.state.global_step != self._last_loaded_step:

@@ -42,8 +42,9 @@ class OnPolicyGenerationMixin:
     """What every trainer that samples its own completions shares (`OnlineRLTrainer`, `DistillationTrainer`):
     prompt tokenization, padding, completion-length metrics, step timing and label-free evaluation.
 
-    Expects `chat_template_kwargs`, `eos_token_ids`, `_tokenizer`, `pad_to_multiple_of`, `_step` and `_step_time`
-    on the trainer, and `_prepare_inputs` to return a batch `compute_loss` accepts.
+    Expects `chat_template_kwargs`, `eos_token_ids`, `_tokenizer` and `pad_to_multiple_of` on the trainer, and
+    `_generate_and_score_completions(rows)` to return a batch `compute_loss` accepts; batches are generated and
+    buffered as `num_generations`, `steps_per_generation` and `num_iterations` say.
     """
 
     def _set_signature_columns_if_needed(self):
@@ -71,6 +72,57 @@ class OnPolicyGenerationMixin:
                 f"{type(self).__name__} does not support `nn.DataParallel`; launch with `accelerate launch` or "
                 "`torchrun`, or make one GPU visible with `CUDA_VISIBLE_DEVICES`."
             )
+
+    # How completions are grouped and reused; GRPO/RLOO set their own in `__init__`.
+    num_generations = 1
+    num_generations_eval = 1
+    num_iterations = 1
+
+    @property
+    def generation_batch_size(self) -> int:
+        """Rows generated at once, over every process: `steps_per_generation` micro-batches' worth."""
+        size = getattr(self.args, "generation_batch_size", None)
+        return (
+            size or self.args.per_device_train_batch_size * self.accelerator.num_processes * self.steps_per_generation
+        )
+
+    @property
+    def steps_per_generation(self) -> int:
+        return self.args.steps_per_generation
+
+    def get_train_dataloader(self):
+        """Batches of `steps_per_generation` micro-batches: one generation batch per `_prepare_inputs` refill."""
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.steps_per_generation,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _get_train_sampler(self, dataset: Dataset | None = None) -> RepeatSampler:
+        return RepeatSampler(
+            dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=self.num_generations,
+            batch_size=self.generation_batch_size // self.num_generations,
+            repeat_count=self.num_iterations * self.steps_per_generation,
+            shuffle=self.args.shuffle_dataset,
+            seed=self.args.seed,
+        )
+
+    def _get_eval_sampler(self, eval_dataset) -> RepeatSampler:
+        return RepeatSampler(eval_dataset, mini_repeat_count=self.num_generations_eval, seed=self.args.seed)
+
+    def _prepare_inputs(self, generation_batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """Training: sample for a whole generation batch every `steps_per_generation * num_iterations` steps and
+        return this step's slice of it; evaluation: sample for the batch as is."""
+        if not self.model.training:
+            return self._generate_and_score_completions(generation_batch)
+        generate_every = self.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            batch = shuffle_rows(self._generate_and_score_completions(generation_batch))
+            self._buffered_inputs = split_rows(batch, self.steps_per_generation)
+        return self._buffered_inputs[self._step % self.steps_per_generation]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         start = time.perf_counter()
@@ -303,40 +355,6 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
             self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
 
     # ----------------------------------------------------------------------------------------------- data
-    def get_train_dataloader(self):
-        """Batches of `steps_per_generation` micro-batches: one generation batch per `_prepare_inputs` refill."""
-        return self._get_dataloader(
-            dataset=self.train_dataset,
-            description="Training",
-            batch_size=self._train_batch_size * self.args.steps_per_generation,
-            sampler_fn=self._get_train_sampler,
-            is_training=True,
-        )
-
-    def _get_train_sampler(self, dataset: Dataset | None = None) -> RepeatSampler:
-        return RepeatSampler(
-            dataset if dataset is not None else self.train_dataset,
-            mini_repeat_count=self.num_generations,
-            batch_size=self.args.generation_batch_size // self.num_generations,
-            repeat_count=self.num_iterations * self.args.steps_per_generation,
-            shuffle=self.shuffle_dataset,
-            seed=self.args.seed,
-        )
-
-    def _get_eval_sampler(self, eval_dataset) -> RepeatSampler:
-        return RepeatSampler(eval_dataset, mini_repeat_count=self.num_generations_eval, seed=self.args.seed)
-
-    def _prepare_inputs(self, generation_batch: list[dict[str, Any]]) -> dict[str, Any]:
-        """Training: generate for a whole generation batch every `steps_per_generation * num_iterations` steps and
-        return this step's slice of it; evaluation: generate and score the batch as is."""
-        if not self.model.training:
-            return self._generate_and_score_completions(generation_batch)
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        if self._step % generate_every == 0 or self._buffered_inputs is None:
-            batch = shuffle_rows(self._generate_and_score_completions(generation_batch))
-            self._buffered_inputs = split_rows(batch, self.args.steps_per_generation)
-        return self._buffered_inputs[self._step % self.args.steps_per_generation]
-
     # ----------------------------------------------------------------------------------------------- rollouts
     def _generate(self, prompts: list[Any]) -> tuple[list[list[int]], list[list[int]], list[Any], Any, Any, dict]:
         """Prompt ids, completion ids, decoded completions, sampling log-probs (or None), the environment mask (1
