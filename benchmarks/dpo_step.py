@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from step_report import ENV, RUNNERS, emit, report, rss_mb, run_child
+from step_report import ENV, RUNNERS, emit, report, rss_mb, run_child, step_timer
 
 SHAPE = {
     "vocab_size": 32000,
@@ -126,7 +126,7 @@ def run_minimal(model_path: str, steps: int, warmup: int, checkpointing: bool) -
 
 def run_trainer(library: str, model_path: str, steps: int, warmup: int, checkpointing: bool) -> dict:
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
     if library == "trl":
         from trl import DPOConfig, DPOTrainer
@@ -136,13 +136,6 @@ def run_trainer(library: str, model_path: str, steps: int, warmup: int, checkpoi
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     dataset = Dataset.from_dict(_pairs(tokenizer, SHAPE["batch_pairs"] * (steps + warmup)))
     times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - self.start)
 
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(),
@@ -161,7 +154,7 @@ def run_trainer(library: str, model_path: str, steps: int, warmup: int, checkpoi
         dataloader_pin_memory=False,
     )
     trainer = DPOTrainer(
-        model=model_path, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()]
+        model=model_path, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[step_timer(times)]
     )
     lengths = {len(row["prompt_ids"]) + len(row["chosen_ids"]) for row in trainer.train_dataset}
     assert lengths == {SHAPE["seq_len"]}, lengths

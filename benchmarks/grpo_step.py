@@ -31,7 +31,7 @@ import tempfile
 import time
 
 from dpo_step import build_model
-from step_report import ENV, RUNNERS, emit, report, rss_mb, run_child
+from step_report import ENV, RUNNERS, emit, report, rss_mb, run_child, step_timer
 
 SHAPE = {"vocab_size": 32000, "hidden_size": 256, "num_hidden_layers": 4, "n_prompts": 16, "prompt_len": 32}
 NUM_GENERATIONS = 8
@@ -147,7 +147,7 @@ def run_trainer(
     library: str, model_path: str, steps: int, warmup: int, checkpointing: bool, beta: float, batch: int
 ) -> dict:
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
     if library == "trl":
         from trl import GRPOConfig, GRPOTrainer
@@ -158,13 +158,6 @@ def run_trainer(
     dataset = Dataset.from_dict({"prompt": _prompts(tokenizer)})
     step_times: list[float] = []
     generation_times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            step_times.append(time.perf_counter() - self.start)
 
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(),
@@ -193,7 +186,7 @@ def run_trainer(
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[StepTimer()],
+        callbacks=[step_timer(step_times)],
     )
     if library == "trl":
         trainer._generate_single_turn = _timed(trainer._generate_single_turn, generation_times)

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from step_report import RUNNERS, emit, report, rss_mb, run_child
+from step_report import RUNNERS, emit, report, rss_mb, run_child, step_timer
 
 SHAPE = {"vocab_size": 32000, "hidden_size": 256, "num_hidden_layers": 4, "batch_size": 8, "seq_len": 256}
 
@@ -62,7 +62,7 @@ def run_minimal(steps: int, warmup: int, _checkpointing: bool) -> dict:
 
 def run_trainer(library: str, steps: int, warmup: int, checkpointing: bool) -> dict:
     from datasets import Dataset
-    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from transformers import PreTrainedTokenizerFast
 
     if library == "trl":
         from trl import SFTConfig, SFTTrainer
@@ -74,13 +74,6 @@ def run_trainer(library: str, steps: int, warmup: int, checkpointing: bool) -> d
     tokenizer: PreTrainedTokenizerFast = get_tokenizer()  # only its pad token id is used: data is pre-tokenized
     dataset = Dataset.from_dict({"input_ids": rows})
     times: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            times.append(time.perf_counter() - self.start)
 
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(),
@@ -98,7 +91,7 @@ def run_trainer(library: str, steps: int, warmup: int, checkpointing: bool) -> d
         dataloader_pin_memory=False,
     )
     trainer = SFTTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[StepTimer()]
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[step_timer(times)]
     )
     base = rss_mb()
     trainer.train()

@@ -30,6 +30,23 @@ def emit(result: dict) -> None:
     print("RESULT " + json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
 
 
+def step_timer(times: list[float]):
+    """A `TrainerCallback` appending each optimizer step's wall time to `times` (transformers imported here, in the
+    runner's process)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    return StepTimer()
+
+
 def run_child(command: list[str]) -> dict:
     """Run one runner in a fresh process and return its result, with the median step time added."""
     out = subprocess.run(command, capture_output=True, text=True, env=ENV, check=True).stdout
