@@ -1,6 +1,6 @@
 """`llm-trainer`: train from the command line, TRL-CLI style.
 
-    llm-trainer sft|dpo|kto|orpo|cpo|grpo|rloo --model_name_or_path ... --dataset_name ... --output_dir out
+    llm-trainer sft|dpo|kto|orpo|cpo|grpo|rloo|distillation --model_name_or_path ... --dataset_name ... --output_dir out
     llm-trainer sft --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara --output_dir out
     llm-trainer sft --config run.yaml --learning_rate 1e-5     # flags override the YAML
     llm-trainer grpo ... --reward_funcs think_format_reward my_rewards.length_reward  # names or import paths
@@ -34,6 +34,7 @@ TRAINERS = {
     "cpo": ("CPOConfig", "CPOTrainer"),
     "grpo": ("GRPOConfig", "GRPOTrainer"),
     "rloo": ("RLOOConfig", "RLOOTrainer"),
+    "distillation": ("DistillationConfig", "DistillationTrainer"),  # the teacher: --teacher_model_name_or_path
 }
 ONLINE = {"grpo", "rloo"}  # trainers that also take reward functions
 

@@ -121,9 +121,27 @@ def test_grpo_with_a_builtin_reward_and_one_from_an_import_path(tiny_model_path,
         )
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo", "kto", "orpo", "cpo", "grpo", "rloo"])
+@pytest.mark.parametrize("command", ["sft", "dpo", "kto", "orpo", "cpo", "grpo", "rloo", "distillation"])
 def test_help_lists_the_config_fields(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "--learning_rate" in capsys.readouterr().out
+
+
+def test_distillation_with_a_teacher_from_the_flags(tiny_model_path, tiny_llama_path, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with open(folder / "train.jsonl", "w") as f:
+        for row in zen_dataset("standard_prompt_only"):
+            f.write(json.dumps(row) + "\n")
+    out = tmp_path / "out"
+    main(
+        ["distillation", "--model_name_or_path", tiny_model_path, "--teacher_model_name_or_path", tiny_llama_path]
+        + ["--dataset_name", str(folder), "--output_dir", str(out), "--max_steps", "1", "--report_to", "none"]
+        + ["--per_device_train_batch_size", "2", "--max_completion_length", "4", "--bf16", "false"]
+        + ["--save_strategy", "no", "--learning_rate", "0.1", "--beta", "0.5"]
+    )
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    assert not torch.equal(trained.lm_head.weight, initial.lm_head.weight)
