@@ -6,13 +6,13 @@ import warnings
 from dataclasses import dataclass, field
 
 from ..losses import DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, check_dpo_options
-from .base_config import BaseConfig, resolve_pad_to_multiple_of
+from .reference_config import ReferenceModelConfig
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
 
 @dataclass
-class DPOConfig(BaseConfig):
+class DPOConfig(ReferenceModelConfig):
     """Configuration for [`DPOTrainer`]; every other argument is a `transformers.TrainingArguments` field.
 
     Field names and defaults are TRL 1.16's (`learning_rate=1e-6`, `beta=0.1`, `loss_type=["sigmoid"]`,
@@ -22,17 +22,7 @@ class DPOConfig(BaseConfig):
 
     learning_rate: float = field(default=1e-6, metadata={"help": "Initial learning rate for AdamW."})
 
-    # Model
-    router_aux_loss_coef: float | None = field(
-        default=None,
-        metadata={"help": "Weight of the MoE load-balancing loss; None uses the model config's own coefficient."},
-    )
-    disable_dropout: bool = field(
-        default=True, metadata={"help": "Disable dropout in the model and the reference model."}
-    )
-
     # Data
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset preparation."})
     max_length: int | None = field(
         default=1024,
         metadata={
@@ -52,23 +42,6 @@ class DPOConfig(BaseConfig):
         metadata={
             "help": "Accepted for compatibility: TRL 1.16 temporarily disables it, warning and falling back to "
             "padded batches, and so does llm_trainer."
-        },
-    )
-    pad_to_multiple_of: int | str | None = field(
-        default="auto", metadata={"help": "Pad sequence lengths to a multiple of this value; 'auto' means None."}
-    )
-    precompute_ref_log_probs: bool = field(
-        default=False,
-        metadata={
-            "help": "Compute the reference log-probs of the whole dataset before training, so no reference model is "
-            "kept in memory."
-        },
-    )
-    precompute_ref_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Batch size for precomputing reference log-probs; None uses `per_device_train_batch_size` "
-            "(training) or `per_device_eval_batch_size` (evaluation)."
         },
     )
 
@@ -123,24 +96,6 @@ class DPOConfig(BaseConfig):
         metadata={"help": "Weight each pair by the policy's length-normalised sequence probabilities (WPO)."},
     )
     discopop_tau: float = field(default=0.05, metadata={"help": "τ of the 'discopop' loss (the paper's default)."})
-    activation_offloading: bool = field(
-        default=False, metadata={"help": "Offload saved activations to CPU memory during the forward pass."}
-    )
-    sync_ref_model: bool = field(
-        default=False,
-        metadata={
-            "help": "TR-DPO: every `ref_model_sync_steps` steps, move the reference model towards the policy by "
-            "`ref_model_mixup_alpha`. Not compatible with PEFT or `precompute_ref_log_probs`."
-        },
-    )
-    ref_model_mixup_alpha: float = field(
-        default=0.6,
-        metadata={"help": "TR-DPO α in π_ref ← α·π_θ + (1 − α)·π_ref; used with `sync_ref_model=True`."},
-    )
-    ref_model_sync_steps: int = field(
-        default=512,
-        metadata={"help": "TR-DPO τ: optimizer steps between reference syncs; used with `sync_ref_model=True`."},
-    )
 
     # Deprecated
     pad_token: str | None = field(
@@ -163,7 +118,6 @@ class DPOConfig(BaseConfig):
         if self.truncation_mode == "keep_end":
             warnings.warn("`truncation_mode='keep_end'` is deprecated; use 'keep_start'.", FutureWarning, stacklevel=3)
         super().__post_init__()
-        self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of, self.device.type)
         self._validate()
 
     def _validate(self) -> None:
@@ -185,18 +139,3 @@ class DPOConfig(BaseConfig):
                 f"`ld_alpha` must lie in [0.0, 1.0] (1.0 = plain DPO, 0.0 = ignore the longer response's extra "
                 f"tokens), got {self.ld_alpha}. Use None to turn LD-DPO off."
             )
-        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
-            raise ValueError(
-                f"`precompute_ref_batch_size` must be a positive batch size or None, got "
-                f"{self.precompute_ref_batch_size}."
-            )
-        if self.sync_ref_model:
-            if self.precompute_ref_log_probs:
-                raise ValueError(
-                    "`sync_ref_model=True` cannot be combined with `precompute_ref_log_probs=True`: the reference "
-                    "model changes during training, so precomputed log-probs would go stale. Set one of them to False."
-                )
-            if self.ref_model_sync_steps < 1:
-                raise ValueError(f"`ref_model_sync_steps` must be at least 1 step, got {self.ref_model_sync_steps}.")
-            if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
-                raise ValueError(f"`ref_model_mixup_alpha` must lie in [0.0, 1.0], got {self.ref_model_mixup_alpha}.")

@@ -241,7 +241,7 @@ def test_missing_train_dataset(tiny_model_path, tmp_path):
         ({"beta": 0.0}, "`beta` must be positive"),
         ({"desirable_weight": -1.0}, "must be non-negative"),
         ({"max_length": 0}, "`max_length` must be a positive number of tokens or None"),
-        ({"sync_ref_model": True, "precompute_ref_log_probs": True}, "set `precompute_ref_log_probs=False`"),
+        ({"sync_ref_model": True, "precompute_ref_log_probs": True}, "Set one of them to False"),
     ],
 )
 def test_bad_config(kwargs, message, tmp_path):
