@@ -1,10 +1,17 @@
-"""Samplers for online RL: each prompt repeated once per generation, each generation batch reused across steps."""
+"""Prompt order for online RL: each prompt repeated once per generation, each generation batch reused across steps.
+
+`RepeatSampler` orders a map-style dataset's indices; `repeat_iterable_dataset` gives a streamed dataset, which has
+no indices, the same order.
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sized
+from typing import Any
 
 import torch
+from datasets import IterableDataset
 from torch.utils.data import Sampler
 
 
@@ -50,3 +57,36 @@ class RepeatSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return (self.num_samples // self.batch_size) * self.batch_size * self.mini_repeat_count * self.repeat_count
+
+
+def repeat_iterable_dataset(
+    dataset: IterableDataset,
+    mini_repeat_count: int,
+    batch_size: int = 1,
+    repeat_count: int = 1,
+    seed: int | None = None,
+) -> IterableDataset:
+    """The records of `dataset` in the order `RepeatSampler` yields indices with the same arguments.
+
+    The stream is read `batch_size` records at a time (a trailing partial chunk is dropped); each chunk is emitted
+    `repeat_count` times, every record repeated `mini_repeat_count` times in a row, as independent deep copies. With
+    `seed`, the stream is first shuffled through a buffer of 1000 records (`IterableDataset.shuffle`), the streaming
+    stand-in for `RepeatSampler`'s full permutation; without it, the order is the stream's. The result stays chained
+    to `dataset`, so `set_epoch` reaches the shuffle and every epoch is reshuffled. Same order as TRL's
+    `repeat_iterable_dataset` applied to `dataset.shuffle(seed=seed)`.
+    """
+    if min(mini_repeat_count, batch_size, repeat_count) < 1:
+        raise ValueError(
+            f"`mini_repeat_count`, `batch_size` and `repeat_count` must be positive, got {mini_repeat_count}, "
+            f"{batch_size} and {repeat_count}."
+        )
+    if seed is not None:
+        dataset = dataset.shuffle(seed=seed)
+
+    def repeat_chunk(chunk: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        positions = [i for _ in range(repeat_count) for i in range(batch_size) for _ in range(mini_repeat_count)]
+        return {column: [copy.deepcopy(values[i]) for i in positions] for column, values in chunk.items()}
+
+    return dataset.map(
+        repeat_chunk, batched=True, batch_size=batch_size, drop_last_batch=True, features=dataset.features
+    )

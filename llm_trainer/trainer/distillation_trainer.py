@@ -44,8 +44,8 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
         teacher_model: the teacher, a causal LM or its name/path (loaded with `args.teacher_model_init_kwargs`);
             None loads `args.teacher_model_name_or_path`. It must share the student's vocabulary; it is frozen.
         args: a `DistillationConfig`; None uses the defaults.
-        train_dataset: a `datasets.Dataset` with a "prompt" column (text or conversational); other columns are
-            ignored.
+        train_dataset: a `datasets.Dataset` or `IterableDataset` (then set `max_steps`) with a "prompt" column (text
+            or conversational); other columns are ignored.
         eval_dataset: a dataset (or dict of them) in the same format.
         processing_class: the student's tokenizer; None loads it from the model.
         callbacks, optimizers: as in `transformers.Trainer`.
@@ -65,8 +65,8 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
         model: str | PreTrainedModel,
         teacher_model: str | PreTrainedModel | None = None,
         args: DistillationConfig | None = None,
-        train_dataset: Dataset | None = None,
-        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
         processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[Any, Any] = (None, None),
@@ -85,7 +85,7 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
                 "`log_unique_prompts=True` is not supported yet; every prompt is logged. Deduplicate the saved "
                 "`completions/*.parquet` tables instead."
             )
-        self._check_dataset(train_dataset, args)
+        self._check_dataset(train_dataset, eval_dataset, args)
         model = self.prepare_model(model, args, quantization_config)
         processing_class = self.prepare_processing_class(model, processing_class, args)
         if isinstance(processing_class, ProcessorMixin):
@@ -135,20 +135,17 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
 
     # ----------------------------------------------------------------------------------------------- set-up
     @staticmethod
-    def _check_dataset(train_dataset: Any, args: DistillationConfig) -> None:
+    def _check_dataset(train_dataset: Any, eval_dataset: Any, args: DistillationConfig) -> None:
+        OnPolicyGenerationMixin.check_iterable_datasets(train_dataset, eval_dataset, args)
         BaseTrainer.check_train_dataset(train_dataset, args, "a dataset with a 'prompt' column")
-        if isinstance(train_dataset, IterableDataset):
-            raise NotImplementedError(
-                "DistillationTrainer needs a map-style `datasets.Dataset`; convert the iterable dataset with "
-                "`Dataset.from_generator` or `Dataset.from_list`."
-            )
-        if {"image", "images"} & set(train_dataset.column_names):
+        columns = OnPolicyGenerationMixin.dataset_columns(train_dataset)
+        if {"image", "images"} & set(columns):
             raise NotImplementedError(
                 "DistillationTrainer does not train vision-language models yet: drop the image column(s) or use TRL."
             )
-        if "prompt" not in train_dataset.column_names:
+        if "prompt" not in columns:
             raise ValueError(
-                f"The training dataset has no 'prompt' column (columns: {train_dataset.column_names}); rename the "
+                f"The training dataset has no 'prompt' column (columns: {columns}); rename the "
                 "column holding the prompts to 'prompt'. Completions are sampled by the student, not read from data."
             )
 

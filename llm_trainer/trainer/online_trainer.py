@@ -21,12 +21,14 @@ from typing import Any
 import torch
 from accelerate.utils import gather, gather_object, is_peft_model, set_seed
 from datasets import Dataset, IterableDataset
+from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
+from transformers.utils import logging
 
 from ..callbacks import SyncRefModelCallback
 from ..data.collators import pad
 from ..data.formats import is_conversational
-from ..data.sampling import RepeatSampler
+from ..data.sampling import RepeatSampler, repeat_iterable_dataset
 from ..generation import make_generator
 from ..generation.factory import eos_token_ids
 from ..losses.policy_gradient import nanstd
@@ -36,6 +38,8 @@ from .reward_functions import RewardFunc, RewardFunctions
 from .utils import disable_dropout_in_model
 
 RolloutFunc = Callable[[list[Any], Any], dict[str, Any]]
+
+logger = logging.get_logger(__name__)
 
 
 class OnPolicyGenerationMixin:
@@ -90,28 +94,83 @@ class OnPolicyGenerationMixin:
     def steps_per_generation(self) -> int:
         return self.args.steps_per_generation
 
-    def get_train_dataloader(self):
-        """Batches of `steps_per_generation` micro-batches: one generation batch per `_prepare_inputs` refill."""
+    @staticmethod
+    def check_iterable_datasets(train_dataset: Any, eval_dataset: Any, args: Any) -> None:
+        """Streamed (`IterableDataset`) prompts are repeated and grouped in the stream itself, so every process must
+        read its own batches (`dispatch_batches=False`) and the training stream a single loader process."""
+        evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+        if not any(isinstance(dataset, IterableDataset) for dataset in (train_dataset, *evals)):
+            return
+        if args.accelerator_config.dispatch_batches:
+            raise ValueError(
+                "An `IterableDataset` needs `dispatch_batches=False` (each process reads its own slice of the prompt "
+                "stream), but `accelerator_config` sets it to True: set it to False or leave it unset."
+            )
+        args.accelerator_config.dispatch_batches = False
+        if isinstance(train_dataset, IterableDataset) and args.dataloader_num_workers != 0:
+            logger.warning(
+                f"An `IterableDataset` is read with `dataloader_num_workers=0` (not {args.dataloader_num_workers}): "
+                "several workers would interleave the stream and split the groups of repeated prompts."
+            )
+            args.dataloader_num_workers = 0
+
+    @staticmethod
+    def dataset_columns(dataset: Dataset | IterableDataset) -> list[str]:
+        """The dataset's columns; for a stream of unknown features, the keys of its first record."""
+        if dataset.column_names is not None:
+            return dataset.column_names
+        return list(next(iter(dataset.take(1)), {}))
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Batches of `steps_per_generation` micro-batches: one generation batch per `_prepare_inputs` refill. A
+        streamed dataset, which a sampler cannot index, is reordered as the sampler would (buffered shuffle)."""
+        dataset = self.train_dataset
+        if isinstance(dataset, IterableDataset):
+            seed = self.args.seed if self.args.shuffle_dataset else None
+            dataset = repeat_iterable_dataset(dataset, **self._repeat_counts(), seed=seed)
         return self._get_dataloader(
-            dataset=self.train_dataset,
+            dataset=dataset,
             description="Training",
             batch_size=self._train_batch_size * self.steps_per_generation,
             sampler_fn=self._get_train_sampler,
             is_training=True,
         )
 
+    def _repeat_counts(self) -> dict[str, int]:
+        """Each prompt once per generation, `generation_batch_size` rows at a time, each batch once per step."""
+        return {
+            "mini_repeat_count": self.num_generations,
+            "batch_size": self.generation_batch_size // self.num_generations,
+            "repeat_count": self.num_iterations * self.steps_per_generation,
+        }
+
     def _get_train_sampler(self, dataset: Dataset | None = None) -> RepeatSampler:
-        return RepeatSampler(
-            dataset if dataset is not None else self.train_dataset,
-            mini_repeat_count=self.num_generations,
-            batch_size=self.generation_batch_size // self.num_generations,
-            repeat_count=self.num_iterations * self.steps_per_generation,
-            shuffle=self.args.shuffle_dataset,
-            seed=self.args.seed,
-        )
+        dataset = dataset if dataset is not None else self.train_dataset
+        return RepeatSampler(dataset, **self._repeat_counts(), shuffle=self.args.shuffle_dataset, seed=self.args.seed)
 
     def _get_eval_sampler(self, eval_dataset) -> RepeatSampler:
         return RepeatSampler(eval_dataset, mini_repeat_count=self.num_generations_eval, seed=self.args.seed)
+
+    def get_eval_dataloader(self, eval_dataset: str | Dataset | IterableDataset | None = None) -> DataLoader:
+        """As `Trainer.get_eval_dataloader`; a streamed dataset is shuffled (buffered) and repeated in the stream,
+        as `_get_eval_sampler` does by index, and read by a single loader process."""
+        dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        dataset = dataset if dataset is not None else self.eval_dataset
+        if not isinstance(dataset, IterableDataset):
+            return super().get_eval_dataloader(eval_dataset)
+        self.check_iterable_datasets(None, dataset, self.args)
+        self.accelerator.dataloader_config.dispatch_batches = False
+        dataset = repeat_iterable_dataset(dataset, self.num_generations_eval, seed=self.args.seed)
+        num_workers, self.args.dataloader_num_workers = self.args.dataloader_num_workers, 0
+        try:
+            return self._get_dataloader(
+                dataset=dataset,
+                description="Evaluation",
+                batch_size=self.args.eval_batch_size,
+                dataloader_key=eval_dataset if isinstance(eval_dataset, str) else "eval",
+            )
+        finally:
+            self.args.dataloader_num_workers = num_workers
 
     def _prepare_inputs(self, generation_batch: list[dict[str, Any]]) -> dict[str, Any]:
         """Training: sample for a whole generation batch every `steps_per_generation * num_iterations` steps and
@@ -250,13 +309,10 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
         )
         if train_dataset is None:
             raise ValueError("`train_dataset` is required: pass a dataset with a 'prompt' column.")
+        self.check_iterable_datasets(train_dataset, eval_dataset, args)
         self.check_train_dataset(train_dataset, args, "a dataset with a 'prompt' column")
-        if isinstance(train_dataset, IterableDataset):
-            raise NotImplementedError(
-                f"{type(self).__name__} needs a map-style `datasets.Dataset` to group prompts; convert the iterable "
-                "dataset with `Dataset.from_generator` or `Dataset.from_list`."
-            )
-        if {"image", "images"} & set(train_dataset.column_names):
+        columns = self.dataset_columns(train_dataset)
+        if {"image", "images"} & set(columns):
             raise NotImplementedError(
                 f"{type(self).__name__} does not train vision-language models yet: drop the image column(s) or use TRL."
             )
@@ -265,9 +321,9 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
                 "`use_transformers_continuous_batching` is not supported yet; generation uses batched `generate` with "
                 "a KV cache (or vLLM with `use_vllm=True`)."
             )
-        if "prompt" not in train_dataset.column_names and rollout_func is None:
+        if "prompt" not in columns and rollout_func is None:
             raise ValueError(
-                f"The training dataset has no 'prompt' column (columns: {train_dataset.column_names}); rename the "
+                f"The training dataset has no 'prompt' column (columns: {columns}); rename the "
                 "column holding the prompts to 'prompt'."
             )
         self.rollout_func = rollout_func

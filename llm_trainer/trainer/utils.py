@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..data.collators import pad
-from ..data.sampling import RepeatSampler
+from ..data.sampling import RepeatSampler, repeat_iterable_dataset
 from ..kernels import entropy_from_logits, selective_log_softmax
 from ..losses.policy_gradient import nanmax, nanmin, nanstd
 
@@ -28,6 +28,7 @@ __all__ = [
     "nanmin",
     "nanstd",
     "pad",
+    "repeat_iterable_dataset",
     "selective_log_softmax",
 ]
 

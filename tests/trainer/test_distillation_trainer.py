@@ -209,9 +209,6 @@ def test_unsupported_features_raise(tiny_model_path, teacher_path, tmp_path):
         _trainer(tmp_path, tiny_model_path, teacher_path, tools=[tool])
     with pytest.raises(NotImplementedError, match="vision-language"):
         _trainer(tmp_path, tiny_model_path, teacher_path, Dataset.from_dict({"prompt": ["a"], "image": [None]}))
-    iterable = zen_dataset("standard_prompt_only").to_iterable_dataset()
-    with pytest.raises(NotImplementedError, match="map-style"):
-        _trainer(tmp_path, tiny_model_path, teacher_path, iterable)
     with pytest.raises(NotImplementedError, match="log_unique_prompts"):
         DistillationTrainer(
             model=tiny_model_path,
