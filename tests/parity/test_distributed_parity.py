@@ -1,5 +1,6 @@
-"""GRPO across two processes (`torchrun`, gloo on CPU) matches TRL 1.16 across two processes: prompt groups split
-over processes, rewards gathered, advantages sliced back, metrics reduced the same way."""
+"""SFT, DPO and GRPO across two processes (`torchrun`, gloo on CPU) match TRL 1.16 across two processes: batches
+split over processes, gradients all-reduced, metrics gathered the same way (and for GRPO: prompt groups split, rewards
+gathered, advantages sliced back)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 
 pytest.importorskip("trl")
 
-SCRIPT = Path(__file__).with_name("grpo_distributed_run.py")
+SCRIPT = Path(__file__).with_name("distributed_run.py")
 
 
 def _free_port() -> int:
@@ -24,21 +25,22 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(package: str, model: str, out: Path) -> dict:
+def _run(algorithm: str, package: str, model: str, out: Path) -> dict:
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
         env.pop(name, None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    command = [*launcher, str(_free_port()), str(SCRIPT), model, str(out), package]
+    command = [*launcher, str(_free_port()), str(SCRIPT), algorithm, model, str(out), package]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
 
 
 @pytest.mark.slow
-def test_two_process_grpo_matches_trl(tiny_model_path, tmp_path):
-    ours = _run("llm_trainer", tiny_model_path, tmp_path / "ours")
-    theirs = _run("trl", tiny_model_path, tmp_path / "trl")
+@pytest.mark.parametrize("algorithm", ["sft", "dpo", "grpo"])
+def test_two_processes_match_trl(algorithm, tiny_model_path, tmp_path):
+    ours = _run(algorithm, "llm_trainer", tiny_model_path, tmp_path / "ours")
+    theirs = _run(algorithm, "trl", tiny_model_path, tmp_path / "trl")
     assert ours["world_size"] == theirs["world_size"] == 2
     assert ours["completions"] == theirs["completions"]
     assert len(ours["logs"]) == len(theirs["logs"]) == 2
