@@ -20,6 +20,7 @@ class _Rollout:
     environment: Any
     messages: list[dict[str, Any]]
     prompt_ids: list[int]
+    num_prompt_messages: int
     completion_ids: list[int] = field(default_factory=list)
     env_mask: list[int] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
@@ -90,6 +91,9 @@ class EnvironmentRollout:
             for i, rollout in enumerate(active):
                 logprobs = result.logprobs[i] if result.logprobs is not None else None
                 self._play_turn(rollout, list(result.completion_ids[i]), logprobs, turn, trainer, tokenizer, eos_ids)
+        return self._output(rollouts, with_logprobs)
+
+    def _output(self, rollouts: list[_Rollout], with_logprobs: bool) -> dict[str, Any]:
         return {
             "prompt_ids": [rollout.prompt_ids for rollout in rollouts],
             "completion_ids": [rollout.completion_ids for rollout in rollouts],
@@ -121,7 +125,8 @@ class EnvironmentRollout:
                 messages[-1] = {**messages[-1], "content": messages[-1]["content"] + observation}
             else:
                 messages.append({"role": "user", "content": observation})
-        return _Rollout(environment, messages, _render(trainer, messages, generation_prompt=True))
+        tools = getattr(environment, "tools", None)
+        return _Rollout(environment, messages, _render(trainer, messages, True, tools), len(messages))
 
     def _play_turn(self, rollout, ids, logprobs, turn, trainer, tokenizer, eos_ids) -> None:
         budget = trainer.max_completion_length
@@ -129,7 +134,7 @@ class EnvironmentRollout:
         closed = bool(ids) and ids[-1] in eos_ids
         rollout.extend(ids, written_by_policy=True, logprobs=logprobs)
         text = tokenizer.decode(ids[:-1] if closed else ids, skip_special_tokens=True)
-        rollout.messages.append({"role": "assistant", "content": text})
+        rollout.messages.append(self._reply_message(text, tokenizer, ids))
         step = _check_step(rollout.environment.step(copy.deepcopy(rollout.messages)), rollout.environment)
         rollout.rewards.append(step.reward)
         if step.done or turn == self.max_turns or len(rollout.completion_ids) >= budget:
@@ -140,13 +145,22 @@ class EnvironmentRollout:
                 f"{type(rollout.environment).__name__}.step returned observation=None with done=False; return the "
                 "text the policy should answer next, or done=True to end the rollout."
             )
-        message = {"role": "user", "content": step.observation}
-        observation_ids = _observation_ids(trainer, rollout.messages, message, eos_ids, closed)
+        observation = step.observation
+        if isinstance(observation, str):
+            observation = [{"role": "user", "content": observation}]
+        elif isinstance(observation, dict):
+            observation = [observation]
+        tools = getattr(rollout.environment, "tools", None)
+        observation_ids = _observation_ids(trainer, rollout.messages, observation, eos_ids, closed, tools)
         if len(rollout.completion_ids) + len(observation_ids) >= budget:  # no room left for another reply
             rollout.done = True
             return
         rollout.extend(observation_ids, written_by_policy=False)
-        rollout.messages.append(message)
+        rollout.messages += observation
+
+    def _reply_message(self, text: str, tokenizer: Any, ids: list[int]) -> dict[str, Any]:
+        """The assistant message a reply becomes (`text` is `ids` decoded without special tokens)."""
+        return {"role": "assistant", "content": text}
 
 
 def environment_reward(
@@ -183,9 +197,10 @@ def rollout_and_rewards(environment: Any, reward_funcs: Any = None) -> tuple[Env
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _render(trainer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> list[int]:
+def _render(trainer: Any, messages: list[dict[str, Any]], generation_prompt: bool, tools: Any = None) -> list[int]:
     ids = trainer.processing_class.apply_chat_template(
         messages,
+        tools=tools or None,  # some templates render tool boilerplate for `tools=[]`
         add_generation_prompt=generation_prompt,
         tokenize=True,
         return_dict=True,
@@ -194,16 +209,19 @@ def _render(trainer: Any, messages: list[dict[str, Any]], generation_prompt: boo
     return list(ids[0]) if ids and isinstance(ids[0], list) else list(ids)  # processors return a batch of one
 
 
-def _observation_ids(trainer, messages, observation, eos_ids, closed: bool) -> list[int]:
-    """The template tokens after the last assistant turn of `messages`, through `observation` and the next generation
-    prompt: the rendering with the observation minus the rendering without it, cut at the assistant turn's end token.
+def _observation_ids(trainer, messages, observation, eos_ids, closed: bool, tools=None) -> list[int]:
+    """The template tokens after the last assistant turn of `messages`, through the `observation` messages and the next
+    generation prompt: the rendering with them minus the rendering without, cut at the assistant turn's end token.
 
     When the turn did not end with an end token (`closed=False`), the template's end token is included. A template
     that re-renders earlier turns once more messages follow (not prefix-preserving) is measured on a minimal
     stand-in conversation instead."""
-    for history in (messages, [{"role": "user", "content": "."}, {"role": "assistant", "content": "."}]):
-        before = _render(trainer, history, generation_prompt=False)
-        after = _render(trainer, [*history, observation], generation_prompt=True)
+    stand_in = {"role": "assistant", "content": "."}
+    if messages[-1].get("tool_calls"):  # templates may render tool messages only after a tool call
+        stand_in["tool_calls"] = messages[-1]["tool_calls"]
+    for history in (messages, [{"role": "user", "content": "."}, stand_in]):
+        before = _render(trainer, history, False, tools)
+        after = _render(trainer, [*history, *observation], True, tools)
         ends = [i for i, token in enumerate(before) if token in eos_ids]
         cut = (ends[-1] + int(closed)) if ends else len(before)
         if after[:cut] == before[:cut]:
@@ -220,8 +238,18 @@ def _check_step(result: Any, environment: Any) -> EnvironmentStep:
     if not isinstance(result, tuple) or len(result) != 3:
         raise TypeError(f"{name}.step must return EnvironmentStep(observation, reward, done), got {result!r}.")
     observation, reward, done = result
-    if observation is not None and not isinstance(observation, str):
-        raise TypeError(f"{name}.step returned a {type(observation).__name__} observation; return a string or None.")
+    messages = [observation] if isinstance(observation, dict) else observation
+    if isinstance(messages, list):
+        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise TypeError(
+                f"{name}.step returned the observation {observation!r}; an observation made of messages needs one "
+                'or more dicts with "role" and "content".'
+            )
+    elif observation is not None and not isinstance(observation, str):
+        raise TypeError(
+            f"{name}.step returned a {type(observation).__name__} observation; return a string, a message dict, a "
+            "list of message dicts, or None."
+        )
     try:
         reward = float(reward)
     except (TypeError, ValueError):

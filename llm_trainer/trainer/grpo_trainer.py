@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..environments.rollout import rollout_and_rewards
+from ..environments.tools import ToolRollout, check_tool_template
 from ..losses.policy_gradient import (
     clip_metrics,
     entropy_bonus,
@@ -51,6 +52,9 @@ class GRPOTrainer(OnlineRLTrainer):
         quantization_config: passed to `from_pretrained` when `model` is a name or path.
         rollout_func: `f(prompts, trainer) -> {"prompt_ids", "completion_ids", "logprobs", ...}` replacing generation;
             extra keys reach the reward functions (`trainer.rollout_rows` holds the batch's dataset rows).
+        tools: functions (sync or async, with type hints and a docstring) the model may call; each completion runs
+            up to `args.max_tool_calling_iterations` rounds of tool calls, and the tool results are masked out of the
+            loss (see `llm_trainer.environments.ToolRollout`).
         environment: llm_trainer's multi-turn environments (not in TRL): an `EnvironmentInterface` class or factory,
             or an `EnvironmentRollout`; its rewards are added to `reward_funcs` (see `llm_trainer.environments`).
     """
@@ -78,11 +82,15 @@ class GRPOTrainer(OnlineRLTrainer):
         environment_factory: Any = None,
         environment: Any = None,
     ):
-        if tools or environment_factory is not None:
+        if environment_factory is not None:
             raise NotImplementedError(
-                "Tool calling (`tools`) and `environment_factory` are not supported by llm_trainer's GRPOTrainer yet; "
-                "for multi-turn rollouts pass `environment=` (see `llm_trainer.environments`) or a `rollout_func`."
+                "`environment_factory` is not supported by llm_trainer's GRPOTrainer yet; for multi-turn rollouts pass "
+                "`environment=` (see `llm_trainer.environments`), `tools=` or a `rollout_func`."
             )
+        if tools:
+            if rollout_func is not None or environment is not None:
+                raise ValueError("Pass `tools` or `rollout_func` / `environment`, not both: tools make the rollout.")
+            rollout_func = ToolRollout(tools, args.max_tool_calling_iterations if args is not None else None)
         if environment is not None:
             if rollout_func is not None:
                 raise ValueError("Pass `environment` or `rollout_func`, not both: an environment is a rollout.")
@@ -102,6 +110,9 @@ class GRPOTrainer(OnlineRLTrainer):
             rollout_func,
         )
         args = self.args
+        self.tools = list(tools or [])
+        if self.tools:
+            check_tool_template(self._tokenizer)
         self.loss_type = args.loss_type
         self.scale_rewards = args.scale_rewards
         self.multi_objective_aggregation = args.multi_objective_aggregation
@@ -119,6 +130,23 @@ class GRPOTrainer(OnlineRLTrainer):
         return super().needs_old_logps() or self.vllm_importance_sampling_correction
 
     # ----------------------------------------------------------------------------------------------- rollouts
+    def _generate(self, prompts):
+        generated = super()._generate(prompts)
+        if not self.tools:
+            return generated
+        prompt_ids, completion_ids, completions, logprobs, env_mask, extra_fields = generated
+        messages = extra_fields.pop("completion_messages")
+        if not isinstance(completions[0], str):  # conversational: the assistant and tool messages, like TRL
+            completions = messages
+        mode = "train" if self.model.training else "eval"
+        device = self.accelerator.device
+        calls = gather(torch.tensor(extra_fields.pop("tool_call_count"), device=device, dtype=torch.float))
+        failures = gather(torch.tensor(extra_fields.pop("tool_failure_count"), device=device, dtype=torch.float))
+        self._metrics[mode]["tools/call_frequency"].append((calls.sum() / calls.numel()).item())
+        failure_frequency = (failures.sum() / calls.sum()).item() if calls.sum() > 0 else 0.0
+        self._metrics[mode]["tools/failure_frequency"].append(failure_frequency)
+        return prompt_ids, completion_ids, completions, logprobs, env_mask, extra_fields
+
     def compute_advantages(self, rewards_per_func, batch):
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval

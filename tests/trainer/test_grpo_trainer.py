@@ -204,7 +204,9 @@ def test_bad_configuration_is_refused(tiny_model_path, tmp_path):
             train_dataset=dataset.add_column("image", [None] * 17),
         )
     with pytest.raises(NotImplementedError, match="rollout_func"):
-        GRPOTrainer(tiny_model_path, length_reward, args=_config(tmp_path), train_dataset=dataset, tools=[len])
+        GRPOTrainer(
+            tiny_model_path, length_reward, args=_config(tmp_path), train_dataset=dataset, environment_factory=object
+        )
     with pytest.raises(ValueError, match="sync_ref_model"):
         GRPOTrainer(tiny_model_path, length_reward, args=_config(tmp_path, sync_ref_model=True), train_dataset=dataset)
 

@@ -285,7 +285,8 @@ def test_apply_chat_template_passes_tools_and_template_kwargs(tokenizer):
     kwargs = {"tools": [WEATHER_TOOL, get_time], "chat_template": TOOLS_TEMPLATE}
     theirs, ours = both("apply_chat_template", example, tokenizer, **kwargs)
     assert ours == theirs
-    assert ours["prompt"].startswith("<tools>get_weather;get_time;</tools><think_on><|im_start|>user\n")
+    assert ours["prompt"].startswith("<tools>get_weather;get_time;</tools><think_on><|im_start|>system\n# Tools\n")
+    assert ours["prompt"].endswith("<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n")
     assert ours["completion"] == "It is blue.<|im_end|>\n"
     # per-row kwargs and call kwargs both reach the template
     ours = data_utils.apply_chat_template({"messages": [USER]}, tokenizer, chat_template=TOOLS_TEMPLATE, think=True)

@@ -12,6 +12,7 @@ TEXT = "What is 3 plus 4? Beautiful is better than ugly.\n  <|im_start|>user\nhi
 
 def test_shipped_tokenizer_matches_a_fresh_training():
     assert build_tokenizer().get_vocab() == get_tokenizer().get_vocab()
+    assert build_tokenizer().chat_template == get_tokenizer().chat_template
 
 
 @pytest.mark.parametrize("architecture", ["qwen2", "llama"])

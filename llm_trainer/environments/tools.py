@@ -1,0 +1,167 @@
+"""Tool calling as an environment: the policy calls Python functions, their results come back as tool messages.
+
+`GRPOTrainer(..., tools=[...])` plays every prompt with a `ToolRollout`; either class also works on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+import re
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .base import EnvironmentInterface, EnvironmentStep
+from .rollout import EnvironmentRollout, _Rollout
+
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """Split a reply into its text and its `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (the
+    Hermes / Qwen2.5 format) as `[{"type": "function", "function": {"name", "arguments"}}]`. A reply with a block
+    that is not such JSON counts as plain text (no tool calls), like TRL's fallback."""
+    calls = []
+    for block in _TOOL_CALL.findall(text):
+        try:
+            call = json.loads(block)
+        except json.JSONDecodeError:
+            return text, []
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return text, []
+        calls.append({"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments")}})
+    return (_TOOL_CALL.sub("", text).strip(), calls) if calls else (text, [])
+
+
+def check_tool_template(tokenizer: Any) -> None:
+    """Raise unless the chat template renders a whole tool exchange: the call's name and arguments, and the result."""
+    call = {"type": "function", "function": {"name": "tool_name_probe", "arguments": {"arg_probe": "value_probe"}}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "name": "tool_name_probe", "content": "result_probe"},
+    ]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as error:  # jinja errors: the template rejects the roles
+        rendered = str(error)
+    if not all(probe in rendered for probe in ("tool_name_probe", "arg_probe", "value_probe", "result_probe")):
+        raise ValueError(
+            "The chat template cannot render tool calls (an assistant message with `tool_calls` followed by a "
+            "`tool` message); use a tokenizer whose template supports tools, or set `tokenizer.chat_template`."
+        )
+
+
+class ToolEnvironment(EnvironmentInterface):
+    """Runs the tool calls of each assistant turn and answers with one `{"role": "tool", "name", "content"}` message
+    per call (the result as a string, or `{'error': ...}` when the call fails); done after a turn without tool
+    calls, or once `max_iterations` turns have called tools (the calls of a later turn are not run).
+
+    `tools` are plain functions, sync or async, with type hints and a docstring (the chat template renders their
+    JSON schema). Calls come from the message's `tool_calls`, else from `<tool_call>` blocks in its content. Counts
+    `calls` and `failures` (an unknown tool, bad arguments, an exception in the tool). Rewards are 0.
+    """
+
+    def __init__(self, tools: list[Callable], max_iterations: int | None = None):
+        tools = list(tools)
+        if not tools or not all(callable(tool) and hasattr(tool, "__name__") for tool in tools):
+            raise TypeError(f"`tools` must be a non-empty list of functions, got {tools!r}.")
+        if max_iterations is not None and (not isinstance(max_iterations, int) or max_iterations < 0):
+            raise ValueError(f"`max_tool_calling_iterations` must be None or an integer >= 0, got {max_iterations!r}.")
+        self.tools = tools
+        self._by_name = {tool.__name__: tool for tool in tools}
+        self.max_iterations = sys.maxsize if max_iterations is None else max_iterations
+        self.iterations = self.calls = self.failures = 0
+
+    def reset(self, **row: Any) -> None:
+        self.iterations = self.calls = self.failures = 0
+
+    def step(self, messages: list[dict[str, Any]]) -> EnvironmentStep:
+        reply = messages[-1]
+        calls = reply.get("tool_calls") or parse_tool_calls(reply.get("content") or "")[1]
+        if not calls or self.iterations >= self.max_iterations:
+            return EnvironmentStep(None, 0.0, done=True)
+        self.iterations += 1
+        self.calls += len(calls)
+        results = [self._call(call) for call in calls]
+        pending = [i for i, (_, result) in enumerate(results) if inspect.isawaitable(result)]
+        if pending:
+            awaited = _gather([results[i][1] for i in pending])
+            for i, result in zip(pending, awaited):
+                results[i] = (results[i][0], self._error(result) if isinstance(result, BaseException) else result)
+        return EnvironmentStep([{"role": "tool", "name": name, "content": str(result)} for name, result in results])
+
+    def _call(self, call: dict[str, Any]) -> tuple[str, Any]:
+        function = call.get("function") or {}
+        name = function.get("name", call.get("name", "unknown"))
+        if call.get("type", "function") != "function":
+            return name, self._error(f"Unsupported tool call type: {call.get('type')}")
+        try:
+            arguments = function.get("arguments") or {}
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+            if name not in self._by_name:
+                raise ValueError(f"Tool {name} not found.")
+            return name, self._by_name[name](**arguments)
+        except Exception as error:  # a failing tool call is reported to the policy, not raised
+            return name, self._error(error)
+
+    def _error(self, error: Any) -> dict[str, str]:
+        self.failures += 1
+        return {"error": str(error)}
+
+
+class ToolRollout(EnvironmentRollout):
+    """`EnvironmentRollout` of a `ToolEnvironment(tools, max_tool_calling_iterations)`: TRL's tool-calling loop as a
+    `rollout_func`. Replies are parsed with the tokenizer's response schema when it has one (`parse_response`), else
+    from `<tool_call>` blocks. Returns `prompt_ids`, `completion_ids`, `logprobs`, `env_mask` (0 on tool-result
+    tokens), and per rollout `tool_call_count`, `tool_failure_count` and `completion_messages` (the assistant and
+    tool messages after the prompt)."""
+
+    def __init__(self, tools: list[Callable], max_tool_calling_iterations: int | None = None):
+        ToolEnvironment(tools, max_tool_calling_iterations)  # validate now, not at the first rollout
+        super().__init__(functools.partial(ToolEnvironment, tools, max_tool_calling_iterations), max_turns=sys.maxsize)
+        self.tools = list(tools)
+
+    def _reply_message(self, text: str, tokenizer: Any, ids: list[int]) -> dict[str, Any]:
+        if getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None):
+            try:
+                message = tokenizer.parse_response(ids)
+            except (ValueError, TypeError):  # malformed tool calls: plain text
+                message = None
+            if isinstance(message, dict):
+                content = message.get("content")
+                return {**message, "role": "assistant", "content": content if isinstance(content, str) else ""}
+        content, calls = parse_tool_calls(text)
+        return (
+            {"role": "assistant", "content": content, "tool_calls": calls}
+            if calls
+            else super()._reply_message(text, tokenizer, ids)
+        )
+
+    def _output(self, rollouts: list[_Rollout], with_logprobs: bool) -> dict[str, Any]:
+        output = super()._output(rollouts, with_logprobs)
+        del output["environment_reward"], output["num_turns"]
+        return output | {
+            "tool_call_count": [rollout.environment.calls for rollout in rollouts],
+            "tool_failure_count": [rollout.environment.failures for rollout in rollouts],
+            "completion_messages": [rollout.messages[rollout.num_prompt_messages :] for rollout in rollouts],
+        }
+
+
+def _gather(awaitables: list[Any]) -> list[Any]:
+    """Await `awaitables` together on a background event loop (so it works whether or not the caller is inside a
+    running loop); an exception is returned in place of its result."""
+    global _loop
+    if _loop is None:
+        _loop = asyncio.new_event_loop()
+        threading.Thread(target=_loop.run_forever, daemon=True, name="llm-trainer-tools").start()
+
+    async def gather():
+        return await asyncio.gather(*awaitables, return_exceptions=True)
+
+    return asyncio.run_coroutine_threadsafe(gather(), _loop).result()
