@@ -44,7 +44,7 @@ class GRPOTrainer(OnlineRLTrainer):
         model: model id or path, or a loaded `PreTrainedModel` (or `PeftModel`).
         reward_funcs: a reward function, a sequence-classification model (or its id), or a list of them.
         args: the `GRPOConfig`; a default one is made when None.
-        train_dataset / eval_dataset: datasets with a "prompt" column.
+        train_dataset / eval_dataset: datasets with a "prompt" column (an `IterableDataset` stream needs `max_steps`).
         processing_class: the tokenizer; loaded from the model when None.
         reward_processing_classes: tokenizers of the reward models (loaded from them when None).
         callbacks / optimizers: as for `transformers.Trainer`.
