@@ -1,6 +1,8 @@
 """Tool calling as an environment: the policy calls Python functions, their results come back as tool messages.
 
-`GRPOTrainer(..., tools=[...])` plays every prompt with a `ToolRollout`; either class also works on its own.
+`GRPOTrainer(..., tools=[...])` plays every prompt with a `ToolRollout`, `GRPOTrainer(..., environment_factory=...)`
+with an `EnvironmentToolRollout` (TRL's environments: an object whose public methods are the tools); each class also
+works on its own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .base import EnvironmentInterface, EnvironmentStep
-from .rollout import EnvironmentRollout, _Rollout
+from .rollout import EnvironmentRollout, _dataset_rows, _Rollout
 
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _loop: asyncio.AbstractEventLoop | None = None
@@ -67,9 +69,13 @@ class ToolEnvironment(EnvironmentInterface):
     `calls` and `failures` (an unknown tool, bad arguments, an exception in the tool). Rewards are 0.
     """
 
+    _needs_tools = True
+
     def __init__(self, tools: list[Callable], max_iterations: int | None = None):
         tools = list(tools)
-        if not tools or not all(callable(tool) and hasattr(tool, "__name__") for tool in tools):
+        if (self._needs_tools and not tools) or not all(
+            callable(tool) and hasattr(tool, "__name__") for tool in tools
+        ):
             raise TypeError(f"`tools` must be a non-empty list of functions, got {tools!r}.")
         if max_iterations is not None and (not isinstance(max_iterations, int) or max_iterations < 0):
             raise ValueError(f"`max_tool_calling_iterations` must be None or an integer >= 0, got {max_iterations!r}.")
@@ -151,6 +157,137 @@ class ToolRollout(EnvironmentRollout):
             "tool_failure_count": [rollout.environment.failures for rollout in rollouts],
             "completion_messages": [rollout.messages[rollout.num_prompt_messages :] for rollout in rollouts],
         }
+
+
+def environment_tools(environment: Any) -> list[Callable]:
+    """The public methods of `environment` (not `reset`, `get_reward` or `_private` ones), bound to it: the tools
+    of a TRL-style environment. Raises unless it defines `reset`."""
+    members = dict(inspect.getmembers(type(environment), predicate=inspect.isfunction))  # the class: no properties
+    if "reset" not in members:
+        raise ValueError(
+            f"The environment {type(environment).__name__!r} made by `environment_factory` has no `reset` method; "
+            "define `reset(self, **row)` (returning None or a string appended to the prompt)."
+        )
+    return [
+        getattr(environment, name)
+        for name in members
+        if name not in ("reset", "get_reward") and not name.startswith("_")
+    ]
+
+
+class _BoundToolEnvironment(ToolEnvironment):
+    """A `ToolEnvironment` whose tools include the methods of one TRL-style environment `instance`, whose `reset`
+    it delegates to."""
+
+    _needs_tools = False  # an environment may only set the prompt (`reset`) and score (`get_reward`)
+
+    def __init__(self, instance: Any, tools: list[Callable], max_iterations: int | None, drop_key: str | None):
+        super().__init__([*tools, *environment_tools(instance)], max_iterations)
+        self.instance, self._drop_key = instance, drop_key
+
+    def reset(self, **row: Any) -> str | None:
+        super().reset()
+        return self.instance.reset(**{key: value for key, value in row.items() if key != self._drop_key})
+
+
+class EnvironmentToolRollout(ToolRollout):
+    """TRL's `environment_factory` as a `ToolRollout`: each rollout gets its own environment instance, whose public
+    methods (bound to it, so each rollout has its own state) are the rollout's tools, next to the shared `tools`.
+
+    `environment_factory` is a class or zero-argument callable, or a `{name: factory}` dict: then each dataset row
+    picks its environment by name in an `environment` column (not passed to `reset`), and its prompt renders only
+    that environment's tools. Instances are pooled: made once, `reset(**row)` before every rollout (a returned
+    string is appended to the prompt's last user message), and more are made only when a batch needs more of them.
+    The output adds `environments` (the instance of each rollout), which reward functions receive as a keyword;
+    `reward_funcs()` scores with the environments' own `get_reward` methods.
+    """
+
+    def __init__(
+        self,
+        environment_factory: Any,
+        tools: list[Callable] | None = None,
+        max_tool_calling_iterations: int | None = None,
+    ):
+        self.multi_environment = isinstance(environment_factory, dict)
+        factories = environment_factory if self.multi_environment else {None: environment_factory}
+        if not factories:
+            raise ValueError("`environment_factory` is an empty dict; map at least one name to a factory.")
+        for name, factory in factories.items():
+            if not callable(factory) or inspect.ismodule(factory):
+                where = f" for {name!r}" if self.multi_environment else ""
+                raise TypeError(
+                    f"`environment_factory`{where} must be an environment class or a zero-argument callable returning "
+                    f"a new environment, got {factory!r}."
+                )
+        self.factories = factories
+        self.shared_tools = list(tools or [])
+        self.max_tool_calling_iterations = max_tool_calling_iterations
+        self.pools: dict[Any, list[Any]] = {}
+        union: list[Callable] = list(self.shared_tools)
+        for name, factory in factories.items():
+            probe = self._environment(factory())  # validates the instance and the tools; seeds the pool
+            self.pools[name] = [probe.instance]
+            union += [tool for tool in probe.tools if tool not in union]
+        EnvironmentRollout.__init__(self, self._next_environment, max_turns=sys.maxsize)
+        self.tools = union
+        self._batch: list[_BoundToolEnvironment] = []
+
+    def _environment(self, instance: Any) -> _BoundToolEnvironment:
+        drop_key = "environment" if self.multi_environment else None
+        return _BoundToolEnvironment(instance, self.shared_tools, self.max_tool_calling_iterations, drop_key)
+
+    def __call__(self, prompts: list[Any], trainer: Any, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        rows = _dataset_rows(prompts, trainer, rows)
+        names = [row.get("environment") for row in rows] if self.multi_environment else [None] * len(rows)
+        unknown = sorted({str(name) for name in names if name not in self.factories})
+        if unknown:
+            raise ValueError(
+                f"Dataset rows ask for `environment` {unknown}, which `environment_factory` does not define; use one "
+                f"of {list(self.factories)} in the 'environment' column."
+            )
+        handed_out: dict[Any, int] = {}
+        batch = []
+        for name in names:
+            pool, index = self.pools[name], handed_out.get(name, 0)
+            if index == len(pool):
+                pool.append(self._environment(self.factories[name]()).instance)
+            handed_out[name] = index + 1
+            batch.append(self._environment(pool[index]))
+        self._batch = batch[::-1]  # `_start` takes them in prompt order
+        return super().__call__(prompts, trainer, rows)
+
+    def _next_environment(self) -> _BoundToolEnvironment:
+        if not self._batch:
+            raise RuntimeError("EnvironmentToolRollout ran out of environments for the batch; call it as a whole.")
+        return self._batch.pop()
+
+    def _output(self, rollouts: list[_Rollout], with_logprobs: bool) -> dict[str, Any]:
+        return super()._output(rollouts, with_logprobs) | {
+            "environments": [rollout.environment.instance for rollout in rollouts]
+        }
+
+    def reward_funcs(self) -> list[Callable]:
+        """One reward function per environment class that defines `get_reward` (named after the class): the
+        `get_reward()` of each rollout's environment of exactly that class, None (not scored) for the others."""
+        funcs, seen = [], []
+        for pool in self.pools.values():
+            kind = type(pool[0])
+            if kind in seen or not callable(getattr(kind, "get_reward", None)):
+                continue
+            seen.append(kind)
+            if inspect.iscoroutinefunction(kind.get_reward):
+
+                async def reward(environments, _kind=kind, **kwargs):
+                    return [await env.get_reward() if type(env) is _kind else None for env in environments]
+
+            else:
+
+                def reward(environments, _kind=kind, **kwargs):
+                    return [env.get_reward() if type(env) is _kind else None for env in environments]
+
+            reward.__name__ = reward.__qualname__ = kind.__name__
+            funcs.append(reward)
+        return funcs
 
 
 def _gather(awaitables: list[Any]) -> list[Any]:

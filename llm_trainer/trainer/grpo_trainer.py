@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..environments.rollout import rollout_and_rewards
-from ..environments.tools import ToolRollout, check_tool_template
+from ..environments.tools import EnvironmentToolRollout, ToolRollout, check_tool_template
 from ..losses.policy_gradient import (
     clip_metrics,
     entropy_bonus,
@@ -55,6 +55,11 @@ class GRPOTrainer(OnlineRLTrainer):
         tools: functions (sync or async, with type hints and a docstring) the model may call; each completion runs
             up to `args.max_tool_calling_iterations` rounds of tool calls, and the tool results are masked out of the
             loss (see `llm_trainer.environments.ToolRollout`).
+        environment_factory: TRL's environments: a class or zero-argument callable making one (pooled) instance per
+            rollout, or a `{name: factory}` dict picked by an 'environment' dataset column; the instance's public
+            methods are the rollout's tools, `reset(**row)` may return text appended to the prompt, reward functions
+            get `environments=[...]`, and a `get_reward` method adds a reward (see
+            `llm_trainer.environments.EnvironmentToolRollout`). Without `train_dataset`, `max_steps` sets the length.
         environment: llm_trainer's multi-turn environments (not in TRL): an `EnvironmentInterface` class or factory,
             or an `EnvironmentRollout`; its rewards are added to `reward_funcs` (see `llm_trainer.environments`).
     """
@@ -82,15 +87,20 @@ class GRPOTrainer(OnlineRLTrainer):
         environment_factory: Any = None,
         environment: Any = None,
     ):
+        max_tool_calls = args.max_tool_calling_iterations if args is not None else None
         if environment_factory is not None:
-            raise NotImplementedError(
-                "`environment_factory` is not supported by llm_trainer's GRPOTrainer yet; for multi-turn rollouts pass "
-                "`environment=` (see `llm_trainer.environments`), `tools=` or a `rollout_func`."
-            )
-        if tools:
+            if rollout_func is not None or environment is not None:
+                raise ValueError(
+                    "Pass `environment_factory` or `rollout_func` / `environment`, not both: the factory's environments "
+                    "make the rollout."
+                )
+            rollout_func = EnvironmentToolRollout(environment_factory, tools, max_tool_calls)
+            if train_dataset is None:
+                train_dataset = _placeholder_dataset(rollout_func, args)
+        elif tools:
             if rollout_func is not None or environment is not None:
                 raise ValueError("Pass `tools` or `rollout_func` / `environment`, not both: tools make the rollout.")
-            rollout_func = ToolRollout(tools, args.max_tool_calling_iterations if args is not None else None)
+            rollout_func = ToolRollout(tools, max_tool_calls)
         if environment is not None:
             if rollout_func is not None:
                 raise ValueError("Pass `environment` or `rollout_func`, not both: an environment is a rollout.")
@@ -110,9 +120,21 @@ class GRPOTrainer(OnlineRLTrainer):
             rollout_func,
         )
         args = self.args
-        self.tools = list(tools or [])
+        self.tools = list(rollout_func.tools) if isinstance(rollout_func, ToolRollout) else []
         if self.tools:
             check_tool_template(self._tokenizer)
+        if isinstance(rollout_func, EnvironmentToolRollout):  # environments that score themselves (`get_reward`)
+            rewards = self.reward_functions
+            for func in rollout_func.reward_funcs():
+                rewards.funcs.append(func)
+                rewards.names.append(func.__name__)
+                rewards.processing_classes.append(None)
+                rewards.weights = torch.cat([rewards.weights, torch.ones(1)])
+            if not len(rewards):
+                raise ValueError(
+                    "No reward source: pass `reward_funcs`, or an `environment_factory` whose environment defines "
+                    "`get_reward`."
+                )
         self.loss_type = args.loss_type
         self.scale_rewards = args.scale_rewards
         self.multi_objective_aggregation = args.multi_objective_aggregation
@@ -132,7 +154,7 @@ class GRPOTrainer(OnlineRLTrainer):
     # ----------------------------------------------------------------------------------------------- rollouts
     def _generate(self, prompts):
         generated = super()._generate(prompts)
-        if not self.tools:
+        if not isinstance(self.rollout_func, ToolRollout):
             return generated
         prompt_ids, completion_ids, completions, logprobs, env_mask, extra_fields = generated
         messages = extra_fields.pop("completion_messages")
@@ -312,3 +334,20 @@ class GRPOTrainer(OnlineRLTrainer):
             with open(path) as f:
                 state = json.load(f)
             self.entropy_coef, self._last_world_entropy = state["entropy_coef"], state["last_world_entropy"]
+
+
+def _placeholder_dataset(rollout: EnvironmentToolRollout, args: GRPOConfig | None) -> Dataset:
+    """Empty prompts driving a run whose environments make the prompts in `reset` (TRL's no-dataset path): one
+    generation's worth of rows, cycled for `max_steps`."""
+    if rollout.multi_environment:
+        raise ValueError(
+            "A dict `environment_factory` needs a `train_dataset` whose 'environment' column routes each row to its "
+            "environment; pass one, or a single factory."
+        )
+    if args is None or args.max_steps <= 0:
+        raise ValueError(
+            "Without a `train_dataset` (the environment writes the prompt in `reset`), set `GRPOConfig(max_steps=...)` "
+            "to a positive number: it is the length of training."
+        )
+    rows = max(1, args.generation_batch_size // args.num_generations)
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": ""}]] * rows})

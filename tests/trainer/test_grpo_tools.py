@@ -262,5 +262,5 @@ def test_grpo_tools_argument_errors(tiny_model_path):
         GRPOTrainer(
             tiny_model_path, lambda completions, **kw: [0.0] * len(completions), tools=[add], rollout_func=print
         )
-    with pytest.raises(NotImplementedError, match="environment_factory"):
-        GRPOTrainer(tiny_model_path, lambda completions, **kw: [0.0] * len(completions), environment_factory=object)
+    with pytest.raises(TypeError, match="environment_factory"):
+        GRPOTrainer(tiny_model_path, lambda completions, **kw: [0.0] * len(completions), environment_factory=3)

@@ -203,7 +203,7 @@ def test_bad_configuration_is_refused(tiny_model_path, tmp_path):
             args=_config(tmp_path),
             train_dataset=dataset.add_column("image", [None] * 17),
         )
-    with pytest.raises(NotImplementedError, match="rollout_func"):
+    with pytest.raises(ValueError, match="no `reset` method"):
         GRPOTrainer(
             tiny_model_path, length_reward, args=_config(tmp_path), train_dataset=dataset, environment_factory=object
         )
