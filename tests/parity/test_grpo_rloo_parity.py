@@ -21,7 +21,7 @@ def vowel_reward(completions, **kwargs):
     return [None if not t else sum(ch in "aeiou" for ch in t) / len(t) for t in texts]
 
 
-def _train(module, trainer_name, model_path, dataset, tmp_path, **config):
+def _train(module, trainer_name, model_path, dataset, tmp_path, trainer_kwargs=None, **config):
     config = {
         "output_dir": str(tmp_path / f"{module.__name__}-{trainer_name}"),
         "report_to": "none",
@@ -45,17 +45,20 @@ def _train(module, trainer_name, model_path, dataset, tmp_path, **config):
         reward_funcs=[length_reward, vowel_reward],
         args=config_class(**config),
         train_dataset=dataset,
+        **(trainer_kwargs or {}),
     )
     trainer.train()
     return trainer
 
 
-def _assert_parity(trainer_name, tiny_model_path, tmp_path, config_name="standard_prompt_only", **config):
+def _assert_parity(
+    trainer_name, tiny_model_path, tmp_path, config_name="standard_prompt_only", trainer_kwargs=None, **config
+):
     import llm_trainer
 
     dataset = zen_dataset(config_name)
-    ours = _train(llm_trainer, trainer_name, tiny_model_path, dataset, tmp_path, **config)
-    theirs = _train(trl, trainer_name, tiny_model_path, dataset, tmp_path, **config)
+    ours = _train(llm_trainer, trainer_name, tiny_model_path, dataset, tmp_path, trainer_kwargs, **config)
+    theirs = _train(trl, trainer_name, tiny_model_path, dataset, tmp_path, trainer_kwargs, **config)
     assert list(ours._logs["completion"]) == list(theirs._logs["completion"])
     assert_same_training(ours, theirs, loss_atol=1e-6)
     return ours, theirs
@@ -97,3 +100,22 @@ def test_grpo_matches_trl(tiny_model_path, tmp_path, config):
 )
 def test_rloo_matches_trl(tiny_model_path, tmp_path, config):
     _assert_parity("RLOO", tiny_model_path, tmp_path, **config)
+
+
+def test_grpo_with_lora_matches_trl(tiny_model_path, tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    _assert_parity("GRPO", tiny_model_path, tmp_path, trainer_kwargs={"peft_config": lora}, beta=0.04)
+
+
+def scripted_rollout(prompts, trainer):
+    """A `rollout_func` that needs no sampling: each completion is the prompt's first tokens, cut to its row index."""
+    tokenizer = trainer.processing_class
+    prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    completion_ids = [ids[: 2 + i % 4] for i, ids in enumerate(prompt_ids)]
+    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None, "turn": [1] * len(prompts)}
+
+
+def test_grpo_with_a_rollout_func_matches_trl(tiny_model_path, tmp_path):
+    _assert_parity("GRPO", tiny_model_path, tmp_path, trainer_kwargs={"rollout_func": scripted_rollout})
