@@ -119,3 +119,19 @@ def scripted_rollout(prompts, trainer):
 
 def test_grpo_with_a_rollout_func_matches_trl(tiny_model_path, tmp_path):
     _assert_parity("GRPO", tiny_model_path, tmp_path, trainer_kwargs={"rollout_func": scripted_rollout})
+
+
+def test_grpo_evaluation_matches_trl(tiny_model_path, tmp_path):
+    import math
+
+    import llm_trainer
+
+    config = {"per_device_eval_batch_size": 4, "num_generations_eval": 2, "max_steps": 1}
+    results = []
+    for module in (llm_trainer, trl):
+        trainer = _train(module, "GRPO", tiny_model_path, zen_dataset("standard_prompt_only"), tmp_path, **config)
+        results.append(trainer.evaluate(zen_dataset("standard_prompt_only", "test")))
+    ours, theirs = results
+    assert set(ours) == set(theirs) and "eval_reward" in ours
+    for key in set(ours) - {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_step_time"}:
+        assert math.isclose(ours[key], theirs[key], rel_tol=1e-4, abs_tol=1e-6), (key, ours[key], theirs[key])
