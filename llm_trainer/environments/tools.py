@@ -13,15 +13,14 @@ import inspect
 import json
 import re
 import sys
-import threading
 from collections.abc import Callable
 from typing import Any
 
+from .._background_loop import background_loop
 from .base import EnvironmentInterface, EnvironmentStep
 from .rollout import EnvironmentRollout, _dataset_rows, _Rollout
 
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
-_loop: asyncio.AbstractEventLoop | None = None
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
@@ -293,12 +292,8 @@ class EnvironmentToolRollout(ToolRollout):
 def _gather(awaitables: list[Any]) -> list[Any]:
     """Await `awaitables` together on a background event loop (so it works whether or not the caller is inside a
     running loop); an exception is returned in place of its result."""
-    global _loop
-    if _loop is None:
-        _loop = asyncio.new_event_loop()
-        threading.Thread(target=_loop.run_forever, daemon=True, name="llm-trainer-tools").start()
 
     async def gather():
         return await asyncio.gather(*awaitables, return_exceptions=True)
 
-    return asyncio.run_coroutine_threadsafe(gather(), _loop).result()
+    return asyncio.run_coroutine_threadsafe(gather(), background_loop()).result()

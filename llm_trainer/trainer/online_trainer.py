@@ -615,9 +615,8 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
         self._save_completions_table(table)
 
     def close(self) -> None:
-        """Stop the generation back end and the reward functions' event loop."""
+        """Stop the generation back end."""
         self.generator.close()
-        self.reward_functions.close()
 
 
 def _identity(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from .._background_loop import background_loop
 from ..data.formats import is_conversational
 from ..data_utils import apply_chat_template
 
@@ -75,7 +75,6 @@ class RewardFunctions:
             self._tokenizer_for(func, tokenizer, init_kwargs) if isinstance(func, nn.Module) else tokenizer
             for func, tokenizer in zip(self.funcs, processing_classes)
         ]
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         return len(self.funcs)
@@ -121,7 +120,7 @@ class RewardFunctions:
         pending = {}
         for i, func in enumerate(self.funcs):
             if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__):
-                pending[i] = asyncio.run_coroutine_threadsafe(func(**kwargs), self._event_loop())
+                pending[i] = asyncio.run_coroutine_threadsafe(func(**kwargs), background_loop())
         for i, func in enumerate(self.funcs):
             if isinstance(func, nn.Module):
                 rewards[:, i] = self._model_scores(
@@ -165,15 +164,3 @@ class RewardFunctions:
             text=texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
         ).to(device)
         return model(**inputs).logits[:, 0].float()
-
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        """A background event loop for async reward functions, started on first use."""
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            threading.Thread(target=self._loop.run_forever, daemon=True, name="reward-functions").start()
-        return self._loop
-
-    def close(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._loop = None
