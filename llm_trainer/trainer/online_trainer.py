@@ -194,15 +194,7 @@ class OnPolicyGenerationMixin:
         return loss
 
     def _tokenize_prompts(self, prompts: list[Any]) -> list[list[int]]:
-        if is_conversational({"prompt": prompts[0]}):
-            return self.processing_class.apply_chat_template(
-                conversation=prompts,
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-                **self.chat_template_kwargs,
-            )["input_ids"]
-        return self.processing_class(text=prompts)["input_ids"]
+        return tokenize_prompts(self.processing_class, prompts, self.chat_template_kwargs)
 
     def _log_lengths(self, prompt_ids, completion_ids, mode: str, env_mask=None) -> None:
         """Token counts and completion-length metrics; with an environment mask, only the policy's tokens count."""
@@ -617,6 +609,22 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
     def close(self) -> None:
         """Stop the generation back end."""
         self.generator.close()
+
+
+def tokenize_prompts(
+    processing_class: Any, prompts: list[Any], chat_template_kwargs: dict[str, Any]
+) -> list[list[int]]:
+    """Token ids of each prompt: plain text as is, conversations through the chat template with the generation
+    prompt appended."""
+    if is_conversational({"prompt": prompts[0]}):
+        return processing_class.apply_chat_template(
+            conversation=prompts,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            **chat_template_kwargs,
+        )["input_ids"]
+    return processing_class(text=prompts)["input_ids"]
 
 
 def _identity(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

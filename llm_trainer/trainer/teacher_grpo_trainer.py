@@ -19,6 +19,7 @@ from ..generation.transformers_backend import TransformersGenerator
 from ..modeling import create_reference_model, reference_adapter
 from ..rewards.adaptive_teaching import AdaptiveTeachingReward
 from .grpo_trainer import GRPOTrainer
+from .online_trainer import tokenize_prompts
 from .reward_functions import RewardFunc
 from .teacher_grpo_config import TeacherGRPOConfig
 
@@ -305,16 +306,10 @@ def _encode(
 ) -> list[list[int]]:
     """Token ids of `texts`: plain, or each as one user message through the chat template."""
     if not conversational:
-        return tokenizer(texts)["input_ids"]
+        return tokenize_prompts(tokenizer, texts, chat_template_kwargs)
     if tokenizer.chat_template is None:
         raise ValueError(
             "The dataset's prompts are conversational but a tokenizer (the teacher's or the student's) has no chat "
             "template; give it one, pass a `student_processing_class` with one, or use plain-text prompts."
         )
-    return tokenizer.apply_chat_template(
-        [[{"role": "user", "content": text}] for text in texts],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        **chat_template_kwargs,
-    )["input_ids"]
+    return tokenize_prompts(tokenizer, [[{"role": "user", "content": text}] for text in texts], chat_template_kwargs)
