@@ -649,11 +649,9 @@ def _forever(dataloader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def _print_table(table: dict[str, list], rows: int) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        return
+    from rich.console import Console  # rich is a dependency of llm_trainer
+    from rich.table import Table
+
     view = Table(show_lines=True)
     for column in table:
         view.add_column(column)
