@@ -64,3 +64,15 @@ def test_repeats_are_independent_copies():
 def test_non_positive_counts_are_refused():
     with pytest.raises(ValueError, match="must be positive, got 0"):
         repeat_iterable_dataset(_data().to_iterable_dataset(), 0)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_repeat_sampler_yields_trls_order(shape, shuffle):
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    data = _data()
+    ours = RepeatSampler(data, shuffle=shuffle, seed=5, **shape)
+    theirs = trl_utils.RepeatSampler(data, shuffle=shuffle, seed=5, **shape)
+    assert len(ours) == len(theirs)
+    for _ in range(2):  # the second epoch draws a new permutation from the same generator
+        assert list(ours) == list(theirs)
