@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import safetensors.torch
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
@@ -25,8 +28,10 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import TrainOutput
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from ..data.collators import pad
 from ..generation import SamplingConfig, TransformersGenerator
@@ -42,10 +47,23 @@ from ..losses.ppo import (
 )
 from ..modeling import add_token_logprob_head
 from .base_trainer import BaseTrainer
+from .checkpointing import last_complete_checkpoint
 from .ppo_config import PPOConfig
 from .utils import disable_dropout_in_model
 
+try:  # transformers >= 5
+    from transformers.trainer_utils import compare_trainer_and_checkpoint_args
+except ImportError:
+    compare_trainer_and_checkpoint_args = None
+
 __all__ = ["OnlineTrainerState", "PPOTrainer", "PolicyAndValueWrapper"]
+
+logger = logging.getLogger(__name__)
+
+VALUE_MODEL_DIR = "value_model"
+"""Checkpoint subfolder holding the value model (the checkpoint itself holds the policy, as TRL's)."""
+DATA_STATE_NAME = "dataloader_state.pt"
+"""Checkpoint file holding the position in the prompts (see `_RolloutBatches`)."""
 
 
 @dataclass
@@ -161,6 +179,9 @@ class PPOTrainer(BaseTrainer):
     never built). Metrics, logged every update: `objective/{kl,entropy,non_score_reward,rlhf_reward,scores}`,
     `policy/{approxkl_avg,clipfrac_avg,entropy_avg}`, `loss/{policy_avg,value_avg}`,
     `val/{clipfrac_avg,ratio,ratio_var,num_eos_tokens}`, `lr`, `episode`, `eps`.
+
+    A checkpoint is the policy, as TRL's, plus the value model in `value_model/` and what
+    `train(resume_from_checkpoint=...)` needs to continue the run exactly (optimizer, scheduler, RNG, data position).
 
     >>> trainer = PPOTrainer(PPOConfig("out"), tokenizer, policy, None, reward_model, dataset, value_model)
     >>> trainer.train()
@@ -296,6 +317,8 @@ class PPOTrainer(BaseTrainer):
                 drop_last=True,  # every rollout batch has the same number of rows
             )
         )
+        self._batches: _RolloutBatches | None = None  # the prompt stream of `train`, positioned on resume
+        self._data_state_to_resume: dict[str, Any] | None = None  # read from the checkpoint by `_load_extra_state`
         self.eval_dataloader = None
         if eval_dataset is not None:
             self.eval_dataloader = self.accelerator.prepare(
@@ -536,8 +559,8 @@ class PPOTrainer(BaseTrainer):
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather_for_metrics(tensor.detach().reshape(-1).float())
 
-    def _metrics_of(self, batch: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], start: float) -> dict:
-        """TRL's PPO metrics for one update."""
+    def _metrics_of(self, batch: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], eps: int) -> dict:
+        """TRL's PPO metrics for one update (`eps`: episodes per second so far in this session)."""
 
         def mean(tensor: torch.Tensor) -> float:
             return self._gather(tensor).mean().item()
@@ -547,7 +570,7 @@ class PPOTrainer(BaseTrainer):
             non_score_reward = batch["non_score_reward"].sum(1).mean()
             ratio = stats["ratio"]
             return {
-                "eps": int(self.state.episode / (time.time() - start)),
+                "eps": eps,
                 "objective/kl": mean(batch["kl"].sum(1).mean()),
                 "objective/entropy": mean((-batch["logprobs"] * valid).sum(1).mean()),
                 "objective/non_score_reward": mean(non_score_reward),
@@ -568,51 +591,157 @@ class PPOTrainer(BaseTrainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> TrainOutput:
         """Run `num_total_batches` PPO updates (rollout, then `num_ppo_epochs` of optimization) and return a
-        `TrainOutput` whose `training_loss` is the mean of `loss/policy_avg + vf_coef * loss/value_avg`."""
-        if resume_from_checkpoint:
-            raise NotImplementedError(
-                "PPOTrainer cannot resume from a checkpoint; start a new run from the saved policy and value model."
-            )
+        `TrainOutput` whose `training_loss` is the mean of `loss/policy_avg + vf_coef * loss/value_avg` over the run's
+        updates (those before a resumed checkpoint included).
+
+        `resume_from_checkpoint` (a `checkpoint-N` folder, or True for the newest complete one in `output_dir`)
+        continues the run from that checkpoint with the very numbers of a run that was never stopped.
+        """
         args = self.args
-        self.state.global_step = 0
-        self.state.episode = 0
+        self._batches = _RolloutBatches(self.dataloader)
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            self._resume(self._checkpoint_to_resume(resume_from_checkpoint))
+        else:
+            self.state.global_step = 0
+            self.state.episode = 0
+            self.state.compute_steps(args, args.num_total_batches)
         self.state.max_steps = args.num_total_batches
         self.state.num_train_epochs = args.total_episodes / self.train_dataset_len
         self.state.train_batch_size = args.per_device_train_batch_size
-        self.state.compute_steps(args, self.state.max_steps)
+        losses = [  # the updates before the checkpoint, if any (every update is logged)
+            entry["loss/policy_avg"] + args.vf_coef * entry["loss/value_avg"]
+            for entry in self.state.log_history
+            if "loss/policy_avg" in entry and "loss/value_avg" in entry
+        ]
+        first_update, first_episode, start = self.state.global_step + 1, self.state.episode, time.time()
+        if first_update > args.num_total_batches:
+            logger.warning(
+                f"The checkpoint is at update {self.state.global_step}, which already reaches the "
+                f"{args.num_total_batches} updates of this run: nothing left to train. Raise `total_episodes` (or "
+                "`num_train_epochs`) to train further."
+            )
+            return self._train_output(losses, start)
+
         self.model.train()
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
-        start = time.time()
-        losses = []
-        batches = _forever(self.dataloader)
-        for update in range(1, args.num_total_batches + 1):
+        for update in range(first_update, args.num_total_batches + 1):
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             self.state.episode += args.batch_size
-            batch = self._rollout(next(batches)["input_ids"])
+            batch = self._rollout(next(self._batches)["input_ids"])
             stats = self._ppo_epochs(batch)
-            metrics = self._metrics_of(batch, stats, start)
+            metrics = self._metrics_of(batch, stats, int((self.state.episode - first_episode) / (time.time() - start)))
             losses.append(metrics["loss/policy_avg"] + args.vf_coef * metrics["loss/value_avg"])
             self.state.epoch = self.state.episode / self.train_dataset_len
             self.state.global_step += 1
             self.log(metrics)
             self.lr_scheduler.step()
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            # Sampled before the checkpoint (TRL samples after it) so that the checkpoint's random state is the one
+            # the next update starts from.
+            if args.num_sample_generations > 0 and (update - 1) % self.sample_generations_freq == 0:
+                self.generate_completions(sampling=True)
             if self.control.should_save:
                 self._save_checkpoint(self.model, trial=None)
                 self.control = self.callback_handler.on_save(args, self.state, self.control)
-            if args.num_sample_generations > 0 and (update - 1) % self.sample_generations_freq == 0:
-                self.generate_completions(sampling=True)
             if self.control.should_training_stop:
                 break
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         if self.control.should_save:
             self._save_checkpoint(self.model, trial=None)
             self.control = self.callback_handler.on_save(args, self.state, self.control)
+        return self._train_output(losses, start)
+
+    def _train_output(self, losses: list[float], start: float) -> TrainOutput:
         runtime = time.time() - start
         training_loss = sum(losses) / len(losses) if losses else 0.0
         return TrainOutput(
             self.state.global_step, training_loss, {"train_runtime": runtime, "train_loss": training_loss}
         )
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _checkpoint_to_resume(self, resume_from_checkpoint: str | bool) -> str:
+        """The checkpoint folder to resume from: the one given, or with True the newest complete one in `output_dir`."""
+        if resume_from_checkpoint is True:
+            checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                raise ValueError(
+                    f"No complete checkpoint found in output directory ({self.args.output_dir}) to resume from; pass "
+                    "a checkpoint path, or `resume_from_checkpoint=None` to start from scratch."
+                )
+        else:
+            checkpoint = str(resume_from_checkpoint)
+            if not os.path.isdir(checkpoint):
+                raise FileNotFoundError(f"The checkpoint folder {checkpoint} to resume from does not exist.")
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError(
+                "PPOTrainer resumes from checkpoints only without DeepSpeed or FSDP (their sharded optimizer states "
+                f"are not restored). Start a new run from the policy in {checkpoint} and the value model in "
+                f"{os.path.join(checkpoint, VALUE_MODEL_DIR)} instead."
+            )
+        rng_file = "rng_state.pth" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}.pth"
+        needed = (TRAINER_STATE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, rng_file, VALUE_MODEL_DIR, DATA_STATE_NAME)
+        missing = [name for name in needed if not os.path.exists(os.path.join(checkpoint, name))]
+        if missing:
+            raise ValueError(
+                f"{checkpoint} is not a complete PPO checkpoint: it lacks {', '.join(missing)} (a checkpoint written "
+                "with `save_only_model=True`, by TRL, or by an older llm_trainer, none of which saved the value model "
+                "and the position in the data). Resume from a checkpoint of this version, or start a new run from "
+                "the policy it holds."
+            )
+        return checkpoint
+
+    def _resume(self, checkpoint: str) -> None:
+        """Restore the policy, value model, optimizer, scheduler, trainer state, data position and random state of
+        `checkpoint`. The random state comes last: replaying the data order to the checkpoint's position draws from
+        it."""
+        self._load_weights(checkpoint, self.policy_model)
+        self._load_optimizer_and_scheduler(checkpoint)  # and `_load_extra_state`: the value model, the data position
+        self.state = OnlineTrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        self.state.is_local_process_zero = self.is_local_process_zero()
+        self.state.is_world_process_zero = self.is_world_process_zero()
+        if compare_trainer_and_checkpoint_args is not None:
+            compare_trainer_and_checkpoint_args(self.args, self.state)
+        else:  # a Trainer method before transformers 5
+            self.compare_trainer_and_checkpoint_args(self.args, self.state)
+        self._load_callback_state()
+        self._batches.load_state_dict(self._data_state_to_resume)
+        self._load_rng_state(checkpoint)
+
+    def _load_weights(self, folder: str, module: nn.Module) -> None:
+        """Load the weights saved in `folder` into `module` in place, so the optimizer keeps its parameters
+        (transformers' loader reads `self.model` for the tied weights, hence the swap)."""
+        wrapper, self.model = self.model, module
+        try:
+            self._load_from_checkpoint(folder, model=module)
+        finally:
+            self.model = wrapper
+
+    def _save_extra_state(self, folder: str) -> None:
+        """Add to the checkpoint (which holds the policy, as TRL's does) the value model, in `value_model/` (a model
+        `AutoModelForSequenceClassification.from_pretrained` loads), and the position in the prompts."""
+        super()._save_extra_state(folder)
+        if not self.args.should_save:
+            return
+        value_model = self.accelerator.unwrap_model(self.value_model)
+        value_dir = os.path.join(folder, VALUE_MODEL_DIR)
+        if isinstance(value_model, PreTrainedModel):
+            value_model.save_pretrained(value_dir)
+        else:
+            os.makedirs(value_dir, exist_ok=True)
+            safetensors.torch.save_model(value_model, os.path.join(value_dir, SAFE_WEIGHTS_NAME))
+        if self._batches is not None:
+            torch.save(self._batches.state_dict(), os.path.join(folder, DATA_STATE_NAME))
+
+    def _load_extra_state(self, folder: str) -> None:
+        """Load the value model saved by `_save_extra_state` and keep the data position for `train` to seek to."""
+        super()._load_extra_state(folder)
+        value_model = self.accelerator.unwrap_model(self.value_model)
+        value_dir = os.path.join(folder, VALUE_MODEL_DIR)
+        if isinstance(value_model, PreTrainedModel):
+            self._load_weights(value_dir, value_model)
+        else:
+            safetensors.torch.load_model(value_model, os.path.join(value_dir, SAFE_WEIGHTS_NAME))
+        self._data_state_to_resume = torch.load(os.path.join(folder, DATA_STATE_NAME), weights_only=True)
 
     @torch.no_grad()
     def generate_completions(self, sampling: bool = False) -> dict[str, list] | None:
@@ -643,9 +772,82 @@ class PPOTrainer(BaseTrainer):
         return table
 
 
-def _forever(dataloader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
-    while True:
-        yield from dataloader
+class _RolloutBatches:
+    """The dataloader's prompt batches, epoch after epoch (reshuffled by the dataloader each epoch), keeping the
+    position a resumed run needs to continue with the very batch an uninterrupted run would take next.
+
+    The position is the epoch, the batches taken from it, and the random state as the epoch began. Transformers'
+    default sampler shuffles by seed and epoch; without it (`accelerator_config={"use_seedable_sampler": False}`) the
+    shuffling is drawn from that random state, so the epoch's order is reproduced by replaying its first batches from
+    it, whatever the sampler.
+    """
+
+    def __init__(self, dataloader: DataLoader) -> None:
+        self.dataloader = dataloader
+        self.epoch: int = getattr(dataloader, "iteration", 0)
+        self.taken = 0
+        self.epoch_rng: dict[str, torch.Tensor | None] = {}
+        self._iterator: Iterator[dict[str, torch.Tensor]] | None = None
+
+    def __iter__(self) -> _RolloutBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        for _ in range(2):  # the current epoch, else the next
+            if self._iterator is None:
+                self.taken, self.epoch_rng = 0, self._rng_state()
+                self._iterator = iter(self.dataloader)
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self._iterator = None
+                self.epoch += 1
+                continue
+            self.taken += 1
+            return batch
+        raise RuntimeError("The PPO dataloader yields no batch.")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "taken": self.taken,
+            "batches_per_epoch": len(self.dataloader),
+            "epoch_rng": self.epoch_rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Seek to the batch after `state`'s: set the dataloader's epoch, then replay the batches taken from it."""
+        per_epoch = len(self.dataloader)
+        if state["batches_per_epoch"] != per_epoch:
+            logger.warning(
+                f"The checkpoint was written with {state['batches_per_epoch']} prompt batches per epoch and this run "
+                f"has {per_epoch}: the prompts will not come in the order of the interrupted run. Resume with the same "
+                "`train_dataset`, batch sizes and number of processes to continue it exactly."
+            )
+        epoch, taken = state["epoch"], state["taken"]
+        if taken >= per_epoch:  # the checkpoint's epoch is used up: the next batch opens the next one
+            epoch, taken = epoch + 1, 0
+        self.epoch, self.taken, self._iterator = epoch, 0, None
+        if hasattr(self.dataloader, "set_epoch"):
+            self.dataloader.set_epoch(epoch)
+        if taken:
+            self._set_rng_state(state["epoch_rng"])
+            for _ in range(taken):
+                next(self)
+
+    def _generator(self) -> torch.Generator | None:
+        """The generator accelerate shuffles with across processes (None on one process or with the seeded sampler)."""
+        return getattr(self.dataloader, "synchronized_generator", None)
+
+    def _rng_state(self) -> dict[str, torch.Tensor | None]:
+        generator = self._generator()
+        return {"cpu": torch.random.get_rng_state(), "generator": generator.get_state() if generator else None}
+
+    def _set_rng_state(self, state: dict[str, torch.Tensor | None]) -> None:
+        torch.random.set_rng_state(state["cpu"])
+        generator = self._generator()
+        if generator is not None and state["generator"] is not None:
+            generator.set_state(state["generator"])
 
 
 def _print_table(table: dict[str, list], rows: int) -> None:

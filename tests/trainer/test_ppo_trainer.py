@@ -1,12 +1,16 @@
 """PPOTrainer with TRL 1.12's API (the last TRL release with PPO): config and signature, the rollout against full
 logits and TRL's own `get_reward`, training of policy and value model (full and PEFT), TRL's metric names, saving,
-sample completions, bad input, and a learning test with a reward that can be checked by counting tokens."""
+sample completions, bad input, resuming from a checkpoint exactly, and a learning test with a reward that can be
+checked by counting tokens."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import json
+import logging
+import shutil
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -352,6 +356,176 @@ def test_bad_input_raises_clear_errors(tmp_path, tiny_model_path, reward_path, t
     trainer = PPOTrainer(_config(tmp_path), tokenizer, policy, None, reward_model, prompts)
     with pytest.raises(NotImplementedError, match="generate_completions"):
         trainer.evaluate()
+
+
+# ------------------------------------------------------------------------------------------------ resuming
+RESUME_UPDATES = 5
+
+
+def _resume_trainer(
+    output_dir, tiny_model_path: str, reward_path: str, tokenizer, prompts: Dataset, **kwargs
+) -> PPOTrainer:
+    """5 updates of 2 of 6 prompts (3 batches an epoch, so the run goes on into a reshuffled second epoch), a
+    checkpoint after each; always built the same way, as a restarted script would."""
+    callbacks = kwargs.pop("callbacks", None)
+    args = _config(
+        output_dir,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        num_mini_batches=1,
+        total_episodes=2 * RESUME_UPDATES,
+        response_length=3,
+        gradient_checkpointing=False,
+        save_strategy="steps",
+        save_steps=1,
+        **kwargs,
+    )
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    reward_model, value_model = _reward_model(reward_path), _reward_model(reward_path)
+    return PPOTrainer(
+        args, tokenizer, policy, None, reward_model, prompts.select(range(6)), value_model, callbacks=callbacks
+    )
+
+
+SAMPLERS = {  # transformers' default shuffles by seed and epoch; without it the order is drawn from the RNG
+    "seeded": {},
+    "unseeded": {"accelerator_config": {"use_seedable_sampler": False}},
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, tiny_model_path, reward_path, tokenizer, prompts) -> Callable:
+    """The run never stopped, once per sampler: its output folder, logs, training loss and final weights."""
+    runs = {}
+
+    def run(sampler: str) -> SimpleNamespace:
+        if sampler not in runs:
+            output_dir = tmp_path_factory.mktemp(f"ppo-uninterrupted-{sampler}")
+            trainer = _resume_trainer(
+                output_dir, tiny_model_path, reward_path, tokenizer, prompts, **SAMPLERS[sampler]
+            )
+            output = trainer.train()
+            runs[sampler] = SimpleNamespace(
+                dir=output_dir,
+                logs=trainer.state.log_history,
+                loss=output.training_loss,
+                policy=_snapshot(trainer.policy_model),
+                value=_snapshot(trainer.value_model),
+            )
+        return runs[sampler]
+
+    return run
+
+
+def _without_eps(logs: list[dict]) -> list[dict]:
+    """The logs without `eps` (episodes per second: a timing)."""
+    return [{name: value for name, value in entry.items() if name != "eps"} for entry in logs]
+
+
+def _assert_same_run(trainer: PPOTrainer, training_loss: float, full: SimpleNamespace) -> None:
+    """Every logged number of every update (losses, value losses, KL, scores, lr, episode, ...), the training loss
+    and the final weights are exactly those of the uninterrupted run."""
+    logs, expected = _without_eps(trainer.state.log_history), _without_eps(full.logs)
+    assert [entry["step"] for entry in logs] == list(range(1, RESUME_UPDATES + 1))
+    for entry, want in zip(logs, expected):
+        assert entry == want, entry["step"]
+    assert training_loss == full.loss
+    assert not _changed(trainer.policy_model, full.policy)
+    assert not _changed(trainer.value_model, full.value)
+
+
+@pytest.mark.parametrize(
+    "sampler, step",
+    [("seeded", 2), ("seeded", 3), ("seeded", 4), ("unseeded", 4)],
+    ids=["mid-epoch", "epoch-end", "second-epoch", "second-epoch-unseeded-sampler"],
+)
+def test_resume_continues_exactly_as_the_uninterrupted_run(
+    tmp_path, uninterrupted_run, tiny_model_path, reward_path, tokenizer, prompts, sampler, step
+):
+    """A new trainer resumed from `checkpoint-{step}` logs, update by update, exactly the numbers of the run that was
+    never stopped: mid-epoch (crossing into the next epoch), at the end of an epoch, and in the reshuffled second
+    epoch, whose order the seeded sampler takes from the epoch and the unseeded one from the random state."""
+    full = uninterrupted_run(sampler)
+    trainer = _resume_trainer(tmp_path, tiny_model_path, reward_path, tokenizer, prompts, **SAMPLERS[sampler])
+    output = trainer.train(resume_from_checkpoint=str(full.dir / f"checkpoint-{step}"))
+
+    _assert_same_run(trainer, output.training_loss, full)
+    assert output.global_step == RESUME_UPDATES
+    written = sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("checkpoint-"))
+    assert written == [f"checkpoint-{n}" for n in range(step + 1, RESUME_UPDATES + 1)]
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_stopped_run_resumes_from_the_newest_complete_checkpoint(
+    tmp_path, uninterrupted_run, tiny_model_path, reward_path, tokenizer, prompts, caplog
+):
+    """A run stopped after update 2, then a new trainer with `resume_from_checkpoint=True`: it skips a newer
+    `checkpoint-3` whose save was cut off (no trainer state) and finishes as the uninterrupted run."""
+    full = uninterrupted_run("seeded")
+    stopped = _resume_trainer(tmp_path, tiny_model_path, reward_path, tokenizer, prompts, callbacks=[_StopAt(2)])
+    assert stopped.train().global_step == 2
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "config.json").write_text("{}")
+
+    trainer = _resume_trainer(tmp_path, tiny_model_path, reward_path, tokenizer, prompts)
+    with caplog.at_level(logging.WARNING):
+        output = trainer.train(resume_from_checkpoint=True)
+
+    assert any("Skipping the incomplete checkpoint" in record.getMessage() for record in caplog.records)
+    _assert_same_run(trainer, output.training_loss, full)
+
+
+def test_checkpoint_holds_the_policy_the_value_model_and_the_training_state(uninterrupted_run):
+    """The checkpoint is the policy, as TRL's (`from_pretrained(checkpoint)`), with the value model in `value_model/`
+    (`AutoModelForSequenceClassification.from_pretrained`), optimizer, scheduler, RNG, data position and state."""
+    full = uninterrupted_run("seeded")
+    checkpoint = full.dir / f"checkpoint-{RESUME_UPDATES}"
+    files = {path.name for path in checkpoint.iterdir()}
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "dataloader_state.pt", "value_model"} <= files
+
+    policy = AutoModelForCausalLM.from_pretrained(checkpoint)
+    value_model = AutoModelForSequenceClassification.from_pretrained(checkpoint / "value_model")
+    assert not _changed(policy, full.policy) and set(dict(policy.named_parameters())) == set(full.policy)
+    assert not _changed(value_model, full.value) and set(dict(value_model.named_parameters())) == set(full.value)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert (state["global_step"], state["episode"]) == (RESUME_UPDATES, 2 * RESUME_UPDATES)
+
+
+def test_resuming_a_finished_run_trains_nothing(
+    tmp_path, uninterrupted_run, tiny_model_path, reward_path, tokenizer, prompts, caplog
+):
+    full = uninterrupted_run("seeded")
+    callback = _CountingCallback()
+    trainer = _resume_trainer(tmp_path, tiny_model_path, reward_path, tokenizer, prompts, callbacks=[callback])
+    with caplog.at_level(logging.WARNING):
+        output = trainer.train(resume_from_checkpoint=str(full.dir / f"checkpoint-{RESUME_UPDATES}"))
+
+    assert "nothing left to train" in caplog.text
+    assert callback.steps == 0 and not callback.logs and not list(tmp_path.iterdir())
+    _assert_same_run(trainer, output.training_loss, full)  # the checkpoint's weights and history, loaded
+
+
+def test_resume_errors_say_what_to_do(tmp_path, uninterrupted_run, tiny_model_path, reward_path, tokenizer, prompts):
+    full = uninterrupted_run("seeded")
+    trainer = _resume_trainer(tmp_path / "out", tiny_model_path, reward_path, tokenizer, prompts)
+    with pytest.raises(ValueError, match="No complete checkpoint found"):
+        trainer.train(resume_from_checkpoint=True)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "missing"))
+    trl_like = tmp_path / "checkpoint-1"  # TRL's layout: the policy, optimizer, scheduler, RNG and state alone
+    shutil.copytree(
+        full.dir / "checkpoint-1", trl_like, ignore=shutil.ignore_patterns("value_model", "dataloader_state.pt")
+    )
+    with pytest.raises(ValueError, match="lacks value_model, dataloader_state.pt"):
+        trainer.train(resume_from_checkpoint=str(trl_like))
 
 
 # ------------------------------------------------------------------------------------------------ learning
