@@ -547,3 +547,24 @@ def test_load_training_dataset_forms(tmp_path):
     (tmp_path / "rows.xyz").write_text("?")
     with pytest.raises(ValueError, match="Cannot read"):
         load_training_dataset(tmp_path / "rows.xyz")
+
+
+def test_a_second_fit_continues_the_first(tiny_model_path, tmp_path):
+    """`fit(max_steps=6)` after `fit(max_steps=3)` takes up the data, optimizer and schedule where the first stopped:
+    with a constant learning rate its steps 4-6 are an uninterrupted 6-step run's, and the state counts 6 steps."""
+    rows = [{"text": f"line {i}: {' '.join(['word'] * (i % 5 + 1))}"} for i in range(10)]
+    options = dict(batch_size=2, learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1, **FAST)
+
+    def step_losses(trainer) -> dict[int, float]:
+        return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+
+    whole = SFTTrainer.from_pretrained(tiny_model_path, output_dir=str(tmp_path / "whole"), **options)
+    whole.fit(rows, max_steps=6)
+    split = SFTTrainer.from_pretrained(tiny_model_path, output_dir=str(tmp_path / "split"), **options)
+    assert split.fit(rows, max_steps=3).total_steps == 3
+    result = split.fit(max_steps=6)
+    assert result.total_steps == 6 and split.current_step == 6
+    assert [e["step"] for e in split.state.log_history if "loss" in e] == [1, 2, 3, 4, 5, 6]  # none replayed
+    assert step_losses(split) == step_losses(whole)  # bit for bit: the same computation on the same machine
+    assert not [name for name in (tmp_path / "split").iterdir() if name.name.startswith("tmp-")]
+    assert split.fit(max_steps=6).total_steps == 6  # a finished run trains nothing more

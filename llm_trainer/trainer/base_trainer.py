@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -24,11 +26,23 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..modeling import create_reference_model, load_model, wrap_with_peft
+from .checkpointing import (
+    commit_folder,
+    last_complete_checkpoint,
+    remove_stale_staging,
+    rotate_checkpoints,
+    staging_path,
+)
 from .simple import SimpleAPIMixin
 
 logger = logging.getLogger(__name__)
+
+NUM_TOKENS_NAME = "num_tokens.json"
+"""A checkpoint's running total of training tokens (the `num_tokens` metric)."""
 
 
 class BaseTrainer(SimpleAPIMixin, Trainer):
@@ -56,6 +70,9 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
+        self._total_train_tokens = 0  # see `_log_num_tokens`
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        self._tp_size = parallelism.tp_size if parallelism is not None else 1  # TP ranks see the same batch
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(["llm-trainer", *self._tag_names])
 
@@ -239,9 +256,123 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
         super().log(logs, start_time)
         self._metrics[mode].clear()
 
+    def _log_num_tokens(self, mode: str, local_tokens: torch.Tensor) -> None:
+        """Record the `num_tokens` metric: the training tokens seen so far. In training, this process's
+        `local_tokens` for the batch are first summed over processes (once per tensor-parallel group, whose ranks
+        share a batch) and added. The total is saved with checkpoints, so a resumed run continues it."""
+        if mode == "train":
+            self._total_train_tokens += int(gather_sum(self, local_tokens).item()) // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
+        """As `Trainer.train`; `resume_from_checkpoint=True` resumes from the newest *complete* checkpoint in
+        `output_dir`, skipping (with a warning) a newer one whose save was cut off."""
+        checkpoint = self.checkpoint_to_resume(resume_from_checkpoint, trial)
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+
+    def checkpoint_to_resume(self, resume_from_checkpoint: str | bool | None, trial: Any = None) -> str | None:
+        """The checkpoint folder `train(resume_from_checkpoint=...)` resumes from: the one given, the newest complete
+        one in `output_dir` for True, None for None/False. Clears staging folders left by a killed save."""
+        output_dir = self._get_output_dir(trial)
+        if self.args.should_save:
+            remove_stale_staging(output_dir)
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        if resume_from_checkpoint is True:
+            checkpoint = last_complete_checkpoint(output_dir)
+            if checkpoint is None:
+                raise ValueError(
+                    f"No complete checkpoint found in output directory ({output_dir}) to resume from; pass a "
+                    "checkpoint path, or `resume_from_checkpoint=None` to start from scratch."
+                )
+            return checkpoint
+        checkpoint = os.fspath(resume_from_checkpoint)
+        if not os.path.isdir(checkpoint):
+            raise FileNotFoundError(f"The checkpoint folder {checkpoint} to resume from does not exist.")
+        return checkpoint
+
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ):
+        """As `Trainer._init_training_state`, except that a run resumed at or past `max_steps` trains nothing more
+        (transformers would run one step past `max_steps` when the run ended mid-epoch)."""
+        epochs_trained, steps_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if resume_from_checkpoint is not None and self.state.global_step >= max_steps:
+            logger.warning(
+                f"The checkpoint {resume_from_checkpoint} is at step {self.state.global_step}, which already reaches "
+                f"the {max_steps} steps of this run: nothing left to train. Raise `max_steps` (or "
+                "`num_train_epochs`) to train further."
+            )
+            return num_train_epochs, 0  # no epoch left to run
+        return epochs_trained, steps_trained
+
     def _save_checkpoint(self, model, trial):
+        """As `Trainer._save_checkpoint`, but written into a staging folder and renamed into place when complete, so
+        that a kill at any moment leaves whole checkpoints only (see `checkpointing`)."""
         self.create_model_card(model_name=self.args.hub_model_id or Path(self.args.output_dir).name)
-        super()._save_checkpoint(model, trial)
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        staging_root = staging_path(final)
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_root, self._pending_push = staging_root, None
+        try:
+            super()._save_checkpoint(model, trial)  # into staging_root/checkpoint-N (see `_get_output_dir`)
+        finally:
+            self._staging_root = None
+        staged = os.path.join(staging_root, name)
+        self._save_extra_state(staged)
+        best = self.state.best_model_checkpoint
+        if best is not None and os.path.normpath(best) == os.path.normpath(staged):
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            commit_folder(staged, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(self, run_dir)
+        self.accelerator.wait_for_everyone()
+        if self._pending_push is not None:
+            self._pending_push = None
+            super()._push_from_checkpoint(final)
+
+    def _get_output_dir(self, trial) -> str:
+        staging_root = getattr(self, "_staging_root", None)
+        return staging_root if staging_root is not None else super()._get_output_dir(trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if getattr(self, "_staging_root", None) is not None:
+            self._pending_push = checkpoint_folder  # pushed from its final place once renamed there
+            return
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self._load_extra_state(checkpoint)
+
+    def _save_extra_state(self, folder: str) -> None:
+        """Write trainer-specific state (running statistics, buffered generations, ...) into the checkpoint `folder`
+        while it is still being staged: here the `num_tokens` total. Trainers with more state override this and
+        `_load_extra_state`, calling super() first."""
+        if self._total_train_tokens and self.args.should_save:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, NUM_TOKENS_NAME), "w", encoding="utf-8") as f:
+                json.dump({"num_tokens": self._total_train_tokens}, f)
+
+    def _load_extra_state(self, folder: str) -> None:
+        """Restore what `_save_extra_state` wrote, when training resumes from the checkpoint `folder`."""
+        path = os.path.join(folder, NUM_TOKENS_NAME)
+        self._total_train_tokens = 0
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                self._total_train_tokens = json.load(f)["num_tokens"]
 
     def create_model_card(
         self,

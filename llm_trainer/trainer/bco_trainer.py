@@ -289,24 +289,21 @@ class BCOTrainer(UnpairedPreferenceTrainer):
         return out.loss, out.chosen_rewards, out.rejected_rewards
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    def _save_optimizer_and_scheduler(self, output_dir):
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        super()._save_optimizer_and_scheduler(output_dir)
+    def _save_extra_state(self, folder: str) -> None:
+        super()._save_extra_state(folder)
         if self.accelerator.is_main_process:
-            with open(os.path.join(output_dir, RUNNING_NAME), "w", encoding="utf-8") as f:
+            with open(os.path.join(folder, RUNNING_NAME), "w", encoding="utf-8") as f:
                 json.dump(dataclasses.asdict(self.running), f, indent=2, sort_keys=True)
             if self.clf is not None:
-                torch.save(self.clf.state_dict(), os.path.join(output_dir, CLF_NAME))
+                torch.save(self.clf.state_dict(), os.path.join(folder, CLF_NAME))
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        running_file = os.path.join(checkpoint, RUNNING_NAME)
+    def _load_extra_state(self, folder: str) -> None:
+        super()._load_extra_state(folder)
+        running_file = os.path.join(folder, RUNNING_NAME)
         if os.path.isfile(running_file):
             with open(running_file, encoding="utf-8") as f:
                 self.running = RunningMoments(**json.load(f))
-        clf_file = os.path.join(checkpoint, CLF_NAME)
+        clf_file = os.path.join(folder, CLF_NAME)
         if self.match_underlying_distribution and os.path.isfile(clf_file):
             self.clf = PromptClassifier()
             self.clf.load_state_dict(torch.load(clf_file, weights_only=True))

@@ -11,7 +11,6 @@ import torch
 from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..environments.rollout import rollout_and_rewards
 from ..environments.tools import EnvironmentToolRollout, ToolRollout, check_tool_template
@@ -30,6 +29,8 @@ from ..losses.policy_gradient import (
 from .grpo_config import GRPOConfig
 from .online_trainer import OnlineRLTrainer, RolloutFunc
 from .reward_functions import RewardFunc
+
+ENTROPY_STATE_NAME = "entropy_ctrl_state.json"
 
 
 class GRPOTrainer(OnlineRLTrainer):
@@ -318,19 +319,16 @@ class GRPOTrainer(OnlineRLTrainer):
             self._metrics[mode][name].append(value)
 
     # ----------------------------------------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _save_extra_state(self, folder: str) -> None:
+        super()._save_extra_state(folder)
         if self.use_adaptive_entropy and self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            with open(os.path.join(folder, "entropy_ctrl_state.json"), "w") as f:
+            with open(os.path.join(folder, ENTROPY_STATE_NAME), "w") as f:
                 json.dump({"entropy_coef": self.entropy_coef, "last_world_entropy": self._last_world_entropy}, f)
 
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, "entropy_ctrl_state.json") if checkpoint else None
-        if self.use_adaptive_entropy and path and os.path.exists(path):
+    def _load_extra_state(self, folder: str) -> None:
+        super()._load_extra_state(folder)
+        path = os.path.join(folder, ENTROPY_STATE_NAME)
+        if self.use_adaptive_entropy and os.path.exists(path):
             with open(path) as f:
                 state = json.load(f)
             self.entropy_coef, self._last_world_entropy = state["entropy_coef"], state["last_world_entropy"]

@@ -47,7 +47,6 @@ from ..losses.ppo import (
 )
 from ..modeling import add_token_logprob_head
 from .base_trainer import BaseTrainer
-from .checkpointing import last_complete_checkpoint
 from .ppo_config import PPOConfig
 from .utils import disable_dropout_in_model
 
@@ -599,8 +598,9 @@ class PPOTrainer(BaseTrainer):
         """
         args = self.args
         self._batches = _RolloutBatches(self.dataloader)
-        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
-            self._resume(self._checkpoint_to_resume(resume_from_checkpoint))
+        checkpoint = self.checkpoint_to_resume(resume_from_checkpoint)
+        if checkpoint is not None:
+            self._resume(checkpoint)
         else:
             self.state.global_step = 0
             self.state.episode = 0
@@ -659,19 +659,11 @@ class PPOTrainer(BaseTrainer):
         )
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def _checkpoint_to_resume(self, resume_from_checkpoint: str | bool) -> str:
-        """The checkpoint folder to resume from: the one given, or with True the newest complete one in `output_dir`."""
-        if resume_from_checkpoint is True:
-            checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if checkpoint is None:
-                raise ValueError(
-                    f"No complete checkpoint found in output directory ({self.args.output_dir}) to resume from; pass "
-                    "a checkpoint path, or `resume_from_checkpoint=None` to start from scratch."
-                )
-        else:
-            checkpoint = str(resume_from_checkpoint)
-            if not os.path.isdir(checkpoint):
-                raise FileNotFoundError(f"The checkpoint folder {checkpoint} to resume from does not exist.")
+    def checkpoint_to_resume(self, resume_from_checkpoint: str | bool | None, trial: Any = None) -> str | None:
+        """As `BaseTrainer.checkpoint_to_resume`, refusing DeepSpeed/FSDP and checkpoints without PPO's state."""
+        checkpoint = super().checkpoint_to_resume(resume_from_checkpoint, trial)
+        if checkpoint is None:
+            return None
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise NotImplementedError(
                 "PPOTrainer resumes from checkpoints only without DeepSpeed or FSDP (their sharded optimizer states "

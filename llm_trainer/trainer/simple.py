@@ -8,11 +8,13 @@ through each trainer's `SimpleSpec` in `SIMPLE_SPECS`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import numbers
 import os
-from collections.abc import Callable, Mapping
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +26,7 @@ from transformers import TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
 from ..callbacks import Callback
+from .checkpointing import STAGING_PREFIX, commit_folder, staging_path
 
 _MANAGED_PARAMS = {"self", "model", "args"}  # constructor arguments `from_pretrained` fills itself
 _SHARED_ALIASES: dict[str, str] = {"max_epochs": "num_train_epochs", "max_sequence_length": "max_length"}
@@ -324,8 +327,26 @@ class SimpleAPIMixin(metaclass=_SimpleAPIMeta):
             for callback in callbacks or []:
                 self.add_callback(callback)
         self._apply_limits(max_steps, max_epochs)
-        self.train(resume_from_checkpoint=self.__dict__.pop("_simple_resume_from", None))
+        resume = self.__dict__.pop("_simple_resume_from", None)
+        if resume is None and self.state.global_step > 0:  # a later `fit` continues where the last one stopped
+            with self._continuation_checkpoint() as resume:
+                self.train(resume_from_checkpoint=resume)
+        else:
+            self.train(resume_from_checkpoint=resume)
         return TrainingResult.from_state(self.state, self.args.output_dir)
+
+    @contextlib.contextmanager
+    def _continuation_checkpoint(self) -> Iterator[str]:
+        """A checkpoint of the trainer as it is now (weights, optimizer, scheduler, RNG, step), deleted afterwards:
+        resuming from it makes a second `fit` take up the data, optimizer and schedule where the first stopped."""
+        path = os.path.join(self.args.output_dir, f"{STAGING_PREFIX}continue-{self.state.global_step}")
+        self.save_checkpoint(path)
+        try:
+            yield path
+        finally:
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _build(self, pending: _Pending, dataset: Any, reward_fn: Any, environment: Any, callbacks: Any) -> None:
         name, spec = type(self).__name__, self._simple_spec()
@@ -391,12 +412,21 @@ class SimpleAPIMixin(metaclass=_SimpleAPIMeta):
         if "_simple_pending" in self.__dict__:
             raise RuntimeError("Nothing to save yet: the trainer is built (and its model loaded) by `fit`.")
         path = os.fspath(path)
-        self.save_model(path)
-        if self.optimizer is not None and self.lr_scheduler is not None:
-            self._save_optimizer_and_scheduler(path)
-        self._save_rng_state(path)
+        staged = staging_path(path)  # written whole, then renamed to `path`: a kill never leaves half a checkpoint
         if self.args.should_save:
-            self.state.save_to_json(os.path.join(path, TRAINER_STATE_NAME))
+            shutil.rmtree(staged, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.save_model(staged)
+        if self.optimizer is not None and self.lr_scheduler is not None:
+            self._save_optimizer_and_scheduler(staged)
+        self._save_rng_state(staged)
+        self._save_extra_state(staged)
+        if self.args.should_save:
+            self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            commit_folder(staged, path)
+        self.accelerator.wait_for_everyone()
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
