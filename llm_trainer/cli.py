@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
-from .scripts.utils import DatasetMixtureConfig, ScriptArguments, TrlParser, get_dataset
+from .scripts.utils import DatasetMixtureConfig, ScriptArguments, TrlParser, get_dataset, load_data_file
 from .trainer.model_config import ModelConfig
 
 # Trainers of causal LMs whose constructor takes (model, args, train_dataset, eval_dataset, peft_config)
@@ -68,18 +68,35 @@ def train(name: str, argv: list[str]) -> None:
     parser = TrlParser(
         (TrainScriptArguments, getattr(llm_trainer, config_name), ModelConfig, DatasetMixtureConfig),
         prog=f"llm-trainer {name}",
+        usage=f"llm-trainer {name} [--config run.yaml] [--flag value ...]  (`llm-trainer {name} --help` lists the flags)",
     )
-    script, config, model_args, mixture = parser.parse_args_and_config(argv)
+    script, config, model_args, mixture, config_unknown, unknown = parser.parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{_did_you_mean(parser, unknown)}")
+    if config_unknown:
+        keys = ", ".join(key.removeprefix("--") for key in config_unknown[::2])
+        parser.error(f"unknown keys in the --config file: {keys}{_did_you_mean(parser, config_unknown[::2])}")
     if not model_args.model_name_or_path or not (script.dataset_name or mixture.datasets):
         raise SystemExit(
             f"llm-trainer {name}: --model_name_or_path and --dataset_name are required (or, instead of "
             "--dataset_name, a `datasets:` list in the --config YAML)."
         )
     extra = {"reward_funcs": reward_functions(script)} if name in ONLINE else {}
+    evaluating = config.eval_strategy != "no"
     if mixture.datasets:
         if script.dataset_name:
             warnings.warn("Both `datasets` and --dataset_name are set: training on `datasets`.", stacklevel=2)
         dataset = get_dataset(mixture)
+    elif os.path.isfile(script.dataset_name):
+        if evaluating:
+            raise SystemExit(
+                f"llm-trainer {name}: --dataset_name {script.dataset_name} is a single file, so there is no "
+                f"'{script.dataset_test_split}' split to evaluate on. Set --eval_strategy no, or list the files in a "
+                "`datasets:` mixture in the --config YAML with `test_split_size`."
+            )
+        dataset = {script.dataset_train_split: load_data_file(script.dataset_name, script.dataset_streaming)}
     else:
         from datasets import load_dataset
 
@@ -93,7 +110,6 @@ def train(name: str, argv: list[str]) -> None:
     if quantization_config is not None:
         init_kwargs |= {"quantization_config": quantization_config, "device_map": get_kbit_device_map()}
     config.model_init_kwargs = {**init_kwargs, **(config.model_init_kwargs or {})}
-    evaluating = config.eval_strategy != "no"
     trainer = getattr(llm_trainer, trainer_name)(
         model=model_args.model_name_or_path,
         **extra,
@@ -108,6 +124,19 @@ def train(name: str, argv: list[str]) -> None:
         ]
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
+
+
+def _did_you_mean(parser: TrlParser, unknown: list[str]) -> str:
+    """A hint, ` (did you mean --x?)`, for the first unknown flag close to a known one; empty when none is."""
+    import difflib
+
+    known = [option for action in parser._actions for option in action.option_strings]
+    for flag in unknown:
+        if flag.startswith("--"):
+            close = difflib.get_close_matches(flag.split("=", 1)[0], known, n=1)
+            if close:
+                return f" (did you mean {close[0]}?)"
+    return ""
 
 
 def reward_functions(script: TrainScriptArguments) -> list:

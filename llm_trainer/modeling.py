@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +21,34 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def check_model_path(model_id: str, role: str = "model") -> None:
+    """Raise a `ValueError` when `model_id` is neither a local folder nor a valid Hub id (`name` or `namespace/name`),
+    instead of the Hub's repo-id syntax error. A valid Hub id is left to `from_pretrained`, which reports its own
+    errors (not found, offline, gated)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if os.path.isdir(model_id):
+        return
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        where = "it is a file" if os.path.exists(model_id) else "nothing is there"
+        if not os.path.exists(model_id) and not os.path.isabs(os.path.expanduser(model_id)):
+            where += f", relative to {os.getcwd()}"
+        raise ValueError(
+            f"no model at {model_id!r}: not a local directory ({where}), and not a valid Hugging Face Hub id "
+            f"('name' or 'namespace/name'). Pass, as the {role}, the folder it was saved to with `save_pretrained`, "
+            "or a Hub id such as 'Qwen/Qwen2.5-0.5B'."
+        ) from None
+
+
 def load_model(model_id: str, auto_class: Any = None, **init_kwargs: Any) -> PreTrainedModel:
     """Load `model_id` (a local folder or Hub id) with `from_pretrained`, in float32 unless `dtype` says otherwise.
 
     `auto_class` defaults to the architecture named in the model's config (falling back to `AutoModelForCausalLM`).
     """
+    check_model_path(model_id)
     dtype = init_kwargs.get("dtype", "float32")
     if isinstance(dtype, str) and dtype != "auto":
         if dtype not in _DTYPES:

@@ -7,9 +7,12 @@ import os
 
 import pytest
 import torch
+from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
+import llm_trainer
 from llm_trainer.cli import env, main
+from llm_trainer.scripts.utils import DatasetMixtureConfig, get_dataset
 from llm_trainer.testing import zen_dataset
 
 
@@ -145,3 +148,48 @@ def test_distillation_with_a_teacher_from_the_flags(tiny_model_path, tiny_llama_
     trained = AutoModelForCausalLM.from_pretrained(out)
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     assert not torch.equal(trained.lm_head.weight, initial.lm_head.weight)
+
+
+class _Recorder:
+    """Stands in for a trainer: records what the CLI built, trains nothing."""
+
+    built: dict = {}
+
+    def __init__(self, **kwargs):
+        _Recorder.built = kwargs
+
+    def train(self, resume_from_checkpoint=None):
+        pass
+
+    def save_model(self, output_dir):
+        pass
+
+
+@pytest.mark.parametrize("suffix", ["json", "jsonl", "csv", "parquet"])
+def test_dataset_name_can_be_a_local_data_file(suffix, tiny_model_path, tmp_path, monkeypatch):
+    rows = zen_dataset("standard_language_modeling").to_list()
+    path = tmp_path / f"train.{suffix}"
+    if suffix == "json":
+        path.write_text(json.dumps(rows))
+    else:
+        getattr(Dataset.from_list(rows), {"jsonl": "to_json", "csv": "to_csv", "parquet": "to_parquet"}[suffix])(path)
+    monkeypatch.setattr(llm_trainer, "SFTTrainer", _Recorder)
+    main(["sft", "--model_name_or_path", tiny_model_path, "--dataset_name", str(path), "--output_dir", str(tmp_path)])
+    assert _Recorder.built["train_dataset"]["text"] == [row["text"] for row in rows]
+    mixture = get_dataset(DatasetMixtureConfig(datasets=[{"path": str(path), "columns": ["text"]}]))
+    assert mixture["train"]["text"] == [row["text"] for row in rows]  # a `datasets:` entry may be a file too
+    with pytest.raises(SystemExit, match="is a single file, so there is no 'test' split"):
+        main(
+            ["sft", "--model_name_or_path", tiny_model_path, "--dataset_name", str(path)]
+            + ["--eval_strategy", "steps"]
+        )
+
+
+def test_unknown_flag_prints_usage_and_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sft", "--learning_rte", "0.1", "--output_dir", "x"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: llm-trainer sft [--config run.yaml]" in err
+    assert "unrecognized arguments: --learning_rte 0.1 (did you mean --learning_rate?)" in err
+    assert "Traceback" not in err

@@ -277,7 +277,7 @@ def test_init_zero_verbose_routes_warnings_to_logging(monkeypatch, caplog):
     assert "script.py:12: UserWarning: careful" in caplog.text
 
 
-def test_cli_trains_on_a_yaml_mixture_and_rejects_unknown_keys(tiny_model_path, tmp_path):
+def test_cli_trains_on_a_yaml_mixture_and_rejects_unknown_keys(tiny_model_path, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", zen_dataset("standard_language_modeling"))
     config = tmp_path / "run.yaml"
     config.write_text(
@@ -291,8 +291,10 @@ def test_cli_trains_on_a_yaml_mixture_and_rejects_unknown_keys(tiny_model_path, 
     assert not torch.equal(trained.lm_head.weight, initial.lm_head.weight)
     with open(config, "a") as f:
         f.write("learning_rat: 0.1\n")
-    with pytest.raises(ValueError, match="learning_rat"):
+    with pytest.raises(SystemExit) as exit_info:
         cli_main(["sft", "--config", str(config), "--output_dir", str(out)])
+    assert exit_info.value.code == 2
+    assert "unknown keys in the --config file: learning_rat (did you mean --learning_rate?)" in capsys.readouterr().err
 
 
 def run_trl_script(name: str, args: list[str], cwd) -> None:

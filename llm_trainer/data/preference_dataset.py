@@ -7,7 +7,6 @@ whose prompt alone fills `max_length` (they would keep no completion token).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from datasets import Dataset, IterableDataset
@@ -15,8 +14,7 @@ from datasets import Dataset, IterableDataset
 from .chat_template import extract_prompt
 from .formats import is_conversational
 from .tokenization import template_kwargs, tokenize_prompt_completions
-
-logger = logging.getLogger(__name__)
+from .validation import check_rows_kept, check_text_columns, warn_identical_pairs
 
 PREFERENCE_COLUMNS = ("chosen", "rejected")
 
@@ -58,6 +56,8 @@ def prepare_preference_dataset(
     def desc(text: str) -> dict[str, Any]:
         return {**map_kwargs, "desc": f"{text} {name} dataset"} if isinstance(dataset, Dataset) else map_kwargs
 
+    check_text_columns(dataset, ["prompt", *PREFERENCE_COLUMNS], name)
+    warn_identical_pairs(dataset, name)
     if "prompt" not in first:
         dataset = dataset.map(extract_prompt, **desc("Extracting prompt from"))
     if not is_conversational(next(iter(dataset))):
@@ -66,14 +66,13 @@ def prepare_preference_dataset(
     if max_length is not None and truncation_mode == "keep_start":
         before = len(dataset) if isinstance(dataset, Dataset) else None
         dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < max_length, **desc("Filtering"))
-        if before is not None and len(dataset) < before:
-            logger.warning(
-                "Dropped %d of %d %s pairs whose prompt alone fills max_length=%d.",
-                before - len(dataset),
-                before,
-                name,
-                max_length,
-            )
+        check_rows_kept(
+            before,
+            dataset,
+            name,
+            f"the prompt alone fills max_length={max_length}, leaving no room for the completions",
+            "Raise `max_length`, or shorten the prompts.",
+        )
     return dataset
 
 

@@ -8,7 +8,6 @@ dropped (not truncated: a cut-off sequence would be scored on text it does not e
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +20,7 @@ from .collators import pad
 from .formats import get_dataset_column_names, is_conversational
 from .preference_dataset import _add_eos, check_preference_dataset
 from .tokenization import template_kwargs, tokenize
-
-logger = logging.getLogger(__name__)
+from .validation import check_rows_kept, check_text_columns, warn_identical_pairs
 
 LEGACY_COLUMNS = {"chosen_input_ids": "chosen_ids", "rejected_input_ids": "rejected_ids"}
 
@@ -56,6 +54,8 @@ def prepare_reward_dataset(
         return {"num_proc": num_proc, "desc": f"{text} {name} dataset"} if is_map_style else {}
 
     if "chosen_ids" not in first:
+        check_text_columns(dataset, ["prompt", "chosen", "rejected"], name)
+        warn_identical_pairs(dataset, name)
         if not is_conversational(first):
             dataset = dataset.map(_add_eos, fn_kwargs={"eos": tokenizer.eos_token}, **map_kwargs("Adding EOS to"))
         dataset = dataset.map(_tokenize_pair, fn_kwargs={"tokenizer": tokenizer}, **map_kwargs("Tokenizing"))
@@ -64,14 +64,13 @@ def prepare_reward_dataset(
         dataset = dataset.filter(
             _fits, fn_kwargs={"max_length": max_length}, **map_kwargs(f"Filtering >{max_length} tokens from")
         )
-        if before is not None and len(dataset) < before:
-            logger.warning(
-                "Dropped %d of %d %s pairs with a side longer than max_length=%d.",
-                before - len(dataset),
-                before,
-                name,
-                max_length,
-            )
+        check_rows_kept(
+            before,
+            dataset,
+            name,
+            f"the chosen or rejected sequence is longer than max_length={max_length}",
+            "Raise `max_length` (pairs are dropped, not truncated, so that each sequence is scored whole).",
+        )
     return dataset
 
 

@@ -6,7 +6,6 @@ template for conversations), mask what should not be learned with -100, truncate
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -17,8 +16,7 @@ from .formats import get_dataset_column_names as column_names
 from .formats import is_conversational, is_conversational_from_value, maybe_convert_to_chatml
 from .packing import pack_dataset
 from .tokenization import template_kwargs, tokenize, tokenize_prompt_completions
-
-logger = logging.getLogger(__name__)
+from .validation import check_rows_kept, check_text_columns
 
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -97,6 +95,7 @@ def prepare_sft_dataset(
         if is_conversational_from_value(next(iter(dataset))):
             drop = ["conversations"] if "conversations" in column_names(dataset) else None
             dataset = dataset.map(maybe_convert_to_chatml, remove_columns=drop, **desc("Converting to ChatML"))
+        _check_sft_text(dataset, text_field, name)
         if not is_conversational(next(iter(dataset))):
             dataset = dataset.map(
                 _add_eos, fn_kwargs={"eos": tokenizer.eos_token, "text_field": text_field}, **desc("Adding EOS to")
@@ -128,14 +127,13 @@ def prepare_sft_dataset(
         )
         before = len(dataset) if isinstance(dataset, Dataset) else None
         dataset = dataset.filter(lambda ex: any(label != -100 for label in ex["labels"]), **desc("Filtering"))
-        if before is not None and len(dataset) < before:
-            logger.warning(
-                "Dropped %d of %d %s examples with no trainable token left after truncation to max_length=%d.",
-                before - len(dataset),
-                before,
-                name,
-                max_length,
-            )
+        check_rows_kept(
+            before,
+            dataset,
+            name,
+            f"no trainable token left after truncation to max_length={max_length}",
+            "Raise `max_length`, or shorten the prompts (only completion / assistant tokens are trained on).",
+        )
 
     if packing:
         dataset = dataset.select_columns(["input_ids", "labels"])
@@ -145,6 +143,18 @@ def prepare_sft_dataset(
     if shuffle_seed is not None:
         dataset = dataset.shuffle(seed=shuffle_seed)
     return dataset
+
+
+def _check_sft_text(dataset: Dataset | IterableDataset, text_field: str, name: str) -> None:
+    """The text cells SFT reads, checked as `_tokenize_example` picks them: prompt and completion, else messages,
+    else the (non-empty) text field."""
+    columns = column_names(dataset)
+    if "prompt" in columns:
+        check_text_columns(dataset, ["prompt", "completion"], name)
+    elif "messages" in columns:
+        check_text_columns(dataset, ["messages"], name)
+    else:
+        check_text_columns(dataset, [text_field], name, non_empty=[text_field])
 
 
 def _add_eos(example: dict, eos: str, text_field: str) -> dict:

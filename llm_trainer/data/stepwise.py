@@ -13,6 +13,7 @@ from typing import Any
 from datasets import Dataset, IterableDataset, features
 
 from .formats import is_conversational
+from .validation import check_text_columns
 
 STEPWISE_COLUMNS = ("prompt", "completions", "labels")
 TOKENIZED_FEATURES = features.Features(
@@ -37,6 +38,7 @@ def check_stepwise_dataset(dataset: Dataset | IterableDataset, name: str = "trai
             "'completions' (the list of reasoning steps) and 'labels' (one bool per step); missing: "
             f"{missing}. Rename your columns, or pass pre-tokenized 'input_ids' and 'labels'."
         )
+    check_text_columns(dataset, ["prompt"], name)
     if is_conversational({"prompt": example["prompt"]}):
         raise ValueError(
             f"The {name} dataset is conversational, but stepwise supervision takes plain-text prompts and steps. "

@@ -21,6 +21,7 @@ from .collators import pad
 from .formats import is_conversational
 from .preference import unpair_preference_dataset
 from .tokenization import template_kwargs, tokenize_prompt_completions
+from .validation import check_labels, check_rows_kept, check_text_columns
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,9 @@ def prepare_unpaired_dataset(
     def described(text: str) -> dict[str, Any]:
         return {**map_kwargs, "desc": f"{text} {name} dataset"} if is_map_style else map_kwargs
 
+    check_labels(dataset, "label", name)
     if "prompt_ids" not in first:
+        check_text_columns(dataset, ["prompt", "completion", "chosen", "rejected"], name)
         if "prompt" not in first:
             dataset = dataset.map(extract_prompt, **described("Extracting prompt from"))
         if "chosen" in first and "rejected" in first:
@@ -90,14 +93,13 @@ def prepare_unpaired_dataset(
     if max_length is not None:
         before = len(dataset) if is_map_style else None
         dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < max_length, **described("Filtering"))
-        if before is not None and len(dataset) < before:
-            logger.warning(
-                "Dropped %d of %d %s examples whose prompt alone fills max_length=%d.",
-                before - len(dataset),
-                before,
-                name,
-                max_length,
-            )
+        check_rows_kept(
+            before,
+            dataset,
+            name,
+            f"the prompt alone fills max_length={max_length}, leaving no room for the completion",
+            "Raise `max_length`, or shorten the prompts.",
+        )
     if kl_batch_size is not None:
         dataset = dataset.map(
             _add_kl_completions, batched=True, batch_size=kl_batch_size, **described("Extracting KL completions of")

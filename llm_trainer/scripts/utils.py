@@ -245,6 +245,15 @@ class TrlParser(HfArgumentParser):
         return [item for key, value in kwargs.items() if key not in used for item in (f"--{key}", str(value))]
 
 
+def load_data_file(path: str, streaming: bool = False) -> Any:
+    """One local data file (.json, .jsonl, .csv, .parquet, .txt) as a `Dataset` (an `IterableDataset` when
+    `streaming`), read as `llm_trainer.train()` reads it."""
+    from ..trainer.simple import load_training_dataset
+
+    dataset = load_training_dataset(path)
+    return dataset.to_iterable_dataset() if streaming else dataset
+
+
 def get_dataset(mixture_config: DatasetMixtureConfig) -> DatasetDict:
     """Load the datasets of `mixture_config`, concatenate them, and split off a test set if `test_split_size` is set.
 
@@ -258,6 +267,11 @@ def get_dataset(mixture_config: DatasetMixtureConfig) -> DatasetDict:
     loaded = []
     for config in mixture_config.datasets:
         logger.info("Loading %s (configuration %s) for the mixture", config.path, config.name)
+        if os.path.isfile(config.path) and config.data_files is None:
+            loaded.append(load_data_file(config.path, mixture_config.streaming))
+            if config.columns is not None:
+                loaded[-1] = loaded[-1].select_columns(config.columns)
+            continue
         dataset = datasets.load_dataset(
             path=config.path,
             name=config.name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,11 +62,32 @@ class BaseConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        check_number(
+            self, "learning_rate", 0, "A negative rate climbs the loss instead of descending it; use e.g. 1e-5."
+        )
+        check_number(
+            self,
+            "gradient_accumulation_steps",
+            1,
+            "It is the number of micro-batches per optimizer step: use 1 for no accumulation.",
+        )
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            check_number(self, name, 1, "Use a batch size of 1 or more.")
         if self.bf16 is None:
             self.bf16 = not self.fp16 and _bf16_available(self.use_cpu)
         if isinstance(self.model_init_kwargs, str):  # from the CLI
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
         super().__post_init__()
+
+
+def check_number(config: Any, name: str, minimum: float, fix: str, *, exclusive: bool = False) -> None:
+    """Raise a `ValueError` naming the field `name` when its value is below `minimum` (or equal to it, when
+    `exclusive`); None (and anything not a number, left to the code that reads it) passes. `fix` says what to set
+    instead."""
+    value = getattr(config, name)
+    if not isinstance(value, numbers.Real) or value > minimum or (value == minimum and not exclusive):
+        return
+    raise ValueError(f"`{name}={value!r}` is invalid: it must be {'>' if exclusive else '>='} {minimum}. {fix}")
 
 
 def _bf16_available(use_cpu: bool) -> bool:

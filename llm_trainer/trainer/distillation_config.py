@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base_config import BaseConfig, resolve_pad_to_multiple_of
+from .base_config import BaseConfig, check_number, resolve_pad_to_multiple_of
 from .online_config import VLLM_MODES
 
 
@@ -165,6 +165,7 @@ class DistillationConfig(BaseConfig):
             raise ValueError(
                 f"temperature must be positive (it also scales the loss's logits), got {self.temperature}."
             )
+        check_number(self, "max_completion_length", 1, "It is the number of tokens sampled per completion.")
         if self.vllm_mode not in VLLM_MODES:
             raise ValueError(f"`vllm_mode` must be one of {VLLM_MODES}, got {self.vllm_mode!r}.")
         pc = self.parallelism_config

@@ -148,6 +148,7 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
                 f"The training dataset has no 'prompt' column (columns: {columns}); rename the "
                 "column holding the prompts to 'prompt'. Completions are sampled by the student, not read from data."
             )
+        OnPolicyGenerationMixin.check_prompts(train_dataset, eval_dataset)
 
     @staticmethod
     def _load_teacher(

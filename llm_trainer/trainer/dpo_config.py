@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from ..losses import DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, check_dpo_options
+from .base_config import check_number
 from .reference_config import ReferenceModelConfig
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -131,6 +132,15 @@ class DPOConfig(ReferenceModelConfig):
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(
                 f"`max_length` must be a positive number of tokens or None (no truncation), got {self.max_length}."
+            )
+        if self.loss_type != ["sft"]:  # β scales every preference loss; the SFT term alone ignores it
+            check_number(
+                self,
+                "beta",
+                0,
+                "β scales the preference margin: 0 gives no gradient and a negative value prefers the rejected "
+                "completions. Use a positive value, e.g. 0.1 (the default).",
+                exclusive=True,
             )
         if self.truncation_mode not in TRUNCATION_MODES:
             raise ValueError(f"`truncation_mode` must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}.")

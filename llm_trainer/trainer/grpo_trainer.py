@@ -131,11 +131,6 @@ class GRPOTrainer(OnlineRLTrainer):
                 rewards.names.append(func.__name__)
                 rewards.processing_classes.append(None)
                 rewards.weights = torch.cat([rewards.weights, torch.ones(1)])
-            if not len(rewards):
-                raise ValueError(
-                    "No reward source: pass `reward_funcs`, or an `environment_factory` whose environment defines "
-                    "`get_reward`."
-                )
         self.loss_type = args.loss_type
         self.scale_rewards = args.scale_rewards
         self.multi_objective_aggregation = args.multi_objective_aggregation

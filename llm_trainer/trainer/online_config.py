@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .base_config import BaseConfig, resolve_pad_to_multiple_of
+from .base_config import BaseConfig, check_number, resolve_pad_to_multiple_of
 
 VLLM_MODES = ("colocate", "server")
 
@@ -227,6 +227,16 @@ class OnlineRLConfig(BaseConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_number(
+            self,
+            "temperature",
+            0,
+            "It divides the logits when sampling and when scoring the completions; use 1.0 (the default), or lower "
+            "it towards (not to) 0 for less random samples.",
+            exclusive=True,
+        )
+        check_number(self, "max_completion_length", 1, "It is the number of tokens generated per completion.")
+        check_number(self, "num_iterations", 1, "It is the number of passes over each generation batch: use 1.")
         self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of, self.device.type)
         if self.use_transformers_paged:
             warnings.warn(

@@ -29,6 +29,7 @@ from ..callbacks import SyncRefModelCallback
 from ..data.collators import pad
 from ..data.formats import is_conversational
 from ..data.sampling import RepeatSampler, repeat_iterable_dataset
+from ..data.validation import check_text_columns
 from ..generation import make_generator
 from ..generation.factory import eos_token_ids
 from ..losses.policy_gradient import nanstd
@@ -113,6 +114,14 @@ class OnPolicyGenerationMixin:
                 "several workers would interleave the stream and split the groups of repeated prompts."
             )
             args.dataloader_num_workers = 0
+
+    @staticmethod
+    def check_prompts(train_dataset: Any, eval_dataset: Any) -> None:
+        """Every 'prompt' cell of the training and evaluation datasets is a string or a conversation."""
+        evals = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]
+        for name, dataset in [("train", train_dataset), *evals]:
+            if isinstance(dataset, Dataset | IterableDataset):
+                check_text_columns(dataset, ["prompt"], name)
 
     @staticmethod
     def dataset_columns(dataset: Dataset | IterableDataset) -> list[str]:
@@ -264,6 +273,7 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
     """
 
     _skip_nan_metrics = True
+    _warned_zero_reward_spread = False  # see `_warn_zero_reward_spread`
 
     def __init__(
         self,
@@ -281,6 +291,7 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
         rollout_func: RolloutFunc | None = None,
     ):
         args = self.resolve_args(args, model)
+        self._check_reward_source(reward_funcs, rollout_func)
         model = self.prepare_model(model, args, quantization_config)
         processing_class = self.prepare_processing_class(model, processing_class, args)
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
@@ -318,6 +329,7 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
                 f"The training dataset has no 'prompt' column (columns: {columns}); rename the "
                 "column holding the prompts to 'prompt'."
             )
+        self.check_prompts(train_dataset, eval_dataset)
         self.rollout_func = rollout_func
         self.num_generations = args.num_generations
         self.num_generations_eval = args.num_generations_eval or args.num_generations
@@ -354,6 +366,21 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
         )
         self._last_loaded_step = -1
         self.rollout_rows: list[dict[str, Any]] = []
+
+    @staticmethod
+    def _check_reward_source(reward_funcs: Any, rollout_func: Any) -> None:
+        """Refuse to train without rewards: every advantage would be 0 and the policy would never move. A rollout
+        function with a `reward_funcs()` method (environments that define `get_reward`) is a reward source too."""
+        if reward_funcs is not None and not (isinstance(reward_funcs, list | tuple) and not reward_funcs):
+            return
+        rollout_rewards = getattr(rollout_func, "reward_funcs", None)
+        if callable(rollout_rewards) and rollout_rewards():
+            return
+        raise ValueError(
+            f"No reward source: `reward_funcs` is {reward_funcs!r}, so every completion would score 0 and the policy "
+            "would get no gradient. Pass `reward_funcs` (a function, a reward model's name or path, or a list of "
+            "them), or, with GRPOTrainer, an `environment_factory` whose environment defines `get_reward`."
+        )
 
     # TRL's attribute names, for code that inspects the trainer
     @property
@@ -569,6 +596,8 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
         metrics["reward"].append(torch.nanmean(rewards).item())
         metrics["reward_std"].append(nanstd(rewards).item())
         metrics["frac_reward_zero_std"].append(is_std_zero.float().mean().item())
+        if mode == "train" and is_std_zero.numel() and bool(is_std_zero.all()):
+            self._warn_zero_reward_spread()
         device = self.accelerator.device
         for name in sorted(set(gather_object(list(self._pending_metrics)))):
             values = self._pending_metrics.get(name, [])
@@ -576,6 +605,19 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
             total, count = stats.view(-1, 2).sum(dim=0).tolist()
             metrics[name].append(total / count)
         self._pending_metrics.clear()
+
+    def _warn_zero_reward_spread(self) -> None:
+        """Warn, once per trainer, that a whole generation batch had identical rewards within every group."""
+        if self._warned_zero_reward_spread or not self.accelerator.is_main_process:
+            return
+        self._warned_zero_reward_spread = True
+        logger.warning(
+            f"At step {self.state.global_step}, all {self.num_generations} completions of every prompt got the same "
+            "reward (frac_reward_zero_std=1.0): every advantage is 0, so the policy gets no gradient from these "
+            "rewards (only the KL penalty acts, when `beta` > 0). Make the reward functions tell completions apart "
+            "(partial credit rather than all-or-nothing), check that they read the right columns, or raise "
+            "`temperature` / `num_generations` for more varied completions. frac_reward_zero_std is logged each step."
+        )
 
     def _log_samples(self, prompts, completions, rewards_per_func, advantages) -> None:
         self._logs["prompt"].extend(gather_object(prompts))

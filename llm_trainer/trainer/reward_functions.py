@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +21,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from .._background_loop import background_loop
 from ..data.formats import is_conversational
+from ..data.validation import short_repr
 from ..data_utils import apply_chat_template
+from ..modeling import check_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,7 @@ class RewardFunctions:
 
     @staticmethod
     def _load(name: str, init_kwargs: dict[str, Any]) -> nn.Module:
+        check_model_path(name, "reward model")
         model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **init_kwargs)
         return model.eval().requires_grad_(False)
 
@@ -123,9 +127,10 @@ class RewardFunctions:
                 pending[i] = asyncio.run_coroutine_threadsafe(func(**kwargs), background_loop())
         for i, func in enumerate(self.funcs):
             if isinstance(func, nn.Module):
-                rewards[:, i] = self._model_scores(
+                scores = self._model_scores(
                     func, self.processing_classes[i], prompts, completions, device, chat_template_kwargs or {}
                 )
+                rewards[:, i] = self._check_finite(i, scores, scores.tolist())
             elif i not in pending:
                 rewards[:, i] = self._as_tensor(i, func(**kwargs), len(prompts), device)
         for i, future in pending.items():
@@ -142,13 +147,39 @@ class RewardFunctions:
         return rewards
 
     def _as_tensor(self, index: int, values: Any, expected: int, device: torch.device) -> torch.Tensor:
+        name = self.names[index]
+        if isinstance(values, str | bytes | dict) or not isinstance(values, Iterable):
+            raise TypeError(
+                f"The reward function '{name}' returned {short_repr(values)} ({type(values).__name__}) instead of a list "
+                f"of {expected} rewards; return one float (or None to skip) per completion, e.g. [1.0, 0.0, None]."
+            )
         values = list(values)
         if len(values) != expected:
             raise ValueError(
-                f"The reward function '{self.names[index]}' returned {len(values)} rewards for {expected} completions; "
+                f"The reward function '{name}' returned {len(values)} rewards for {expected} completions; "
                 "return exactly one reward (or None) per completion."
             )
-        return torch.tensor([torch.nan if v is None else float(v) for v in values], dtype=torch.float32, device=device)
+        for position, value in enumerate(values):
+            if not (value is None or isinstance(value, numbers.Real) or _is_scalar_tensor(value)):
+                raise TypeError(
+                    f"The reward function '{name}' returned a list holding {short_repr(value)} ({type(value).__name__}) "
+                    f"at position {position}; each reward must be a number, or None to skip that completion."
+                )
+        rewards = [torch.nan if v is None else float(v) for v in values]
+        return self._check_finite(index, torch.tensor(rewards, dtype=torch.float32, device=device), values)
+
+    def _check_finite(self, index: int, rewards: torch.Tensor, values: list[Any]) -> torch.Tensor:
+        """`rewards`, or a `ValueError` naming the function and the value when one is infinite (`values` are the
+        rewards as returned, `rewards` as float32, where huge finite values overflow too)."""
+        infinite = torch.isinf(rewards).nonzero()
+        if len(infinite):
+            position = int(infinite[0, 0])
+            raise ValueError(
+                f"The reward function '{self.names[index]}' returned {values[position]!r} for completion {position}: "
+                "rewards must be finite (float32) numbers, since one infinite reward makes the whole group's "
+                "advantages NaN. Clip it to a finite range (e.g. -10 to 10), or return None to skip the completion."
+            )
+        return rewards
 
     @staticmethod
     @torch.no_grad()
@@ -164,3 +195,11 @@ class RewardFunctions:
             text=texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
         ).to(device)
         return model(**inputs).logits[:, 0].float()
+
+
+def _is_scalar_tensor(value: Any) -> bool:
+    """Whether `value` is a one-element tensor or array (`float(value)` reads it)."""
+    if not hasattr(value, "item"):
+        return False
+    size = value.numel() if callable(getattr(value, "numel", None)) else getattr(value, "size", None)
+    return size == 1

@@ -49,8 +49,9 @@ def test_reward_dataset_tokenizes_like_trl(config_name):
 
     tokenizer = get_tokenizer()
     dataset = zen_dataset(config_name)
-    ours = prepare_reward_dataset(dataset, tokenizer, max_length=20)
-    args = RewardConfig("unused", report_to="none", max_length=20, bf16=False)
+    max_length = 40 if config_name.startswith("conversational") else 20  # drops some rows, not all (an error)
+    ours = prepare_reward_dataset(dataset, tokenizer, max_length=max_length)
+    args = RewardConfig("unused", report_to="none", max_length=max_length, bf16=False)
     trainer = trl_reward.RewardTrainer.__new__(trl_reward.RewardTrainer)
     theirs = trainer._prepare_dataset(dataset, tokenizer, args, "train")
     assert ours["chosen_ids"] == theirs["chosen_ids"] and ours["rejected_ids"] == theirs["rejected_ids"]
