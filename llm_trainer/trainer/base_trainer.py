@@ -268,6 +268,7 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
         """As `Trainer.train`; `resume_from_checkpoint=True` resumes from the newest *complete* checkpoint in
         `output_dir`, skipping (with a warning) a newer one whose save was cut off."""
+        self.require_built()
         checkpoint = self.checkpoint_to_resume(resume_from_checkpoint, trial)
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
 

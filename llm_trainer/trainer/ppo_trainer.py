@@ -596,6 +596,7 @@ class PPOTrainer(BaseTrainer):
         `resume_from_checkpoint` (a `checkpoint-N` folder, or True for the newest complete one in `output_dir`)
         continues the run from that checkpoint with the very numbers of a run that was never stopped.
         """
+        self.require_built()
         args = self.args
         self._batches = _RolloutBatches(self.dataloader)
         checkpoint = self.checkpoint_to_resume(resume_from_checkpoint)

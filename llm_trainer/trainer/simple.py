@@ -157,13 +157,13 @@ class SimpleAPIMixin(metaclass=_SimpleAPIMeta):
         super().__init__(*args, **kwargs)
         self._bind_callbacks()
 
-    def train(self, *args: Any, **kwargs: Any):
+    def require_built(self) -> None:
+        """Raise when this trainer comes from `from_pretrained` and `fit` has not built it yet."""
         if "_simple_pending" in self.__dict__:
             raise RuntimeError(
                 f"This {type(self).__name__} comes from `from_pretrained` (or a config dict) and is built by "
                 "`fit(dataset, ...)`; call `fit` instead of `train`."
             )
-        return super().train(*args, **kwargs)
 
     def add_callback(self, callback: type[TrainerCallback] | TrainerCallback) -> None:
         super().add_callback(callback)
