@@ -163,7 +163,6 @@ class DPOTrainer(PrecomputedReferenceMixin, BaseTrainer):
         self.setup_reference(
             model, ref_model, args, POLICY_OUTPUTS + (("log_sum_sq_probs",) if self.use_weighting else ())
         )
-        self._total_train_tokens = 0
 
     # ------------------------------------------------------------------------------------------------ data
     def prepare_dataset(
@@ -269,9 +268,7 @@ class DPOTrainer(PrecomputedReferenceMixin, BaseTrainer):
         metrics = self._metrics[mode]
         for key, value in paired_token_metrics(policy, lambda value: gather_sum(self, value)).items():
             metrics[key].append(value)
-        if mode == "train":
-            self._total_train_tokens += int(gather_sum(self, inputs["attention_mask"].sum()).item())
-        metrics["num_tokens"] = [self._total_train_tokens]
+        self._log_num_tokens(mode, inputs["attention_mask"].sum())
         for key, value in preference_metrics(
             chosen_rewards, rejected_rewards, policy.chosen_logps, policy.rejected_logps, self.accelerator.gather
         ).items():

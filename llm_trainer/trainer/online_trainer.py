@@ -42,6 +42,9 @@ RolloutFunc = Callable[[list[Any], Any], dict[str, Any]]
 
 logger = logging.get_logger(__name__)
 
+GENERATION_BUFFER_NAME = "generation_buffer_{}.pt"
+"""A checkpoint's buffered generation batch, one file per process (by process index)."""
+
 
 class OnPolicyGenerationMixin:
     """What every trainer that samples its own completions shares (`OnlineRLTrainer`, `DistillationTrainer`):
@@ -186,11 +189,48 @@ class OnPolicyGenerationMixin:
         return this step's slice of it; evaluation: sample for the batch as is."""
         if not self.model.training:
             return self._generate_and_score_completions(generation_batch)
-        generate_every = self.steps_per_generation * self.num_iterations
-        if self._step % generate_every == 0 or self._buffered_inputs is None:
+        if not self._buffer_in_use():
             batch = shuffle_rows(self._generate_and_score_completions(generation_batch))
             self._buffered_inputs = split_rows(batch, self.steps_per_generation)
         return self._buffered_inputs[self._step % self.steps_per_generation]
+
+    def _buffer_in_use(self) -> bool:
+        """Whether the next micro-step still trains on the buffered generation batch (else it samples a new one)."""
+        generate_every = self.steps_per_generation * self.num_iterations
+        return self._buffered_inputs is not None and self._step % generate_every != 0
+
+    def _save_extra_state(self, folder: str) -> None:
+        """Also save this process's generation buffer, with the micro-step counter, when the checkpoint falls while
+        it is being consumed: a resumed run then trains on the very generations the uninterrupted run does, instead
+        of sampling anew (as TRL does) with the dataloader's prompts out of step with the buffer."""
+        super()._save_extra_state(folder)
+        if not self._buffer_in_use():
+            return
+        os.makedirs(folder, exist_ok=True)
+        state = {"step": self._step, "num_processes": self.accelerator.num_processes, "buffer": self._buffered_inputs}
+        torch.save(state, os.path.join(folder, GENERATION_BUFFER_NAME.format(self.accelerator.process_index)))
+
+    def _load_extra_state(self, folder: str) -> None:
+        """Restore the generation buffer saved with the checkpoint `folder`; without one (the checkpoint fell between
+        generation batches), the next micro-step samples a new batch."""
+        super()._load_extra_state(folder)
+        self._step = self.state.global_step * self.args.gradient_accumulation_steps
+        self._buffered_inputs = None
+        path = os.path.join(folder, GENERATION_BUFFER_NAME.format(self.accelerator.process_index))
+        if not os.path.isfile(path):
+            return
+        device = self.accelerator.device
+        location = "cpu" if device.type == "cpu" else device  # torch.load cannot map to "cpu:0" (CPU under DDP)
+        state = torch.load(path, map_location=location, weights_only=True)
+        saved = (state["num_processes"], len(state["buffer"]))
+        now = (self.accelerator.num_processes, self.steps_per_generation)
+        if saved != now:
+            logger.warning(
+                f"The generation buffer in {folder} was saved with {saved[0]} processes and {saved[1]} steps per "
+                f"generation, not {now[0]} and {now[1]}: sampling a new generation batch instead of resuming from it."
+            )
+            return
+        self._step, self._buffered_inputs = state["step"], state["buffer"]
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         start = time.perf_counter()

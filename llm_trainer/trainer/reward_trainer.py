@@ -25,7 +25,7 @@ from transformers.trainer_utils import EvalPrediction
 from ..data.chat_template import read_chat_template
 from ..data.reward_dataset import DataCollatorForReward, prepare_reward_dataset
 from ..losses import reward_model_loss, reward_model_metrics
-from .base_trainer import BaseTrainer, gather_sum
+from .base_trainer import BaseTrainer
 from .reward_config import RewardConfig
 from .special_tokens import configure_special_tokens
 from .utils import disable_dropout_in_model
@@ -133,9 +133,6 @@ class RewardTrainer(BaseTrainer):
         # Evaluation calls `compute_loss` only when the loss needs no labels.
         self.can_return_loss = True
         self.label_names = []
-        parallelism = getattr(self.accelerator, "parallelism_config", None)
-        self._tp_size = parallelism.tp_size if parallelism is not None else 1  # TP ranks see the same batch
-        self._total_train_tokens = 0
 
     def prepare_dataset(self, dataset, name: str, args: RewardConfig):
         with args.main_process_first(desc=f"preparing {name} dataset"):
@@ -154,10 +151,8 @@ class RewardTrainer(BaseTrainer):
         loss = reward_model_loss(
             chosen_rewards, rejected_rewards, inputs.get("margin"), self.args.center_rewards_coefficient
         )
-        if mode == "train":
-            self._total_train_tokens += int(gather_sum(self, inputs["attention_mask"].sum()).item()) // self._tp_size
+        self._log_num_tokens(mode, inputs["attention_mask"].sum())
         metrics = self._metrics[mode]
-        metrics["num_tokens"] = [self._total_train_tokens]
         gathered = reward_model_metrics(chosen_rewards, rejected_rewards, gather=self.accelerator.gather_for_metrics)
         for key, value in gathered.items():
             metrics[key].append(value)

@@ -130,7 +130,6 @@ class SFTTrainer(BaseTrainer):
             self.model.get_base_model() if is_peft_model(self.model) else self.model, outputs=("entropy", "is_top1")
         )
         self.router_aux_loss_coef = self.configure_router_aux_loss(model, args.router_aux_loss_coef)
-        self._total_train_tokens = 0
 
     # ----------------------------------------------------------------------------------------------- setup
     def _check_options(self, args, sample, tokenizer, data_collator, formatting_func, compute_loss_func) -> None:
@@ -245,13 +244,11 @@ class SFTTrainer(BaseTrainer):
         metrics = self._metrics[mode]
         metrics["entropy"].append((entropy / num_valid).item() if num_valid > 0 else 0.0)
         metrics["mean_token_accuracy"].append((correct / num_valid).item() if num_valid > 0 else 0.0)
-        if mode == "train":
-            if "attention_mask" in inputs:
-                local = inputs["attention_mask"].sum()
-            else:
-                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
-            self._total_train_tokens += int(gather_sum(self, local).item())
-        metrics["num_tokens"] = [self._total_train_tokens]
+        if "attention_mask" in inputs:
+            local = inputs["attention_mask"].sum()
+        else:
+            local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+        self._log_num_tokens(mode, local)
         if self.router_aux_loss_coef and outputs.aux_loss is not None:
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
 

@@ -125,7 +125,6 @@ class UnpairedPreferenceTrainer(PrecomputedReferenceMixin, BaseTrainer):
         self.router_aux_loss_coef = self.configure_router_aux_loss(model, getattr(args, "router_aux_loss_coef", None))
         self.aux_loss_enabled = bool(self.router_aux_loss_coef)
         self.setup_reference(model, ref_model, args, ("entropy", "mean_logits"))  # what the metrics read
-        self._total_train_tokens = 0
 
     # ------------------------------------------------------------------------------------------------ data
     def _default_collator(self, tokenizer: Any, args: Any) -> DataCollatorForUnpairedPreference:
@@ -270,9 +269,7 @@ class UnpairedPreferenceTrainer(PrecomputedReferenceMixin, BaseTrainer):
         num_completion_tokens = gather_sum(self, mask.sum())
         entropy = gather_sum(self, (outputs.entropy[:, -seq_len:].detach() * mask).sum())
         metrics["entropy"].append((entropy / num_completion_tokens).item() if num_completion_tokens > 0 else 0.0)
-        if mode == "train":
-            self._total_train_tokens += int(gather_sum(self, batch["attention_mask"].sum()).item())
-        metrics["num_tokens"] = [self._total_train_tokens]
+        self._log_num_tokens(mode, batch["attention_mask"].sum())
 
         mean_logits = outputs.mean_logits[:, -seq_len:].detach()
         for side, idx in (("chosen", forward.chosen_idx), ("rejected", forward.rejected_idx)):
