@@ -62,6 +62,7 @@ def train(name: str, argv: list[str]) -> None:
 
     import llm_trainer
 
+    from .trainer.simple import load_named_dataset
     from .trainer.utils import get_kbit_device_map, get_peft_config, get_quantization_config
 
     config_name, trainer_name = TRAINERS[name]
@@ -70,9 +71,12 @@ def train(name: str, argv: list[str]) -> None:
         prog=f"llm-trainer {name}",
         usage=f"llm-trainer {name} [--config run.yaml] [--flag value ...]  (`llm-trainer {name} --help` lists the flags)",
     )
-    script, config, model_args, mixture, config_unknown, unknown = parser.parse_args_and_config(
-        argv, return_remaining_strings=True, separate_remaining_strings=True
-    )
+    try:
+        script, config, model_args, mixture, config_unknown, unknown = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except (OSError, TypeError, ValueError) as error:  # the --config file, or a value a config rejects
+        parser.error(str(error))
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{_did_you_mean(parser, unknown)}")
     if config_unknown:
@@ -96,11 +100,17 @@ def train(name: str, argv: list[str]) -> None:
                 f"'{script.dataset_test_split}' split to evaluate on. Set --eval_strategy no, or list the files in a "
                 "`datasets:` mixture in the --config YAML with `test_split_size`."
             )
-        dataset = {script.dataset_train_split: load_data_file(script.dataset_name, script.dataset_streaming)}
+        try:
+            dataset = {script.dataset_train_split: load_data_file(script.dataset_name, script.dataset_streaming)}
+        except ValueError as error:
+            raise SystemExit(f"llm-trainer {name}: --dataset_name: {error}") from None
     else:
-        from datasets import load_dataset
-
-        dataset = load_dataset(script.dataset_name, script.dataset_config, streaming=script.dataset_streaming)
+        try:
+            dataset = load_named_dataset(
+                script.dataset_name, name=script.dataset_config, streaming=script.dataset_streaming
+            )
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"llm-trainer {name}: --dataset_name: {error}") from None
     init_kwargs = {
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
@@ -158,7 +168,14 @@ def reward_functions(script: TrainScriptArguments) -> list:
         elif "." in name:
             module, attribute = name.rsplit(".", 1)
             sys.path.insert(0, os.getcwd())
-            funcs.append(getattr(importlib.import_module(module), attribute))
+            try:
+                funcs.append(getattr(importlib.import_module(module), attribute))
+            except (ImportError, AttributeError) as error:
+                raise SystemExit(
+                    f"Cannot load the reward function {name!r}: {error}. Pass `module.function` importable from "
+                    f"{os.getcwd()} (e.g. `my_rewards.length` for a function `length` in my_rewards.py there), or one "
+                    f"of {sorted(registry)}."
+                ) from None
         else:
             raise SystemExit(f"Unknown reward function {name!r}: use one of {sorted(registry)} or an import path.")
     if not funcs:

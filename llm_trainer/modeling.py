@@ -29,6 +29,14 @@ def check_model_path(model_id: str, role: str = "model") -> None:
     from huggingface_hub.utils import validate_repo_id
 
     if os.path.isdir(model_id):
+        markers = ("config.json", "adapter_config.json", "params.json")  # a model, a PEFT adapter, or a mistral folder
+        if not any(os.path.isfile(os.path.join(model_id, name)) for name in markers):
+            files = sorted(os.listdir(model_id))
+            shown = f"it holds {files[:8]}{' ...' if len(files) > 8 else ''}" if files else "it is empty"
+            raise ValueError(
+                f"no model at {model_id!r}: the folder has no config.json ({shown}). Pass, as the {role}, the folder "
+                "`save_pretrained` wrote (with config.json and the weights), e.g. a `checkpoint-N` folder, or a Hub id."
+            )
         return
     try:
         validate_repo_id(model_id)
@@ -41,6 +49,26 @@ def check_model_path(model_id: str, role: str = "model") -> None:
             f"('name' or 'namespace/name'). Pass, as the {role}, the folder it was saved to with `save_pretrained`, "
             "or a Hub id such as 'Qwen/Qwen2.5-0.5B'."
         ) from None
+
+
+_CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+
+
+def check_causal_lm(model: Any, role: str = "model") -> Any:
+    """Return `model`, or raise a `ValueError` when it has no language-modeling head (e.g. a sequence-classification
+    model), which the trainers that score or sample tokens need."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_output_embeddings = getattr(base, "get_output_embeddings", None)
+    if get_output_embeddings is None or get_output_embeddings() is not None:
+        return model
+    headless = getattr(base, "base_model", None) is base  # e.g. a bare `Qwen2Model`
+    if not headless and not type(base).__name__.endswith(_CLASSIFIER_SUFFIXES):
+        return model  # remote code may name its head otherwise
+    raise ValueError(
+        f"The {role} is a {type(base).__name__}, which has no language-modeling head, but this trainer scores and "
+        "generates tokens: pass a causal language model (`AutoModelForCausalLM`), e.g. the base model the classifier "
+        "was built from. Sequence-classification models are reward models (`RewardTrainer`, or GRPO's `reward_funcs`)."
+    )
 
 
 def load_model(model_id: str, auto_class: Any = None, **init_kwargs: Any) -> PreTrainedModel:

@@ -193,3 +193,58 @@ def test_unknown_flag_prints_usage_and_exits_2(capsys):
     assert "usage: llm-trainer sft [--config run.yaml]" in err
     assert "unrecognized arguments: --learning_rte 0.1 (did you mean --learning_rate?)" in err
     assert "Traceback" not in err
+
+
+def test_config_file_errors_are_usage_errors(tmp_path, capsys):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model_name_or_path: [unclosed\nlearning_rate: 1.0e-5\n")
+    for config, shown in [
+        (str(tmp_path / "missing.yaml"), f"error: --config {tmp_path / 'missing.yaml'}: no such file; pass the path"),
+        (str(bad_yaml), f"error: Config file {bad_yaml} is not valid YAML: while parsing a flow sequence"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sft", "--config", config, "--output_dir", str(tmp_path)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "usage: llm-trainer sft [--config run.yaml]" in err and shown in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "shown"),
+    [
+        (["--max_steps", "-5"], "error: `max_steps=-5` is invalid: it must be >= 1. Use -1 (the default) to train"),
+        (["--num_train_epochs", "0"], "error: `num_train_epochs=0.0` is invalid: it must be > 0."),
+        (["--per_device_train_batch_size", "0"], "error: `per_device_train_batch_size=0` is invalid: it must be >= 1"),
+    ],
+)
+def test_a_value_a_config_rejects_is_a_usage_error(flags, shown, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sft", "--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path), *flags])
+    assert exit_info.value.code == 2
+    assert shown in capsys.readouterr().err
+
+
+def test_dataset_and_reward_function_paths_are_named(tiny_model_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    base = ["--model_name_or_path", tiny_model_path, "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"llm-trainer sft: --dataset_name: No dataset at './missing': nothing is"):
+        main(["sft", *base, "--dataset_name", "./missing"])
+    with pytest.raises(SystemExit, match=r"--dataset_name: No dataset at 'train.jsonl': nothing is there, relative"):
+        main(["sft", *base, "--dataset_name", "train.jsonl"])
+    with pytest.raises(SystemExit, match=r"--dataset_name: The dataset folder 'empty' holds no data files"):
+        main(["sft", *base, "--dataset_name", "empty"])
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        f.write(json.dumps({"prompt": "a"}) + "\n")
+    (tmp_path / "my_rewards.py").write_text(
+        "def letters(completions, **kwargs):\n    return [1.0] * len(completions)\n"
+    )
+    for path, problem in [
+        ("no_such_module.fn", "No module named 'no_such_module'"),
+        ("my_rewards.length", "module 'my_rewards' has no attribute 'length'"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["grpo", *base, "--dataset_name", "prompts.jsonl", "--reward_funcs", path])
+        message = str(exit_info.value.code)
+        assert message.startswith(f"Cannot load the reward function '{path}': {problem}. Pass `module.function`")
+        assert f"importable from {tmp_path}" in message

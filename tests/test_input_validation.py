@@ -3,6 +3,7 @@ with a message naming the argument, row and column, and the fix."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from datasets import Dataset
 
 import llm_trainer as lt
-from llm_trainer.data.validation import check_labels, check_text_columns
+from llm_trainer.data.validation import check_labels, check_numbers, check_text_columns
 from llm_trainer.modeling import check_model_path, load_model
 from llm_trainer.testing import make_tiny_model, zen_dataset
 from llm_trainer.trainer.reward_functions import RewardFunctions
@@ -307,3 +308,345 @@ def test_identical_rewards_warn_once(tiny_model_path, tmp_path, caplog):
     assert "the policy gets no gradient from these rewards" in caplog.text
     assert "Make the reward functions tell completions apart" in caplog.text
     assert trainer.state.log_history[0]["frac_reward_zero_std"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------- config types
+@pytest.mark.parametrize(
+    ("config", "field", "value", "message"),
+    [
+        (
+            "SFTConfig",
+            "learning_rate",
+            "1e-5",
+            "`learning_rate='1e-5'` (str) is invalid: `learning_rate` takes a "
+            "number. Pass learning_rate=1e-05 (YAML reads 1e-5 as a string: write 1.0e-5).",
+        ),
+        (
+            "GRPOConfig",
+            "per_device_train_batch_size",
+            2.5,
+            "`per_device_train_batch_size=2.5` (float) is invalid: "
+            "`per_device_train_batch_size` takes an integer. Pass a whole number, e.g. per_device_train_batch_size=2.",
+        ),
+        ("DPOConfig", "beta", "0.1", "`beta='0.1'` (str) is invalid: `beta` takes a number. Pass beta=0.1."),
+        (
+            "SFTConfig",
+            "max_length",
+            "512",
+            "`max_length='512'` (str) is invalid: `max_length` takes an integer. Pass max_length=512.",
+        ),
+        (
+            "SFTConfig",
+            "packing",
+            "false",
+            "`packing='false'` is a string, but `packing` is a boolean: pass packing=True or packing=False",
+        ),
+        (
+            "GRPOConfig",
+            "reward_weights",
+            0.5,
+            "`reward_weights=0.5` is invalid: `reward_weights` takes a list of numbers, e.g. reward_weights=[0.5].",
+        ),
+        ("DPOConfig", "loss_weights", 1.0, "`loss_weights=1.0` is invalid: `loss_weights` takes a list of numbers"),
+        ("KTOConfig", "max_steps", "10", "`max_steps='10'` (str) is invalid: `max_steps` takes an integer."),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_named_by_the_config(config, field, value, message):
+    with pytest.raises(TypeError) as error:
+        getattr(lt, config)("out", report_to="none", **{field: value})
+    assert message in str(error.value)
+
+
+def test_values_of_the_right_type_pass_the_type_check():
+    lt.SFTConfig("out", report_to="none", learning_rate=1, num_train_epochs=2, max_length=None, packing=False)
+    lt.GRPOConfig("out", report_to="none", reward_weights=[1, 0.5], top_k=None, epsilon_high=None)
+    lt.DPOConfig("out", report_to="none", loss_type="sigmoid", loss_weights=(1,))
+
+
+@pytest.mark.parametrize(
+    ("config", "field", "value", "bound", "fix"),
+    [
+        ("SFTConfig", "max_steps", 0, ">= 1", "Use -1 (the default) to train for `num_train_epochs` epochs instead."),
+        ("DPOConfig", "max_steps", -5, ">= 1", "Use -1 (the default)"),
+        ("SFTConfig", "num_train_epochs", 0, "> 0", "so this trains nothing. Set `num_train_epochs`"),
+        ("KTOConfig", "num_train_epochs", -1.0, "> 0", "or a positive `max_steps`"),
+        ("GRPOConfig", "beta", -0.1, ">= 0", "a negative value rewards drifting away from it"),
+        ("RLOOConfig", "epsilon", -0.2, ">= 0", "clipping range of the importance ratio"),
+        ("GRPOConfig", "epsilon_high", -1.0, ">= 0", "clipping range of the importance ratio"),
+    ],
+)
+def test_run_length_and_rl_bounds(config, field, value, bound, fix):
+    with pytest.raises(ValueError) as error:
+        getattr(lt, config)("out", report_to="none", **{field: value})
+    assert f"`{field}={value!r}` is invalid: it must be {bound}. " in str(error.value)
+    assert fix in str(error.value)
+
+
+def test_run_length_edge_values_and_a_zero_learning_rate_warning(caplog):
+    lt.SFTConfig("out", report_to="none", max_steps=5, num_train_epochs=0)  # max_steps decides; epochs are unused
+    lt.GRPOConfig("out", report_to="none", beta=0.0, epsilon=0.0)
+    with caplog.at_level(logging.WARNING, logger="llm_trainer"):
+        lt.SFTConfig("out", report_to="none", learning_rate=0.0)
+    assert "`learning_rate=0`: the optimizer will not change the weights" in caplog.text
+
+
+def test_kto_weights_that_zero_the_loss():
+    with pytest.raises(ValueError, match="are both 0, so the loss is 0 and training learns nothing. Set at least one"):
+        lt.KTOConfig("out", report_to="none", desirable_weight=0.0, undesirable_weight=0.0)
+    lt.KTOConfig("out", report_to="none", desirable_weight=0.0)  # one side only: still a loss
+
+
+def test_sampling_bounds():
+    from llm_trainer.generation.base import SamplingConfig
+
+    with pytest.raises(ValueError, match=r"repetition_penalty must be > 0 \(1.0 disables it\), got 0.0"):
+        SamplingConfig(repetition_penalty=0.0)
+
+
+# ----------------------------------------------------------------------------------------------- empty / too small
+@pytest.mark.parametrize("trainer", ["GRPO", "RLOO", "Distillation"])
+def test_an_empty_prompt_dataset_is_an_error(trainer, paths, tmp_path):
+    with pytest.raises(ValueError, match=r"The train dataset is empty \(0 rows\): pass a dataset with a 'prompt'"):
+        _build(trainer, zen_dataset("standard_prompt_only").select([]), tmp_path, paths)
+
+
+def test_too_few_rows_for_one_batch_fail_before_the_first_step(paths, tmp_path):
+    sft = _build(
+        "SFT", zen_dataset("standard_language_modeling").select(range(3)), tmp_path, paths, dataloader_drop_last=True
+    )
+    with pytest.raises(ValueError) as error:
+        sft.train()
+    assert "The train dataset has 3 rows once prepared, too few for one batch: `dataloader_drop_last=True`" in str(
+        error.value
+    )
+    assert "set `dataloader_drop_last=False`" in str(error.value)
+    args = lt.GRPOConfig(str(tmp_path), **{**COMMON, "per_device_train_batch_size": 8}, **ONLINE)
+    one_prompt = zen_dataset("standard_prompt_only").select([0])
+    grpo = lt.GRPOTrainer(paths["causal"], reward_funcs=_length, args=args, train_dataset=one_prompt)
+    with pytest.raises(ValueError) as error:
+        grpo.train()
+    assert "has 1 rows once prepared, too few for one batch: one generation batch takes 2 prompts " in str(error.value)
+    assert "(generation_batch_size=8 / num_generations=4)" in str(error.value)
+    assert grpo.state.global_step == 0
+
+
+# ----------------------------------------------------------------------------------------------- conversations
+def _conversations(**change) -> Dataset:
+    rows = zen_dataset("conversational_language_modeling").to_list()
+    for row in rows:
+        row["messages"] = [{**message, **change} for message in row["messages"]]
+    return Dataset.from_list(rows)
+
+
+def test_a_message_without_role_or_content_is_named(paths, tmp_path):
+    renamed = Dataset.from_list([{"messages": [{"from": "human", "text": "hi"}]}] * 3)
+    with pytest.raises(ValueError) as error:
+        _build("SFT", renamed, tmp_path, paths)
+    message = str(error.value)
+    assert "Column 'messages' of the train dataset has a message without 'role' at row 0 (message 0, keys " in message
+    assert "every message must be {'role': ..., 'content': ...}. Rename the keys" in message
+    chosen = zen_dataset("conversational_preference").to_list()
+    chosen[4]["chosen"] = [{"role": "assistant", "text": "x"}]
+    with pytest.raises(
+        ValueError,
+        match=r"Column 'chosen' of the train dataset has a message without 'content' "
+        r"at row 4 \(message 0, keys \['role', 'text'\]\)",
+    ):
+        _build("DPO", Dataset.from_list(chosen), tmp_path, paths)
+
+
+def test_an_empty_or_json_encoded_conversation_is_named(paths, tmp_path):
+    rows = zen_dataset("conversational_language_modeling").to_list()
+    rows[2]["messages"] = []
+    with pytest.raises(ValueError) as error:
+        _build("SFT", Dataset.from_list(rows), tmp_path, paths)
+    assert "Column 'messages' of the train dataset is an empty list of messages at row 2" in str(error.value)
+    assert "dataset.filter(lambda row: len(row['messages']) > 0)" in str(error.value)
+    encoded = Dataset.from_dict({"messages": [json.dumps(row["messages"]) for row in rows[3:6]]})
+    with pytest.raises(ValueError) as error:
+        _build("SFT", encoded, tmp_path, paths)
+    assert "Column 'messages' of the train dataset holds strings, but every 'messages' cell must be a list" in str(
+        error.value
+    )
+    assert "json.loads(row['messages'])" in str(error.value)
+
+
+def test_conversation_checks_unit(caplog):
+    tool_call = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"name": "add"}]},
+        {"role": "tool", "content": "4"},
+    ]
+    check_text_columns(Dataset.from_dict({"messages": [tool_call]}), ["messages"])  # None content beside tool calls
+    streamed = Dataset.from_dict({"prompt": [[{"role": "user"}]]}).to_iterable_dataset()
+    with pytest.raises(ValueError, match="has a message without 'content' at row 0"):
+        check_text_columns(streamed, ["prompt"])
+    with caplog.at_level(logging.WARNING, logger="llm_trainer"):
+        check_text_columns(_conversations(role="bot").select([1, 2]), ["messages"])
+    assert "Column 'messages' of the train dataset has messages with role(s) ['bot'] (first at row 0)" in caplog.text
+    assert "'bot' -> 'assistant'" in caplog.text
+
+
+def test_reward_margins_must_be_numbers(paths, tmp_path):
+    margins = zen_dataset("standard_preference").add_column("margin", ["1.0"] * 17)
+    with pytest.raises(ValueError) as error:
+        _build("Reward", margins, tmp_path, paths)
+    assert (
+        "Column 'margin' of the train dataset holds '1.0' at row 0, but every 'margin' cell must be a finite"
+        in str(error.value)
+    )
+    assert "float(row['margin'])" in str(error.value)
+    check_numbers(Dataset.from_dict({"margin": [1, 2]}), "margin")
+    with pytest.raises(ValueError, match="holds nan at row 1"):
+        check_numbers(Dataset.from_dict({"margin": [0.5, float("nan")]}), "margin")
+
+
+def test_a_missing_chat_template_file_is_named(tiny_model_path, tmp_path):
+    args = lt.SFTConfig(str(tmp_path), **COMMON, chat_template_path="templates/chatml.jinja")
+    with pytest.raises(FileNotFoundError, match=r"`chat_template_path='templates/chatml.jinja'`: no such file \(rel"):
+        lt.SFTTrainer(tiny_model_path, args=args, train_dataset=zen_dataset("conversational_language_modeling"))
+
+
+def test_skip_prepare_dataset_needs_input_ids(tiny_model_path, tmp_path):
+    args = lt.SFTConfig(str(tmp_path), **COMMON, dataset_kwargs={"skip_prepare_dataset": True})
+    with pytest.raises(ValueError) as error:
+        lt.SFTTrainer(tiny_model_path, args=args, train_dataset=zen_dataset("standard_language_modeling"))
+    assert "The train dataset has no 'input_ids' (columns: ['text'])" in str(error.value)
+    assert "Drop `skip_prepare_dataset`" in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------------- models
+def test_a_folder_without_config_json_is_named(tiny_model_path, tmp_path):
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    (folder / "model.safetensors").write_text("")
+    with pytest.raises(ValueError) as error:
+        load_model(str(folder))
+    assert f"no model at '{folder}': the folder has no config.json (it holds ['model.safetensors'])" in str(
+        error.value
+    )
+    assert "the folder `save_pretrained` wrote" in str(error.value)
+    with pytest.raises(ValueError, match="the folder has no config.json"):
+        lt.DistillationTrainer(
+            tiny_model_path,
+            teacher_model=str(folder),
+            args=lt.DistillationConfig(str(tmp_path), **COMMON),
+            train_dataset=zen_dataset("standard_prompt_only"),
+        )
+
+
+def test_a_classifier_given_as_a_causal_lm_is_named(paths, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    with pytest.raises(ValueError) as error:
+        _build("SFT", zen_dataset("standard_language_modeling"), tmp_path, {**paths, "causal": paths["reward"]})
+    message = str(error.value)
+    assert (
+        f"The model '{paths['reward']}' is a Qwen2ForSequenceClassification, which has no language-modeling" in message
+    )
+    assert "pass a causal language model (`AutoModelForCausalLM`)" in message
+    classifier = AutoModelForSequenceClassification.from_pretrained(paths["reward"])
+    with pytest.raises(ValueError, match="The model is a Qwen2ForSequenceClassification, which has no language"):
+        lt.DPOTrainer(
+            classifier, args=lt.DPOConfig(str(tmp_path), **COMMON), train_dataset=zen_dataset("standard_preference")
+        )
+    with pytest.raises(ValueError, match=f"The model '{paths['reward']}' is a Qwen2ForSequenceClassification"):
+        lt.DPOTrainer(
+            paths["causal"],
+            ref_model=paths["reward"],
+            args=lt.DPOConfig(str(tmp_path), **COMMON),
+            train_dataset=zen_dataset("standard_preference"),
+        )
+
+
+@pytest.mark.parametrize("model", [None, 123])
+def test_a_model_that_is_no_model_is_named(model, tmp_path):
+    with pytest.raises(TypeError, match=r"`model` must be a model name or local path \(a string\), or a loaded"):
+        lt.SFTTrainer(
+            model, args=lt.SFTConfig(str(tmp_path), **COMMON), train_dataset=zen_dataset("standard_language_modeling")
+        )
+
+
+def test_a_path_object_and_a_tokenizer_without_pad_or_eos(tiny_model_path, tmp_path):
+    from pathlib import Path
+
+    from llm_trainer.testing import get_tokenizer
+
+    data, args = zen_dataset("standard_language_modeling"), lt.SFTConfig(str(tmp_path), **COMMON)
+    lt.SFTTrainer(Path(tiny_model_path), args=args, train_dataset=data)  # read as its path
+    tokenizer = get_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="has neither a pad token nor an eos token to pad with. Set one before"):
+        lt.SFTTrainer(tiny_model_path, args=args, train_dataset=data, processing_class=tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------- reward functions
+def _online(tiny_model_path, tmp_path, reward, dataset=None):
+    args = lt.GRPOConfig(str(tmp_path), **COMMON, **ONLINE)
+    return lt.GRPOTrainer(
+        tiny_model_path, reward_funcs=reward, args=args, train_dataset=dataset or zen_dataset("standard_prompt_only")
+    )
+
+
+def one_parameter(x):
+    return [1.0] * len(x)
+
+
+def no_kwargs(prompts, completions):
+    return [1.0] * len(completions)
+
+
+def reads_answer(completions, answer, **kwargs):
+    return [float(a in c) for a, c in zip(answer, completions)]
+
+
+def test_reward_function_signatures_are_checked_at_construction(tiny_model_path, tmp_path):
+    with pytest.raises(TypeError) as error:
+        _online(tiny_model_path, tmp_path, one_parameter)
+    assert "The reward function 'one_parameter(x)' does not accept ['completion_ids', 'completions'," in str(
+        error.value
+    )
+    assert "Add `**kwargs`, e.g. `def one_parameter(completions, **kwargs) -> list[float]`." in str(error.value)
+    with pytest.raises(TypeError, match=r"'no_kwargs\(prompts, completions\)' does not accept \['completion_ids', "):
+        _online(tiny_model_path, tmp_path, no_kwargs)
+    with pytest.raises(TypeError) as error:
+        _online(tiny_model_path, tmp_path, reads_answer)
+    assert "'reads_answer(completions, answer, **kwargs)' needs ['answer'], but the trainer passes only" in str(
+        error.value
+    )
+    assert "the dataset columns [], all as keywords. Add the column(s) to the dataset" in str(error.value)
+    _online(
+        tiny_model_path, tmp_path, reads_answer, zen_dataset("standard_prompt_only").add_column("answer", ["x"] * 17)
+    )
+
+
+class Scorer:
+    def __call__(self, completions, **kwargs):
+        return [1.0] * len(completions)
+
+
+def test_reward_sources_that_are_no_reward_are_named(tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(TypeError, match=r"The reward function Scorer is a class: pass an instance, `Scorer\(\)`"):
+        RewardFunctions([Scorer], None, None)
+    with pytest.raises(ValueError, match="The reward model Qwen2ForCausalLM is a language model .* first logit is no"):
+        RewardFunctions([AutoModelForCausalLM.from_pretrained(tiny_model_path)], None, None)
+    with pytest.raises(TypeError, match=r"pass it: `from llm_trainer.rewards import accuracy_reward`, then"):
+        RewardFunctions(["accuracy_reward"], None, None)
+    with pytest.raises(OSError) as error:
+        RewardFunctions(["accuracy"], None, None)  # offline in the tests: not in the Hub cache
+    assert str(error.value).startswith("Could not load the reward model 'accuracy' (")
+    assert "A string in `reward_funcs` is a reward model's Hub id or local folder; to score with a function" in str(
+        error.value
+    )
+
+
+def broken_reward(completions, **kwargs):
+    raise RuntimeError("my reward broke")
+
+
+def test_an_exception_in_a_reward_function_names_it():
+    with pytest.raises(RuntimeError, match="my reward broke") as error:
+        _score(broken_reward)
+    assert "(raised by the reward function 'broken_reward' while scoring a batch)" in error.value.__notes__

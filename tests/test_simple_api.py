@@ -265,6 +265,10 @@ def test_documented_errors(tiny_model_path, in_tmp):
         SFTTrainer.from_pretrained(tiny_model_path, num_prompts_per_step=4)
     with pytest.raises(ValueError, match="`max_steps` must be positive"):
         SFTTrainer.from_pretrained(tiny_model_path).fit(prompts, max_steps=0)
+    with pytest.raises(TypeError, match=r"`batch_size=2.5` \(float\) is invalid: pass a whole number of examples"):
+        SFTTrainer.from_pretrained(tiny_model_path, batch_size=2.5)
+    with pytest.raises(TypeError, match=r"`learning_rate='1e-5'` \(str\) is invalid: `learning_rate` takes a number"):
+        train(tiny_model_path, prompts, reward_len, learning_rate="1e-5")
     with pytest.raises(ValueError, match=r"PPOTrainer needs a reward: pass `reward_fn`, e\.g\..*\.$"):
         create_trainer("ppo", tiny_model_path).fit(prompts)  # PPO's reward is a model: `reward_fn=<model or path>`
     with pytest.raises(NotImplementedError, match="SFTTrainer does not take an `environment`"):
@@ -547,6 +551,33 @@ def test_load_training_dataset_forms(tmp_path):
     (tmp_path / "rows.xyz").write_text("?")
     with pytest.raises(ValueError, match="Cannot read"):
         load_training_dataset(tmp_path / "rows.xyz")
+
+
+def test_dataset_paths_that_hold_no_dataset_are_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for missing in ("./no_such_folder", "data/train.jsonl", str(tmp_path / "gone.csv")):
+        with pytest.raises(FileNotFoundError) as error:
+            load_training_dataset(missing)
+        assert f"No dataset at {missing!r}: nothing is there" in str(error.value)
+        assert "or a Hub dataset id such as 'trl-lib/Capybara'" in str(error.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"The dataset folder 'empty' holds no data files: put \.json/\.jsonl"):
+        load_training_dataset("empty")
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(ValueError) as error:
+        load_training_dataset("broken.jsonl")
+    assert "Could not read the dataset at 'broken.jsonl': ArrowInvalid: JSON parse error" in str(error.value)
+    assert "JSON Lines files hold one JSON object per line" in str(error.value)
+
+
+def test_callbacks_that_are_no_callbacks_are_named(tiny_model_path):
+    trainer = SFTTrainer.from_pretrained(tiny_model_path)
+    with pytest.raises(TypeError, match=r"`callbacks` holds <built-in function print>, which is no callback: pass"):
+        trainer.fit(zen_dataset("standard_language_modeling"), callbacks=[print])
+    with pytest.raises(
+        TypeError, match=r"`callbacks` must be a list of callbacks, got Callback: wrap it in \[\.\.\.\]"
+    ):
+        trainer.fit(zen_dataset("standard_language_modeling"), callbacks=Callback())
 
 
 def test_a_second_fit_continues_the_first(tiny_model_path, tmp_path):

@@ -194,6 +194,12 @@ def read_chat_template(path: str) -> str:
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return f.read()
+    if path.endswith((".jinja", ".j2", ".txt")) or (not os.path.exists(path) and path.startswith((".", "/", "~"))):
+        where = "" if os.path.isabs(os.path.expanduser(path)) else f" (relative to {os.getcwd()})"
+        raise FileNotFoundError(
+            f"`chat_template_path={path!r}`: no such file{where}. Pass a `.jinja` template file, or a tokenizer "
+            "folder or Hub id whose tokenizer has a chat template."
+        )
     from transformers import AutoTokenizer
 
     template = AutoTokenizer.from_pretrained(path).chat_template

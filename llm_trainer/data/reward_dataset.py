@@ -20,7 +20,7 @@ from .collators import pad
 from .formats import get_dataset_column_names, is_conversational
 from .preference_dataset import _add_eos, check_preference_dataset
 from .tokenization import template_kwargs, tokenize
-from .validation import check_rows_kept, check_text_columns, warn_identical_pairs
+from .validation import check_numbers, check_rows_kept, check_text_columns, warn_identical_pairs
 
 LEGACY_COLUMNS = {"chosen_input_ids": "chosen_ids", "rejected_input_ids": "rejected_ids"}
 
@@ -48,6 +48,7 @@ def prepare_reward_dataset(
         )
         dataset = dataset.rename_columns(LEGACY_COLUMNS)
     first = check_preference_dataset(dataset, name)
+    check_numbers(dataset, "margin", name)
     is_map_style = isinstance(dataset, Dataset)
 
     def map_kwargs(text: str) -> dict[str, Any]:  # `IterableDataset.map` takes neither `num_proc` nor `desc`

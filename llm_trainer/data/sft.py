@@ -152,7 +152,7 @@ def _check_sft_text(dataset: Dataset | IterableDataset, text_field: str, name: s
     if "prompt" in columns:
         check_text_columns(dataset, ["prompt", "completion"], name)
     elif "messages" in columns:
-        check_text_columns(dataset, ["messages"], name)
+        check_text_columns(dataset, ["messages"], name, conversations=["messages"])
     else:
         check_text_columns(dataset, [text_field], name, non_empty=[text_field])
 

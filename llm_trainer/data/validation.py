@@ -8,6 +8,8 @@ full through Arrow (fast, no Python loop over rows for string columns); a stream
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,10 +29,13 @@ def check_text_columns(
     columns: Sequence[str],
     name: str = "train",
     non_empty: Sequence[str] = (),
+    conversations: Sequence[str] = (),
 ) -> None:
     """Raise a `ValueError` naming the column and first row whose cell is None or neither a string nor a list of
-    messages (a conversation); `non_empty` columns must not hold empty strings either. Columns the dataset lacks are
-    skipped. The checked fields of one row must be all strings or all conversations.
+    messages (a conversation); `non_empty` columns must not hold empty strings either, and `conversations` columns
+    must hold lists of messages. A conversation must not be empty, and each of its messages needs a 'role' and a
+    'content'; roles a chat template may not know (other than system, user, assistant, tool, ...) are warned about.
+    Columns the dataset lacks are skipped. The checked fields of one row must be all strings or all conversations.
     """
     present = [column for column in columns if column in get_dataset_column_names(dataset)]
     if not present:
@@ -40,12 +45,19 @@ def check_text_columns(
             return
         table = dataset.with_format("arrow")
         kinds = {column: _arrow_kind(table[column], column, name, column in non_empty) for column in present}
-        _check_one_format(kinds, 0, name)
-        return
-    row = next(iter(dataset), None)
-    if row is not None:
+    else:
+        row = next(iter(dataset), None)
+        if row is None:
+            return
         kinds = {column: _value_kind(row[column], column, 0, name, column in non_empty) for column in present}
-        _check_one_format(kinds, 0, name)
+    for column in conversations:
+        if kinds.get(column) == TEXT:
+            raise ValueError(
+                f"Column '{column}' of the {name} dataset holds strings, but every '{column}' cell must be a list of "
+                "messages ({'role': ..., 'content': ...}). If the strings are JSON, parse them, e.g. "
+                f"`dataset.map(lambda row: {{'{column}': json.loads(row['{column}'])}})`."
+            )
+    _check_one_format(kinds, 0, name)
 
 
 def _bad_cell(column: str, row: int, name: str, problem: str, non_empty: bool) -> ValueError:
@@ -72,8 +84,9 @@ def _arrow_kind(array: pa.ChunkedArray, column: str, name: str, non_empty: bool)
             if first_empty >= 0:
                 raise _bad_cell(column, first_empty, name, "is an empty string", non_empty)
         return TEXT
-    is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_list_view(kind)
+    is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
     if is_list and pa.types.is_struct(kind.value_type) and not non_empty:
+        _check_conversations(array.combine_chunks(), column, name)
         return MESSAGES
     return _value_kind(array[0].as_py(), column, 0, name, non_empty)  # raises: a number, a list of strings, ...
 
@@ -87,8 +100,80 @@ def _value_kind(value: Any, column: str, row: int, name: str, non_empty: bool) -
             raise _bad_cell(column, row, name, "is an empty string", non_empty)
         return TEXT
     if isinstance(value, list) and all(isinstance(message, dict) for message in value) and not non_empty:
+        if not value:
+            raise _bad_conversation(column, row, name, "is an empty list of messages")
+        for index, message in enumerate(value):
+            _check_message_keys(message.keys(), message, column, row, index, name)
+        _warn_unknown_roles({message.get("role") for message in value}, column, row, name)
         return MESSAGES
     raise _bad_cell(column, row, name, f"holds {type(value).__name__} {short_repr(value)}", non_empty)
+
+
+KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function", "ipython"})
+
+
+def _bad_conversation(column: str, row: int, name: str, problem: str) -> ValueError:
+    return ValueError(
+        f"Column '{column}' of the {name} dataset {problem} at row {row}: every '{column}' cell must be a non-empty "
+        f"list of messages, each {{'role': ..., 'content': ...}}. Fix or drop such rows, e.g. "
+        f"`dataset.filter(lambda row: len(row['{column}']) > 0)`."
+    )
+
+
+def _check_message_keys(keys: Any, message: dict | None, column: str, row: int, index: int, name: str) -> None:
+    """Raise unless a message has a 'role' and a 'content' (None content is fine beside 'tool_calls')."""
+    keys = set(keys)
+    for key in ("role", "content"):
+        missing = key not in keys or (message is not None and message[key] is None)
+        if missing and key == "content" and message is not None and message.get("tool_calls"):
+            continue
+        if missing:
+            present = sorted(k for k in keys if message is None or message[k] is not None)
+            raise ValueError(
+                f"Column '{column}' of the {name} dataset has a message without '{key}' at row {row} (message "
+                f"{index}, keys {present}): every message must be {{'role': ..., 'content': ...}}. Rename the keys, "
+                f"e.g. `dataset.map(lambda row: {{'{column}': [{{'role': m['from'], 'content': m['value']}} for m in "
+                f"row['{column}']]}})` for 'from'/'value' messages."
+            )
+
+
+def _check_conversations(array: pa.ListArray, column: str, name: str) -> None:
+    """The conversation checks of `_value_kind`, through Arrow on a whole list<struct> column."""
+    first_empty = pc.index(pc.equal(pc.list_value_length(array), 0), True).as_py()
+    if first_empty >= 0:
+        raise _bad_conversation(column, first_empty, name, "is an empty list of messages")
+    messages = pc.list_flatten(array)
+    fields = {messages.type.field(i).name for i in range(messages.type.num_fields)}
+    parents = pc.list_parent_indices(array)
+    for key in ("role", "content"):
+        missing = pc.is_null(pc.struct_field(messages, key)) if key in fields else None
+        if missing is not None and key == "content" and "tool_calls" in fields:
+            missing = pc.and_(missing, pc.is_null(pc.struct_field(messages, "tool_calls")))
+        position = 0 if missing is None else pc.index(missing, True).as_py()
+        if position >= 0:
+            row = parents[position].as_py()
+            message = messages[position].as_py()
+            _check_message_keys(fields, message, column, row, position - array.offsets[row].as_py(), name)
+    if "role" in fields:
+        roles = set(pc.unique(pc.struct_field(messages, "role")).to_pylist())
+        unknown = roles - KNOWN_ROLES
+        if unknown:
+            matches = pc.is_in(pc.struct_field(messages, "role"), value_set=pa.array(sorted(unknown)))
+            _warn_unknown_roles(unknown, column, parents[pc.index(matches, True).as_py()].as_py(), name)
+
+
+def _warn_unknown_roles(roles: set, column: str, row: int, name: str) -> None:
+    unknown = sorted(str(role) for role in roles - KNOWN_ROLES)
+    if unknown:
+        logger.warning(
+            "Column '%s' of the %s dataset has messages with role(s) %s (first at row %d), which chat templates may "
+            "render as given or reject: they know 'system', 'user', 'assistant' and 'tool'. Rename them, e.g. "
+            "'bot' -> 'assistant', 'human' -> 'user'.",
+            column,
+            name,
+            unknown,
+            row,
+        )
 
 
 def short_repr(value: Any, limit: int = 60) -> str:
@@ -134,6 +219,34 @@ def check_labels(dataset: Dataset | IterableDataset, column: str = "label", name
                 f"Column '{column}' of the {name} dataset holds {value!r} at row {row}, but labels must be booleans: "
                 "True for a desirable completion, False for an undesirable one (0 and 1 are accepted). Convert them, "
                 f"e.g. `dataset.map(lambda row: {{'{column}': row['{column}'] == 'yes'}})`."
+            )
+
+
+def check_numbers(dataset: Dataset | IterableDataset, column: str, name: str = "train") -> None:
+    """Raise a `ValueError` naming the row and value of the first `column` cell that is not a finite number (a
+    reward `margin` given as text, None, NaN, ...); a dataset without the column passes."""
+    if column not in get_dataset_column_names(dataset):
+        return
+    if isinstance(dataset, Dataset):
+        array = dataset.with_format("arrow")[column]
+        if pa.types.is_integer(array.type) and array.null_count == 0:
+            return
+        if pa.types.is_floating(array.type) and array.null_count == 0:
+            bad = pc.index(pc.invert(pc.is_finite(array)), True).as_py()
+            if bad < 0:
+                return
+            values = [(bad, array[bad].as_py())]
+        else:
+            values = enumerate(array.to_pylist())
+    else:
+        row = next(iter(dataset), None)
+        values = [] if row is None else [(0, row[column])]
+    for row, value in values:
+        if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+            raise ValueError(
+                f"Column '{column}' of the {name} dataset holds {value!r} at row {row}, but every '{column}' cell must "
+                f"be a finite number. Convert them, e.g. `dataset.map(lambda row: {{'{column}': "
+                f"float(row['{column}'])}})`, or drop such rows."
             )
 
 

@@ -34,6 +34,8 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables top-k), got {self.top_k}.")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 disables it), got {self.repetition_penalty}.")
 
     @property
     def greedy(self) -> bool:

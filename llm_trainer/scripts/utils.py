@@ -196,8 +196,14 @@ class TrlParser(HfArgumentParser):
                 del args[i]
                 break
         if config_path is not None:
+            if not os.path.isfile(config_path):
+                where = "" if os.path.isabs(config_path) else f" (relative to {os.getcwd()})"
+                raise FileNotFoundError(f"--config {config_path}: no such file{where}; pass the path of a YAML file.")
             with open(config_path, encoding="utf-8") as f:
-                config = yaml.safe_load(f)
+                try:
+                    config = yaml.safe_load(f)
+                except yaml.YAMLError as error:
+                    raise ValueError(f"Config file {config_path} is not valid YAML: {error}") from None
             if not isinstance(config, dict):
                 raise ValueError(f"Config file {config_path} must contain a YAML mapping of argument names to values.")
             if "env" in config:

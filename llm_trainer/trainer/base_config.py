@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import numbers
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,9 +68,23 @@ class BaseConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        check_field_types(self)
         check_number(
             self, "learning_rate", 0, "A negative rate climbs the loss instead of descending it; use e.g. 1e-5."
         )
+        if self.learning_rate == 0:
+            logger.warning("`learning_rate=0`: the optimizer will not change the weights, so training learns nothing.")
+        if self.max_steps != -1:
+            check_number(self, "max_steps", 1, "Use -1 (the default) to train for `num_train_epochs` epochs instead.")
+        else:
+            check_number(
+                self,
+                "num_train_epochs",
+                0,
+                "With `max_steps=-1` (the default) training lasts `num_train_epochs` epochs, so this trains nothing. "
+                "Set `num_train_epochs` (e.g. 1, or 0.5 for half the data) or a positive `max_steps`.",
+                exclusive=True,
+            )
         check_number(
             self,
             "gradient_accumulation_steps",
@@ -80,14 +100,111 @@ class BaseConfig(TrainingArguments):
         super().__post_init__()
 
 
-def check_number(config: Any, name: str, minimum: float, fix: str, *, exclusive: bool = False) -> None:
+def check_number(
+    config: Any, name: str, minimum: float, fix: str, *, exclusive: bool = False, maximum: float | None = None
+) -> None:
     """Raise a `ValueError` naming the field `name` when its value is below `minimum` (or equal to it, when
-    `exclusive`); None (and anything not a number, left to the code that reads it) passes. `fix` says what to set
-    instead."""
+    `exclusive`) or above `maximum`; None (and anything not a number, left to `check_field_types`) passes. `fix` says
+    what to set instead."""
     value = getattr(config, name)
-    if not isinstance(value, numbers.Real) or value > minimum or (value == minimum and not exclusive):
+    if not isinstance(value, numbers.Real):
         return
-    raise ValueError(f"`{name}={value!r}` is invalid: it must be {'>' if exclusive else '>='} {minimum}. {fix}")
+    low = value > minimum or (value == minimum and not exclusive)
+    if low and (maximum is None or value <= maximum):
+        return
+    bound = f"{'>' if exclusive else '>='} {minimum}" + ("" if maximum is None else f" and <= {maximum}")
+    raise ValueError(f"`{name}={value!r}` is invalid: it must be {bound}. {fix}")
+
+
+_FIELD_KINDS: dict[type, dict[str, frozenset[str]]] = {}
+
+
+def _annotation_kinds(annotation: Any) -> frozenset[str]:
+    """The top-level types a field annotation allows, by name: 'int | None' -> {'int', 'None'}; `list[float]` is
+    'list[float]', anything else keeps its bare name ('str', 'dict', 'Literal', ...)."""
+    if isinstance(annotation, str):
+        parts = [part.strip() for part in annotation.split("|")]
+    else:
+        args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+        parts = [_annotation_name(arg) for arg in args] if args else [_annotation_name(annotation)]
+    return frozenset("None" if part in ("None", "NoneType") else part.replace(" ", "") for part in parts)
+
+
+def _annotation_name(annotation: Any) -> str:
+    if annotation is type(None):
+        return "None"
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        return f"list[{','.join(_annotation_name(arg) for arg in typing.get_args(annotation))}]"
+    return getattr(origin or annotation, "__name__", str(annotation))
+
+
+def _field_kinds(config_class: type) -> dict[str, frozenset[str]]:
+    """The checked fields of `config_class` and their kinds, read from the classes' own annotations (argument parsers
+    rewrite `Field.type`), leaving out fields whose default would not pass its own annotation."""
+    kinds = _FIELD_KINDS.get(config_class)
+    if kinds is None:
+        annotations: dict[str, Any] = {}
+        for klass in reversed(config_class.__mro__):
+            annotations.update(vars(klass).get("__annotations__", {}))
+        kinds = {}
+        for f in dataclasses.fields(config_class):
+            if f.init and f.name in annotations:
+                kind = _annotation_kinds(annotations[f.name])
+                default = f.default if f.default is not dataclasses.MISSING else None
+                if default is None or _type_error(f.name, default, kind) is None:
+                    kinds[f.name] = kind
+        _FIELD_KINDS[config_class] = kinds
+    return kinds
+
+
+def check_field_types(config: Any) -> None:
+    """Raise a `TypeError` naming the field when a number, boolean or list-of-numbers field holds a value of another
+    kind: a string where a number goes (`learning_rate="1e-5"` would fail deep inside the optimizer; `"false"` in a
+    boolean field reads as True), a fraction where an integer goes, or a scalar where a list goes. Fields that also
+    accept strings, and None values, are left alone."""
+    for name, kind in _field_kinds(type(config)).items():
+        value = getattr(config, name, None)
+        error = None if value is None else _type_error(name, value, kind)
+        if error is not None:
+            raise error
+
+
+def _type_error(name: str, value: Any, kind: frozenset[str]) -> TypeError | None:
+    """The `TypeError` for `value` in a field of `kind` (see `_annotation_kinds`), or None when it fits."""
+    expected = kind - {"None"}
+    if not expected:
+        return None
+    if expected <= {"bool"}:
+        if isinstance(value, str):
+            return TypeError(
+                f"`{name}={value!r}` is a string, but `{name}` is a boolean: pass {name}=True or {name}=False "
+                "(any non-empty string, 'false' included, would read as True)."
+            )
+    elif expected <= {"int", "float"}:
+        integer = expected == {"int"}
+        if isinstance(value, numbers.Real) and not (integer and not isinstance(value, numbers.Integral)):
+            return None
+        return TypeError(
+            f"`{name}={value!r}` ({type(value).__name__}) is invalid: `{name}` takes "
+            f"{'an integer' if integer else 'a number'}. {_as_number(value, integer, name)}"
+        )
+    elif expected <= {"list[float]", "list[int]"} and not isinstance(value, list | tuple):
+        return TypeError(f"`{name}={value!r}` is invalid: `{name}` takes a list of numbers, e.g. {name}=[{value!r}].")
+    return None
+
+
+def _as_number(value: Any, integer: bool, name: str) -> str:
+    """What to pass instead of `value` for a number field."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return f"Pass {'an integer' if integer else 'a number'}, e.g. {name}=1."
+    if integer and not number.is_integer():
+        return f"Pass a whole number, e.g. {name}={max(1, round(number))}."
+    suggestion = int(number) if integer else number
+    hint = " (YAML reads 1e-5 as a string: write 1.0e-5)" if isinstance(value, str) and "e" in value.lower() else ""
+    return f"Pass {name}={suggestion!r}{hint}."
 
 
 def _bf16_available(use_cpu: bool) -> bool:

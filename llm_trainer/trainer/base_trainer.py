@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset
 from transformers import (
+    AutoModelForCausalLM,
     AutoProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -29,7 +30,7 @@ from transformers import (
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..modeling import create_reference_model, load_model, wrap_with_peft
+from ..modeling import check_causal_lm, create_reference_model, load_model, wrap_with_peft
 from .checkpointing import (
     commit_folder,
     last_complete_checkpoint,
@@ -81,8 +82,8 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
         """Return `args` as this trainer's config: a default one named after the model when None, converted from
         plain `TrainingArguments` otherwise."""
         if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
-            return cls.config_class(f"{Path(str(name)).name}-{cls._name}")
+            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+            return cls.config_class(f"{Path(str(name or 'model')).name}-{cls._name}")
         if not isinstance(args, cls.config_class):
             values = args.to_dict()
             values["hub_token"] = args.hub_token  # `to_dict` hides it
@@ -100,8 +101,35 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
             raise TypeError(
                 f"`train_dataset` must be a `datasets.Dataset` or `IterableDataset`, got {type(train_dataset).__name__}."
             )
+        if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
+            raise ValueError(f"The train dataset is empty (0 rows): pass {what}, with at least one row.")
         if isinstance(train_dataset, IterableDataset):
             args.accelerator_config.dispatch_batches = False
+
+    def check_enough_rows(self) -> None:
+        """Raise a `ValueError` when the (prepared) training set cannot fill one batch that its sampler keeps: training
+        would take no step, or fail inside `transformers` on an empty dataloader."""
+        dataset = self.train_dataset
+        if not isinstance(dataset, Dataset):
+            return
+        repeat_counts = getattr(self, "_repeat_counts", None)  # online trainers: whole generation batches only
+        if repeat_counts is not None:
+            needed = repeat_counts()["batch_size"]
+            why = (
+                f"one generation batch takes {needed} prompts (generation_batch_size={self.generation_batch_size} / "
+                f"num_generations={self.num_generations}), and an incomplete one is dropped"
+            )
+            fix = "Add prompts, or lower `per_device_train_batch_size`, `steps_per_generation` or `generation_batch_size`."
+        elif self.args.dataloader_drop_last:
+            needed = self.args.per_device_train_batch_size * self.args.world_size
+            why = f"`dataloader_drop_last=True` drops a batch of fewer than {needed} rows (per device x processes)"
+            fix = "Lower `per_device_train_batch_size`, add rows, or set `dataloader_drop_last=False`."
+        else:
+            return
+        if len(dataset) < needed:
+            raise ValueError(
+                f"The train dataset has {len(dataset)} rows once prepared, too few for one batch: {why}. {fix}"
+            )
 
     def prepare_dataset(self, dataset: Dataset | IterableDataset, name: str, args: TrainingArguments):
         """Turn a raw dataset into this trainer's model inputs; `name` is "train", "eval" or an eval-dict key.
@@ -171,12 +199,19 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
         """Load `model` when it is a name or path (with `args.model_init_kwargs`), after seeding for reproducibility."""
         set_seed(args.seed)
         init_kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
+        model = os.fspath(model) if isinstance(model, os.PathLike) else model
+        causal = auto_class is None or auto_class is AutoModelForCausalLM
         if not isinstance(model, str):
+            if not isinstance(model, torch.nn.Module):
+                raise TypeError(
+                    "`model` must be a model name or local path (a string), or a loaded model (`PreTrainedModel`); "
+                    f"got {type(model).__name__} {model!r:.60}."
+                )
             if init_kwargs:
                 logger.warning("`model_init_kwargs` is ignored: the model is already instantiated.")
             if quantization_config is not None:
                 logger.warning("`quantization_config` is ignored: the model is already instantiated.")
-            return model
+            return check_causal_lm(model, "model") if causal else model
         if quantization_config is not None:
             if "quantization_config" in init_kwargs:
                 raise ValueError(
@@ -186,7 +221,8 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
         if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
             init_kwargs["device_map"] = None
         init_kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
-        return load_model(model, auto_class, **init_kwargs)
+        loaded = load_model(model, auto_class, **init_kwargs)
+        return check_causal_lm(loaded, f"model {model!r}") if causal else loaded
 
     @staticmethod
     def prepare_processing_class(
@@ -207,6 +243,12 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
                 f"got {type(processing_class).__name__}."
             )
         if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None and getattr(args, "pad_token", None) is None:
+                raise ValueError(
+                    f"The tokenizer ({type(tokenizer).__name__}) has neither a pad token nor an eos token to pad with. "
+                    "Set one before passing it as `processing_class`, e.g. `tokenizer.pad_token = tokenizer.unk_token` "
+                    "(any token of its vocabulary)."
+                )
             tokenizer.pad_token = tokenizer.eos_token
         return processing_class
 
@@ -269,6 +311,7 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
         """As `Trainer.train`; `resume_from_checkpoint=True` resumes from the newest *complete* checkpoint in
         `output_dir`, skipping (with a warning) a newer one whose save was cut off."""
         self.require_built()
+        self.check_enough_rows()
         checkpoint = self.checkpoint_to_resume(resume_from_checkpoint, trial)
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
 

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 from ..generation import make_generator
 from ..generation.factory import eos_token_ids
 from ..losses.distillation import chunked_distillation_loss
-from ..modeling import load_model, logit_transform
+from ..modeling import check_causal_lm, load_model, logit_transform
 from .base_trainer import BaseTrainer
 from .distillation_config import DistillationConfig
 from .online_trainer import OnPolicyGenerationMixin
@@ -176,6 +176,7 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
             )
         if teacher_model is student:
             raise ValueError("`teacher_model` is the student itself; pass a separate (frozen) teacher model.")
+        check_causal_lm(teacher_model, "teacher model")
         _check_splittable(teacher_model, "teacher")
         student_vocab = student.config.get_text_config().vocab_size
         teacher_vocab = teacher_model.config.get_text_config().vocab_size

@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from ..losses import DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, check_dpo_options
-from .base_config import check_number
+from .base_config import check_field_types, check_number
 from .reference_config import ReferenceModelConfig
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
@@ -105,6 +105,7 @@ class DPOConfig(ReferenceModelConfig):
     )
 
     def __post_init__(self):
+        check_field_types(self)  # before `loss_weights` is read below
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
         self.loss_type = list(self.loss_type)

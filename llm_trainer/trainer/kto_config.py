@@ -78,6 +78,11 @@ class KTOConfig(ReferenceModelConfig):
                 "`desirable_weight` and `undesirable_weight` must be non-negative, got "
                 f"{self.desirable_weight} and {self.undesirable_weight}."
             )
+        if self.desirable_weight == 0 and self.undesirable_weight == 0:
+            raise ValueError(
+                "`desirable_weight` and `undesirable_weight` are both 0, so the loss is 0 and training learns nothing. "
+                "Set at least one above 0 (both default to 1.0)."
+            )
         if self.loss_type != "apo_zero_unpaired":
             if self.train_sampling_strategy != "sequential":
                 raise ValueError(

@@ -237,6 +237,15 @@ class OnlineRLConfig(BaseConfig):
         )
         check_number(self, "max_completion_length", 1, "It is the number of tokens generated per completion.")
         check_number(self, "num_iterations", 1, "It is the number of passes over each generation batch: use 1.")
+        check_number(
+            self,
+            "beta",
+            0,
+            "It weighs the KL penalty towards the reference model: a negative value rewards drifting away from it. "
+            "Use 0 (no penalty) or a small positive value such as 0.04.",
+        )
+        for name in ("epsilon", "epsilon_high"):
+            check_number(self, name, 0, "It is the clipping range of the importance ratio, e.g. 0.2 (or 0.28 high).")
         self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of, self.device.type)
         if self.use_transformers_paged:
             warnings.warn(

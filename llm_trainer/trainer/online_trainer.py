@@ -370,6 +370,7 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
                 "column holding the prompts to 'prompt'."
             )
         self.check_prompts(train_dataset, eval_dataset)
+        self.reward_functions.check_signatures(columns, exact=rollout_func is None)
         self.rollout_func = rollout_func
         self.num_generations = args.num_generations
         self.num_generations_eval = args.num_generations_eval or args.num_generations

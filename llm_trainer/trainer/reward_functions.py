@@ -9,10 +9,11 @@ first logit. `None` means "not applicable to this sample" and becomes NaN.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from ..modeling import check_model_path
 logger = logging.getLogger(__name__)
 
 RewardFunc = str | nn.Module | Callable[..., list[float | None]]
+_PASSED_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
 
 
 def reward_function_name(func: Any) -> str:
@@ -60,6 +62,19 @@ class RewardFunctions:
                 raise TypeError(
                     f"Reward functions must be callables, models or model names; got {type(func).__name__}."
                 )
+            if isinstance(func, type):
+                raise TypeError(
+                    f"The reward function {func.__name__} is a class: pass an instance, `{func.__name__}()`, whose "
+                    "`__call__(completions, **kwargs)` returns the rewards."
+                )
+            if isinstance(func, nn.Module) and callable(getattr(func, "get_output_embeddings", None)):
+                if func.get_output_embeddings() is not None:
+                    raise ValueError(
+                        f"The reward model {type(func).__name__} is a language model (it has an LM head), so its "
+                        "first logit is no score. Pass a sequence-classification model "
+                        "(`AutoModelForSequenceClassification`, `num_labels=1`), or the model's name or path, "
+                        "which loads it with a score head."
+                    )
         self.names = [reward_function_name(func) for func in self.funcs]
         if weights is not None and len(weights) != len(self.funcs):
             raise ValueError(
@@ -86,10 +101,61 @@ class RewardFunctions:
     def models(self) -> list[nn.Module]:
         return [func for func in self.funcs if isinstance(func, nn.Module)]
 
+    def check_signatures(self, columns: Sequence[str], exact: bool = True) -> None:
+        """Raise a `TypeError` naming the reward function and the keywords when a function cannot be called the way
+        `score` calls it: with `prompts`, `completions`, `completion_ids`, `trainer_state`, `log_extra`,
+        `log_metric` and every dataset column but 'prompt' and 'completion' (`columns`), all as keywords. With
+        `exact=False` (a rollout function may add keywords), required parameters outside these are not checked."""
+        passed = set(_PASSED_KEYWORDS) | {column for column in columns if column not in ("prompt", "completion")}
+        for name, func in zip(self.names, self.funcs):
+            if isinstance(func, nn.Module):
+                continue
+            try:
+                signature = inspect.signature(func)
+            except (TypeError, ValueError):
+                continue
+            params = signature.parameters.values()
+            keyword_kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            accepted = {p.name for p in params if p.kind in keyword_kinds}
+            unexpected = passed - accepted
+            if unexpected and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                raise TypeError(
+                    f"The reward function '{name}{signature}' does not accept {sorted(unexpected)}, which the trainer "
+                    f"passes as keywords to every reward function (along with {sorted(passed - unexpected)}). Add "
+                    f"`**kwargs`, e.g. `def {name}(completions, **kwargs) -> list[float]`."
+                )
+            required = [
+                p.name
+                for p in params
+                if p.default is p.empty
+                and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+                and (p.name not in passed or p.kind is inspect.Parameter.POSITIONAL_ONLY)
+            ]
+            if required and exact:
+                dataset_columns = sorted(set(columns) - {"prompt", "completion"})
+                raise TypeError(
+                    f"The reward function '{name}{signature}' needs {required}, but the trainer passes only "
+                    f"{sorted(_PASSED_KEYWORDS)} and the dataset columns {dataset_columns}, all as keywords. Add the "
+                    "column(s) to the dataset, rename the parameter(s) after a column, or give them a default."
+                )
+
     @staticmethod
     def _load(name: str, init_kwargs: dict[str, Any]) -> nn.Module:
+        from .. import rewards
+
+        if name in rewards.__all__:
+            raise TypeError(
+                f"{name!r} in `reward_funcs` is a string, which names a reward model; to score with the function, "
+                f"pass it: `from llm_trainer.rewards import {name}`, then `reward_funcs=[{name}]`."
+            )
         check_model_path(name, "reward model")
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **init_kwargs)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **init_kwargs)
+        except OSError as error:
+            raise OSError(
+                f"Could not load the reward model {name!r} ({error}). A string in `reward_funcs` is a reward model's "
+                "Hub id or local folder; to score with a function, pass the function itself."
+            ) from error
         return model.eval().requires_grad_(False)
 
     @staticmethod
@@ -132,9 +198,13 @@ class RewardFunctions:
                 )
                 rewards[:, i] = self._check_finite(i, scores, scores.tolist())
             elif i not in pending:
-                rewards[:, i] = self._as_tensor(i, func(**kwargs), len(prompts), device)
+                with self._naming(i):
+                    values = func(**kwargs)
+                rewards[:, i] = self._as_tensor(i, values, len(prompts), device)
         for i, future in pending.items():
-            rewards[:, i] = self._as_tensor(i, future.result(), len(prompts), device)
+            with self._naming(i):
+                values = future.result()
+            rewards[:, i] = self._as_tensor(i, values, len(prompts), device)
         unscored = torch.isnan(rewards).all(dim=1)
         if len(self.funcs) and unscored.any():
             row = int(unscored.nonzero()[0, 0])
@@ -145,6 +215,15 @@ class RewardFunctions:
                 prompts[row],
             )
         return rewards
+
+    @contextlib.contextmanager
+    def _naming(self, index: int) -> Iterator[None]:
+        """Add a note naming the reward function to an exception it raises."""
+        try:
+            yield
+        except Exception as error:
+            error.add_note(f"(raised by the reward function '{self.names[index]}' while scoring a batch)")
+            raise
 
     def _as_tensor(self, index: int, values: Any, expected: int, device: torch.device) -> torch.Tensor:
         name = self.names[index]

@@ -99,7 +99,7 @@ class SFTTrainer(BaseTrainer):
         self._formatting_func = formatting_func
         self._tokenizer = tokenizer
         if self._skip_prepare_dataset:
-            self._check_skipped_preparation({"train": train_dataset, "eval": eval_dataset})
+            self._check_skipped_preparation({"train": train_dataset, "eval": eval_dataset}, data_collator)
         train_dataset = self.prepare_dataset(train_dataset, "train", args)
         if eval_dataset is not None:
             eval_dataset = self.prepare_eval_dataset(eval_dataset, args)
@@ -190,11 +190,22 @@ class SFTTrainer(BaseTrainer):
                 name=name,
             )
 
-    def _check_skipped_preparation(self, datasets: dict[str, Any]) -> None:
-        """A skipped preparation never builds labels, so mask columns without `labels` would be silently ignored."""
+    def _check_skipped_preparation(self, datasets: dict[str, Any], data_collator: Any) -> None:
+        """A skipped preparation never builds labels, so mask columns without `labels` would be silently ignored; and
+        the default collator needs `input_ids`, which a raw dataset lacks."""
         for name, dataset in datasets.items():
             for key, ds in dataset.items() if isinstance(dataset, dict) else [(name, dataset)]:
                 columns = get_dataset_column_names(ds) if ds is not None else []
+                if (
+                    columns
+                    and "input_ids" not in columns
+                    and isinstance(data_collator, DataCollatorForLanguageModeling)
+                ):
+                    raise ValueError(
+                        f"The {key} dataset has no 'input_ids' (columns: {sorted(columns)}), and "
+                        "`dataset_kwargs={'skip_prepare_dataset': True}` skips tokenizing it. Drop "
+                        "`skip_prepare_dataset`, pass a tokenized dataset, or a `data_collator` that tokenizes."
+                    )
                 if "labels" not in columns and {"completion_mask", "assistant_masks"} & set(columns):
                     raise ValueError(
                         f"The {key} dataset has mask columns but no 'labels', and `skip_prepare_dataset=True` skips "

@@ -314,6 +314,7 @@ class SimpleAPIMixin(metaclass=_SimpleAPIMeta):
         for value, what in ((max_steps, "max_steps"), (max_epochs, "max_epochs")):
             if value is not None and not value > 0:
                 raise ValueError(f"`{what}` must be positive, got {value}; pass None to keep the config's.")
+        check_callbacks(callbacks)
         pending = self.__dict__.get("_simple_pending")
         if pending is not None:
             self._build(pending, dataset, reward_fn, environment, callbacks)
@@ -449,6 +450,22 @@ class SimpleAPIMixin(metaclass=_SimpleAPIMeta):
         self._simple_resume_from = path
 
 
+def check_callbacks(callbacks: Any) -> None:
+    """Raise a `TypeError` unless `callbacks` is None or a list of callbacks (instances or classes)."""
+    if callbacks is None:
+        return
+    if not isinstance(callbacks, list | tuple):
+        raise TypeError(f"`callbacks` must be a list of callbacks, got {type(callbacks).__name__}: wrap it in [...].")
+    for callback in callbacks:
+        kind = callback if isinstance(callback, type) else type(callback)
+        if not issubclass(kind, TrainerCallback):
+            raise TypeError(
+                f"`callbacks` holds {callback!r:.60}, which is no callback: pass `llm_trainer.callbacks.Callback` "
+                "subclasses (overriding e.g. `on_step_end(self, trainer, step, metrics)`) or "
+                "`transformers.TrainerCallback`s."
+            )
+
+
 # ----------------------------------------------------------------------------------------------- data
 def load_training_dataset(dataset: Any, split: str = "train") -> Dataset | IterableDataset:
     """A `datasets.Dataset` from a dataset name or local path (`load_dataset`, or `load_from_disk` for a folder saved
@@ -472,12 +489,58 @@ def load_training_dataset(dataset: Any, split: str = "train") -> Dataset | Itera
             builder = _FILE_BUILDERS.get(Path(path).suffix.lower())
             if builder is None:
                 raise ValueError(f"Cannot read {path!r}: use a {', '.join(_FILE_BUILDERS)} file or a dataset folder.")
-            return datasets.load_dataset(builder, data_files=path, split=split)
-        return datasets.load_dataset(path, split=split)
+            with dataset_read_errors(path):
+                return datasets.load_dataset(builder, data_files=path, split=split)
+        return load_named_dataset(path, split=split)
     raise TypeError(
         "`dataset` must be a dataset name or path, a list of dicts, or a `datasets.Dataset`; got "
         f"{type(dataset).__name__}."
     )
+
+
+def load_named_dataset(path: str, **kwargs: Any) -> Any:
+    """`datasets.load_dataset(path, **kwargs)` for a Hub dataset id or a local folder of data files, failing with the
+    path and the fix when nothing is at a local-looking path, a folder holds no data files, or a file does not parse."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not os.path.exists(path):
+        local = path.startswith((".", "/", "~")) or Path(path).suffix.lower() in (*_FILE_BUILDERS, ".tsv", ".arrow")
+        try:
+            validate_repo_id(path)
+        except HFValidationError:
+            local = True
+        if local:
+            where = "" if os.path.isabs(os.path.expanduser(path)) else f", relative to {os.getcwd()}"
+            raise FileNotFoundError(
+                f"No dataset at {path!r}: nothing is there{where}, and it is no Hub dataset id. Pass a "
+                f"{'/'.join(_FILE_BUILDERS)} file, a folder of such files or one written by `save_to_disk`, or a Hub "
+                "dataset id such as 'trl-lib/Capybara'."
+            )
+    with dataset_read_errors(path):
+        return datasets.load_dataset(path, **kwargs)
+
+
+@contextlib.contextmanager
+def dataset_read_errors(path: str) -> Iterator[None]:
+    """Turn `datasets`' errors for a folder without data files, or a file that does not parse, into a `ValueError`
+    naming `path` and the cause."""
+    from datasets.data_files import EmptyDatasetError
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        yield
+    except EmptyDatasetError as error:
+        raise ValueError(
+            f"The dataset folder {path!r} holds no data files: put {'/'.join(_FILE_BUILDERS)} files in it, or pass "
+            "one file, or a folder written by `save_to_disk`."
+        ) from error
+    except DatasetGenerationError as error:
+        cause = error.__cause__ or error
+        raise ValueError(
+            f"Could not read the dataset at {path!r}: {type(cause).__name__}: {cause}. Fix that row (JSON Lines files "
+            "hold one JSON object per line), or drop it."
+        ) from error
 
 
 def _dataset_from_data_section(data: Any) -> Dataset | IterableDataset:
@@ -584,6 +647,8 @@ def _model_name(model: Any) -> str:
 def _per_process(count: int, name: str) -> int:
     """`count` examples per step split over `WORLD_SIZE` processes."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if not isinstance(count, numbers.Integral):
+        raise TypeError(f"`{name}={count!r}` ({type(count).__name__}) is invalid: pass a whole number of examples.")
     if count < 1 or count % world_size:
         raise ValueError(f"`{name}={count}` must be a positive multiple of the number of processes ({world_size}).")
     return count // world_size
