@@ -45,6 +45,7 @@ def main(algorithm: str, model: str, out: str, package: str) -> None:
     if trainer.accelerator.is_main_process:
         result = {
             "world_size": trainer.accelerator.num_processes,
+            "beta": getattr(trainer.args, "beta", None),
             "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
             "completions": list(trainer._logs["completion"]) if algorithm == "grpo" else [],
         }

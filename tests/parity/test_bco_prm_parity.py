@@ -10,12 +10,13 @@ wheel and are skipped unless `TRL_1_13_PATH` names that folder:
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 
 import pytest
+
+from .helpers import assert_close_metrics
 
 TRL_1_13 = os.environ.get("TRL_1_13_PATH")
 pytestmark = pytest.mark.skipif(not TRL_1_13, reason="set TRL_1_13_PATH to an unzipped trl 1.13 wheel")
@@ -77,5 +78,6 @@ def test_matches_trl_1_13(algo, tiny_model_path, prm_model_path, tmp_path):
     for step, (a, b) in enumerate(zip(ours, theirs)):
         assert set(b) <= set(a), f"step {step}: TRL 1.13 metrics missing: {set(b) - set(a)}"
         assert set(a) - set(b) <= {"entropy", "num_tokens"}, set(a) - set(b)
-        for key in sorted(set(b) - {"epoch", "learning_rate", "step", "logits/chosen", "logits/rejected"}):
-            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), f"step {step}: {key} {a[key]} vs {b[key]}"
+        keys = sorted(set(b) - {"epoch", "learning_rate", "step", "logits/chosen", "logits/rejected"})
+        # rewards/* and delta are β·(logp − ref_logp), BCOConfig's default β = 0.1: within float32 rounding of β·|logp|
+        assert_close_metrics(a, b, keys, rtol=1e-4, beta=0.1, where=f"step {step}: ")

@@ -59,4 +59,6 @@ def test_distillation_parity(config, tiny_model_path, teacher_path, tmp_path):
     ours = _train(llm_trainer, tiny_model_path, teacher_path, dataset, tmp_path / "ours", **config)
     theirs = _train(trl, tiny_model_path, teacher_path, dataset, tmp_path / "trl", **config)
     assert list(ours._logs["completion"]) == list(theirs._logs["completion"])
-    assert_same_training(ours, theirs, rtol=1e-4, loss_atol=1e-7)
+    # The loss is a divergence (→ 0 as the student nears the teacher) between per-token log-probabilities whose size
+    # is ≈ the logged entropy: its float32 rounding is that of those terms (see helpers.rounding_scale)
+    assert_same_training(ours, theirs, rtol=1e-4, loss_scale="entropy")

@@ -5,7 +5,6 @@ gathered, advantages sliced back)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import subprocess
@@ -13,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from .helpers import assert_same_logs
 
 pytest.importorskip("trl")
 
@@ -44,7 +45,8 @@ def test_two_processes_match_trl(algorithm, tiny_model_path, tmp_path):
     assert ours["world_size"] == theirs["world_size"] == 2
     assert ours["completions"] == theirs["completions"]
     assert len(ours["logs"]) == len(theirs["logs"]) == 2
-    for step, (a, b) in enumerate(zip(ours["logs"], theirs["logs"])):
-        assert set(a) == set(b), set(a) ^ set(b)
-        for key in set(a) - {"step_time"}:
-            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-6), (step, key, a[key], b[key])
+    # Metrics that can be near zero (DPO rewards, GRPO's loss and KL) within float32 rounding of their terms (helpers)
+    loss_scale = 1.0 if algorithm == "grpo" else None  # GRPO's loss averages O(1) advantage × ratio terms
+    assert_same_logs(
+        ours["logs"], theirs["logs"], skip=(), rtol=1e-4, loss_rtol=1e-4, loss_scale=loss_scale, beta=ours["beta"]
+    )

@@ -66,7 +66,8 @@ def test_online_rl_on_a_stream_matches_trl(trainer_name, config, tiny_model_path
     theirs = _online(trl, trainer_name, tiny_model_path, config_name, tmp_path / "trl", **config)
     assert list(ours._logs["prompt"]) == list(theirs._logs["prompt"])
     assert list(ours._logs["completion"]) == list(theirs._logs["completion"])
-    assert_same_training(ours, theirs, loss_atol=1e-6)
+    # The loss (≈ 0 on-policy) averages advantage × ratio per token, O(1) terms (see test_grpo_rloo_parity.LOSS_SCALE)
+    assert_same_training(ours, theirs, loss_scale=1.0)
 
 
 def test_distillation_on_a_stream_matches_trl(tiny_model_path, tmp_path):
@@ -87,4 +88,5 @@ def test_distillation_on_a_stream_matches_trl(tiny_model_path, tmp_path):
     ours, theirs = runs
     assert list(ours._logs["prompt"]) == list(theirs._logs["prompt"])
     assert list(ours._logs["completion"]) == list(theirs._logs["completion"])
-    assert_same_training(ours, theirs, rtol=1e-4, loss_atol=1e-7)
+    # The loss is a divergence (→ 0 as the student nears the teacher) of per-token log-probs ≈ −entropy in size
+    assert_same_training(ours, theirs, rtol=1e-4, loss_scale="entropy")
