@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -197,23 +197,15 @@ def _check_one_format(kinds: dict[str, str], row: int, name: str) -> None:
 def check_labels(dataset: Dataset | IterableDataset, column: str = "label", name: str = "train") -> None:
     """Raise a `ValueError` naming the row and value of the first `column` cell that is not a boolean (True for a
     desirable completion); 0 and 1 are accepted, as TRL's `torch.as_tensor(labels, dtype=torch.bool)` reads them."""
-    if column not in get_dataset_column_names(dataset):
-        return
-    if isinstance(dataset, Dataset):
-        array = dataset.with_format("arrow")[column]
-        if pa.types.is_boolean(array.type) and array.null_count == 0:
-            return
-        if pa.types.is_integer(array.type) and array.null_count == 0:
-            bad = pc.index(pc.invert(pc.is_in(array, value_set=pa.array([0, 1], type=array.type))), True).as_py()
-            if bad < 0:
-                return
-            values = [(bad, array[bad].as_py())]
-        else:
-            values = enumerate(array.to_pylist())
-    else:
-        row = next(iter(dataset), None)
-        values = [] if row is None else [(0, row[column])]
-    for row, value in values:
+
+    def first_bad(array: pa.ChunkedArray) -> int | None:
+        if pa.types.is_boolean(array.type):
+            return -1
+        if pa.types.is_integer(array.type):
+            return pc.index(pc.invert(pc.is_in(array, value_set=pa.array([0, 1], type=array.type))), True).as_py()
+        return None
+
+    for row, value in _cells_to_check(dataset, column, first_bad):
         if not (isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1))):
             raise ValueError(
                 f"Column '{column}' of the {name} dataset holds {value!r} at row {row}, but labels must be booleans: "
@@ -225,23 +217,15 @@ def check_labels(dataset: Dataset | IterableDataset, column: str = "label", name
 def check_numbers(dataset: Dataset | IterableDataset, column: str, name: str = "train") -> None:
     """Raise a `ValueError` naming the row and value of the first `column` cell that is not a finite number (a
     reward `margin` given as text, None, NaN, ...); a dataset without the column passes."""
-    if column not in get_dataset_column_names(dataset):
-        return
-    if isinstance(dataset, Dataset):
-        array = dataset.with_format("arrow")[column]
-        if pa.types.is_integer(array.type) and array.null_count == 0:
-            return
-        if pa.types.is_floating(array.type) and array.null_count == 0:
-            bad = pc.index(pc.invert(pc.is_finite(array)), True).as_py()
-            if bad < 0:
-                return
-            values = [(bad, array[bad].as_py())]
-        else:
-            values = enumerate(array.to_pylist())
-    else:
-        row = next(iter(dataset), None)
-        values = [] if row is None else [(0, row[column])]
-    for row, value in values:
+
+    def first_bad(array: pa.ChunkedArray) -> int | None:
+        if pa.types.is_integer(array.type):
+            return -1
+        if pa.types.is_floating(array.type):
+            return pc.index(pc.invert(pc.is_finite(array)), True).as_py()
+        return None
+
+    for row, value in _cells_to_check(dataset, column, first_bad):
         if not (isinstance(value, numbers.Real) and math.isfinite(value)):
             raise ValueError(
                 f"Column '{column}' of the {name} dataset holds {value!r} at row {row}, but every '{column}' cell must "
@@ -282,3 +266,21 @@ def check_rows_kept(before: int | None, dataset: Dataset | IterableDataset, name
         raise ValueError(f"All {before} rows of the {name} dataset were dropped: {reason}. {fix}")
     if dropped:
         logger.warning("Dropped %d of %d %s rows: %s. %s", dropped, before, name, reason, fix)
+
+
+def _cells_to_check(
+    dataset: Dataset | IterableDataset, column: str, first_bad: Callable[[pa.ChunkedArray], int | None]
+) -> Iterable[tuple[int, Any]]:
+    """The `(row, value)` cells of `column` a check must look at: none when the dataset lacks the column; for a
+    map-style dataset without nulls, the one cell `first_bad(arrow_column)` finds by type (-1: none; None: it cannot
+    tell, so every cell); for a stream, its first row."""
+    if column not in get_dataset_column_names(dataset):
+        return []
+    if isinstance(dataset, Dataset):
+        array = dataset.with_format("arrow")[column]
+        bad = first_bad(array) if array.null_count == 0 else None
+        if bad is None:
+            return enumerate(array.to_pylist())
+        return [] if bad < 0 else [(bad, array[bad].as_py())]
+    row = next(iter(dataset), None)
+    return [] if row is None else [(0, row[column])]
