@@ -15,7 +15,7 @@ import sys
 
 from transformers import Trainer, TrainerCallback, TrainerState
 
-import llm_trainer.trainer.base_trainer as base_trainer
+import llm_trainer.trainer.checkpointing as checkpointing
 from llm_trainer import SFTConfig, SFTTrainer
 from llm_trainer.testing import zen_dataset
 
@@ -62,7 +62,7 @@ def arm(stage: str, step: int) -> None:
     elif stage == "state":
         kill_after(TrainerState, "save_to_json", lambda state, path: state.global_step == step and "tmp-" in path)
     elif stage == "committed":
-        kill_after(base_trainer, "commit_folder", lambda staged, final: final.endswith(f"checkpoint-{step}"))
+        kill_after(checkpointing, "commit_folder", lambda staged, final: final.endswith(f"checkpoint-{step}"))
     else:
         raise ValueError(f"unknown stage {stage!r}")
 

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -31,13 +30,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..modeling import check_causal_lm, create_reference_model, load_model, wrap_with_peft
-from .checkpointing import (
-    commit_folder,
-    last_complete_checkpoint,
-    remove_stale_staging,
-    rotate_checkpoints,
-    staging_path,
-)
+from .checkpointing import last_complete_checkpoint, remove_stale_staging, rotate_checkpoints, staged_folder
 from .simple import SimpleAPIMixin
 
 logger = logging.getLogger(__name__)
@@ -110,26 +103,23 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
         """Raise a `ValueError` when the (prepared) training set cannot fill one batch that its sampler keeps: training
         would take no step, or fail inside `transformers` on an empty dataloader."""
         dataset = self.train_dataset
-        if not isinstance(dataset, Dataset):
+        rule = self.min_train_rows()
+        if not isinstance(dataset, Dataset) or rule is None:
             return
-        repeat_counts = getattr(self, "_repeat_counts", None)  # online trainers: whole generation batches only
-        if repeat_counts is not None:
-            needed = repeat_counts()["batch_size"]
-            why = (
-                f"one generation batch takes {needed} prompts (generation_batch_size={self.generation_batch_size} / "
-                f"num_generations={self.num_generations}), and an incomplete one is dropped"
-            )
-            fix = "Add prompts, or lower `per_device_train_batch_size`, `steps_per_generation` or `generation_batch_size`."
-        elif self.args.dataloader_drop_last:
-            needed = self.args.per_device_train_batch_size * self.args.world_size
-            why = f"`dataloader_drop_last=True` drops a batch of fewer than {needed} rows (per device x processes)"
-            fix = "Lower `per_device_train_batch_size`, add rows, or set `dataloader_drop_last=False`."
-        else:
-            return
+        needed, why, fix = rule
         if len(dataset) < needed:
             raise ValueError(
                 f"The train dataset has {len(dataset)} rows once prepared, too few for one batch: {why}. {fix}"
             )
+
+    def min_train_rows(self) -> tuple[int, str, str] | None:
+        """The fewest training rows that fill one batch the sampler keeps, with why and how to fix a shortfall; None
+        when any non-empty dataset trains (an incomplete last batch is kept)."""
+        if not self.args.dataloader_drop_last:
+            return None
+        needed = self.args.per_device_train_batch_size * self.args.world_size
+        why = f"`dataloader_drop_last=True` drops a batch of fewer than {needed} rows (per device x processes)"
+        return needed, why, "Lower `per_device_train_batch_size`, add rows, or set `dataloader_drop_last=False`."
 
     def prepare_dataset(self, dataset: Dataset | IterableDataset, name: str, args: TrainingArguments):
         """Turn a raw dataset into this trainer's model inputs; `name` is "train", "eval" or an eval-dict key.
@@ -358,30 +348,22 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
         that a kill at any moment leaves whole checkpoints only (see `checkpointing`)."""
         self.create_model_card(model_name=self.args.hub_model_id or Path(self.args.output_dir).name)
         run_dir = self._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        final = os.path.join(run_dir, name)
-        staging_root = staging_path(final)
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self._pending_push = None
+        with staged_folder(final, self.accelerator, self.args.should_save) as staged:
+            self._staging_root = os.path.dirname(staged)
+            try:
+                super()._save_checkpoint(model, trial)  # into `staged` (see `_get_output_dir`)
+            finally:
+                self._staging_root = None
+            self._save_extra_state(staged)
+            best = self.state.best_model_checkpoint
+            if best is not None and os.path.normpath(best) == os.path.normpath(staged):
+                self.state.best_model_checkpoint = final
+                if self.args.should_save:
+                    self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         if self.args.should_save:
-            shutil.rmtree(staging_root, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self._staging_root, self._pending_push = staging_root, None
-        try:
-            super()._save_checkpoint(model, trial)  # into staging_root/checkpoint-N (see `_get_output_dir`)
-        finally:
-            self._staging_root = None
-        staged = os.path.join(staging_root, name)
-        self._save_extra_state(staged)
-        best = self.state.best_model_checkpoint
-        if best is not None and os.path.normpath(best) == os.path.normpath(staged):
-            self.state.best_model_checkpoint = final
-            if self.args.should_save:
-                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            commit_folder(staged, final)
-            shutil.rmtree(staging_root, ignore_errors=True)
             rotate_checkpoints(self, run_dir)
-        self.accelerator.wait_for_everyone()
         if self._pending_push is not None:
             self._pending_push = None
             super()._push_from_checkpoint(final)

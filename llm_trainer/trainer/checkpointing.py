@@ -8,11 +8,13 @@ incomplete anyway (written by an older version or another tool) are skipped on r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 from transformers.trainer import TRAINER_STATE_NAME
@@ -30,6 +32,24 @@ def staging_path(final: str) -> str:
     """Where the checkpoint bound for `final` is written before it is complete."""
     parent, name = os.path.split(os.path.normpath(final))
     return os.path.join(parent, f"{STAGING_PREFIX}{name}")
+
+
+@contextlib.contextmanager
+def staged_folder(final: str, accelerator: Any, is_writer: bool) -> Iterator[str]:
+    """The folder every process writes the checkpoint bound for `final` into (`tmp-<name>/<name>` beside it), renamed
+    to `final` by the writing process once the block has completed on every process. A block that raises leaves
+    `final` as it was."""
+    root = staging_path(final)
+    if is_writer:
+        shutil.rmtree(root, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    staged = os.path.join(root, os.path.basename(os.path.normpath(final)))
+    yield staged
+    accelerator.wait_for_everyone()
+    if is_writer:
+        commit_folder(staged, final)
+        shutil.rmtree(root, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def commit_folder(staged: str, final: str) -> None:

@@ -156,6 +156,16 @@ class OnPolicyGenerationMixin:
             "repeat_count": self.num_iterations * self.steps_per_generation,
         }
 
+    def min_train_rows(self) -> tuple[int, str, str]:
+        """Whole generation batches only: an incomplete one is dropped."""
+        needed = self._repeat_counts()["batch_size"]
+        why = (
+            f"one generation batch takes {needed} prompts (generation_batch_size={self.generation_batch_size} / "
+            f"num_generations={self.num_generations}), and an incomplete one is dropped"
+        )
+        fix = "Add prompts, or lower `per_device_train_batch_size`, `steps_per_generation` or `generation_batch_size`."
+        return needed, why, fix
+
     def _get_train_sampler(self, dataset: Dataset | None = None) -> RepeatSampler:
         dataset = dataset if dataset is not None else self.train_dataset
         return RepeatSampler(dataset, **self._repeat_counts(), shuffle=self.args.shuffle_dataset, seed=self.args.seed)

@@ -26,7 +26,7 @@ from transformers import TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
 from ..callbacks import Callback
-from .checkpointing import STAGING_PREFIX, commit_folder, staging_path
+from .checkpointing import STAGING_PREFIX, staged_folder
 
 _MANAGED_PARAMS = {"self", "model", "args"}  # constructor arguments `from_pretrained` fills itself
 _SHARED_ALIASES: dict[str, str] = {"max_epochs": "num_train_epochs", "max_sequence_length": "max_length"}
@@ -413,21 +413,15 @@ class SimpleAPIMixin(metaclass=_SimpleAPIMeta):
         if "_simple_pending" in self.__dict__:
             raise RuntimeError("Nothing to save yet: the trainer is built (and its model loaded) by `fit`.")
         path = os.fspath(path)
-        staged = staging_path(path)  # written whole, then renamed to `path`: a kill never leaves half a checkpoint
-        if self.args.should_save:
-            shutil.rmtree(staged, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self.save_model(staged)
-        if self.optimizer is not None and self.lr_scheduler is not None:
-            self._save_optimizer_and_scheduler(staged)
-        self._save_rng_state(staged)
-        self._save_extra_state(staged)
-        if self.args.should_save:
-            self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            commit_folder(staged, path)
-        self.accelerator.wait_for_everyone()
+        # written whole, then renamed to `path`: a kill never leaves half a checkpoint
+        with staged_folder(path, self.accelerator, self.args.should_save) as staged:
+            self.save_model(staged)
+            if self.optimizer is not None and self.lr_scheduler is not None:
+                self._save_optimizer_and_scheduler(staged)
+            self._save_rng_state(staged)
+            self._save_extra_state(staged)
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
