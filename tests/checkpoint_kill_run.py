@@ -28,10 +28,12 @@ class RecordLosses(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": state.global_step, "loss": logs["loss"]}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            line = json.dumps({"step": state.global_step, "loss": logs["loss"]}) + "\n"
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                os.write(fd, line.encode())  # one write: a kill never leaves half a line
+            finally:
+                os.close(fd)
 
 
 def kill_after(owner, name: str, when) -> None:

@@ -34,7 +34,7 @@ def run(model: str, out: Path, *kill: str) -> int:
 
 
 def losses(out: Path) -> list[tuple[int, float]]:
-    lines = (out / "losses.jsonl").read_text().splitlines()
+    lines = (out / "losses.jsonl").read_text().split("\n")[:-1]  # whole lines: the writer may be mid-line
     return [(entry["step"], entry["loss"]) for entry in map(json.loads, lines)]
 
 
@@ -85,13 +85,15 @@ def test_kill_at_random_moments_then_resume(tiny_model_path, reference, tmp_path
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 240
-        while proc.poll() is None and time.monotonic() < deadline:  # wait until step `target` is logged
-            if (tmp_path / "losses.jsonl").exists() and max(s for s, _ in losses(tmp_path)) >= target:
-                break
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.25))  # then land somewhere in the next step or its save
-        proc.kill()
+        try:
+            deadline = time.monotonic() + 240
+            while proc.poll() is None and time.monotonic() < deadline:  # wait until step `target` is logged
+                if (tmp_path / "losses.jsonl").exists() and max(s for s, _ in losses(tmp_path)) >= target:
+                    break
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.25))  # then land somewhere in the next step or its save
+        finally:
+            proc.kill()
         assert proc.wait() == -signal.SIGKILL, "the run ended before it was killed"
         assert last_complete_checkpoint(str(tmp_path)) is not None
     assert run(tiny_model_path, tmp_path) == 0
