@@ -5,6 +5,7 @@
     llm-trainer sft --config run.yaml --learning_rate 1e-5     # flags override the YAML
     llm-trainer grpo ... --reward_funcs think_format_reward my_rewards.length_reward  # names or import paths
     llm-trainer vllm-serve --model Qwen/Qwen2.5-0.5B           # a generation server for `vllm_mode="server"`
+    llm-trainer run my_trl_script.py --flag value ...          # an unmodified TRL script, run on llm_trainer
     llm-trainer env                                            # versions, for bug reports
     llm-trainer demo                                           # the offline SFT demo
 
@@ -204,7 +205,7 @@ def env() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = [*TRAINERS, "env", "demo", "vllm-serve"]
+    commands = [*TRAINERS, "env", "demo", "vllm-serve", "run"]
     if not argv or argv[0] not in commands:
         print(__doc__)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
@@ -215,6 +216,10 @@ def main(argv: list[str] | None = None) -> None:
         from .demo import main as demo
 
         demo(rest)
+    elif command == "run":
+        from .run import run
+
+        run(rest)
     elif command == "vllm-serve":
         from .generation.server import main as vllm_serve
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import linecache
+import re
 import sys
 from types import ModuleType
 
@@ -19,7 +21,7 @@ TARGET = "llm_trainer"
 
 
 class MissingTwinError(ImportError):
-    """A `trl` module that llm_trainer has no twin for."""
+    """A `trl` module, or a name imported from one, that llm_trainer has no twin for."""
 
 
 def twin_name(fullname: str) -> str:
@@ -66,7 +68,36 @@ class TrlAliasFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
+_CANNOT_IMPORT = re.compile(r"cannot import name '(?P<name>[^']+)' from '(?P<module>[\w.]+)'")
+
+
+def missing_name_error(error: ImportError) -> MissingTwinError | None:
+    """The clearer error for `from trl[.x] import Name` when `llm_trainer[.x]` has no `Name`, else None.
+
+    Python reports such an import against the twin (`cannot import name 'Name' from 'llm_trainer'`); this names the
+    TRL object the script asked for. None when the failing import statement named llm_trainer itself, or when
+    `error` is any other ImportError, so the caller re-raises it unchanged.
+    """
+    match = _CANNOT_IMPORT.match(str(error))
+    if match is None or not (match["module"] == TARGET or match["module"].startswith(TARGET + ".")):
+        return None
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    if frame is not None:  # the import statement's first line, as the script wrote it
+        line = linecache.getline(frame.tb_frame.f_code.co_filename, frame.tb_lineno)
+        if re.search(rf"\b{TARGET}\b", line) and not re.search(rf"\b{ALIAS}\b", line):
+            return None
+    module = ALIAS + match["module"][len(TARGET) :]
+    return MissingTwinError(
+        f"`{module}.{match['name']}` has no llm_trainer twin yet (`{match['module']}` has no `{match['name']}`). "
+        f"Import the nearest llm_trainer equivalent instead, or file an issue naming `{module}.{match['name']}`.",
+        name=module,
+    )
+
+
 def is_installed() -> bool:
+    """Whether `install()` is in effect in this process."""
     return any(isinstance(finder, TrlAliasFinder) for finder in sys.meta_path)
 
 
