@@ -29,6 +29,13 @@ _EXPORTS = {
     "distillation_trainer": ["DistillationTrainer"],
     "teacher_grpo_config": ["TeacherGRPOConfig"],
     "teacher_grpo_trainer": ["TeacherGRPOTrainer"],
+    "callbacks": [
+        "BEMACallback",
+        "LogCompletionsCallback",
+        "RichProgressCallback",
+        "SyncRefModelCallback",
+        "WeaveCallback",
+    ],
     "model_config": ["ModelConfig"],
     "utils": ["get_peft_config", "get_quantization_config"],
 }
