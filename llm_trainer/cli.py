@@ -1,6 +1,6 @@
 """`llm-trainer`: train from the command line, TRL-CLI style.
 
-    llm-trainer sft|dpo|kto|orpo|cpo|grpo|rloo|distillation --model_name_or_path ... --dataset_name ... --output_dir out
+    llm-trainer sft|dpo|kto|orpo|cpo|grpo|rloo|reward|distillation --model_name_or_path ... --dataset_name ... --output_dir out
     llm-trainer sft --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara --output_dir out
     llm-trainer sft --config run.yaml --learning_rate 1e-5     # flags override the YAML
     llm-trainer grpo ... --reward_funcs think_format_reward my_rewards.length_reward  # names or import paths
@@ -35,6 +35,7 @@ TRAINERS = {
     "cpo": ("CPOConfig", "CPOTrainer"),
     "grpo": ("GRPOConfig", "GRPOTrainer"),
     "rloo": ("RLOOConfig", "RLOOTrainer"),
+    "reward": ("RewardConfig", "RewardTrainer"),  # a sequence-classification head with one label on the LM
     "distillation": ("DistillationConfig", "DistillationTrainer"),  # the teacher: --teacher_model_name_or_path
 }
 ONLINE = {"grpo", "rloo"}  # trainers that also take reward functions
@@ -194,12 +195,17 @@ def env() -> str:
         except PackageNotFoundError:
             return "not installed"
 
+    from .scripts.utils import get_git_commit_hash
+
     devices = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    commit = get_git_commit_hash("llm_trainer")
+    ours = ver("llm-trainer") + (f"+{commit[:7]}" if commit and not commit.startswith("Error") else "")
     lines = [f"Platform: {platform.platform()}", f"Python version: {platform.python_version()}"]
-    lines += [f"llm_trainer version: {ver('llm-trainer')}", f"PyTorch version: {torch.__version__}"]
+    lines += [f"llm_trainer version: {ours}", f"PyTorch version: {torch.__version__}"]
     lines += [f"Devices: {devices}"]
-    for package in ("transformers", "accelerate", "datasets", "peft", "triton", "deepspeed", "vllm", "trl"):
+    for package in ("transformers", "accelerate", "datasets", "peft", "triton", "deepspeed", "vllm"):
         lines.append(f"{package} version: {ver(package)}")
+    lines.append(f"TRL version: {ver('trl')}")  # TRL's own label, which its bug-report tooling looks for
     return "\n".join(lines)
 
 
@@ -221,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
 
         run(rest)
     elif command == "vllm-serve":
-        from .generation.server import main as vllm_serve
+        from .scripts.vllm_serve import cli as vllm_serve
 
         vllm_serve(rest)
     else:

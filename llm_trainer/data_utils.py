@@ -1,5 +1,9 @@
 """TRL's data helpers at TRL's import path (`trl.data_utils`); they live in `llm_trainer.data`."""
 
+from typing import TypeVar
+
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+
 from .data import (
     apply_chat_template,
     common_prefix_length,
@@ -16,7 +20,13 @@ from .data import (
     unpair_preference_dataset,
 )
 
+# The dataset types the helpers accept and return unchanged in kind (map-style, or streaming).
+DatasetType = TypeVar("DatasetType", Dataset, DatasetDict)
+IterableDatasetType = TypeVar("IterableDatasetType", IterableDataset, IterableDatasetDict)
+
 __all__ = [
+    "DatasetType",
+    "IterableDatasetType",
     "apply_chat_template",
     "common_prefix_length",
     "extract_prompt",

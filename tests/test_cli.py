@@ -44,6 +44,42 @@ def test_sft_from_flags_and_yaml(tiny_model_path, dataset_dir, tmp_path, monkeyp
 def test_env_lists_versions():
     text = env()
     assert "llm_trainer version: " in text and "PyTorch version: " in text and "transformers version: " in text
+    assert "TRL version: " in text  # TRL's label, which `trl env` users and its tests look for
+
+
+def test_vllm_serve_reads_a_config_file_and_flags(tmp_path, monkeypatch):
+    from llm_trainer.scripts import vllm_serve
+
+    calls = []
+    monkeypatch.setattr(
+        vllm_serve, "main", lambda script_args, extra_args=None: calls.append((script_args, extra_args))
+    )
+    config = tmp_path / "serve.yaml"
+    config.write_text("model: some/model\nport: 8123\nbackend: transformers\n")
+    main(["vllm-serve", "--config", str(config), "--port", "9000", "--enable-prefix-caching", "true"])
+    ((args, extra),) = calls
+    assert (args.model, args.port, args.backend, args.enable_prefix_caching) == (
+        "some/model",
+        9000,
+        "transformers",
+        True,
+    )
+    assert extra == []
+
+
+def test_vllm_serve_usage_errors(tmp_path, capsys):
+    from llm_trainer.scripts.vllm_serve import ScriptArguments
+    from llm_trainer.scripts.vllm_serve import main as serve_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["vllm-serve"])  # no --model
+    assert exit_info.value.code == 2 and "--model" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["vllm-serve", "--model", "m", "--backend", "tensorrt"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    # TRL forwards unknown flags to `vllm serve`; our own server names them instead of ignoring them
+    with pytest.raises(SystemExit, match="unrecognized arguments: --swap-space 4"):
+        serve_main(ScriptArguments(model="m"), ["--swap-space", "4"])
 
 
 def test_missing_model_is_a_usage_error(dataset_dir):
@@ -124,7 +160,7 @@ def test_grpo_with_a_builtin_reward_and_one_from_an_import_path(tiny_model_path,
         )
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo", "kto", "orpo", "cpo", "grpo", "rloo", "distillation"])
+@pytest.mark.parametrize("command", ["sft", "dpo", "kto", "orpo", "cpo", "grpo", "rloo", "reward", "distillation"])
 def test_help_lists_the_config_fields(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -112,6 +112,15 @@ class GenerationClient:
     def close(self) -> None:
         """Nothing persistent is held: each request opens its own connection."""
 
+    def get_json(self, path: str) -> Any:
+        """GET `path` (e.g. `/v1/models`) and return the decoded JSON reply; RuntimeError on an HTTP error."""
+        return self._request("GET", path)
+
+    def post_json(self, path: str, payload: Any = None) -> Any:
+        """POST `payload` as JSON to `path` and return the decoded JSON reply; RuntimeError on an HTTP error."""
+        data = json.dumps(payload if payload is not None else {}).encode()
+        return self._request("POST", path, data, "application/json")
+
     def _request(
         self,
         method: str,

@@ -10,20 +10,37 @@ A standard-library HTTP server speaking JSON. Endpoints:
                                 "stop_token_ids": [ids] | null, "structured_outputs_regex": str | null}
                                -> {"completion_ids": [[ids]], "logprobs": [[float]] | null}, grouped by prompt
     POST /update_weights/      body: tensors serialized with `safetensors.torch.save`, loaded into the model by name
-    POST /reset_prefix_cache/  forget cached prefixes (after a weight update)
+    POST /reset_prefix_cache/  forget cached prefixes (after a weight update) -> {"success": true}
     POST /close_communicator/  accepted for TRL compatibility; nothing to close
 
-Weights travel over HTTP as safetensors, which works for both back ends; TRL's NCCL broadcast straight to the vLLM
-workers is faster for large models and is future work. Requests are handled one at a time.
+and the subset of vLLM's OpenAI-compatible server (`vllm serve`, which `trl vllm-serve` runs) that TRL's `VLLMClient`
+uses, with the same request and response JSON:
+
+    GET  /v1/models            {"data": [{"id": model}]}
+    GET  /get_world_size/      {"world_size": int}
+    GET  /server_info/         {"vllm_config": {"model", "backend", "weight_transfer_config": {"backend": "http"}}}
+    POST /v1/completions       text or token-id prompts; choices prompt-major with "token_ids", "prompt_token_ids"
+                               and "logprobs" {"tokens", "token_logprobs", "top_logprobs"}
+    POST /v1/chat/completions  one conversation, chat template applied here; "prompt_token_ids", choices with
+                               "message", "token_ids" and "logprobs" {"content": [...]}
+    POST /start_weight_update/, /finish_weight_update/   accepted; HTTP weight updates need no session
+
+Only the sampled token's log-prob is reported (`logprobs=N` lists it alone); multimodal messages, streaming and
+`prompt_logprobs` are refused with HTTP 400. Weights travel over HTTP as safetensors, which works for both back
+ends; TRL's NCCL broadcast straight to the vLLM workers (`/init_weight_transfer_engine`, JSON `/update_weights`) is
+faster for large models, is not served here, and is refused with a message saying so. Requests are handled one at a
+time.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import os
 import threading
+import time
+import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -54,6 +71,8 @@ class TransformersEngine:
         if not self.eos_token_ids:
             raise ValueError(f"{model} declares no eos token (neither its tokenizer nor its generation config).")
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        self.tokenizer = tokenizer
+        self.world_size = 1
 
     def generate(self, prompts, counts, sampling, stop_token_ids, structured_outputs_regex) -> GenerationResult:
         from .transformers_backend import TransformersGenerator
@@ -61,6 +80,10 @@ class TransformersEngine:
         if structured_outputs_regex is not None:
             raise ValueError("structured_outputs_regex needs the vLLM back end (`--backend vllm`).")
         eos = self.eos_token_ids + [t for t in stop_token_ids if t not in self.eos_token_ids]
+        kwargs = dict(sampling.generation_kwargs or {})
+        if "seed" in kwargs:  # vLLM's per-request seed; transformers samples from the global generator
+            torch.manual_seed(kwargs.pop("seed"))
+            sampling = dataclasses.replace(sampling, generation_kwargs=kwargs)
         generator = TransformersGenerator(
             self.model, sampling, pad_token_id=self.pad_token_id, eos_token_id=eos, return_logprobs=True
         )
@@ -98,6 +121,7 @@ class VLLMEngine:
         revision: str | None = None,
         trust_remote_code: bool = False,
         enable_prefix_caching: bool | None = None,
+        **engine_args,
     ):
         from .vllm_backend import require_vllm
 
@@ -115,7 +139,11 @@ class VLLMEngine:
             enable_prefix_caching=enable_prefix_caching,
             trust_remote_code=trust_remote_code,
             logprobs_mode="processed_logprobs",
+            **engine_args,
         )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.eos_token_ids = as_id_list(self.tokenizer.eos_token_id)
+        self.world_size = tensor_parallel_size * engine_args.get("data_parallel_size", 1)
 
     def generate(self, prompts, counts, sampling, stop_token_ids, structured_outputs_regex) -> GenerationResult:
         from .vllm_backend import result_from_outputs, vllm_sampling_params
@@ -133,6 +161,154 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
 
+NCCL_REFUSED = (
+    "llm-trainer vllm-serve receives weights over HTTP, not through vLLM's NCCL weight-transfer engine: use "
+    "`llm_trainer.generation.vllm_client.VLLMClient` (its update_named_param / update_model_params send safetensors), "
+    'or TRL\'s client against `vllm serve --weight-transfer-config \'{"backend": "nccl"}\'`.'
+)
+# Request fields of vLLM's OpenAI routes that are not sampling parameters.
+_OPENAI_FIELDS = {
+    "model", "prompt", "messages", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+    "min_p", "repetition_penalty", "logprobs", "top_logprobs", "structured_outputs", "return_token_ids",
+    "return_tokens_as_token_ids", "stream", "tools", "tool_choice", "chat_template", "chat_template_kwargs",
+    "add_generation_prompt", "continue_final_message", "user", "stop_token_ids", "prompt_logprobs", "echo",
+}  # fmt: skip
+
+
+def _openai_sampling(request: dict) -> tuple[int, SamplingConfig, list[int], str | None]:
+    """`(n, sampling, stop_token_ids, regex)` from an OpenAI-style request; unknown fields go to the back end."""
+    for unsupported in ("stream", "prompt_logprobs", "echo"):
+        if request.get(unsupported):
+            raise ValueError(f"`{unsupported}` is not supported by llm-trainer vllm-serve.")
+    n = request.get("n", 1)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}.")
+    min_p = request.get("min_p") or None  # 0 disables it, as None does here
+    sampling = SamplingConfig(
+        max_tokens=request.get("max_tokens") or request.get("max_completion_tokens") or 16,
+        temperature=request.get("temperature", 1.0),
+        top_p=request.get("top_p", 1.0),
+        top_k=max(request.get("top_k") or 0, 0),  # vLLM disables top-k with 0 or -1
+        min_p=min_p,
+        repetition_penalty=request.get("repetition_penalty", 1.0),
+        generation_kwargs={k: v for k, v in request.items() if k not in _OPENAI_FIELDS} or None,
+    )
+    regex = (request.get("structured_outputs") or {}).get("regex")
+    return n, sampling, list(request.get("stop_token_ids") or []), regex
+
+
+def _token_label(engine, token: int, as_ids: bool) -> str:
+    return f"token_id:{token}" if as_ids else engine.tokenizer.decode([token])
+
+
+def _finish_reason(engine, ids: list[int], stops: list[int]) -> str:
+    return "stop" if ids and (ids[-1] in engine.eos_token_ids or ids[-1] in stops) else "length"
+
+
+def openai_completions(engine, request: dict) -> dict:
+    """Answer vLLM's `/v1/completions`: `n` completions of each prompt (text or token ids), prompt-major."""
+    prompt = request.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError("prompt must be a string, a list of strings, a token-id list or a list of token-id lists.")
+    prompts = [engine.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompt]
+    if any(not ids for ids in prompts):
+        raise ValueError("every prompt needs at least one token.")
+    n, sampling, stops, regex = _openai_sampling(request)
+    result = engine.generate(prompts, [n] * len(prompts), sampling, stops, regex)
+    as_ids = bool(request.get("return_tokens_as_token_ids"))
+    choices = []
+    for index, ids in enumerate(result.completion_ids):
+        logprobs = None
+        if request.get("logprobs") is not None and result.logprobs is not None:
+            labels = [_token_label(engine, t, as_ids) for t in ids]
+            logprobs = {
+                "tokens": labels,
+                "token_logprobs": result.logprobs[index],
+                "top_logprobs": [{label: lp} for label, lp in zip(labels, result.logprobs[index])],
+            }
+        choices.append(
+            {
+                "index": index,
+                "text": engine.tokenizer.decode(ids, skip_special_tokens=True),
+                "token_ids": ids,
+                "prompt_token_ids": prompts[index // n],
+                "logprobs": logprobs,
+                "finish_reason": _finish_reason(engine, ids, stops),
+            }
+        )
+    return _openai_reply("text_completion", engine, choices, prompts, n)
+
+
+def openai_chat_completions(engine, request: dict) -> dict:
+    """Answer vLLM's `/v1/chat/completions`: render one conversation with the chat template, then generate."""
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} messages.")
+    flat = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):  # OpenAI content parts: text only here
+            if any(part.get("type") != "text" for part in content):
+                raise ValueError("multimodal messages (image parts) are not supported by llm-trainer vllm-serve.")
+            content = "".join(part["text"] for part in content)
+        flat.append({**message, "content": content})
+    text = engine.tokenizer.apply_chat_template(
+        flat,
+        tools=request.get("tools") or None,
+        chat_template=request.get("chat_template"),
+        add_generation_prompt=request.get("add_generation_prompt", True),
+        continue_final_message=request.get("continue_final_message", False),
+        tokenize=False,
+        **(request.get("chat_template_kwargs") or {}),
+    )
+    prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    request = {**request, "logprobs": None if not request.get("logprobs") else request.get("top_logprobs", 0)}
+    n, sampling, stops, regex = _openai_sampling(request)
+    result = engine.generate([prompt_ids], [n], sampling, stops, regex)
+    as_ids = bool(request.get("return_tokens_as_token_ids"))
+    choices = []
+    for index, ids in enumerate(result.completion_ids):
+        logprobs = None
+        if request["logprobs"] is not None and result.logprobs is not None:
+            entries = []
+            for token, lp in zip(ids, result.logprobs[index]):
+                label = _token_label(engine, token, as_ids)
+                entries.append({"token": label, "logprob": lp, "top_logprobs": [{"token": label, "logprob": lp}]})
+            logprobs = {"content": entries}
+        content = engine.tokenizer.decode(ids, skip_special_tokens=True)
+        choices.append(
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": content},
+                "token_ids": ids,
+                "logprobs": logprobs,
+                "finish_reason": _finish_reason(engine, ids, stops),
+            }
+        )
+    reply = _openai_reply("chat.completion", engine, choices, [prompt_ids], n)
+    reply["prompt_token_ids"] = prompt_ids
+    return reply
+
+
+def _openai_reply(kind: str, engine, choices: list[dict], prompts: list[list[int]], n: int) -> dict:
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    completion_tokens = sum(len(choice["token_ids"]) for choice in choices)
+    return {
+        "id": f"{kind.split('.')[0]}-{uuid.uuid4().hex}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": engine.name,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
 def make_server(engine, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTTPServer:
     """An HTTP server (not yet serving) that answers the endpoints above with `engine`."""
     lock = threading.Lock()  # one model, one request at a time
@@ -141,8 +317,24 @@ def make_server(engine, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTT
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
-            if self._route() == "health":
-                self._reply({"status": "ok", "backend": engine.backend, "model": engine.name})
+            replies = {
+                "health": lambda: {"status": "ok", "backend": engine.backend, "model": engine.name},
+                "v1/models": lambda: {
+                    "object": "list",
+                    "data": [{"id": engine.name, "object": "model", "owned_by": "llm_trainer", "root": engine.name}],
+                },
+                "get_world_size": lambda: {"world_size": engine.world_size},
+                "server_info": lambda: {
+                    "vllm_config": {
+                        "model": engine.name,
+                        "backend": engine.backend,
+                        "weight_transfer_config": {"backend": "http"},
+                    }
+                },
+            }
+            route = self._route()
+            if route in replies:
+                self._reply(replies[route]())
             else:
                 self._not_found()
 
@@ -153,6 +345,11 @@ def make_server(engine, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTT
                 "update_weights": self._update_weights,
                 "reset_prefix_cache": self._reset_prefix_cache,
                 "close_communicator": lambda body: {"success": True},
+                "start_weight_update": lambda body: {"success": True},
+                "finish_weight_update": lambda body: {"success": True},
+                "init_weight_transfer_engine": self._refuse_nccl,
+                "v1/completions": lambda body: openai_completions(engine, json.loads(body)),
+                "v1/chat/completions": lambda body: openai_chat_completions(engine, json.loads(body)),
             }
             if route not in actions:
                 self._not_found()
@@ -182,8 +379,14 @@ def make_server(engine, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTT
             result = engine.generate(prompts, counts, sampling, stops, request.get("structured_outputs_regex"))
             return {"completion_ids": result.completion_ids, "logprobs": result.logprobs}
 
+        def _refuse_nccl(self, body: bytes) -> dict:
+            raise ValueError(NCCL_REFUSED)
+
         def _update_weights(self, body: bytes) -> dict:
             from safetensors.torch import load
+
+            if (self.headers.get("Content-Type") or "").startswith("application/json"):
+                self._refuse_nccl(body)  # TRL's NCCL announcement, {"update_info": ...}
 
             try:
                 tensors = load(body)
@@ -200,7 +403,10 @@ def make_server(engine, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTT
             return self.path.split("?", 1)[0].strip("/")
 
         def _not_found(self) -> None:
-            endpoints = "GET /health/, POST /generate/, /update_weights/, /reset_prefix_cache/, /close_communicator/"
+            endpoints = (
+                "GET /health/, /v1/models, /get_world_size/, /server_info/; POST /generate/, /v1/completions, "
+                "/v1/chat/completions, /update_weights/, /reset_prefix_cache/, /close_communicator/"
+            )
             self._reply({"error": f"no endpoint {self.command} {self.path}; try {endpoints}"}, HTTPStatus.NOT_FOUND)
 
         def _reply(self, payload: dict, status: HTTPStatus = HTTPStatus.OK) -> None:
@@ -232,8 +438,12 @@ def serve(
     trust_remote_code: bool = False,
     enable_prefix_caching: bool | None = None,
     log_level: str = "info",
+    engine_args: dict | None = None,
 ) -> None:
-    """Load `model` with `backend` ("vllm" or "transformers") and serve it until interrupted."""
+    """Load `model` with `backend` ("vllm" or "transformers") and serve it until interrupted.
+
+    `engine_args` are further `vllm.LLM` arguments (vLLM back end only).
+    """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if backend == "vllm":
         engine = VLLMEngine(
@@ -245,6 +455,7 @@ def serve(
             revision=revision,
             trust_remote_code=trust_remote_code,
             enable_prefix_caching=enable_prefix_caching,
+            **(engine_args or {}),
         )
     elif backend == "transformers":
         engine = TransformersEngine(model, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
@@ -267,38 +478,3 @@ def _torch_dtype(name: str):
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"Unknown dtype {name!r}; use 'auto', 'float32', 'bfloat16' or 'float16'.")
     return dtype
-
-
-def _flag(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes"):
-        return True
-    if value.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="llm-trainer vllm-serve", description="Serve a model for the trainers' server generation mode."
-    )
-
-    def add(name: str, **kwargs) -> None:
-        parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", **kwargs)
-
-    add("model", required=True, help="Model name or local folder (the policy's starting checkpoint).")
-    add("backend", choices=["vllm", "transformers"], default="vllm", help="Generation engine.")
-    add("host", default="0.0.0.0", help="Address to listen on.")
-    add("port", type=int, default=8000, help="Port to listen on.")
-    add("tensor_parallel_size", type=int, default=1, help="vLLM tensor-parallel GPUs.")
-    add("gpu_memory_utilization", type=float, default=0.9, help="Share of GPU memory vLLM may use.")
-    add("dtype", default="auto", help="'auto', 'float32', 'bfloat16' or 'float16'.")
-    add("max_model_len", type=int, default=None, help="vLLM context length (prompt + completion).")
-    add("revision", default=None, help="Model revision (branch, tag or commit).")
-    add("trust_remote_code", type=_flag, nargs="?", const=True, default=False, help="Allow the model's own code.")
-    add("enable_prefix_caching", type=_flag, nargs="?", const=True, default=None, help="vLLM prefix caching.")
-    add("log_level", default="info", choices=["debug", "info", "warning", "error", "critical"], help="Log level.")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    serve(**vars(build_parser().parse_args(argv)))

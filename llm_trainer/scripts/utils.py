@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
 from transformers import HfArgumentParser
+from transformers.hf_argparser import DataClass, DataClassType
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -20,11 +21,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DataClass",
+    "DataClassType",
     "DatasetConfig",
     "DatasetMixtureConfig",
     "ScriptArguments",
     "TrlParser",
     "get_dataset",
+    "get_git_commit_hash",
     "init_zero_verbose",
 ]
 
@@ -148,8 +152,8 @@ class TrlParser(HfArgumentParser):
         for dataclass_type in dataclass_types:
             if "config" in dataclass_type.__dataclass_fields__:
                 raise ValueError(
-                    f"{dataclass_type.__name__} has a field named `config`, which `TrlParser` reserves for the YAML "
-                    "config file path: rename the field."
+                    f"Dataclass {dataclass_type.__name__} has a field named 'config', which `TrlParser` reserves "
+                    "for the YAML config file path: rename the field."
                 )
         super().__init__(dataclass_types=dataclass_types, **kwargs)
 
@@ -196,21 +200,24 @@ class TrlParser(HfArgumentParser):
                 del args[i]
                 break
         if config_path is not None:
-            if not os.path.isfile(config_path):
-                where = "" if os.path.isabs(config_path) else f" (relative to {os.getcwd()})"
-                raise FileNotFoundError(f"--config {config_path}: no such file{where}; pass the path of a YAML file.")
-            with open(config_path, encoding="utf-8") as f:
-                try:
+            try:
+                with open(config_path, encoding="utf-8") as f:
                     config = yaml.safe_load(f)
-                except yaml.YAMLError as error:
-                    raise ValueError(f"Config file {config_path} is not valid YAML: {error}") from None
+            except (FileNotFoundError, IsADirectoryError):
+                where = "" if os.path.isabs(config_path) else f" (relative to {os.getcwd()})"
+                raise FileNotFoundError(
+                    f"--config {config_path}: no such file{where}; pass the path of a YAML file."
+                ) from None
+            except yaml.YAMLError as error:
+                raise ValueError(f"Config file {config_path} is not valid YAML: {error}") from None
             if not isinstance(config, dict):
                 raise ValueError(f"Config file {config_path} must contain a YAML mapping of argument names to values.")
             if "env" in config:
                 env = config.pop("env")
                 if not isinstance(env, dict):
                     raise ValueError(
-                        f"`env` in {config_path} must be a mapping of environment variable names to values."
+                        f"`env` field should be a dict in the YAML file: `env` in {config_path} must be a mapping of "
+                        "environment variable names to values."
                     )
                 os.environ.update({str(key): str(value) for key, value in env.items()})
             config_remaining = self.set_defaults_with_config(**config)
@@ -251,6 +258,25 @@ class TrlParser(HfArgumentParser):
         return [item for key, value in kwargs.items() if key not in used for item in (f"--{key}", str(value))]
 
 
+def get_git_commit_hash(package_name: str) -> str | None:
+    """The git commit a source checkout of `package_name` is at (for bug reports), or None for an installed wheel.
+
+    Looks for a `.git` folder next to the package's folder. Never raises: a failure comes back as `"Error: ..."`.
+    """
+    import importlib
+    import inspect
+    import subprocess
+
+    try:
+        package_dir = os.path.dirname(inspect.getfile(importlib.import_module(package_name)))
+        repo = os.path.abspath(os.path.join(package_dir, ".."))
+        if not os.path.isdir(os.path.join(repo, ".git")):
+            return None
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=repo).decode().strip()
+    except Exception as error:  # a diagnostic: report the failure in the value instead of failing the caller
+        return f"Error: {error}"
+
+
 def load_data_file(path: str, streaming: bool = False) -> Any:
     """One local data file (.json, .jsonl, .csv, .parquet, .txt) as a `Dataset` (an `IterableDataset` when
     `streaming`), read as `llm_trainer.train()` reads it."""
@@ -269,7 +295,7 @@ def get_dataset(mixture_config: DatasetMixtureConfig) -> DatasetDict:
     import datasets
 
     if not mixture_config.datasets:
-        raise ValueError("The dataset mixture is empty: list at least one dataset in `datasets`.")
+        raise ValueError("No datasets were loaded: the mixture is empty; list at least one dataset in `datasets`.")
     loaded = []
     for config in mixture_config.datasets:
         logger.info("Loading %s (configuration %s) for the mixture", config.path, config.name)

@@ -75,7 +75,18 @@ def test_exports_every_public_data_helper_of_trl():
     trl_names = trl._import_structure["data_utils"]  # what `from trl import X` offers from data_utils
     assert set(trl_names) <= set(data_utils.__all__)
     for name in data_utils.__all__:
-        assert callable(getattr(data_utils, name)) and hasattr(trl_data_utils, name), name
+        assert hasattr(trl_data_utils, name), name
+        assert callable(getattr(data_utils, name)) or name.endswith("DatasetType"), name
+
+
+def test_dataset_type_variables_constrain_like_trls():
+    from datasets import IterableDataset, IterableDatasetDict
+
+    assert (
+        data_utils.DatasetType.__constraints__ == trl_data_utils.DatasetType.__constraints__ == (Dataset, DatasetDict)
+    )
+    assert data_utils.IterableDatasetType.__constraints__ == (IterableDataset, IterableDatasetDict)
+    assert data_utils.IterableDatasetType.__constraints__ == trl_data_utils.IterableDatasetType.__constraints__
 
 
 # ----------------------------------------------------------------------------------------------- format detection

@@ -1,0 +1,128 @@
+"""`llm-trainer vllm-serve` (TRL's `trl vllm-serve`): its arguments, YAML `--config` support, and the entry point.
+
+    llm-trainer vllm-serve --model Qwen/Qwen2.5-0.5B --tensor_parallel_size 2 --port 8000
+    llm-trainer vllm-serve --model path/to/model --backend transformers      # no vLLM, CPU or GPU
+    llm-trainer vllm-serve --config serve.yaml                                # any flag as a YAML key
+
+The server itself is `llm_trainer.generation.server`; it answers both TRL's `VLLMClient` (vLLM's OpenAI-style routes)
+and the trainers' server mode. Unlike `trl vllm-serve`, which hands its flags on to `vllm serve`, this runs our own
+server, so flags it does not know are an error instead of being forwarded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from dataclasses import dataclass, field
+
+from .utils import TrlParser
+
+
+@dataclass
+class ScriptArguments:
+    """The flags of `llm-trainer vllm-serve`: TRL's, plus `backend`."""
+
+    model: str = field(metadata={"help": "Model name or local folder (the policy's starting checkpoint)."})
+    revision: str | None = field(default=None, metadata={"help": "Model revision (branch, tag or commit)."})
+    backend: str = field(
+        default="vllm",
+        metadata={
+            "help": "Generation engine: 'vllm', or 'transformers' (no vLLM needed).",
+            "choices": ["vllm", "transformers"],
+        },
+    )
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor-parallel GPUs."})
+    data_parallel_size: int = field(default=1, metadata={"help": "vLLM data-parallel replicas (MoE models)."})
+    host: str = field(default="0.0.0.0", metadata={"help": "Address to listen on."})
+    port: int = field(default=8000, metadata={"help": "Port to listen on."})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "Share of GPU memory vLLM may use."})
+    dtype: str = field(default="auto", metadata={"help": "'auto', 'float32', 'bfloat16' or 'float16'."})
+    max_model_len: int | None = field(default=None, metadata={"help": "vLLM context length (prompt + completion)."})
+    enable_prefix_caching: bool | None = field(default=None, metadata={"help": "vLLM prefix caching."})
+    enforce_eager: bool | None = field(default=False, metadata={"help": "vLLM: no CUDA graphs, eager only."})
+    kv_cache_dtype: str = field(default="auto", metadata={"help": "vLLM KV-cache dtype ('auto': the model's)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model repository's own code."})
+    log_level: str = field(
+        default="info",
+        metadata={"help": "Log level.", "choices": ["critical", "error", "warning", "info", "debug", "trace"]},
+    )
+    vllm_model_impl: str = field(
+        default="vllm", metadata={"help": "vLLM model implementation: 'vllm' or 'transformers'."}
+    )
+    distributed_executor_backend: str | None = field(
+        default=None, metadata={"help": "vLLM executor: 'ray' for tensor parallelism across nodes."}
+    )
+    speculative_config: str | None = field(
+        default=None, metadata={"help": "vLLM speculative decoding config, as a JSON string."}
+    )
+
+
+# Fields only the vLLM engine reads, with their defaults (a non-default value given to the transformers engine warns).
+_VLLM_ENGINE_ARGS = {
+    "data_parallel_size": 1,
+    "enforce_eager": False,
+    "kv_cache_dtype": "auto",
+    "vllm_model_impl": "vllm",
+    "distributed_executor_backend": None,
+    "speculative_config": None,
+}
+
+
+def main(script_args: ScriptArguments, extra_args: list[str] | None = None) -> None:
+    """Serve `script_args.model` until interrupted."""
+    import json
+
+    from ..generation.server import serve
+
+    if extra_args:
+        raise SystemExit(
+            f"llm-trainer vllm-serve: unrecognized arguments: {' '.join(extra_args)} (`trl vllm-serve` forwards "
+            "unknown flags to `vllm serve`; llm-trainer runs its own server: `llm-trainer vllm-serve --help` lists "
+            "its flags)."
+        )
+    engine_args = {name: getattr(script_args, name) for name in _VLLM_ENGINE_ARGS}
+    if script_args.backend == "transformers":
+        ignored = [name for name, default in _VLLM_ENGINE_ARGS.items() if engine_args[name] != default]
+        if ignored:
+            warnings.warn(f"The transformers back end ignores the vLLM options {ignored}.", stacklevel=2)
+        engine_args = {}
+    else:
+        engine_args = {name: value for name, value in engine_args.items() if value != _VLLM_ENGINE_ARGS[name]}
+        if "vllm_model_impl" in engine_args:
+            engine_args["model_impl"] = engine_args.pop("vllm_model_impl")
+        if "speculative_config" in engine_args:
+            engine_args["speculative_config"] = json.loads(engine_args["speculative_config"])
+    serve(
+        script_args.model,
+        backend=script_args.backend,
+        host=script_args.host,
+        port=script_args.port,
+        tensor_parallel_size=script_args.tensor_parallel_size,
+        gpu_memory_utilization=script_args.gpu_memory_utilization,
+        dtype=script_args.dtype,
+        max_model_len=script_args.max_model_len,
+        revision=script_args.revision,
+        trust_remote_code=script_args.trust_remote_code,
+        enable_prefix_caching=script_args.enable_prefix_caching,
+        log_level="debug" if script_args.log_level == "trace" else script_args.log_level,
+        engine_args=engine_args,
+    )
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None) -> TrlParser:
+    """The `vllm-serve` parser: standalone (`prog`), or added to `subparsers` of a TRL-style CLI."""
+    if subparsers is not None:
+        return subparsers.add_parser(
+            "vllm-serve", help="Serve a model for server-mode generation", dataclass_types=ScriptArguments
+        )
+    return TrlParser(ScriptArguments, prog=prog)
+
+
+def cli(argv: list[str]) -> None:
+    """`llm-trainer vllm-serve ARGS`: parse flags and `--config`, then call `main`."""
+    parser = make_parser(prog="llm-trainer vllm-serve")
+    try:
+        script_args, extra_args = parser.parse_args_and_config(argv, return_remaining_strings=True)
+    except (OSError, ValueError) as error:  # the --config file
+        parser.error(str(error))
+    main(script_args, extra_args)
