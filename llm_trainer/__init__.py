@@ -55,6 +55,12 @@ _EXPORTS = {
         "DistillationConfig",
         "DistillationTrainer",
     ],
+    "chat_template_utils": [
+        "add_response_schema",
+        "clone_chat_template",
+        "get_training_chat_template",
+        "supports_tool_calling",
+    ],
     "callbacks": ["Callback"],
     "trainer.callbacks": [
         "BEMACallback",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from transformers import (
 )
 from transformers.trainer_utils import EvalPrediction
 
+from ..chat_template_utils import get_training_chat_template, is_chat_template_stop_token_trained
 from ..data.chat_template import read_chat_template
 from ..data.collators import DataCollatorForLanguageModeling
 from ..data.formats import get_dataset_column_names, is_conversational
@@ -27,6 +29,8 @@ from ..modeling import add_token_logprob_head
 from .base_trainer import BaseTrainer, gather_sum
 from .sft_config import SFTConfig
 from .special_tokens import configure_special_tokens
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DataCollatorForLanguageModeling", "SFTTrainer"]
 
@@ -82,6 +86,7 @@ class SFTTrainer(BaseTrainer):
 
         self.padding_free = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
         self._check_options(args, sample, tokenizer, data_collator, formatting_func, compute_loss_func)
+        self.chat_template = self._assistant_masking_template(args, tokenizer)
         self.completion_only_loss = (
             "prompt" in sample and "completion" in sample
             if args.completion_only_loss is None
@@ -149,11 +154,10 @@ class SFTTrainer(BaseTrainer):
                     "`assistant_only_loss=True` needs a conversational dataset ('messages', or 'prompt'/'completion' "
                     "as lists of messages); this one holds plain text."
                 )
-            if not has_generation_markers(tokenizer.chat_template):
+            if not tokenizer.chat_template:
                 raise ValueError(
-                    "`assistant_only_loss=True` needs a chat template that marks assistant output with "
-                    "`{% generation %}` ... `{% endgeneration %}`, and this tokenizer's template has none. Set "
-                    "`chat_template_path` to a template that has them."
+                    "`assistant_only_loss=True` needs a chat template; this tokenizer has none. Set "
+                    "`chat_template_path`."
                 )
         completion_only = args.completion_only_loss
         if formatting_func is not None and (completion_only or (completion_only is None and "completion" in sample)):
@@ -166,6 +170,22 @@ class SFTTrainer(BaseTrainer):
             raise ValueError(
                 "`compute_loss_func` cannot be combined with `loss_type='dft'`, which sets the loss itself."
             )
+
+    def _assistant_masking_template(self, args: SFTConfig, tokenizer) -> str | None:
+        """For `assistant_only_loss`, the template to tokenize with when the tokenizer's has no generation markers: a
+        training variant derived from it (rendering the same text, assistant turns marked), as TRL swaps in its
+        training templates. Raises `ValueError` when none can be derived; warns when the end-of-turn token falls
+        outside the assistant mask, since the model would then not learn to stop."""
+        if not args.assistant_only_loss:
+            return None
+        template = None if has_generation_markers(tokenizer.chat_template) else get_training_chat_template(tokenizer)
+        if not is_chat_template_stop_token_trained(tokenizer, chat_template=template):
+            logger.warning(
+                "The chat template does not include the assistant turn's end-of-turn token in the loss mask; the "
+                "model may not learn to stop. Set `assistant_only_loss=False`, or edit the chat template so the "
+                "end-of-turn token falls inside `{% generation %}...{% endgeneration %}`."
+            )
+        return template
 
     def prepare_dataset(self, dataset, name: str, args: SFTConfig):
         """Tokenize, mask, and truncate or pack `dataset`; a raw dataset passed to `evaluate` goes through it too."""
@@ -184,6 +204,7 @@ class SFTTrainer(BaseTrainer):
                 packing_strategy=args.packing_strategy,
                 completion_only_loss=self.completion_only_loss,
                 assistant_only_loss=args.assistant_only_loss,
+                chat_template=self.chat_template,
                 formatting_func=self._formatting_func,
                 num_proc=args.dataset_num_proc,
                 shuffle_seed=args.seed if args.shuffle_dataset else None,

@@ -239,11 +239,29 @@ def test_max_length_must_be_positive(max_length, tmp_path):
         _config(tmp_path, max_length=max_length)
 
 
-def test_assistant_only_loss_needs_generation_markers(tiny_model_path, tmp_path):
-    template = tmp_path / "plain.jinja"
-    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+def test_assistant_only_loss_derives_a_training_template(tiny_model_path, tmp_path):
+    # A template without generation markers gets a derived training variant (as TRL swaps in its training
+    # templates): only the assistant replies, through their end-of-turn token, are trained on.
+    template = tmp_path / "chatml.jinja"
+    template.write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     args = _config(tmp_path, assistant_only_loss=True, chat_template_path=str(template))
-    with pytest.raises(ValueError, match=r"\{% generation %\}.*chat_template_path"):
+    dataset = zen_dataset("conversational_language_modeling")
+    trainer = SFTTrainer(model=tiny_model_path, args=args, train_dataset=dataset)
+    assert "generation" in trainer.chat_template
+    tokenizer = trainer.processing_class
+    row = trainer.train_dataset[0]
+    trained = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    assert trained == dataset[0]["messages"][1]["content"] + "<|im_end|>"
+
+
+def test_assistant_only_loss_refuses_a_template_without_turns(tiny_model_path, tmp_path):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    args = _config(tmp_path, assistant_only_loss=True, chat_template_path=str(template))
+    with pytest.raises(ValueError, match=r"not training-compatible.*\{% generation %\}"):
         SFTTrainer(model=tiny_model_path, args=args, train_dataset=zen_dataset("conversational_language_modeling"))
 
 
