@@ -639,12 +639,21 @@ def get_training_chat_template(processing_class: Any = None, tokenizer: Any = No
 
 
 # ----------------------------------------------------------------------------------------------- response parsing
-def _supports_response_template() -> bool:
-    """transformers >= 5.13 parses generated text with a `response_template` (and needs the prompt as `prefix`)."""
-    import transformers
+def _transformers_at_least(version: str) -> bool:
+    from importlib.metadata import version as installed
+
     from packaging.version import Version
 
-    return Version(transformers.__version__) >= Version("5.13.0.dev0")
+    return Version(installed("transformers")) >= Version(version)
+
+
+# transformers >= 5.13 parses generated text with a `response_template` (and takes the prompt as `prefix`); TRL's
+# tests read this flag under the same name.
+_SUPPORTS_RESPONSE_TEMPLATE = _transformers_at_least("5.13.0.dev0")
+
+
+def _supports_response_template() -> bool:
+    return _SUPPORTS_RESPONSE_TEMPLATE
 
 
 def _tool_field(open_pattern: str, close_pattern: str, content: str, **extra: Any) -> dict[str, Any]:
