@@ -319,9 +319,14 @@ def get_dataset(mixture_config: DatasetMixtureConfig) -> DatasetDict:
     fractions = [config.fraction for config in mixture_config.datasets]
     if any(fraction is not None for fraction in fractions):
         if any(fraction is None for fraction in fractions):
-            raise ValueError("`fraction` is set on some datasets of the mixture only: set it on all of them or none.")
+            raise ValueError(
+                "`fraction` must be set for either all datasets in the mixture or none of them: set it on all of them or none."
+            )
         if mixture_config.streaming:
-            raise ValueError("`fraction` needs the dataset sizes, which streaming datasets lack: drop one of the two.")
+            raise ValueError(
+                "Using a dataset `fraction` is not supported with streaming datasets: it needs their sizes, which "
+                "streaming datasets lack; drop one of the two."
+            )
         if any(fraction < 0 for fraction in fractions) or sum(fractions) <= 0:
             raise ValueError(f"Invalid `fraction`s {fractions}: they must be non-negative, with a positive sum.")
         shares = [fraction / sum(fractions) for fraction in fractions]
