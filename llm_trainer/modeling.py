@@ -176,14 +176,10 @@ def add_token_logprob_head(
     (`log sum_v p_v^2`). Called without `token_logprobs=True` it is the original forward, so generation and user
     code are unchanged. Patching the instance's `forward` (rather than calling submodules directly) keeps DDP, FSDP
     and DeepSpeed wrappers in the loop. Models whose head is not a plain linear layer fall back to the logits with a
-    one-line warning.
+    one-line warning. (`llm_trainer.trainer.utils.add_fused_lm_head` is TRL's interface to the same forward.)
     """
-    unknown = set(outputs) - set(TOKEN_OUTPUTS)
-    if unknown:
-        raise ValueError(f"Unknown token outputs {sorted(unknown)}; choose among {TOKEN_OUTPUTS}.")
+    scorer = token_logprob_scorer(model, temperature, outputs)
     original_forward = model.forward
-    logit_scale, softcap = logit_transform(model.config)
-    wanted = {name: name in outputs for name in TOKEN_OUTPUTS}
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, token_logprobs: bool = False, labels=None, **kwargs):
@@ -191,40 +187,72 @@ def add_token_logprob_head(
             if labels is not None:
                 kwargs["labels"] = labels
             return original_forward(*args, **kwargs)
+        log_probs, fields, label_mask, aux_loss = scorer(self, original_forward, args, kwargs, labels[:, 1:], True)
+        return TokenLogprobOutput(log_probs=log_probs, label_mask=label_mask, aux_loss=aux_loss, **fields)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def token_logprob_scorer(
+    model: PreTrainedModel,
+    temperature: float = 1.0,
+    outputs: tuple[str, ...] = ("entropy", "is_top1", "mean_logits"),
+    cast_lm_head_to_fp32: bool = False,
+):
+    """The body of the fused forward of `add_token_logprob_head` and `add_fused_lm_head`.
+
+    Returns `score(self, original_forward, args, kwargs, targets, drop_last)`, which runs the backbone on
+    `args`/`kwargs` and scores `targets` (next-token labels, -100 to skip) against the hidden states (without the last
+    position when `drop_last`), giving `(log_probs, fields, label_mask, aux_loss)`: `fields` maps the asked
+    `TOKEN_OUTPUTS` to their tensors and `aux_loss` is the unweighted MoE load-balancing loss or None.
+    """
+    unknown = set(outputs) - set(TOKEN_OUTPUTS)
+    if unknown:
+        raise ValueError(f"Unknown token outputs {sorted(unknown)}; choose among {TOKEN_OUTPUTS}.")
+    logit_scale, softcap = logit_transform(model.config)
+    wanted = {name: name in outputs for name in TOKEN_OUTPUTS}
+
+    def score(self, original_forward, args, kwargs, targets, drop_last):
         kwargs["use_cache"] = False
         if getattr(self.config.get_text_config(), "output_router_logits", False):  # MoE: the backbone's router logits
             kwargs.setdefault("output_router_logits", True)
-        target = labels[:, 1:]
         if _splittable(self):
             out = self.base_model(*args, **kwargs)
             head = self.get_output_embeddings()
-            hidden = out.last_hidden_state[:, :-1].to(head.weight.device)
-            log_probs, *extras = _as_tuple(
-                kernels.token_logprobs(
-                    hidden,
-                    head.weight,
-                    target.to(head.weight.device),
-                    temperature=temperature,
-                    bias=head.bias,
-                    logit_scale=logit_scale,
-                    softcap=softcap,
-                    return_entropy=wanted["entropy"],
-                    return_accuracy=wanted["is_top1"],
-                    return_mean_logits=wanted["mean_logits"],
-                    return_log_sum_sq_probs=wanted["log_sum_sq_probs"],
+            hidden = out.last_hidden_state[:, :-1] if drop_last else out.last_hidden_state
+            hidden = hidden.to(head.weight.device)
+            context = contextlib.nullcontext()
+            if cast_lm_head_to_fp32:
+                hidden = hidden.float()
+                context = torch.autocast(hidden.device.type, enabled=False)
+            with context:
+                log_probs, *extras = _as_tuple(
+                    kernels.token_logprobs(
+                        hidden,
+                        head.weight,
+                        targets.to(head.weight.device),
+                        temperature=temperature,
+                        bias=head.bias,
+                        logit_scale=logit_scale,
+                        softcap=softcap,
+                        return_entropy=wanted["entropy"],
+                        return_accuracy=wanted["is_top1"],
+                        return_mean_logits=wanted["mean_logits"],
+                        return_log_sum_sq_probs=wanted["log_sum_sq_probs"],
+                    )
                 )
-            )
             fields = dict(zip([name for name in TOKEN_OUTPUTS if wanted[name]], extras))
             aux_loss = _router_aux_loss(self.config, out, kwargs.get("attention_mask"))
         else:
             _warn_unsplittable(type(self).__name__)
             out = original_forward(*args, **kwargs)
-            log_probs, fields = _stats_from_logits(out.logits[:, :-1], target, temperature)
+            logits = out.logits[:, :-1] if drop_last else out.logits
+            log_probs, fields = _stats_from_logits(logits, targets.to(logits.device), temperature)
             fields = {name: value for name, value in fields.items() if wanted[name]}
             aux_loss = getattr(out, "aux_loss", None)
-        return TokenLogprobOutput(log_probs=log_probs, label_mask=target != -100, aux_loss=aux_loss, **fields)
+        return log_probs, fields, targets.to(log_probs.device) != -100, aux_loss
 
-    model.forward = types.MethodType(forward, model)
+    return score
 
 
 def _router_aux_loss(config: Any, backbone_out: Any, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -285,19 +313,11 @@ def create_reference_model(
     return reference
 
 
-@contextlib.contextmanager
-def reference_adapter(model: Any):
+def reference_adapter(model: Any) -> contextlib.AbstractContextManager:
     """Run a PEFT `model` as its reference: the adapter named "ref" when it has one, else with adapters disabled."""
-    if "ref" in getattr(model, "peft_config", {}):
-        previous = model.active_adapter
-        model.set_adapter("ref")
-        try:
-            yield
-        finally:
-            model.set_adapter(previous)
-    else:
-        with model.disable_adapter():
-            yield
+    from .trainer.utils import use_adapter
+
+    return use_adapter(model, "ref" if "ref" in getattr(model, "peft_config", {}) else None)
 
 
 def add_reference_adapter(model: Any) -> None:

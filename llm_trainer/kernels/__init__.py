@@ -5,7 +5,12 @@
   states, the head weight and its bias. The logits are recomputed in the backward instead of being stored.
 - `selective_log_softmax`, `entropy_from_logits`: TRL's functions of the same names, on logits you already have,
   without a full-size `log_softmax` kept for the backward.
+- `selective_log_softmax_and_entropy`: both at once, from one pass over the logits (TRL's kernel of that name).
+- `ChunkedLogProbFunction`: TRL's autograd function for the fused head (`token_logprobs` with TRL's arguments).
 - `kl_penalty`: the k1 / k2 / k3 per-token KL estimators.
+
+TRL's kernel modules exist at the same paths: `chunked_logprob`, `logprob_entropy` and `chunked_divergence` (the
+distillation divergence from hidden states).
 
 Back ends: Triton kernels when the tensors are on CUDA and `triton` is installed (`pip install "llm-trainer[kernels]"`),
 chunked PyTorch otherwise. Force one with `backend="torch" | "triton"` or the `LLM_TRAINER_KERNEL_BACKEND`
@@ -20,9 +25,24 @@ from functools import cache
 
 import torch
 
-from .logprob_torch import Entropy, FusedHeadLogprobs, LogitTransform, RowOps, SelectiveLogSoftmax, TorchRowOps
+from .logprob_torch import (
+    Entropy,
+    FusedHeadLogprobs,
+    LogitTransform,
+    RowOps,
+    SelectiveLogSoftmax,
+    SelectiveLogSoftmaxAndEntropy,
+    TorchRowOps,
+)
 
-__all__ = ["entropy_from_logits", "kl_penalty", "selective_log_softmax", "token_logprobs"]
+__all__ = [
+    "ChunkedLogProbFunction",
+    "entropy_from_logits",
+    "kl_penalty",
+    "selective_log_softmax",
+    "selective_log_softmax_and_entropy",
+    "token_logprobs",
+]
 
 BACKEND_ENV = "LLM_TRAINER_KERNEL_BACKEND"
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -89,6 +109,41 @@ def selective_log_softmax(
     if squeeze:
         logps = logps.squeeze(-1)
     return logps if row_mask is None else logps.masked_fill(row_mask == 0, 0.0)
+
+
+def selective_log_softmax_and_entropy(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    temperature: float = 1.0,
+    row_mask: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`log_softmax(logits / temperature)` at `index` and the entropy of `softmax(logits / temperature)`, together.
+
+    One pass over each row yields both (TRL's kernel of the same name); gradients flow into `logits` from either.
+
+    Args:
+        logits: `(..., V)`, any float dtype.
+        index: `(...)` int64, one label per row.
+        temperature: divides the logits; must be positive.
+        row_mask: `(...)`; rows where it is 0 get 0 for both outputs (and no gradient).
+        backend: `"torch"`, `"triton"` or None (automatic).
+
+    Returns:
+        `(logprobs, entropy)`, fp32 `(...)`.
+    """
+    _check_temperature(temperature)
+    if index.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"index must have the logits' leading shape {tuple(logits.shape[:-1])}, got {tuple(index.shape)}"
+        )
+    ops = _row_ops(logits.device, backend)
+    logps, entropy = SelectiveLogSoftmaxAndEntropy.apply(logits, index.unsqueeze(-1), 1.0 / temperature, ops)
+    if row_mask is not None:
+        skipped = row_mask == 0
+        logps, entropy = logps.masked_fill(skipped, 0.0), entropy.masked_fill(skipped, 0.0)
+    return logps, entropy
 
 
 def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128, *, backend: str | None = None) -> torch.Tensor:
@@ -208,3 +263,6 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
         log_ratio = ref_logp - logp
         return torch.expm1(log_ratio) - log_ratio
     raise ValueError(f"unknown KL estimator {kind!r}; expected one of {', '.join(KL_ESTIMATORS)}")
+
+
+from .chunked_logprob import ChunkedLogProbFunction  # noqa: E402  (it builds on the names above)

@@ -526,3 +526,46 @@ class Entropy(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         logits, lse, ent = ctx.saved_tensors
         return _blockwise_grad(ctx.ops, logits, 1.0, lse, ent, grad_entropy=grad.float().flatten()), None, None
+
+
+class SelectiveLogSoftmaxAndEntropy(torch.autograd.Function):
+    """`log_softmax(scale * logits)` gathered at `index (..., 1)` and the entropy of `softmax(scale * logits)`, from
+    one pass over each row (the log-sum-exp and the entropy are folded together).
+
+    Returns both as fp32 `(...)`. Saves the logits (no copy) and two fp32 numbers per row; the backward builds the
+    logits gradient of whichever outputs received one, in one more pass.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, logits: torch.Tensor, index: torch.Tensor, scale: float, ops: RowOps
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)
+        lse, ent = _blockwise_stats(ops, logits, scale, entropy=True)
+        picked = logits.gather(-1, index).float().squeeze(-1)
+        if scale != 1.0:
+            picked.mul_(scale)
+        ctx.save_for_backward(logits, index, lse, ent)
+        ctx.scale, ctx.ops = scale, ops
+        shape = index.shape[:-1]
+        return picked - lse.view(shape), ent.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None):
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None
+        logits, index, lse, ent = ctx.saved_tensors
+        scale = ctx.scale
+        grad_targets = None if grad_logp is None else (grad_logp.float() * scale).reshape(-1, 1)
+        grad_ent = None if grad_entropy is None else (grad_entropy.float() * scale).flatten()
+        grad_logits = _blockwise_grad(
+            ctx.ops,
+            logits,
+            scale,
+            lse,
+            None if grad_ent is None else ent,
+            grad_ent,
+            None if grad_targets is None else index.reshape(-1, 1),
+            grad_targets,
+        )
+        return grad_logits, None, None, None

@@ -74,7 +74,7 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return logits if bias is None else logits + bias.float()
 
 
-def _chunk_divergence(
+def head_divergence(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
     student_bias: torch.Tensor | None,
@@ -86,9 +86,15 @@ def _chunk_divergence(
     student_transform: tuple[float | None, float | None],
     teacher_transform: tuple[float | None, float | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row `generalized_jsd` of both heads' transformed logits, from hidden states `(n, H)`; the transforms are
+    `(logit_scale, softcap)` pairs. Materializes `(n, V)` fp32 logits per model: call it on chunks of rows."""
     z_s = transform_logits(_project(student_hidden, student_weight, student_bias), temperature, *student_transform)
     z_t = transform_logits(_project(teacher_hidden, teacher_weight, teacher_bias), temperature, *teacher_transform)
-    divergence, entropy = generalized_jsd(z_s, z_t, beta)
+    return generalized_jsd(z_s, z_t, beta)
+
+
+def _chunk_divergence(*args) -> tuple[torch.Tensor, torch.Tensor]:
+    divergence, entropy = head_divergence(*args)
     return divergence.sum(), entropy.sum()
 
 

@@ -37,7 +37,13 @@ _EXPORTS = {
         "WeaveCallback",
     ],
     "model_config": ["ModelConfig"],
-    "utils": ["get_peft_config", "get_quantization_config"],
+    "utils": [
+        "add_fused_lm_head",
+        "disable_dropout_in_model",
+        "ensure_master_addr_port",
+        "get_peft_config",
+        "get_quantization_config",
+    ],
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

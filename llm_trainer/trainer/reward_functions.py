@@ -25,6 +25,7 @@ from ..data.formats import is_conversational
 from ..data.validation import short_repr
 from ..data_utils import apply_chat_template
 from ..modeling import check_model_path
+from .utils import get_callable_name, is_async_callable
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +37,7 @@ def reward_function_name(func: Any) -> str:
     """The name a reward function's metrics are logged under (`rewards/<name>/mean`)."""
     if isinstance(func, nn.Module):
         return str(getattr(func.config, "_name_or_path", type(func).__name__)).rstrip("/").split("/")[-1]
-    for candidate in (func, getattr(func, "func", None), type(func)):  # plain function, functools.partial, instance
-        name = getattr(candidate, "__name__", None)
-        if name and name != "partial":
-            return name
-    return type(func).__name__
+    return get_callable_name(func)
 
 
 class RewardFunctions:
@@ -189,7 +186,7 @@ class RewardFunctions:
         kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns}
         pending = {}
         for i, func in enumerate(self.funcs):
-            if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__):
+            if not isinstance(func, nn.Module) and is_async_callable(func):
                 pending[i] = asyncio.run_coroutine_threadsafe(func(**kwargs), background_loop())
         for i, func in enumerate(self.funcs):
             if isinstance(func, nn.Module):

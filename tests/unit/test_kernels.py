@@ -363,3 +363,105 @@ def test_triton_matches_torch_on_cuda(dtype):
     torch.testing.assert_close(results["triton"][0].double(), ref_logp, atol=tol * 10, rtol=tol)
     for triton_result, torch_result in zip(results["triton"], results["torch"]):
         assert_close_rel(triton_result, torch_result, tol)
+
+
+# ------------------------------------------------------------------------------------ TRL's kernel names and paths
+def test_trl_kernel_modules_exist_at_trl_paths():
+    from llm_trainer.kernels import chunked_divergence, chunked_logprob, logprob_entropy
+
+    assert chunked_logprob.ChunkedLogProbFunction is kernels.ChunkedLogProbFunction
+    assert logprob_entropy.selective_log_softmax_and_entropy is kernels.selective_log_softmax_and_entropy
+    assert issubclass(chunked_divergence.ChunkedDivergenceFunction, torch.autograd.Function)
+    assert issubclass(kernels.ChunkedLogProbFunction, torch.autograd.Function)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("row_mask", [False, True])
+def test_selective_log_softmax_and_entropy_values_and_grads(temperature, row_mask):
+    logits = make_logits((3, 5, 70)).double().requires_grad_()
+    index = torch.randint(0, 70, (3, 5), generator=torch.Generator().manual_seed(3))
+    mask = (torch.arange(15).view(3, 5) % 4 != 0) if row_mask else None
+    logps, entropy = kernels.selective_log_softmax_and_entropy(logits, index, temperature, mask)
+    log_p = (logits / temperature).log_softmax(-1)
+    keep = torch.ones_like(index, dtype=torch.bool) if mask is None else mask
+    ref_logps = log_p.gather(-1, index.unsqueeze(-1)).squeeze(-1) * keep
+    ref_entropy = -(log_p.exp() * log_p).sum(-1) * keep
+    assert logps.dtype == entropy.dtype == torch.float32
+    torch.testing.assert_close(logps.double(), ref_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-5, atol=1e-5)
+    g_logp, g_ent = upstream(index)
+    assert_grads_close((logps, entropy), (ref_logps, ref_entropy), [logits], (g_logp, g_ent), 1e-5, torch.float64)
+    # the entropy alone carries its own gradient
+    _, entropy = kernels.selective_log_softmax_and_entropy(logits, index, temperature, mask)
+    log_p = (logits / temperature).log_softmax(-1)
+    ref_entropy = -(log_p.exp() * log_p).sum(-1) * keep
+    assert_grads_close((entropy,), (ref_entropy,), [logits], (g_ent,), 1e-5, torch.float64)
+
+
+def test_selective_log_softmax_and_entropy_rejects_bad_input():
+    logits = make_logits((4, 10))
+    with pytest.raises(ValueError, match="temperature"):
+        kernels.selective_log_softmax_and_entropy(logits, torch.zeros(4, dtype=torch.long), temperature=0.0)
+    with pytest.raises(ValueError, match="index"):
+        kernels.selective_log_softmax_and_entropy(logits, torch.zeros(4, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("case", HEAD_CASES[:5])
+def test_chunked_logprob_function_matches_reference(case):
+    shape = case["shape"]
+    batch, seq, width, vocab = shape
+    hidden, weight, bias, labels = make_head(*shape, bias=case.get("bias", False), ignored=0.0)
+    temperature = case.get("temperature", 1.0)
+    scale, softcap = case.get("logit_scale"), case.get("softcap")
+    flat_hidden, flat_labels = hidden.reshape(-1, width), labels.reshape(-1)
+    logp, entropy, log_sum_sq, mean_logits, is_top1 = kernels.ChunkedLogProbFunction.apply(
+        flat_hidden, weight, bias, flat_labels, temperature, 32, softcap, 1.0 if scale is None else scale
+    )
+    ref_logp, ref_entropy, ref_top1 = (
+        x.reshape(-1) for x in reference(hidden, weight, labels, bias, temperature, scale, softcap)
+    )
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-4, atol=1e-4)
+    assert torch.equal(is_top1, ref_top1)
+    assert log_sum_sq.shape == mean_logits.shape == logp.shape and not log_sum_sq.requires_grad
+    inputs = [hidden, weight, bias]
+    g_logp, g_ent = (g.reshape(-1) for g in upstream(labels))
+    assert_grads_close((logp, entropy), (ref_logp, ref_entropy), inputs, (g_logp, g_ent), 1e-4)
+
+
+def test_chunked_logprob_function_outputs_subset_and_validation():
+    hidden, weight, _, labels = make_head(1, 6, 8, 40, ignored=0.0)
+    outs = kernels.ChunkedLogProbFunction.apply(hidden[0], weight, None, labels[0], 1.0, 32, None, 1.0, ("log_probs",))
+    assert outs[0].shape == (6,) and all(x is None for x in outs[1:])
+    with pytest.raises(ValueError, match="Unknown outputs"):
+        kernels.ChunkedLogProbFunction.apply(hidden[0], weight, None, labels[0], 1.0, 32, None, 1.0, ("logits",))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+def test_chunked_divergence_function_values_and_student_grads(beta, monkeypatch):
+    from llm_trainer.kernels import chunked_divergence
+    from llm_trainer.losses import generalized_jsd
+
+    monkeypatch.setattr(chunked_divergence, "CHUNK_ELEMENTS", 4 * 50)  # 4 tokens per chunk: several chunks
+    gen = torch.Generator().manual_seed(0)
+    n, vocab = 11, 50
+    s_hidden = torch.randn(n, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    s_weight = torch.randn(vocab, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    s_bias = torch.randn(vocab, generator=gen, dtype=torch.float64, requires_grad=True)
+    t_hidden = torch.randn(n, 12, generator=gen, dtype=torch.float64)
+    t_weight = torch.randn(vocab, 12, generator=gen, dtype=torch.float64)
+    args = (s_hidden, s_weight, s_bias, t_hidden, t_weight, None, beta, 0.8, 1.5, 3.0, 1.0, None)
+    divergence, entropy = chunked_divergence.ChunkedDivergenceFunction.apply(*args)
+    z_s = 3.0 * torch.tanh(1.5 * (s_hidden @ s_weight.T + s_bias) / 3.0) / 0.8
+    z_t = (t_hidden @ t_weight.T) / 0.8
+    ref_div, ref_ent = generalized_jsd(z_s, z_t, beta)
+    atol = 1e-5 * float(ref_div.detach().abs().max())  # fp32 maths on both sides
+    torch.testing.assert_close(divergence, ref_div, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(entropy, ref_ent, rtol=1e-5, atol=1e-5)
+    assert not entropy.requires_grad
+    weights = torch.randn(n, generator=gen, dtype=torch.float64)
+    for got, want in zip(
+        grads([divergence], [s_hidden, s_weight, s_bias], [weights]),
+        grads([ref_div], [s_hidden, s_weight, s_bias], [weights]),
+    ):
+        assert_close_rel(got, want, 1e-5)

@@ -1,0 +1,1 @@
+"""TRL's `trl.extras` path: `profiling` (timing of trainer methods, logged to the experiment trackers)."""
