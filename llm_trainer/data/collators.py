@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import ProcessorMixin
 from transformers.data.data_collator import DataCollatorMixin
 
 
@@ -60,6 +61,11 @@ class DataCollatorForLanguageModeling(DataCollatorMixin):
     return_position_ids: bool = False
     pad_to_multiple_of: int | None = None
     return_tensors: str = "pt"
+
+    @staticmethod
+    def get_position_ids_from_packed_seq_lengths(batch_seq_lengths: list[list[int]]) -> list[torch.Tensor]:
+        """Per row, positions restarting at 0 at each packed sequence: `[[3, 2], [2]]` -> `[[0, 1, 2, 0, 1], [0, 1]]`."""
+        return [position_ids_from_lengths(seq_lengths) for seq_lengths in batch_seq_lengths]
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         input_ids = [torch.as_tensor(ex["input_ids"]) for ex in examples]
@@ -141,3 +147,234 @@ class DataCollatorForPreference(DataCollatorMixin):
             if key in examples[0]:
                 out[key] = torch.tensor([ex[key] for ex in examples])
         return out
+
+
+# --------------------------------------------------------------------------------------------- vision-language
+# Images become pixel values only at batch time (doing it for a whole dataset up front costs too much disk), so these
+# collators take raw rows and run the processor themselves: the prompts with their images, left-padded, the
+# completions as text, right-padded, then join the two and flush the padding left.
+
+
+def _batch_images(examples: list[dict[str, Any]]) -> list[list] | None:
+    """Each row's image list (`images`, or a lone `image`); None when no row has one (processors refuse empty lists)."""
+    images = [ex["images"] if "images" in ex else [ex["image"]] if "image" in ex else [] for ex in examples]
+    return None if all(not row for row in images) else images
+
+
+def _render_vision_rows(
+    examples: list[dict[str, Any]], processor: Any, completion_keys: tuple[str, ...], images: list[list] | None
+) -> list[dict[str, Any]]:
+    """Text rows: conversational rows get their images' placeholders and are rendered with the chat template."""
+    from .chat_template import apply_chat_template
+    from .formats import is_conversational, prepare_multimodal_messages
+
+    if not is_conversational(examples[0]):
+        return examples
+    rendered = []
+    for i, ex in enumerate(examples):
+        row = {"prompt": prepare_multimodal_messages(ex["prompt"], images=images[i] if images else None)}
+        row.update({key: prepare_multimodal_messages(ex[key]) for key in completion_keys})
+        rendered.append(apply_chat_template(row, processor))
+    return rendered
+
+
+def _process(processor: Any, texts: list[str], padding_side: str, return_tensors: str, images=None) -> dict:
+    # add_special_tokens=False: a rendered chat template already holds the special tokens (no second BOS).
+    kwargs = {"images": images} if images is not None else {}
+    return processor(
+        text=texts,
+        padding=True,
+        padding_side=padding_side,
+        return_tensors=return_tensors,
+        add_special_tokens=False,
+        **kwargs,
+    )
+
+
+def _join_prompt_completion(prompts: Any, completions: Any, max_length: int | None) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask`, `completion_mask` (and `token_type_ids` / `mm_token_type_ids` where the
+    processor makes them) of left-padded prompts followed by right-padded completions, padding flushed left and
+    every row cut to `max_length`."""
+    from ..trainer.utils import flush_left  # trainer.utils imports the trainers, which import this module
+
+    prompt_mask, completion_mask = prompts["attention_mask"], completions["attention_mask"]
+    joined = {
+        "attention_mask": torch.cat((prompt_mask, completion_mask), dim=1),
+        "input_ids": torch.cat((prompts["input_ids"], completions["input_ids"]), dim=1),
+        "completion_mask": torch.cat((torch.zeros_like(prompt_mask), completion_mask), dim=1),
+    }
+    if "token_type_ids" in prompts:  # Gemma
+        joined["token_type_ids"] = torch.cat((prompts["token_type_ids"], completions["token_type_ids"]), dim=1)
+    if "mm_token_type_ids" in prompts:  # Qwen2.5-VL: completions hold text only
+        mm = prompts["mm_token_type_ids"]
+        joined["mm_token_type_ids"] = torch.cat((mm, torch.zeros_like(completions["input_ids"])), dim=1)
+    names = list(joined)
+    flushed = flush_left(*joined.values())
+    return {name: tensor[:, :max_length] for name, tensor in zip(names, flushed)}
+
+
+def _no_pad_to_multiple_of(pad_to_multiple_of: int | None) -> None:
+    if pad_to_multiple_of is not None:
+        raise NotImplementedError(
+            "`pad_to_multiple_of` is not implemented for vision-language prompt-completion data: the processor pads "
+            "prompts and completions separately. Leave it unset."
+        )
+
+
+@dataclass
+class DataCollatorForVisionLanguageModeling(DataCollatorMixin):
+    """Collate raw vision-language rows for SFT, running `processor` over their images and text (TRL's collator of
+    the same name, `trl.trainer.sft_trainer`).
+
+    Rows hold `images` (a list) or `image`, and either `messages` / the `dataset_text_field` column (language
+    modeling: the whole sequence is trained on, or only the assistant turns with `assistant_only_loss`) or `prompt`
+    and `completion` (trained on the completion only with `completion_only_loss`). Returns the processor's outputs
+    (`pixel_values`, ...) with right-padded `input_ids`, `attention_mask` and `labels` (-100 off the loss).
+    """
+
+    processor: ProcessorMixin
+    max_length: int | None = None
+    completion_only_loss: bool = False
+    pad_to_multiple_of: int | None = None
+    dataset_text_field: str = "text"
+    assistant_only_loss: bool = False
+    chat_template: str | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        first = examples[0]
+        if self.assistant_only_loss and "messages" not in first:
+            raise ValueError(
+                "The `assistant_only_loss` argument is only supported for conversational language modeling datasets "
+                "(a `messages` column); use `completion_only_loss` for prompt-completion rows."
+            )
+        if "messages" in first or self.dataset_text_field in first:
+            if self.completion_only_loss:
+                raise ValueError(
+                    "The `completion_only_loss` argument is not supported for language modeling datasets: they have "
+                    "no prompt/completion split. Use prompt-completion rows, or `assistant_only_loss` for messages."
+                )
+            return self._collate_language_modeling(examples)
+        if "prompt" in first and "completion" in first:
+            return self._collate_prompt_completion(examples)
+        raise KeyError(
+            f"Unexpected input keys in examples: {list(first)}. Expected `messages`, `{self.dataset_text_field}`, "
+            "or `prompt` and `completion`."
+        )
+
+    def _collate_language_modeling(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        from .formats import prepare_multimodal_messages
+
+        images = _batch_images(examples)
+        processor_kwargs = {
+            "padding": True,
+            "padding_side": "right",
+            "pad_to_multiple_of": self.pad_to_multiple_of,
+            "truncation": self.max_length is not None,
+            "max_length": self.max_length,
+            "add_special_tokens": False,  # the chat template already holds the special tokens
+        }
+        if "messages" in examples[0]:
+            conversations = [
+                prepare_multimodal_messages(ex["messages"], images=images[i] if images else None)
+                for i, ex in enumerate(examples)
+            ]
+            output = self.processor.apply_chat_template(
+                conversations,
+                chat_template=self.chat_template,
+                tokenize=True,
+                return_dict=True,
+                return_tensors=self.return_tensors,
+                return_assistant_tokens_mask=self.assistant_only_loss,
+                processor_kwargs=processor_kwargs,
+            )
+        else:
+            texts = [ex[self.dataset_text_field] for ex in examples]
+            image_kwargs = {"images": images} if images is not None else {}
+            output = self.processor(text=texts, return_tensors=self.return_tensors, **image_kwargs, **processor_kwargs)
+        labels = output["input_ids"].clone()
+        labels[output["attention_mask"] == 0] = -100
+        if self.assistant_only_loss:
+            labels[output.pop("assistant_masks") == 0] = -100
+        output["labels"] = labels
+        return output
+
+    def _collate_prompt_completion(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        _no_pad_to_multiple_of(self.pad_to_multiple_of)
+        images = _batch_images(examples)
+        rows = _render_vision_rows(examples, self.processor, ("completion",), images)
+        prompts = _process(self.processor, [r["prompt"] for r in rows], "left", self.return_tensors, images)
+        completions = _process(self.processor, [r["completion"] for r in rows], "right", self.return_tensors)
+        joined = _join_prompt_completion(prompts, completions, self.max_length)
+        completion_mask = joined.pop("completion_mask")
+        labels = joined["input_ids"].clone()
+        labels[joined["attention_mask"] == 0] = -100
+        if self.completion_only_loss:
+            labels[completion_mask == 0] = -100
+        output = prompts  # keeps the processor's image fields
+        output.update(joined, labels=labels)
+        return output
+
+
+@dataclass
+class DataCollatorForVisionPreference(DataCollatorMixin):
+    """Collate raw vision-language preference rows for DPO, running `processor` over images and text (TRL's
+    collator of the same name, `trl.trainer.dpo_trainer`).
+
+    Rows hold `images` (a list) or `image`, and `prompt`, `chosen`, `rejected` (text or messages). Returns the
+    processor's image fields and 2B rows, the chosen ones first: `input_ids`, `attention_mask` and
+    `completion_mask` (1 on completion tokens), the prompt's padding flushed left, cut to `max_length`.
+    """
+
+    processor: ProcessorMixin
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        _no_pad_to_multiple_of(self.pad_to_multiple_of)
+        images = _batch_images(examples)
+        rows = _render_vision_rows(examples, self.processor, ("chosen", "rejected"), images)
+        prompt_texts = [r["prompt"] for r in rows] * 2  # one prompt per chosen row, one per rejected row
+        completion_texts = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+        prompts = _process(self.processor, prompt_texts, "left", self.return_tensors, images and images * 2)
+        completions = _process(self.processor, completion_texts, "right", self.return_tensors)
+        output = prompts  # keeps the processor's image fields
+        output.update(_join_prompt_completion(prompts, completions, self.max_length))
+        return output
+
+
+@dataclass
+class DataCollatorForVisionUnpairedPreference(DataCollatorMixin):
+    """Collate raw vision-language unpaired preference rows for KTO, running `processor` over images and text
+    (TRL's collator of the same name, `trl.trainer.kto_trainer`).
+
+    Rows hold `images` (a list) or `image`, `prompt`, `completion` and a boolean `label`. Returns the processor's
+    image fields, `input_ids`, `attention_mask`, `completion_mask` and `label`; with `calculate_kl`, also the
+    mismatched pairs KTO estimates its KL term on (`KL_input_ids`, ...): each prompt with the previous row's
+    completion.
+    """
+
+    processor: ProcessorMixin
+    max_length: int | None = None
+    calculate_kl: bool = True
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        _no_pad_to_multiple_of(self.pad_to_multiple_of)
+        images = _batch_images(examples)
+        rows = _render_vision_rows(examples, self.processor, ("completion",), images)
+        completion_texts = [r["completion"] for r in rows]
+        prompts = _process(self.processor, [r["prompt"] for r in rows], "left", self.return_tensors, images)
+        completions = _process(self.processor, completion_texts, "right", self.return_tensors)
+        joined = _join_prompt_completion(prompts, completions, self.max_length)
+        if self.calculate_kl:
+            shifted = completion_texts[-1:] + completion_texts[:-1]
+            kl_completions = _process(self.processor, shifted, "right", self.return_tensors)
+            kl = _join_prompt_completion(prompts, kl_completions, self.max_length)
+            joined.update({f"KL_{name}": tensor for name, tensor in kl.items()})
+        output = prompts  # keeps the processor's image fields
+        output.update(joined)
+        output["label"] = torch.tensor([ex["label"] for ex in examples])  # a tensor, so Accelerate can gather it
+        return output

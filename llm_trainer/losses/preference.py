@@ -97,7 +97,8 @@ def check_dpo_options(
         )
     if loss_weights is not None and len(loss_weights) != len(loss_types):
         raise ValueError(
-            f"`loss_weights` has {len(loss_weights)} entries but `loss_type` has {len(loss_types)} ({loss_types}). "
+            f"`loss_weights` must have the same length as `loss_type`: it has {len(loss_weights)} entries for "
+            f"{len(loss_types)} loss types ({loss_types}). "
             "Pass one weight per loss type, or `loss_weights=None` to weight every loss type 1.0."
         )
     if f_divergence_type not in F_DIVERGENCE_TYPES:

@@ -100,6 +100,10 @@ class BaseConfig(TrainingArguments):
         super().__post_init__()
 
 
+_BaseConfig = BaseConfig
+"""TRL's name for the shared config base (`trl.trainer.base_config._BaseConfig`); TRL's test fixtures patch it."""
+
+
 def check_number(
     config: Any, name: str, minimum: float, fix: str, *, exclusive: bool = False, maximum: float | None = None
 ) -> None:

@@ -108,6 +108,7 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
         self.beta = args.beta
         self.temperature = args.temperature
         self.max_completion_length = args.max_completion_length
+        self.tools: list[Callable] = []  # tool calling is not supported yet (refused above)
         self.chat_template_kwargs = args.chat_template_kwargs or {}
         self.pad_to_multiple_of = args.pad_to_multiple_of
         self.shuffle_dataset = args.shuffle_dataset

@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.trainer_utils import EvalPrediction
 
-from ..data.collators import DataCollatorForPreference
+from ..data.collators import DataCollatorForPreference, DataCollatorForVisionPreference
 from ..data.preference_dataset import check_preference_dataset, prepare_preference_dataset
 from ..losses import dpo_loss, masked_mean_nll, preference_metrics, wpo_weights
 from ..modeling import add_reference_adapter, reference_adapter
@@ -37,7 +37,7 @@ from .preference_forward import (
 from .reference_logps import PrecomputedReferenceMixin
 from .special_tokens import configure_special_tokens
 
-__all__ = ["DPOTrainer", "DataCollatorForPreference"]
+__all__ = ["DPOTrainer", "DataCollatorForPreference", "DataCollatorForVisionPreference"]
 
 logger = logging.getLogger(__name__)
 

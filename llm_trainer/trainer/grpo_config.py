@@ -192,7 +192,7 @@ class GRPOConfig(OnlineRLConfig):
                 raise ValueError(f"`{name}` must be one of {choices}, got {getattr(self, name)!r}.")
         if self.log_completions_hub_repo is not None and not self.log_completions:
             raise ValueError(
-                "`log_completions_hub_repo` is set but `log_completions=False`, so nothing would be uploaded. Set "
+                "`log_completions_hub_repo` is set, but log_completions is False, so nothing would be uploaded. Set "
                 "`log_completions=True` or unset `log_completions_hub_repo`."
             )
         if not 0.0 <= self.top_entropy_quantile <= 1.0:
@@ -200,7 +200,7 @@ class GRPOConfig(OnlineRLConfig):
         clip_min, clip_max = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
         if clip_min is not None and clip_max is not None and clip_min >= clip_max:
             raise ValueError(
-                f"`vllm_importance_sampling_clip_min` ({clip_min}) must be below "
+                f"`vllm_importance_sampling_clip_min` ({clip_min}) must be less than "
                 f"`vllm_importance_sampling_clip_max` ({clip_max})."
             )
         truncating = self.vllm_importance_sampling_mode.endswith("_truncate")

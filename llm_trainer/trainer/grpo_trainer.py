@@ -23,7 +23,9 @@ from ..losses.policy_gradient import (
     masked_sum_count,
     nanmax,
     nanmin,
+    off_policy_mask,
     reduce_metrics,
+    vespo_gamma_weights,
     vllm_importance_sampling_ratio,
 )
 from .grpo_config import GRPOConfig
@@ -222,7 +224,7 @@ class GRPOTrainer(OnlineRLTrainer):
         entropy_mask = None
         if self.top_entropy_quantile < 1.0:
             quantile = 1 - self.top_entropy_quantile
-            entropy_mask = high_entropy_mask(entropies, mask, quantile, gather=self._gather_entropies)
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, quantile)
         advantages = inputs["advantages"]
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
@@ -262,17 +264,53 @@ class GRPOTrainer(OnlineRLTrainer):
         if self._entropy_bonus_enabled:
             loss = loss - self._entropy_bonus(entropies, mask if entropy_mask is None else mask * entropy_mask, mode)
             metrics["policy_loss"].append(gather(out.policy_loss.reshape(1)).nanmean().item())
-        if aux_loss is not None and self.router_aux_loss_coef:
+        if aux_loss is not None and self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         self._log_loss_metrics(out, entropies, advantages, mask, mode)
         return loss
 
-    def _gather_entropies(self, local: torch.Tensor) -> torch.Tensor:
-        """Every process's masked entropies, concatenated (lengths differ: pad with a negative sentinel)."""
-        sentinel = -1e9  # entropies are >= 0
-        everyone = self.accelerator.gather(self.accelerator.pad_across_processes(local, dim=0, pad_index=sentinel))
-        return everyone[everyone != sentinel]
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Bool `(B, T)` mask of the tokens whose entropy reaches the `threshold` quantile (in [0, 1]) of every
+        process's unpadded entropies; padding is never selected. GRPO passes `1 - top_entropy_quantile`."""
+        accelerator = self.accelerator
+
+        def gather_all(local: torch.Tensor) -> torch.Tensor:
+            # Lengths differ across processes: pad with a sentinel no entropy can take (they are >= 0), then drop it.
+            sentinel = -1e9
+            everyone = accelerator.gather(accelerator.pad_across_processes(local, dim=0, pad_index=sentinel))
+            return everyone[everyone != sentinel]
+
+        return high_entropy_mask(entropies, mask, threshold, gather=gather_all)
+
+    @staticmethod
+    def get_off_policy_mask(
+        advantages: torch.Tensor,
+        per_token_logps: torch.Tensor,
+        sampling_per_token_logps: torch.Tensor,
+        mask: torch.Tensor,
+        off_policy_threshold: float,
+    ) -> torch.Tensor:
+        """`(B, 1)` keep (1) / drop (0) mask of `off_policy_mask_threshold`: a sequence is dropped when its advantage
+        is negative and its mean KL(sampler || policy) exceeds `off_policy_threshold` (see `losses.off_policy_mask`)."""
+        return off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)
+
+    @staticmethod
+    def get_gamma_weights(
+        advantages: torch.Tensor,
+        log_ratio_per_token: torch.Tensor,
+        mask: torch.Tensor,
+        importance_sampling_ratio: torch.Tensor | None,
+        k_pos: float = 2.0,
+        lambda_pos: float = 3.0,
+        k_neg: float = 3.0,
+        lambda_neg: float = 2.0,
+    ) -> torch.Tensor:
+        """VESPO's detached `(B, 1)` gamma weights φ(w) of the sequence importance weight w (`loss_type="vespo"`;
+        see `losses.vespo_gamma_weights`)."""
+        return vespo_gamma_weights(
+            advantages, log_ratio_per_token, mask, importance_sampling_ratio, k_pos, lambda_pos, k_neg, lambda_neg
+        )
 
     def _entropy_bonus(self, entropies: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
         """`coef * mean entropy`, to subtract from the loss. With `use_adaptive_entropy`, the coefficient steps by

@@ -10,12 +10,13 @@ from datasets import Dataset, IterableDataset
 from transformers import DataCollator, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 from transformers.trainer_utils import EvalPrediction
 
+from ..data.collators import DataCollatorForVisionUnpairedPreference
 from ..data.unpaired import DataCollatorForUnpairedPreference, recommend_loss_weights
 from ..losses import kto_kl, kto_loss
 from .kto_config import KTOConfig
 from .unpaired_base import UnpairedForward, UnpairedPreferenceTrainer
 
-__all__ = ["DataCollatorForUnpairedPreference", "KTOTrainer"]
+__all__ = ["DataCollatorForUnpairedPreference", "DataCollatorForVisionUnpairedPreference", "KTOTrainer"]
 
 
 class KTOTrainer(UnpairedPreferenceTrainer):
@@ -70,6 +71,19 @@ class KTOTrainer(UnpairedPreferenceTrainer):
             peft_config,
             calculate_kl=args.loss_type != "apo_zero_unpaired",
         )
+        self.beta = args.beta
+        self.loss_type = args.loss_type
+        self.desirable_weight = args.desirable_weight
+        self.undesirable_weight = args.undesirable_weight
+
+    @property
+    def calculate_KL(self) -> bool:  # noqa: N802 - TRL's name
+        """Whether the loss estimates KL(policy || reference) on mismatched pairs (False for `apo_zero_unpaired`)."""
+        return self.calculate_kl
+
+    @calculate_KL.setter
+    def calculate_KL(self, value: bool) -> None:  # noqa: N802 - TRL's name
+        self.calculate_kl = value
 
     def _check_balance(self, labels: list[bool], args: KTOConfig) -> None:
         recommend_loss_weights(labels, args.desirable_weight, args.undesirable_weight)
@@ -87,10 +101,10 @@ class KTOTrainer(UnpairedPreferenceTrainer):
             forward.ref_chosen_logps,
             forward.ref_rejected_logps,
             kl,
-            beta=self.args.beta,
-            loss_type=self.args.loss_type,
-            desirable_weight=self.args.desirable_weight,
-            undesirable_weight=self.args.undesirable_weight,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
         )
         self._metrics[mode]["kl"].append(kl.item())
         return out.loss, out.chosen_rewards, out.rejected_rewards

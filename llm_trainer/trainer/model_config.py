@@ -77,7 +77,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.load_in_8bit and self.load_in_4bit:
-            raise ValueError("`load_in_8bit` and `load_in_4bit` are both set: choose one quantization.")
+            raise ValueError(
+                "`load_in_8bit` and `load_in_4bit` are both set: you can't use 8 bit and 4 bit precision at the same "
+                "time; choose one quantization."
+            )
         if isinstance(self.dtype, str) and self.dtype not in DTYPES:
             raise ValueError(f"Invalid `dtype` {self.dtype!r}: use one of {', '.join(map(repr, DTYPES))}.")
         if self.bnb_4bit_quant_type not in BNB_4BIT_QUANT_TYPES:

@@ -269,8 +269,8 @@ class OnlineRLConfig(BaseConfig):
             )
         if self.auto_find_batch_size:
             raise ValueError(
-                f"`auto_find_batch_size=True` is not supported by {self._algorithm}: shrinking the batch on "
-                "out-of-memory would split the groups of `num_generations` completions per prompt. Set it to False "
+                f"auto_find_batch_size is not supported by {self._algorithm} (`auto_find_batch_size=True`): "
+                "shrinking the batch on out-of-memory would split the groups of `num_generations` completions per prompt. Set it to False "
                 "and lower `per_device_train_batch_size` instead."
             )
 
@@ -278,20 +278,21 @@ class OnlineRLConfig(BaseConfig):
         """Fill whichever of `generation_batch_size` / `steps_per_generation` is unset, and check the grouping."""
         if not isinstance(self.num_generations, int) or self.num_generations < 2:
             raise ValueError(
-                f"{self._algorithm} needs at least 2 completions per prompt to compare them; got "
+                f"{self._algorithm} requires at least 2 generations per prompt to compare completions; got "
                 f"`num_generations={self.num_generations}`. Set `num_generations` to 2 or more."
             )
         global_batch = self.per_device_train_batch_size * self.world_size
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
             raise ValueError(
-                "`generation_batch_size` and `steps_per_generation` set the same thing; give only one of them "
+                "`generation_batch_size` and `steps_per_generation` can not be both configured at the same time: "
+                "they set the same thing; give only one of them "
                 f"(got {self.generation_batch_size} and {self.steps_per_generation})."
             )
         if self.generation_batch_size is not None:
             if self.generation_batch_size % global_batch != 0:
                 raise ValueError(
-                    f"`generation_batch_size` ({self.generation_batch_size}) must be a multiple of the global batch "
-                    f"size per_device_train_batch_size x world_size ({global_batch})."
+                    f"generation_batch_size ({self.generation_batch_size}) must be divisible by the global batch "
+                    f"size, per_device_train_batch_size x world_size ({global_batch})."
                 )
             self.steps_per_generation = self.generation_batch_size // global_batch
         else:
@@ -310,7 +311,7 @@ class OnlineRLConfig(BaseConfig):
                 )
         if self.generation_batch_size % self.num_generations != 0:
             raise ValueError(
-                f"`generation_batch_size` ({self.generation_batch_size}) must be a multiple of `num_generations` "
+                f"generation_batch_size ({self.generation_batch_size}) must be divisible by num_generations "
                 f"({self.num_generations}) so that every prompt's completions land in the same batch. Adjust "
                 "`per_device_train_batch_size`, `steps_per_generation` or `generation_batch_size`."
             )

@@ -36,13 +36,7 @@ from ..losses.policy_gradient import nanstd
 from ..modeling import add_reference_adapter, add_token_logprob_head, reference_adapter
 from .base_trainer import BaseTrainer
 from .reward_functions import RewardFunc, RewardFunctions
-from .utils import (
-    disable_dropout_in_model,
-    identity,
-    print_prompt_completions_sample,
-    shuffle_sequence_dict,
-    split_tensor_dict,
-)
+from .utils import disable_dropout_in_model
 
 RolloutFunc = Callable[[list[Any], Any], dict[str, Any]]
 
@@ -74,7 +68,7 @@ class OnPolicyGenerationMixin:
         super().__init__(
             model=model,
             args=args,
-            data_collator=identity,
+            data_collator=_identity,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
@@ -206,8 +200,8 @@ class OnPolicyGenerationMixin:
         if not self.model.training:
             return self._generate_and_score_completions(generation_batch)
         if not self._buffer_in_use():
-            batch = shuffle_sequence_dict(self._generate_and_score_completions(generation_batch))
-            self._buffered_inputs = split_tensor_dict(batch, self.steps_per_generation)
+            batch = shuffle_rows(self._generate_and_score_completions(generation_batch))
+            self._buffered_inputs = split_rows(batch, self.steps_per_generation)
         return self._buffered_inputs[self._step % self.steps_per_generation]
 
     def _buffer_in_use(self) -> bool:
@@ -296,23 +290,13 @@ class OnPolicyGenerationMixin:
             loss = self.compute_loss(model, inputs)
         return loss.mean().detach(), None, None
 
-    def _save_completions_table(self, table: dict[str, list], reward_columns: tuple[str, ...] = ()) -> None:
+    def _save_completions_table(self, table: dict[str, list]) -> None:
         """Print a sample of `table` (rich) and save it all to `completions/*.parquet`; also log it to wandb /
-        trackio when those are in `report_to`. `table` needs the columns `step`, `prompt` and `completion`; it may
-        have `advantage`, the `reward_columns` and other (extra) columns."""
+        trackio when those are in `report_to`. `table` needs the columns `step`, `prompt` and `completion`."""
         import pandas as pd
 
         frame = pd.DataFrame(table)
-        shown = {"step", "prompt", "completion", "advantage", *reward_columns}
-        print_prompt_completions_sample(
-            table["prompt"],
-            table["completion"],
-            {name: table[name] for name in reward_columns},
-            table.get("advantage"),
-            self.state.global_step,
-            self.num_completions_to_print,
-            extra={name: values for name, values in table.items() if name not in shown},
-        )
+        _print_completions(frame, self.num_completions_to_print)
         folder = os.path.join(self.args.output_dir, "completions")
         os.makedirs(folder, exist_ok=True)
         frame.astype({"prompt": str, "completion": str}).to_parquet(
@@ -410,6 +394,7 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
         self.pad_to_multiple_of = args.pad_to_multiple_of
         self.shuffle_dataset = args.shuffle_dataset
         self.router_aux_loss_coef = self.configure_router_aux_loss(model, args.router_aux_loss_coef)
+        self.aux_loss_enabled = bool(self.router_aux_loss_coef)  # TRL's switch: False leaves the router loss out
         self.init_trainer(model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers)
         self._setup_reference(model, args)
         for i, reward_model in enumerate(self.reward_functions.funcs):
@@ -432,6 +417,7 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
             args, self.model, processing_class, accelerator=self.accelerator, unwrap=self.unwrapped_for_generation
         )
         self._last_loaded_step = -1
+        self.use_vllm = args.use_vllm
         self.rollout_rows: list[dict[str, Any]] = []
 
     @staticmethod
@@ -502,7 +488,10 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
         """Prompt ids, completion ids, decoded completions, sampling log-probs (or None), the environment mask (1
         where the policy wrote the token, 0 where an environment did; None without one) and extra rollout fields."""
         mode = "train" if self.model.training else "eval"
-        if self.state.global_step != self._last_loaded_step:
+        # A rollout function generates through the back end only when it is vLLM (a transformers back end generates
+        # with the live model, so there is nothing to sync).
+        needs_sync = self.rollout_func is None or self.use_vllm
+        if needs_sync and self.state.global_step != self._last_loaded_step:
             self.generator.sync_weights(self.accelerator.unwrap_model(self.model))
             self._last_loaded_step = self.state.global_step
         extra_fields: dict[str, Any] = {}
@@ -510,7 +499,10 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
             output = self.rollout_func(copy.deepcopy(prompts), self)
             missing = {"prompt_ids", "completion_ids", "logprobs"} - output.keys()
             if missing:
-                raise ValueError(f"`rollout_func` must return the keys {sorted(missing)} in its output dict.")
+                raise ValueError(
+                    f"rollout_func must return keys {sorted(missing)} in its output dict (it returned "
+                    f"{sorted(output)})."
+                )
             prompt_ids, completion_ids, logprobs = output["prompt_ids"], output["completion_ids"], output["logprobs"]
             extra_fields = {k: v for k, v in output.items() if k not in ("prompt_ids", "completion_ids", "logprobs")}
         else:
@@ -713,7 +705,7 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
             **{name: list(values) for name, values in self._logs["extra"].items()},
             "advantage": list(self._logs["advantages"]),
         }
-        self._save_completions_table(table, reward_columns=tuple(self._logs["rewards"]))
+        self._save_completions_table(table)
 
     def close(self) -> None:
         """Stop the generation back end."""
@@ -734,3 +726,49 @@ def tokenize_prompts(
             **chat_template_kwargs,
         )["input_ids"]
     return processing_class(text=prompts)["input_ids"]
+
+
+def _identity(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return rows
+
+
+def shuffle_rows(batch: dict[str, Any]) -> dict[str, Any]:
+    """The same random permutation of the rows of every tensor (and list) in `batch`; scalars are kept."""
+    size = len(batch["prompt_ids"])
+    order = torch.randperm(size)
+    shuffled = {}
+    for key, value in batch.items():
+        if _is_rows(value):
+            value = value[order]
+        elif isinstance(value, list):
+            value = [value[i] for i in order.tolist()]
+        shuffled[key] = value
+    return shuffled
+
+
+def split_rows(batch: dict[str, Any], chunks: int) -> list[dict[str, Any]]:
+    """`batch` cut into `chunks` equal slices of rows; scalars are shared by every slice."""
+    size = len(batch["prompt_ids"]) // chunks
+    rows = {key for key, value in batch.items() if isinstance(value, list) or _is_rows(value)}
+    return [
+        {key: value[i * size : (i + 1) * size] if key in rows else value for key, value in batch.items()}
+        for i in range(chunks)
+    ]
+
+
+def _is_rows(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim > 0
+
+
+def _print_completions(frame: Any, num_samples: int | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    sample = frame if num_samples is None or num_samples >= len(frame) else frame.sample(num_samples, random_state=0)
+    table = Table(show_lines=True, title=f"Step {int(frame['step'].iloc[0])}")
+    columns = [c for c in sample.columns if c != "step"]
+    for column in columns:
+        table.add_column(column)
+    for _, row in sample.iterrows():
+        table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row[columns]])
+    Console().print(table)

@@ -183,9 +183,9 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
             self._signature_columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
 
     # ------------------------------------------------------------------------------------------------ loss
-    def concatenated_forward(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> PairedForward:
+    def concatenated_forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> PairedForward:
         """One fused forward over the 2B chosen-then-rejected rows, without building the logits."""
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         length = input_ids.size(1)
         # One more (masked) padding column, so the head also projects the last position of every row: TRL's
         # `logits/*` averages over it (CPO). Causal attention leaves the other positions unchanged.
@@ -201,7 +201,7 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
         # Position t scores token t + 1; the last one scores the added column and is in no mask. (Prompt-learning
         # PEFT prepends virtual tokens to the outputs: keep the positions of the real tokens.)
         log_probs, mean_logits = outputs.log_probs[:, -length:], outputs.mean_logits[:, -length:].detach()
-        next_in_completion = F.pad(inputs["completion_mask"][:, 1:], (0, 1))
+        next_in_completion = F.pad(batch["completion_mask"][:, 1:], (0, 1))
         logps = sequence_logps(log_probs, next_in_completion, average=self.average_logps)
         num_pairs = input_ids.size(0) // 2
         if self.nll_tokens is None:
@@ -254,10 +254,12 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
         return loss.detach(), logits, torch.zeros(logits.shape[0], device=self.accelerator.device)
 
     # ----------------------------------------------------------------------------------------------- eval
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, **kwargs):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         if self.args.generate_during_eval and self.is_world_process_zero():
             self.log_generations(dataloader.dataset)
-        return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, **kwargs)
+        return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
 
     def log_generations(self, dataset: Dataset) -> list[list[str]]:
         """Sample a completion for `eval_batch_size` random prompts of `dataset` and log a `game_log` table of

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from .reward_config import RewardConfig
 from .special_tokens import configure_special_tokens
 from .utils import disable_dropout_in_model
 
-__all__ = ["DataCollatorForPreference", "RewardTrainer"]
+__all__ = ["DataCollatorForPreference", "RewardTrainer", "suppress_seqcls_warning"]
 
 DataCollatorForPreference = DataCollatorForReward
 """TRL's name for the reward collator (`trl.trainer.reward_trainer.DataCollatorForPreference`)."""
@@ -78,13 +78,14 @@ class RewardTrainer(BaseTrainer):
         self.check_train_dataset(train_dataset, args, "a preference dataset ('chosen' / 'rejected')")
         if not isinstance(model, str) and getattr(model.config, "num_labels", None) != 1:
             raise ValueError(
-                f"The model has `num_labels={model.config.num_labels}`, but a reward model outputs one score per "
-                "sequence: load it with `num_labels=1`, or pass its name or path to have it loaded that way."
+                f"The model has `num_labels={model.config.num_labels}`, but reward models require `num_labels=1`: "
+                "they output one score per sequence; load it with `num_labels=1`, or pass its name or path to have "
+                "it loaded that way."
             )
 
         load_args = copy.copy(args)
         load_args.model_init_kwargs = {**(args.model_init_kwargs or {}), "num_labels": 1}
-        with _expected_head_swap():
+        with suppress_seqcls_warning():
             model = self.prepare_model(model, load_args, quantization_config, AutoModelForSequenceClassification)
         is_quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
         processing_class = self.prepare_processing_class(model, processing_class, args)
@@ -160,9 +161,9 @@ class RewardTrainer(BaseTrainer):
 
 
 @contextlib.contextmanager
-def _expected_head_swap():
+def suppress_seqcls_warning() -> Iterator[None]:
     """Keep `from_pretrained` quiet about the two keys a causal LM checkpoint loaded as a sequence classifier always
-    reports: the new `score` head (missing) and the unused `lm_head` (unexpected)."""
+    reports: the new `score` head (missing) and the unused `lm_head` (unexpected). A context manager (TRL's name)."""
     if Version(transformers.__version__) < Version("4.57.0"):  # older versions misload with these set; let them warn
         yield
         return

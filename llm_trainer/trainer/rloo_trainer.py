@@ -107,7 +107,7 @@ class RLOOTrainer(OnlineRLTrainer):
         advantages = inputs["advantages"]
         loss, coef_1 = rloo_loss(logps, inputs["old_logps"], advantages, self.epsilon_low, self.epsilon_high)
         metrics = self._metrics[mode]
-        if aux_loss is not None and self.router_aux_loss_coef:
+        if aux_loss is not None and self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         local = {"entropy": masked_sum_count(entropies.detach(), mask)}

@@ -22,7 +22,7 @@ from transformers.trainer_utils import EvalPrediction
 
 from ..chat_template_utils import get_training_chat_template, is_chat_template_stop_token_trained
 from ..data.chat_template import read_chat_template
-from ..data.collators import DataCollatorForLanguageModeling
+from ..data.collators import DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling
 from ..data.formats import get_dataset_column_names, is_conversational
 from ..data.sft import check_sft_dataset, has_generation_markers, prepare_sft_dataset
 from ..modeling import add_token_logprob_head
@@ -32,7 +32,7 @@ from .special_tokens import configure_special_tokens
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataCollatorForLanguageModeling", "SFTTrainer"]
+__all__ = ["DataCollatorForLanguageModeling", "DataCollatorForVisionLanguageModeling", "SFTTrainer"]
 
 
 class SFTTrainer(BaseTrainer):
@@ -135,6 +135,7 @@ class SFTTrainer(BaseTrainer):
             self.model.get_base_model() if is_peft_model(self.model) else self.model, outputs=("entropy", "is_top1")
         )
         self.router_aux_loss_coef = self.configure_router_aux_loss(model, args.router_aux_loss_coef)
+        self.aux_loss_enabled = bool(self.router_aux_loss_coef)  # TRL's switch: False leaves the router loss out
 
     # ----------------------------------------------------------------------------------------------- setup
     def _check_options(self, args, sample, tokenizer, data_collator, formatting_func, compute_loss_func) -> None:
@@ -260,7 +261,7 @@ class SFTTrainer(BaseTrainer):
             loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
-            if self.router_aux_loss_coef and outputs.aux_loss is not None:
+            if self.aux_loss_enabled and outputs.aux_loss is not None:
                 steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
                 loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
         self._record_metrics(mode, inputs, outputs)
@@ -281,7 +282,7 @@ class SFTTrainer(BaseTrainer):
         else:
             local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
         self._log_num_tokens(mode, local)
-        if self.router_aux_loss_coef and outputs.aux_loss is not None:
+        if self.aux_loss_enabled and outputs.aux_loss is not None:
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

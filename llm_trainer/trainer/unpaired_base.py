@@ -162,17 +162,11 @@ class UnpairedPreferenceTrainer(PrecomputedReferenceMixin, BaseTrainer):
             ]
 
     # ------------------------------------------------------------------------------------------- reference
-    @contextlib.contextmanager
-    def reference_model(self):
-        """The model to run as the reference policy: `ref_model`, else the PEFT model as its reference adapter (or
-        with adapters disabled), else the policy itself (only before training, to precompute)."""
-        if self.ref_model is not None:
-            yield self.ref_model
-            return
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        context = self._reference_adapter(unwrapped) if is_peft_model(unwrapped) else contextlib.nullcontext()
-        with context:
-            yield self.model
+    @property
+    def _reference_or_policy(self):
+        """What runs as the reference: `ref_model`, else the policy (as its PEFT reference adapter, or the policy
+        itself before training, to precompute)."""
+        return self.ref_model if self.ref_model is not None else self.model
 
     def _reference_adapter(self, peft_model: Any):
         return reference_adapter(peft_model)
@@ -193,12 +187,19 @@ class UnpairedPreferenceTrainer(PrecomputedReferenceMixin, BaseTrainer):
                 model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"]
             )[1]
 
-    def compute_reference_log_probs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Reference log-probs of a collated batch's completions and (with `calculate_kl`) of its KL completions."""
-        with torch.no_grad(), self.reference_model() as model:
-            ref_kl_logps = self._kl_logps(model, batch) if self.calculate_kl else None
+    def compute_ref_log_probs(
+        self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Reference log-probs (no gradient) of a collated batch's completions and, with `calculate_kl`, of its KL
+        completions (else None). `model` is `ref_model`, or the policy: without a `ref_model`, a PEFT policy runs
+        as its reference adapter (or with adapters disabled)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        as_reference = self.ref_model is None and is_peft_model(unwrapped)
+        adapter = self._reference_adapter(unwrapped) if as_reference else contextlib.nullcontext()
+        with torch.no_grad(), adapter:
+            ref_kl_logps = self._kl_logps(model, inputs) if self.calculate_kl else None
             _, ref_logps = self._completion_logps(
-                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+                model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
             )
         return ref_logps, ref_kl_logps
 
@@ -207,7 +208,7 @@ class UnpairedPreferenceTrainer(PrecomputedReferenceMixin, BaseTrainer):
 
     def reference_batch_logps(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         with self.accelerator.autocast():
-            logps, kl_logps = self.compute_reference_log_probs(batch)
+            logps, kl_logps = self.compute_ref_log_probs(self._reference_or_policy, batch)
         return {"ref_logps": logps, "ref_KL_logps": kl_logps}
 
     def unpaired_forward(self, model, batch: dict[str, torch.Tensor]) -> UnpairedForward:
@@ -223,7 +224,7 @@ class UnpairedPreferenceTrainer(PrecomputedReferenceMixin, BaseTrainer):
         if "ref_logps" in batch:
             ref_logps, ref_kl_logps = batch["ref_logps"].to(logps.dtype), batch.get("ref_KL_logps")
         else:
-            ref_logps, ref_kl_logps = self.compute_reference_log_probs(batch)
+            ref_logps, ref_kl_logps = self.compute_ref_log_probs(self._reference_or_policy, batch)
         return UnpairedForward(
             chosen_logps=logps.index_select(0, chosen_idx),
             rejected_logps=logps.index_select(0, rejected_idx),

@@ -113,13 +113,13 @@ SHARED_ERRORS = {
     "both_batch_settings": (dict(generation_batch_size=8, steps_per_generation=1), "give only one"),
     "gbs_not_multiple_of_global_batch": (
         dict(per_device_train_batch_size=4, generation_batch_size=10, num_generations=2),
-        "multiple of the global batch",
+        "divisible by the global batch",
     ),
     "gbs_not_multiple_of_num_generations": (
         dict(per_device_train_batch_size=4, steps_per_generation=3, num_generations=8),
-        r"multiple of `num_generations` \(8\)",
+        r"divisible by num_generations \(8\)",
     ),
-    "one_generation": (dict(num_generations=1), "at least 2 completions"),
+    "one_generation": (dict(num_generations=1), "at least 2 generations"),
     "eval_batch": (
         dict(eval_strategy="steps", per_device_eval_batch_size=6, num_generations=4),
         "global eval batch size",
@@ -128,7 +128,7 @@ SHARED_ERRORS = {
 }
 GRPO_ERRORS = {
     "hub_repo_without_logging": (dict(log_completions_hub_repo="me/completions"), "log_completions=True"),
-    "clip_min_above_max": (dict(vllm_importance_sampling_clip_min=3.0), "must be below"),
+    "clip_min_above_max": (dict(vllm_importance_sampling_clip_min=3.0), "must be less than"),
     "truncate_without_bounds": (
         dict(vllm_importance_sampling_mode="sequence_truncate", vllm_importance_sampling_clip_max=None),
         "clip_min` or `vllm_importance_sampling_clip_max",
@@ -160,7 +160,7 @@ def test_errors_match_trl(ours, theirs, kwargs, message, tmp_path):
         (GRPOConfig, dict(vllm_importance_sampling_mode="token"), "`vllm_importance_sampling_mode` must be one of"),
         (GRPOConfig, dict(top_entropy_quantile=1.5), r"`top_entropy_quantile` must lie in \[0, 1\]"),
         (GRPOConfig, dict(loss_type="vespo", use_vllm=True), "token_truncate"),
-        (GRPOConfig, dict(num_generations=0), "at least 2 completions"),
+        (GRPOConfig, dict(num_generations=0), "at least 2 generations"),
         (RLOOConfig, dict(vllm_mode="remote"), "`vllm_mode` must be one of"),
         (RLOOConfig, dict(reward_clip_range=(1.0, -1.0)), "min <= max"),
         (RLOOConfig, dict(reward_clip_range="-1"), r"\(min, max\) pair"),
