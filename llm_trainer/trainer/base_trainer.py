@@ -10,7 +10,6 @@ import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -413,36 +412,35 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
         dataset_name: str | None = None,
         tags: str | list[str] | None = None,
     ) -> None:
-        """Write a `README.md` model card in `output_dir`: base model, trainer, tags and framework versions."""
+        """Write a `README.md` model card in `output_dir` (`llm_trainer.trainer.utils.generate_model_card`): base
+        model, dataset, trainer, tags, tracker links and framework versions."""
         if not self.is_world_process_zero():
             return
-        from huggingface_hub import ModelCard, ModelCardData
+        from .utils import generate_model_card, get_comet_experiment_url, get_trackio_space_url
 
         base_model = getattr(self.model.config, "_name_or_path", None)
         base_model = base_model if base_model and not os.path.isdir(base_model) else None
         tags = {tags} if isinstance(tags, str) else set(tags or ())
         tags |= {"llm-trainer", *self._tag_names}
-        data = ModelCardData(
+        wandb_url = None
+        if "wandb" in (self.args.report_to or []):
+            import wandb
+
+            wandb_url = wandb.run.url if wandb.run is not None else None
+        model_name = model_name or Path(self.args.output_dir).name
+        card = generate_model_card(
             base_model=base_model,
-            datasets=dataset_name,
-            library_name="transformers",
             model_name=model_name,
-            tags=["generated_from_trainer", *sorted(tags)],
-        )
-        versions = ", ".join(f"{pkg} {version(pkg)}" for pkg in ("transformers", "torch", "datasets", "tokenizers"))
-        body = (
-            f"# Model card for {model_name or 'this model'}\n\n"
-            f"Fine-tuned{f' from `{base_model}`' if base_model else ''} with {self._name} using llm_trainer "
-            f"{_package_version()}.\n\n## Framework versions\n\n{versions}\n"
+            hub_model_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id or model_name,
+            dataset_name=dataset_name,
+            tags=sorted(tags),
+            wandb_url=wandb_url,
+            trackio_url=get_trackio_space_url(),
+            comet_url=get_comet_experiment_url(),
+            trainer_name=self._name,
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
-        ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(os.path.join(self.args.output_dir, "README.md"))
-
-
-def _package_version() -> str:
-    from .. import __version__
-
-    return __version__
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
 
 def gather_sum(trainer: Trainer, value: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,13 @@ from ..losses.policy_gradient import nanstd
 from ..modeling import add_reference_adapter, add_token_logprob_head, reference_adapter
 from .base_trainer import BaseTrainer
 from .reward_functions import RewardFunc, RewardFunctions
-from .utils import disable_dropout_in_model
+from .utils import (
+    disable_dropout_in_model,
+    identity,
+    print_prompt_completions_sample,
+    shuffle_sequence_dict,
+    split_tensor_dict,
+)
 
 RolloutFunc = Callable[[list[Any], Any], dict[str, Any]]
 
@@ -68,7 +74,7 @@ class OnPolicyGenerationMixin:
         super().__init__(
             model=model,
             args=args,
-            data_collator=_identity,
+            data_collator=identity,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
@@ -200,8 +206,8 @@ class OnPolicyGenerationMixin:
         if not self.model.training:
             return self._generate_and_score_completions(generation_batch)
         if not self._buffer_in_use():
-            batch = shuffle_rows(self._generate_and_score_completions(generation_batch))
-            self._buffered_inputs = split_rows(batch, self.steps_per_generation)
+            batch = shuffle_sequence_dict(self._generate_and_score_completions(generation_batch))
+            self._buffered_inputs = split_tensor_dict(batch, self.steps_per_generation)
         return self._buffered_inputs[self._step % self.steps_per_generation]
 
     def _buffer_in_use(self) -> bool:
@@ -290,13 +296,23 @@ class OnPolicyGenerationMixin:
             loss = self.compute_loss(model, inputs)
         return loss.mean().detach(), None, None
 
-    def _save_completions_table(self, table: dict[str, list]) -> None:
+    def _save_completions_table(self, table: dict[str, list], reward_columns: tuple[str, ...] = ()) -> None:
         """Print a sample of `table` (rich) and save it all to `completions/*.parquet`; also log it to wandb /
-        trackio when those are in `report_to`. `table` needs the columns `step`, `prompt` and `completion`."""
+        trackio when those are in `report_to`. `table` needs the columns `step`, `prompt` and `completion`; it may
+        have `advantage`, the `reward_columns` and other (extra) columns."""
         import pandas as pd
 
         frame = pd.DataFrame(table)
-        _print_completions(frame, self.num_completions_to_print)
+        shown = {"step", "prompt", "completion", "advantage", *reward_columns}
+        print_prompt_completions_sample(
+            table["prompt"],
+            table["completion"],
+            {name: table[name] for name in reward_columns},
+            table.get("advantage"),
+            self.state.global_step,
+            self.num_completions_to_print,
+            extra={name: values for name, values in table.items() if name not in shown},
+        )
         folder = os.path.join(self.args.output_dir, "completions")
         os.makedirs(folder, exist_ok=True)
         frame.astype({"prompt": str, "completion": str}).to_parquet(
@@ -705,7 +721,7 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
             **{name: list(values) for name, values in self._logs["extra"].items()},
             "advantage": list(self._logs["advantages"]),
         }
-        self._save_completions_table(table)
+        self._save_completions_table(table, reward_columns=tuple(self._logs["rewards"]))
 
     def close(self) -> None:
         """Stop the generation back end."""
@@ -726,49 +742,3 @@ def tokenize_prompts(
             **chat_template_kwargs,
         )["input_ids"]
     return processing_class(text=prompts)["input_ids"]
-
-
-def _identity(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return rows
-
-
-def shuffle_rows(batch: dict[str, Any]) -> dict[str, Any]:
-    """The same random permutation of the rows of every tensor (and list) in `batch`; scalars are kept."""
-    size = len(batch["prompt_ids"])
-    order = torch.randperm(size)
-    shuffled = {}
-    for key, value in batch.items():
-        if _is_rows(value):
-            value = value[order]
-        elif isinstance(value, list):
-            value = [value[i] for i in order.tolist()]
-        shuffled[key] = value
-    return shuffled
-
-
-def split_rows(batch: dict[str, Any], chunks: int) -> list[dict[str, Any]]:
-    """`batch` cut into `chunks` equal slices of rows; scalars are shared by every slice."""
-    size = len(batch["prompt_ids"]) // chunks
-    rows = {key for key, value in batch.items() if isinstance(value, list) or _is_rows(value)}
-    return [
-        {key: value[i * size : (i + 1) * size] if key in rows else value for key, value in batch.items()}
-        for i in range(chunks)
-    ]
-
-
-def _is_rows(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.ndim > 0
-
-
-def _print_completions(frame: Any, num_samples: int | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    sample = frame if num_samples is None or num_samples >= len(frame) else frame.sample(num_samples, random_state=0)
-    table = Table(show_lines=True, title=f"Step {int(frame['step'].iloc[0])}")
-    columns = [c for c in sample.columns if c != "step"]
-    for column in columns:
-        table.add_column(column)
-    for _, row in sample.iterrows():
-        table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row[columns]])
-    Console().print(table)
