@@ -488,6 +488,7 @@ def run_pytest(label: str, tests_root: Path, targets: list[str], args, junit: Pa
         assert proc.stdout is not None
         for line in proc.stdout:
             out.write(line)
+            out.flush()
             match = re.search(r"\[\s*(\d+)%\]\s*$", line)
             if match:
                 progress.update(task, completed=int(match.group(1)))
@@ -498,6 +499,8 @@ def run_pytest(label: str, tests_root: Path, targets: list[str], args, junit: Pa
 
 def _node_id(classname: str, name: str, base: Path) -> str:
     """A junit (classname, name) pair as a pytest node id, `tests/test_x.py::TestY::test_z`."""
+    if not classname:  # a module that failed to import: junit names it `tests.test_x`, with no class
+        classname, name = name, "collection failure"
     parts = classname.split(".")
     for cut in range(len(parts), 0, -1):
         path = "/".join(parts[:cut]) + ".py"
@@ -565,9 +568,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=120, help="per-test timeout in seconds")
     parser.add_argument("--build-only", action="store_true", help="build the cache and stop")
     parser.add_argument("--reuse-real", action="store_true", help="reuse the last real-TRL junit instead of rerunning")
-    parser.add_argument("--output", default=str(RESULTS / "trl_test_suite.json"))
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from the last two runs")
+    parser.add_argument("--label", default="", help="suffix for run files and the JSON, to keep staged runs apart")
+    parser.add_argument("--output", help="JSON report (default benchmarks/results/trl_test_suite[_label].json)")
     parser.add_argument("--real-pass-list", help="also write the ids passing on real TRL here, one a line")
     args = parser.parse_args()
+    suffix = f"_{args.label}" if args.label else ""
+    args.output = args.output or str(RESULTS / f"trl_test_suite{suffix}.json")
 
     from rich.console import Console
     from rich.table import Table
@@ -590,13 +597,13 @@ def main() -> None:
     runs.mkdir(exist_ok=True)
     seconds = {}
     for label in ("real", "alias"):
-        junit, log = runs / f"{label}.xml", runs / f"{label}.log"
-        if label == "real" and args.reuse_real and junit.exists():
+        junit, log = runs / f"{label}{suffix}.xml", runs / f"{label}{suffix}.log"
+        if junit.exists() and (args.report_only or (label == "real" and args.reuse_real)):
             continue
         seconds[label] = run_pytest(label, tests_root, targets, args, junit, log, console)
         console.print(f"{label}: {seconds[label]:.0f} s, log {log}")
-    real = read_junit(runs / "real.xml", tests_root.parent)
-    alias = read_junit(runs / "alias.xml", tests_root.parent)
+    real = read_junit(runs / f"real{suffix}.xml", tests_root.parent)
+    alias = read_junit(runs / f"alias{suffix}.xml", tests_root.parent)
     report = compare(real, alias)
 
     table = Table(title="TRL tests passing on real TRL that also pass under the llm_trainer alias")
