@@ -89,8 +89,9 @@ def selective_log_softmax(
     """`log_softmax(logits / temperature)` gathered at `index`, as TRL's function of the same name.
 
     Equal to `torch.gather(logits.div(temperature).log_softmax(-1), -1, index)` but it keeps no full-size
-    `log_softmax` (nor a temperature-scaled copy) for the backward: only one fp32 log-sum-exp per row. bf16/fp16
-    logits are reduced in fp32 chunk by chunk.
+    `log_softmax` (nor a temperature-scaled copy) for the backward: only one fp32 log-sum-exp per row. On the
+    PyTorch back end, bf16/fp16 values are exactly that expression in their own dtype (TRL's non-Triton values, bit
+    for bit), taken a bounded chunk of rows at a time; the Triton back end reduces them in fp32 and rounds once.
 
     Args:
         logits: `(..., V)`, any float dtype.
@@ -105,7 +106,7 @@ def selective_log_softmax(
     _check_temperature(temperature)
     squeeze = index.dim() == logits.dim() - 1
     ops = _row_ops(logits.device, backend)
-    logps = SelectiveLogSoftmax.apply(logits, index.unsqueeze(-1) if squeeze else index, 1.0 / temperature, ops)
+    logps = SelectiveLogSoftmax.apply(logits, index.unsqueeze(-1) if squeeze else index, temperature, ops)
     if squeeze:
         logps = logps.squeeze(-1)
     return logps if row_mask is None else logps.masked_fill(row_mask == 0, 0.0)
@@ -151,7 +152,9 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128, *, backend:
 
     Args:
         logits: `(..., V)`, any float dtype.
-        chunk_size: rows reduced at a time by the PyTorch back end (bounds its fp32 scratch to `chunk_size * V`).
+        chunk_size: rows reduced at a time by the PyTorch back end (bounds its scratch to a few `chunk_size * V`
+            arrays). There, bf16/fp16 values are `-(p * log p).sum(-1)` in their own dtype with `log p` from
+            `log_softmax`, as TRL computes them; the backward works in fp32 either way.
         backend: `"torch"`, `"triton"` or None (automatic).
 
     Returns:

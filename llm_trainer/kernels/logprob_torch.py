@@ -13,6 +13,7 @@ factor from `x` to whatever produced it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -484,26 +485,64 @@ def _blockwise_grad(
     return out
 
 
-class SelectiveLogSoftmax(torch.autograd.Function):
-    """`log_softmax(scale * logits)` gathered at `index (..., K)`, from per-row log-sum-exps only.
+def _half_in_dtype(logits: torch.Tensor, ops: RowOps) -> bool:
+    """Whether the values come from `log_softmax` in the logits' own half-precision dtype.
 
-    Saves the logits themselves (no copy) and one fp32 log-sum-exp per row. bf16/fp16 rows are reduced, and their
-    gradient built, in fp32 and rounded once.
+    The PyTorch back end mirrors TRL's non-Triton path, which computes bf16/fp16 logits that way, so that values
+    match TRL's bit for bit; the backward still works from an fp32 log-sum-exp.
+    """
+    return ops is TorchRowOps and logits.dtype in (torch.float16, torch.bfloat16)
+
+
+def _row_chunks(logits: torch.Tensor, rows_per_chunk: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """`(rows, chunk)` pairs covering `logits (..., V)` in row-major order: 2-D views of at most `rows_per_chunk`
+    rows and their span in the flattened rows."""
+    row0 = 0
+    for block in _row_blocks(logits):
+        for start in range(0, block.shape[0], rows_per_chunk):
+            chunk = block[start : start + rows_per_chunk]
+            yield slice(row0 + start, row0 + start + chunk.shape[0]), chunk
+        row0 += block.shape[0]
+
+
+def _half_log_softmax(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    return (chunk if temperature == 1.0 else chunk / temperature).log_softmax(-1)
+
+
+class SelectiveLogSoftmax(torch.autograd.Function):
+    """`log_softmax(logits / temperature)` gathered at `index (..., K)`, from per-row log-sum-exps only.
+
+    Saves the logits themselves (no copy) and at most one fp32 log-sum-exp per row. fp32/fp64 rows are reduced by
+    the row-ops back end. bf16/fp16 rows: the Triton back end reduces them in fp32 and rounds once; the PyTorch one
+    takes `log_softmax` in their own dtype, a bounded chunk of rows at a time, and leaves the log-sum-exp to the
+    backward. Either way the gradient is built in fp32 and rounded once.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, index: torch.Tensor, scale: float, ops: RowOps) -> torch.Tensor:
-        lse, _ = _blockwise_stats(ops, logits, scale, entropy=False)
-        picked = logits.gather(-1, index).float()
-        if scale != 1.0:
-            picked.mul_(scale)
+    def forward(ctx, logits: torch.Tensor, index: torch.Tensor, temperature: float, ops: RowOps) -> torch.Tensor:
+        scale = 1.0 / temperature
+        if _half_in_dtype(logits, ops):
+            k = index.shape[-1]
+            logps = torch.empty(index.shape, device=logits.device, dtype=logits.dtype)
+            flat_logps, flat_index = logps.view(-1, k), index.reshape(-1, k)
+            for rows, chunk in _row_chunks(logits, _rows_per_chunk(logits.shape[-1], logits.device)):
+                torch.gather(_half_log_softmax(chunk, temperature), -1, flat_index[rows], out=flat_logps[rows])
+            lse = None
+        else:
+            lse, _ = _blockwise_stats(ops, logits, scale, entropy=False)
+            picked = logits.gather(-1, index).float()
+            if scale != 1.0:
+                picked.mul_(scale)
+            logps = (picked - lse.view(*index.shape[:-1], 1)).to(logits.dtype)
         ctx.save_for_backward(logits, index, lse)
         ctx.scale, ctx.ops = scale, ops
-        return (picked - lse.view(*index.shape[:-1], 1)).to(logits.dtype)
+        return logps
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, index, lse = ctx.saved_tensors
+        if lse is None:
+            lse, _ = _blockwise_stats(ctx.ops, logits, ctx.scale, entropy=False)
         k = index.shape[-1]
         grad_targets = (grad.float() * ctx.scale).reshape(-1, k)
         grad_logits = _blockwise_grad(
@@ -513,18 +552,34 @@ class SelectiveLogSoftmax(torch.autograd.Function):
 
 
 class Entropy(torch.autograd.Function):
-    """Entropy in nats of `softmax(logits)` along the last axis, from one pass over each chunk of rows."""
+    """Entropy in nats of `softmax(logits)` along the last axis, from one pass over each chunk of rows.
+
+    bf16/fp16 logits on the PyTorch back end: `-(p * log p).sum(-1)` in their own dtype, `log p` from `log_softmax`
+    (TRL's non-Triton values); the fp32 statistics the backward needs are folded there, on demand.
+    """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, rows_per_chunk: int | None, ops: RowOps) -> torch.Tensor:
-        lse, ent = _blockwise_stats(ops, logits, 1.0, True, rows_per_chunk)
-        ctx.save_for_backward(logits, lse, ent)
-        ctx.ops = ops
-        return ent.view(logits.shape[:-1]).to(logits.dtype)
+        if _half_in_dtype(logits, ops):
+            entropy = torch.empty(logits.shape[:-1], device=logits.device, dtype=logits.dtype)
+            flat_entropy, stats = entropy.view(-1), (None, None)
+            chunk_rows = rows_per_chunk or _rows_per_chunk(logits.shape[-1], logits.device)
+            for rows, chunk in _row_chunks(logits, chunk_rows):
+                log_p = chunk.log_softmax(-1)
+                torch.sum(log_p.exp().mul_(log_p), -1, out=flat_entropy[rows])
+            entropy.neg_()
+        else:
+            stats = _blockwise_stats(ops, logits, 1.0, True, rows_per_chunk)
+            entropy = stats[1].view(logits.shape[:-1]).to(logits.dtype)
+        ctx.save_for_backward(logits, *stats)
+        ctx.ops, ctx.rows_per_chunk = ops, rows_per_chunk
+        return entropy
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, lse, ent = ctx.saved_tensors
+        if lse is None:
+            lse, ent = _blockwise_stats(ctx.ops, logits, 1.0, True, ctx.rows_per_chunk)
         return _blockwise_grad(ctx.ops, logits, 1.0, lse, ent, grad_entropy=grad.float().flatten()), None, None
 
 

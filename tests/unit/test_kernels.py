@@ -241,57 +241,111 @@ def test_selective_log_softmax_matches_trl(temperature, k):
     torch.testing.assert_close(g_ours, g_theirs, atol=1e-6, rtol=1e-5)
 
 
-def test_selective_log_softmax_bf16_and_row_mask():
+HALF = [torch.bfloat16, torch.float16]
+
+
+def grad_tolerance(dtype, expected):
+    """Gradient tolerance for `dtype`: a few roundings of the largest entry (each input carries one)."""
+    return {"atol": 4 * torch.finfo(dtype).eps * expected.abs().max().item(), "rtol": 2 * torch.finfo(dtype).eps}
+
+
+HALF_SLS_CASES = [
+    pytest.param((2, 9, 300), None, 1.0, False, id="3d"),
+    pytest.param((11, 50), None, 0.6, True, id="2d-temperature-mask"),
+    pytest.param((3, 5, 130), 4, 1.0, True, id="k4-mask"),
+    pytest.param((2, 4, 70), 3, 1.7, False, id="k3-temperature"),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize(("shape", "k", "temperature", "masked"), HALF_SLS_CASES)
+def test_selective_log_softmax_half_values_are_trls(dtype, shape, k, temperature, masked):
+    """bf16/fp16 values equal TRL's (half-precision `log_softmax` gathered) bit for bit; the lean fp32 backward
+    matches autograd of that naive formula within the dtype's rounding."""
     gen = torch.Generator().manual_seed(2)
-    index = torch.randint(0, 300, (2, 9), generator=gen)
-    logits = make_logits((2, 9, 300)).detach()
-    logits[0].scatter_add_(-1, index[0, :, None], torch.full((9, 1), 20.0))  # p(index) near 1: 1 - p cancels
-    logits = logits.to(torch.bfloat16).requires_grad_()
-    row_mask = torch.rand(2, 9, generator=gen) > 0.3
-    ours = selective_log_softmax(logits, index, 1.5, row_mask=row_mask)
-    assert ours.dtype == torch.bfloat16
-    # TRL rounds every step of a bf16 log_softmax; here the fp32 result is rounded once
-    theirs = trl_selective_log_softmax(logits, index, 1.5, row_mask=row_mask)
-    torch.testing.assert_close(ours, theirs, atol=1e-2, rtol=2**-7)
-    exact = (logits.double() / 1.5).log_softmax(-1).gather(-1, index.unsqueeze(-1)).squeeze(-1) * row_mask
-    # One rounding to bf16, after fp32's cancellation in `z - logsumexp` for log-probs near 0
-    torch.testing.assert_close(ours.double(), exact, atol=1e-5, rtol=2**-8)
-    (g_ours,) = torch.autograd.grad(ours.float().sum(), logits)
-    (g_exact,) = torch.autograd.grad(exact.sum(), logits)
-    assert g_ours.dtype == torch.bfloat16
-    torch.testing.assert_close(g_ours, g_exact, atol=2e-3, rtol=1e-2)
+    index_shape = shape[:-1] if k is None else (*shape[:-1], k)
+    index = torch.randint(0, shape[-1], index_shape, generator=gen)
+    logits = make_logits(shape).detach()
+    flat_logits, flat_index = logits.view(-1, shape[-1]), index.view(-1, 1 if k is None else k)
+    flat_logits[0].scatter_add_(-1, flat_index[0], torch.full_like(flat_index[0], 20.0, dtype=torch.float32))
+    logits = logits.to(dtype).requires_grad_()  # row 0 is peaked: 1 - p(index) cancels
+    row_mask = (torch.rand(index_shape, generator=gen) > 0.3) if masked else None
+
+    def naive(x):
+        """TRL's reference: the full `log_softmax` gathered, in the dtype of `x`."""
+        picked = (x / temperature).log_softmax(-1).gather(-1, index if k else index.unsqueeze(-1))
+        picked = picked if k else picked.squeeze(-1)
+        return picked if row_mask is None else picked.masked_fill(row_mask == 0, 0.0)
+
+    ours = selective_log_softmax(logits, index, temperature, row_mask=row_mask, backend="torch")
+    assert ours.dtype == dtype and ours.shape == index.shape
+    assert torch.equal(ours, naive(logits))
+    assert torch.equal(ours, trl_selective_log_softmax(logits, index, temperature, row_mask=row_mask))
+
+    weights = torch.randn(index_shape, generator=gen).to(dtype)
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    (g_naive,) = torch.autograd.grad((naive(logits) * weights).sum(), logits)
+    exact_logits = logits.detach().double().requires_grad_()
+    (g_exact,) = torch.autograd.grad((naive(exact_logits) * weights.double()).sum(), exact_logits)
+    assert g_ours.dtype == dtype
+    torch.testing.assert_close(g_ours, g_naive, **grad_tolerance(dtype, g_naive))
+    torch.testing.assert_close(g_ours.double(), g_exact, **grad_tolerance(dtype, g_exact))
 
 
-def test_selective_log_softmax_on_sliced_logits_keeps_no_copy():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selective_log_softmax_on_sliced_logits_keeps_no_copy(dtype):
     """GRPO passes `logits[:, -k:]`, a view that cannot be flattened; nothing logits-sized may be saved."""
-    full = make_logits((4, 12, 256))
+    full = make_logits((4, 12, 256), dtype=dtype)
     logits = full[:, -5:]
     index = torch.randint(0, 256, (4, 5), generator=torch.Generator().manual_seed(5))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         ours = selective_log_softmax(logits, index)
     assert sum(t.numel() for t in saved if t.data_ptr() != logits.data_ptr()) <= 2 * index.numel()
-    torch.testing.assert_close(ours, trl_selective_log_softmax(logits, index))
+    torch.testing.assert_close(ours, trl_selective_log_softmax(logits, index), rtol=1e-5, atol=1e-5)
     (g,) = torch.autograd.grad(ours.sum(), full)
     (expected,) = torch.autograd.grad(trl_selective_log_softmax(logits, index).sum(), full)
-    torch.testing.assert_close(g, expected)
+    torch.testing.assert_close(g, expected, **grad_tolerance(dtype, expected))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_entropy_from_logits_matches_trl(dtype):
-    logits = make_logits((3, 5, 200), dtype=dtype)
+def test_entropy_from_logits_matches_trl():
+    logits = make_logits((3, 5, 200))
     ours = entropy_from_logits(logits, chunk_size=4)
-    theirs = trl_entropy_from_logits(logits, chunk_size=4)
-    assert ours.dtype == theirs.dtype == dtype
+    torch.testing.assert_close(ours, trl_entropy_from_logits(logits, chunk_size=4))
     exact = -(logits.double().softmax(-1) * logits.double().log_softmax(-1)).sum(-1)
-    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0, "rtol": 2**-8}
-    torch.testing.assert_close(ours.double(), exact, **tol)
-    if dtype == torch.float32:
-        torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(ours.double(), exact, atol=1e-5, rtol=1e-5)
     weights = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     (g_ours,) = torch.autograd.grad((ours.double() * weights).sum(), logits)
     (g_exact,) = torch.autograd.grad((exact * weights).sum(), logits)
-    assert_close_rel(g_ours, g_exact, 1e-5 if dtype == torch.float32 else 1e-2)
+    assert_close_rel(g_ours, g_exact, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize(
+    ("shape", "chunk_size", "sliced"),
+    [((3, 5, 200), 4, False), ((7, 64), 3, False), ((2, 6, 90), 128, False), ((3, 6, 50), 2, True)],
+)
+def test_entropy_from_logits_half_values_are_trls(dtype, shape, chunk_size, sliced):
+    """bf16/fp16 entropies equal TRL's `-(exp(log p) * log p).sum(-1)` in the half dtype; gradients stay close."""
+    full = make_logits(shape, dtype=dtype)
+    logits = full[:, 1:] if sliced else full  # a strided view is walked block by block, not copied
+    ours = entropy_from_logits(logits, chunk_size=chunk_size, backend="torch")
+    assert ours.dtype == dtype and ours.shape == logits.shape[:-1]
+    assert torch.equal(ours, trl_entropy_from_logits(logits, chunk_size=chunk_size))
+    log_p = logits.log_softmax(-1)
+    naive = -(log_p.exp() * log_p).sum(-1)
+    torch.testing.assert_close(ours, naive, atol=1e-5, rtol=1e-5)  # TRL's own check
+
+    weights = torch.randn(ours.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), full)
+    (g_naive,) = torch.autograd.grad((naive * weights).sum(), full)
+    exact_full = full.detach().double().requires_grad_()
+    exact_log_p = (exact_full[:, 1:] if sliced else exact_full).log_softmax(-1)
+    exact = -(exact_log_p.exp() * exact_log_p).sum(-1)
+    (g_exact,) = torch.autograd.grad((exact * weights.double()).sum(), exact_full)
+    assert g_ours.dtype == dtype
+    torch.testing.assert_close(g_ours, g_naive, **grad_tolerance(dtype, g_naive))
+    torch.testing.assert_close(g_ours.double(), g_exact, **grad_tolerance(dtype, g_exact))
 
 
 # ----------------------------------------------------------------------------------------------------------------
