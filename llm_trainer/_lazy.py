@@ -6,11 +6,20 @@ import importlib
 from collections.abc import Callable
 
 
-def lazy_exports(package: str, exports: dict[str, list[str]]) -> tuple[Callable, Callable, list[str]]:
-    """Return `(__getattr__, __dir__, __all__)` for `package`, importing `.module` only when one of its names is used."""
+def lazy_exports(
+    package: str, exports: dict[str, list[str]], submodules: bool = False
+) -> tuple[Callable, Callable, list[str]]:
+    """Return `(__getattr__, __dir__, __all__)` for `package`, importing `.module` only when one of its names is used.
+
+    With `submodules`, the modules named in `exports` are public attributes too (`package.module`), as in TRL's lazy
+    packages such as `trl.models`.
+    """
     owner = {name: module for module, names in exports.items() for name in names}
+    modules = list(exports) if submodules else []
 
     def __getattr__(name: str):
+        if name in modules:
+            return importlib.import_module(f".{name}", package)  # the import also binds it on the package
         if name not in owner:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         value = getattr(importlib.import_module(f".{owner[name]}", package), name)
@@ -18,6 +27,6 @@ def lazy_exports(package: str, exports: dict[str, list[str]]) -> tuple[Callable,
         return value
 
     def __dir__() -> list[str]:
-        return sorted(set(owner) | set(globals()))
+        return sorted(set(owner) | set(modules) | set(globals()))
 
-    return __getattr__, __dir__, sorted(owner)
+    return __getattr__, __dir__, [*modules, *sorted(owner)]

@@ -16,65 +16,29 @@ variables, and a `datasets:` list (see `DatasetMixtureConfig`) trains on a mixtu
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
-import warnings
-from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
-from .scripts.utils import DatasetMixtureConfig, ScriptArguments, TrlParser, get_dataset, load_data_file
-from .trainer.model_config import ModelConfig
+from .scripts import _training
+from .scripts.utils import TrlParser
 
-# Trainers of causal LMs whose constructor takes (model, args, train_dataset, eval_dataset, peft_config)
-TRAINERS = {
-    "sft": ("SFTConfig", "SFTTrainer"),
-    "dpo": ("DPOConfig", "DPOTrainer"),
-    "kto": ("KTOConfig", "KTOTrainer"),
-    "orpo": ("ORPOConfig", "ORPOTrainer"),
-    "cpo": ("CPOConfig", "CPOTrainer"),
-    "grpo": ("GRPOConfig", "GRPOTrainer"),
-    "rloo": ("RLOOConfig", "RLOOTrainer"),
-    "reward": ("RewardConfig", "RewardTrainer"),  # a sequence-classification head with one label on the LM
-    "distillation": ("DistillationConfig", "DistillationTrainer"),  # the teacher: --teacher_model_name_or_path
-}
-ONLINE = {"grpo", "rloo"}  # trainers that also take reward functions
-
-
-@dataclass
-class TrainScriptArguments(ScriptArguments):
-    """`ScriptArguments`, plus the reward options of TRL's `grpo` / `rloo` scripts."""
-
-    reward_funcs: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "GRPO/RLOO reward functions: names from `llm_trainer.rewards` (accuracy_reward, "
-            "reasoning_accuracy_reward, think_format_reward, get_soft_overlong_punishment) or import paths "
-            "(`my_module.my_reward`, resolved from the working directory)."
-        },
-    )
-    reward_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "GRPO/RLOO: a sequence-classification reward model, scored first."}
-    )
+TRAINERS = _training.TRAINERS
 
 
 def train(name: str, argv: list[str]) -> None:
-    """Run the `name` trainer with arguments parsed from `argv`, as TRL's script of that name does."""
-    import torch
+    """Run the `name` trainer with arguments parsed from `argv`, as TRL's script of that name does.
 
-    import llm_trainer
-
-    from .trainer.simple import load_named_dataset
-    from .trainer.utils import get_kbit_device_map, get_peft_config, get_quantization_config
-
-    config_name, trainer_name = TRAINERS[name]
-    parser = TrlParser(
-        (TrainScriptArguments, getattr(llm_trainer, config_name), ModelConfig, DatasetMixtureConfig),
+    Parsing is stricter than the scripts' own `__main__`: unknown flags and unknown keys of the `--config` YAML are
+    usage errors (with a did-you-mean hint), and bad input is a one-line message instead of a traceback.
+    """
+    parser = _training.make_parser(
+        name,
         prog=f"llm-trainer {name}",
         usage=f"llm-trainer {name} [--config run.yaml] [--flag value ...]  (`llm-trainer {name} --help` lists the flags)",
     )
     try:
-        script, config, model_args, mixture, config_unknown, unknown = parser.parse_args_and_config(
+        *parsed, config_unknown, unknown = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
     except (OSError, TypeError, ValueError) as error:  # the --config file, or a value a config rejects
@@ -84,58 +48,12 @@ def train(name: str, argv: list[str]) -> None:
     if config_unknown:
         keys = ", ".join(key.removeprefix("--") for key in config_unknown[::2])
         parser.error(f"unknown keys in the --config file: {keys}{_did_you_mean(parser, config_unknown[::2])}")
-    if not model_args.model_name_or_path or not (script.dataset_name or mixture.datasets):
-        raise SystemExit(
-            f"llm-trainer {name}: --model_name_or_path and --dataset_name are required (or, instead of "
-            "--dataset_name, a `datasets:` list in the --config YAML)."
-        )
-    extra = {"reward_funcs": reward_functions(script)} if name in ONLINE else {}
-    evaluating = config.eval_strategy != "no"
-    if mixture.datasets:
-        if script.dataset_name:
-            warnings.warn("Both `datasets` and --dataset_name are set: training on `datasets`.", stacklevel=2)
-        dataset = get_dataset(mixture)
-    elif os.path.isfile(script.dataset_name):
-        if evaluating:
-            raise SystemExit(
-                f"llm-trainer {name}: --dataset_name {script.dataset_name} is a single file, so there is no "
-                f"'{script.dataset_test_split}' split to evaluate on. Set --eval_strategy no, or list the files in a "
-                "`datasets:` mixture in the --config YAML with `test_split_size`."
-            )
-        try:
-            dataset = {script.dataset_train_split: load_data_file(script.dataset_name, script.dataset_streaming)}
-        except ValueError as error:
-            raise SystemExit(f"llm-trainer {name}: --dataset_name: {error}") from None
-    else:
-        try:
-            dataset = load_named_dataset(
-                script.dataset_name, name=script.dataset_config, streaming=script.dataset_streaming
-            )
-        except (FileNotFoundError, ValueError) as error:
-            raise SystemExit(f"llm-trainer {name}: --dataset_name: {error}") from None
-    init_kwargs = {
-        "revision": model_args.model_revision,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-    }
-    quantization_config = get_quantization_config(model_args)
-    if quantization_config is not None:
-        init_kwargs |= {"quantization_config": quantization_config, "device_map": get_kbit_device_map()}
-    config.model_init_kwargs = {**init_kwargs, **(config.model_init_kwargs or {})}
-    trainer = getattr(llm_trainer, trainer_name)(
-        model=model_args.model_name_or_path,
-        **extra,
-        args=config,
-        train_dataset=dataset[script.dataset_train_split],
-        eval_dataset=dataset[script.dataset_test_split] if evaluating else None,
-        peft_config=get_peft_config(model_args),
-    )
-    if script.ignore_bias_buffers:  # DDP cannot broadcast boolean buffers
-        trainer.model._ddp_params_and_buffers_to_ignore = [
-            buffer_name for buffer_name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
-        ]
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
+    try:
+        _training.main(name, *parsed)
+    except _training.ScriptArgumentError as error:
+        raise SystemExit(f"llm-trainer {name}: {error}") from None
+    except _training.RewardImportError as error:
+        raise SystemExit(str(error)) from None
 
 
 def _did_you_mean(parser: TrlParser, unknown: list[str]) -> str:
@@ -149,40 +67,6 @@ def _did_you_mean(parser: TrlParser, unknown: list[str]) -> str:
             if close:
                 return f" (did you mean {close[0]}?)"
     return ""
-
-
-def reward_functions(script: TrainScriptArguments) -> list:
-    """The reward model and functions named on the command line, TRL's `grpo` script style."""
-    import importlib
-
-    from . import rewards
-
-    registry = {
-        "accuracy_reward": rewards.accuracy_reward,
-        "reasoning_accuracy_reward": rewards.reasoning_accuracy_reward,
-        "think_format_reward": rewards.think_format_reward,
-        "get_soft_overlong_punishment": rewards.get_soft_overlong_punishment(1280, 256),
-    }
-    funcs: list = [script.reward_model_name_or_path] if script.reward_model_name_or_path else []
-    for name in script.reward_funcs or []:
-        if name in registry:
-            funcs.append(registry[name])
-        elif "." in name:
-            module, attribute = name.rsplit(".", 1)
-            sys.path.insert(0, os.getcwd())
-            try:
-                funcs.append(getattr(importlib.import_module(module), attribute))
-            except (ImportError, AttributeError) as error:
-                raise SystemExit(
-                    f"Cannot load the reward function {name!r}: {error}. Pass `module.function` importable from "
-                    f"{os.getcwd()} (e.g. `my_rewards.length` for a function `length` in my_rewards.py there), or one "
-                    f"of {sorted(registry)}."
-                ) from None
-        else:
-            raise SystemExit(f"Unknown reward function {name!r}: use one of {sorted(registry)} or an import path.")
-    if not funcs:
-        raise SystemExit("GRPO/RLOO need --reward_funcs and/or --reward_model_name_or_path.")
-    return funcs
 
 
 def env() -> str:

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
-import types
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
-from transformers import HfArgumentParser
-from transformers.hf_argparser import DataClass, DataClassType
+from ._hf_argparser import DataClass, DataClassType, HfArgumentParser
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -123,18 +120,8 @@ def init_zero_verbose() -> None:
     warnings.showwarning = log_warning
 
 
-def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    """`convert`, except that 'none' / 'null' (any case) parse to None."""
-
-    def parse(value: str) -> Any:
-        return None if value.lower() in ("none", "null") else convert(value)
-
-    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its error messages
-    return parse
-
-
 class TrlParser(HfArgumentParser):
-    """`transformers.HfArgumentParser` that also reads a YAML `--config` file, as TRL's scripts expect.
+    """`HfArgumentParser` that also reads a YAML `--config` file, as TRL's scripts expect.
 
     The YAML's keys set the flags' defaults, so flags given on the command line override them; its optional `env:`
     mapping is exported as environment variables before anything else is parsed. An optional (`X | None`) field that
@@ -156,18 +143,6 @@ class TrlParser(HfArgumentParser):
                     "for the YAML config file path: rename the field."
                 )
         super().__init__(dataclass_types=dataclass_types, **kwargs)
-
-    @staticmethod
-    def _parse_dataclass_field(parser: Any, field: dataclasses.Field) -> None:
-        union = getattr(field.type, "__origin__", None) is Union or isinstance(field.type, types.UnionType)
-        optional = union and type(None) in field.type.__args__ and bool not in field.type.__args__
-        first = len(parser._actions)
-        HfArgumentParser._parse_dataclass_field(parser, field)  # narrows `field.type` to the type parsed
-        action = parser._actions[first]
-        # Plain `X | None` fields only: strings keep "none" as a value (`report_to none`), and choices, booleans and
-        # lists have converters of their own
-        if optional and field.type is not str and action.type is field.type:
-            action.type = _none_or(action.type)
 
     def parse_args_and_config(
         self,

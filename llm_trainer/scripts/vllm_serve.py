@@ -12,6 +12,8 @@ server, so flags it does not know are an error instead of being forwarded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -66,6 +68,22 @@ _VLLM_ENGINE_ARGS = {
     "distributed_executor_backend": None,
     "speculative_config": None,
 }
+
+
+def build_command(script_args: ScriptArguments, extra_args: list[str] | None = None) -> list[str]:
+    """The command line, starting with the Python executable, that serves `script_args` in a new process.
+
+    TRL's `build_command` translates its flags into a `vllm serve` command line; this server is ours, so the command
+    runs `python -m llm_trainer.scripts.vllm_serve` with the fields that differ from their defaults (None values keep
+    the default), followed by `extra_args`.
+    """
+    command = [sys.executable, "-m", __name__]
+    for spec in dataclasses.fields(script_args):
+        value = getattr(script_args, spec.name)
+        if value is None or (spec.default is not dataclasses.MISSING and value == spec.default):
+            continue
+        command += [f"--{spec.name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return command + list(extra_args or [])
 
 
 def main(script_args: ScriptArguments, extra_args: list[str] | None = None) -> None:
@@ -126,3 +144,7 @@ def cli(argv: list[str]) -> None:
     except (OSError, ValueError) as error:  # the --config file
         parser.error(str(error))
     main(script_args, extra_args)
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

@@ -1,0 +1,248 @@
+"""The one implementation behind every training script: `llm_trainer.scripts.<name>` and `llm-trainer <name>`.
+
+`make_parser(name)` builds the script's `TrlParser` over TRL's four dataclasses (script arguments, the trainer's
+config, `ModelConfig`, `DatasetMixtureConfig`); `main(name, ...)` loads the data, resolves reward functions for the
+online trainers, builds the trainer and trains, as TRL's script of that name does. Bad input raises
+`ScriptArgumentError` (a `ValueError`, TRL's type) or `RewardImportError` before training; the CLI turns both into a
+one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from .utils import DatasetMixtureConfig, ScriptArguments, TrlParser, get_dataset, load_data_file
+
+__all__ = [
+    "ONLINE",
+    "TRAINERS",
+    "GRPOScriptArguments",
+    "OnlineScriptArguments",
+    "RLOOScriptArguments",
+    "RewardImportError",
+    "ScriptArgumentError",
+    "main",
+    "make_parser",
+    "reward_functions",
+]
+
+# Trainers of causal LMs whose constructor takes (model, args, train_dataset, eval_dataset, peft_config)
+TRAINERS = {
+    "sft": ("SFTConfig", "SFTTrainer"),
+    "dpo": ("DPOConfig", "DPOTrainer"),
+    "kto": ("KTOConfig", "KTOTrainer"),
+    "orpo": ("ORPOConfig", "ORPOTrainer"),
+    "cpo": ("CPOConfig", "CPOTrainer"),
+    "grpo": ("GRPOConfig", "GRPOTrainer"),
+    "rloo": ("RLOOConfig", "RLOOTrainer"),
+    "reward": ("RewardConfig", "RewardTrainer"),  # a sequence-classification head with one label on the LM
+    "distillation": ("DistillationConfig", "DistillationTrainer"),  # the teacher: --teacher_model_name_or_path
+}
+ONLINE = {"grpo", "rloo"}  # trainers that also take reward functions
+
+
+class ScriptArgumentError(ValueError):
+    """A training script was given input it cannot train on (no dataset, an unknown reward function, ...)."""
+
+
+class RewardImportError(ImportError):
+    """A `--reward_funcs` import path names a module or function that cannot be imported."""
+
+
+@dataclass
+class OnlineScriptArguments(ScriptArguments):
+    """`ScriptArguments`, plus the reward options of the online trainers' scripts (`grpo`, `rloo`)."""
+
+    reward_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A sequence-classification reward model (Hub id or local folder), scored first."},
+    )
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions: names from `llm_trainer.rewards` (accuracy_reward, reasoning_accuracy_reward, "
+            "think_format_reward, get_soft_overlong_punishment with max_completion_len=1280 and "
+            "soft_punish_cache=256) or import paths (`my_module.my_reward`, resolved from the working directory)."
+        },
+    )
+
+
+@dataclass
+class GRPOScriptArguments(OnlineScriptArguments):
+    """Script arguments of the `grpo` script: `ScriptArguments` plus `reward_model_name_or_path` and `reward_funcs`."""
+
+
+@dataclass
+class RLOOScriptArguments(OnlineScriptArguments):
+    """Script arguments of the `rloo` script: `ScriptArguments` plus `reward_model_name_or_path` and `reward_funcs`."""
+
+
+SCRIPT_ARGUMENTS = {"grpo": GRPOScriptArguments, "rloo": RLOOScriptArguments}
+
+
+def _dataclass_types(name: str) -> tuple[type, ...]:
+    """The four dataclasses the `name` script parses into, in TRL's order."""
+    import llm_trainer
+
+    from ..trainer.model_config import ModelConfig
+
+    if name not in TRAINERS:
+        raise ValueError(f"Unknown training script {name!r}: expected one of {sorted(TRAINERS)}.")
+    config = getattr(llm_trainer, TRAINERS[name][0])
+    return (SCRIPT_ARGUMENTS.get(name, ScriptArguments), config, ModelConfig, DatasetMixtureConfig)
+
+
+def make_parser(
+    name: str,
+    subparsers: argparse._SubParsersAction | None = None,
+    prog: str | None = None,
+    **kwargs: Any,
+) -> TrlParser:
+    """The `name` script's parser: standalone (with `prog` and any other `ArgumentParser` keywords), or added as the
+    `name` command to `subparsers` of a `TrlParser`-based CLI."""
+    dataclass_types = _dataclass_types(name)
+    if subparsers is not None:
+        return subparsers.add_parser(
+            name, help=f"Run the {name} training script", dataclass_types=dataclass_types, **kwargs
+        )
+    return TrlParser(dataclass_types, prog=prog, **kwargs)
+
+
+def reward_functions(script_args: OnlineScriptArguments) -> list:
+    """The reward model and functions named by `--reward_model_name_or_path` / `--reward_funcs`, in that order."""
+    from .. import rewards
+
+    registry = {
+        "accuracy_reward": rewards.accuracy_reward,
+        "reasoning_accuracy_reward": rewards.reasoning_accuracy_reward,
+        "think_format_reward": rewards.think_format_reward,
+        "get_soft_overlong_punishment": rewards.get_soft_overlong_punishment(1280, 256),
+    }
+    funcs: list = [script_args.reward_model_name_or_path] if script_args.reward_model_name_or_path else []
+    for name in script_args.reward_funcs or []:
+        if name in registry:
+            funcs.append(registry[name])
+        elif "." in name:
+            module, attribute = name.rsplit(".", 1)
+            sys.path.insert(0, os.getcwd())
+            try:
+                funcs.append(getattr(importlib.import_module(module), attribute))
+            except (ImportError, AttributeError) as error:
+                raise RewardImportError(
+                    f"Cannot load the reward function {name!r}: {error}. Pass `module.function` importable from "
+                    f"{os.getcwd()} (e.g. `my_rewards.length` for a function `length` in my_rewards.py there), or one "
+                    f"of {sorted(registry)}."
+                ) from None
+        else:
+            raise ScriptArgumentError(
+                f"Unknown reward function {name!r}: use one of {sorted(registry)} or an import path. "
+                f"(Could not load reward function {name!r}.)"
+            )
+    if not funcs:
+        raise ScriptArgumentError("GRPO/RLOO need --reward_funcs and/or --reward_model_name_or_path.")
+    return funcs
+
+
+def _load_datasets(script_args: ScriptArguments, dataset_args: DatasetMixtureConfig, evaluating: bool):
+    """The dataset splits to train (and evaluate) on: the `datasets:` mixture, a local file, or `--dataset_name`."""
+    from ..trainer.simple import load_named_dataset
+
+    if dataset_args.datasets:
+        if script_args.dataset_name:
+            warnings.warn(
+                "Both `datasets` and `dataset_name` are provided: training on `datasets`, ignoring `dataset_name`.",
+                stacklevel=3,
+            )
+        return get_dataset(dataset_args)
+    if os.path.isfile(script_args.dataset_name):
+        if evaluating:
+            raise ScriptArgumentError(
+                f"--dataset_name {script_args.dataset_name} is a single file, so there is no "
+                f"'{script_args.dataset_test_split}' split to evaluate on. Set --eval_strategy no, or list the files "
+                "in a `datasets:` mixture in the --config YAML with `test_split_size`."
+            )
+        try:
+            return {
+                script_args.dataset_train_split: load_data_file(
+                    script_args.dataset_name, script_args.dataset_streaming
+                )
+            }
+        except ValueError as error:
+            raise ScriptArgumentError(f"--dataset_name: {error}") from None
+    try:
+        return load_named_dataset(
+            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise ScriptArgumentError(f"--dataset_name: {error}") from None
+
+
+def main(
+    name: str,
+    script_args: ScriptArguments,
+    training_args: Any,
+    model_args: Any,
+    dataset_args: DatasetMixtureConfig | None = None,
+) -> None:
+    """Train with the `name` trainer on parsed arguments and save the model to `training_args.output_dir`."""
+    import torch
+    from accelerate import PartialState
+
+    import llm_trainer
+
+    from ..trainer.utils import get_kbit_device_map, get_peft_config, get_quantization_config
+
+    dataset_args = dataset_args if dataset_args is not None else DatasetMixtureConfig()
+    if not model_args.model_name_or_path or not (script_args.dataset_name or dataset_args.datasets):
+        missing = "" if model_args.model_name_or_path else " --model_name_or_path is not set."
+        if not (script_args.dataset_name or dataset_args.datasets):
+            missing += " Either `datasets` or `dataset_name` must be provided."
+        raise ScriptArgumentError(
+            "--model_name_or_path and --dataset_name are required (or, instead of --dataset_name, a `datasets:` "
+            f"list in the --config YAML).{missing}"
+        )
+    if name == "distillation" and training_args.teacher_model_name_or_path is None:
+        raise ScriptArgumentError(
+            "A teacher model is required for distillation training. Set it with `--teacher_model_name_or_path`."
+        )
+    extra = {"reward_funcs": reward_functions(script_args)} if name in ONLINE else {}
+    evaluating = training_args.eval_strategy != "no"
+    dataset = _load_datasets(script_args, dataset_args, evaluating)
+
+    init_kwargs = {"attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype}
+    if name == "distillation":  # the teacher loads like the student; its revision comes from the config
+        training_args.teacher_model_init_kwargs = {**init_kwargs, **(training_args.teacher_model_init_kwargs or {})}
+    init_kwargs["revision"] = model_args.model_revision
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        init_kwargs |= {"quantization_config": quantization_config, "device_map": get_kbit_device_map()}
+    training_args.model_init_kwargs = {**init_kwargs, **(training_args.model_init_kwargs or {})}
+
+    trainer = getattr(llm_trainer, TRAINERS[name][1])(
+        model=model_args.model_name_or_path,
+        **extra,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset[script_args.dataset_test_split] if evaluating else None,
+        peft_config=get_peft_config(model_args),
+    )
+    if script_args.ignore_bias_buffers:  # DDP cannot broadcast boolean buffers
+        trainer.model._ddp_params_and_buffers_to_ignore = [
+            buffer_name for buffer_name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
+        ]
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    state = PartialState()
+    state.print("Training completed.")
+    trainer.save_model(training_args.output_dir)
+    state.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        state.print(f"Model pushed to the Hub: https://huggingface.co/{trainer.hub_model_id}.")
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, leave the process group
+        trainer.end()
