@@ -7,6 +7,7 @@ from unittest.mock import call, patch
 
 import pytest
 import torch
+import transformers
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, GenerationConfig, Trainer, TrainerState, TrainingArguments
 
@@ -180,6 +181,7 @@ def test_log_completions_logs_a_table_to_wandb_and_comet(tmp_path, monkeypatch):
     fake_module(monkeypatch, "wandb", log=wandb_log, Table=Table)
     experiment = types.SimpleNamespace(log_table=_Recorder())
     fake_module(monkeypatch, "comet_ml", get_running_experiment=lambda: experiment)
+    monkeypatch.setattr(transformers, "is_comet_available", lambda: True)  # read when the table is logged
 
     trainer = make_trainer(
         tmp_path,

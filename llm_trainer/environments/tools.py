@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._background_loop import background_loop
+from ..chat_template_utils import supports_tool_calling
 from .base import EnvironmentInterface, EnvironmentStep
 from .rollout import EnvironmentRollout, _dataset_rows, _Rollout
 
@@ -40,21 +41,13 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
 
 
 def check_tool_template(tokenizer: Any) -> None:
-    """Raise unless the chat template renders a whole tool exchange: the call's name and arguments, and the result."""
-    call = {"type": "function", "function": {"name": "tool_name_probe", "arguments": {"arg_probe": "value_probe"}}}
-    messages = [
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "", "tool_calls": [call]},
-        {"role": "tool", "name": "tool_name_probe", "content": "result_probe"},
-    ]
-    try:
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception as error:  # jinja errors: the template rejects the roles
-        rendered = str(error)
-    if not all(probe in rendered for probe in ("tool_name_probe", "arg_probe", "value_probe", "result_probe")):
+    """Raise a `ValueError` unless the chat template renders a whole tool exchange (the call's name and arguments, and
+    the result), as `llm_trainer.chat_template_utils.supports_tool_calling` checks."""
+    if not supports_tool_calling(tokenizer):
         raise ValueError(
-            "The chat template cannot render tool calls (an assistant message with `tool_calls` followed by a "
-            "`tool` message); use a tokenizer whose template supports tools, or set `tokenizer.chat_template`."
+            "The provided chat template does not support tool calling: it cannot render tool calls (a full "
+            "tool-calling conversation, user -> assistant with `tool_calls` -> tool). Use a tokenizer whose template "
+            "supports tools, or set `tokenizer.chat_template`."
         )
 
 

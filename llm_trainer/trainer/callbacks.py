@@ -217,16 +217,6 @@ def _prompts_and_completions(
     return gather_object(prompts), gather_object(completions)
 
 
-def _log_table_to_comet(name: str, table: Any) -> None:
-    """Log `table` (a DataFrame) to the running Comet experiment as the file `name`, if one is running."""
-    _require("comet_ml", "Logging completions to Comet", "comet-ml")
-    import comet_ml
-
-    experiment = comet_ml.get_running_experiment()
-    if experiment is not None:
-        experiment.log_table(tabular_data=table, filename=name)
-
-
 class LogCompletionsCallback(TrainerCallback):
     """Every `freq` optimizer steps, generate completions for the eval dataset's prompts and log the table of all of
     them so far (columns `step`, `prompt`, `completion`) to Weights & Biases and/or Comet, whichever of `"wandb"` and
@@ -282,7 +272,9 @@ class LogCompletionsCallback(TrainerCallback):
 
             wandb.log({"completions": wandb.Table(dataframe=table)})
         if "comet_ml" in report_to:
-            _log_table_to_comet("completions.csv", table)
+            from .utils import log_table_to_comet_experiment
+
+            log_table_to_comet_experiment("completions.csv", table)
 
 
 class WeaveCallback(TrainerCallback):

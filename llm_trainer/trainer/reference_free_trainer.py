@@ -26,6 +26,7 @@ from transformers import (
     ProcessorMixin,
     TrainerCallback,
     TrainingArguments,
+    is_comet_available,
 )
 from transformers.trainer_utils import EvalPrediction
 
@@ -35,7 +36,7 @@ from ..losses import masked_mean_nll, preference_metrics, sequence_logps
 from ..modeling import add_token_logprob_head
 from .base_trainer import BaseTrainer
 from .reference_free_config import ReferenceFreeConfig
-from .utils import disable_dropout_in_model
+from .utils import disable_dropout_in_model, log_table_to_comet_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ def _loggers_for_generations(report_to: list[str] | str | None) -> list[Callable
     loggers = []
     if ("wandb" in report_to or "all" in report_to) and importlib.util.find_spec("wandb") is not None:
         loggers.append(_log_wandb_table)
-    if ("comet_ml" in report_to or "all" in report_to) and importlib.util.find_spec("comet_ml") is not None:
+    if ("comet_ml" in report_to or "all" in report_to) and is_comet_available():
         loggers.append(_log_comet_table)
     return loggers
 
@@ -309,8 +310,6 @@ def _log_wandb_table(rows: list[list[str]]) -> None:
 
 
 def _log_comet_table(rows: list[list[str]]) -> None:
-    import comet_ml
+    import pandas as pd
 
-    experiment = comet_ml.get_running_experiment()
-    if experiment is not None:
-        experiment.log_table(filename="game_log.csv", tabular_data=rows, headers=["Prompt", "Policy"])
+    log_table_to_comet_experiment("game_log.csv", pd.DataFrame(rows, columns=["Prompt", "Policy"]))

@@ -242,3 +242,24 @@ def test_encoder_decoder_models_are_rejected(tmp_path):
             train_dataset=zen_dataset("standard_preference"),
             processing_class=get_tokenizer(),
         )
+
+
+def test_generations_go_to_comet_through_the_shared_table_logger(monkeypatch):
+    import sys
+    import types
+
+    import transformers
+
+    logged = []
+    experiment = types.SimpleNamespace(log_table=lambda **kwargs: logged.append(kwargs))
+    monkeypatch.setitem(sys.modules, "comet_ml", types.SimpleNamespace(get_running_experiment=lambda: experiment))
+    monkeypatch.setattr(transformers, "is_comet_available", lambda: True)
+    monkeypatch.setattr(reference_free_trainer, "is_comet_available", lambda: True)
+    loggers = reference_free_trainer._loggers_for_generations(["comet_ml"])
+    assert len(loggers) == 1
+    loggers[0]([["a prompt", "a completion"]])
+    assert len(logged) == 1 and logged[0]["filename"] == "game_log.csv"
+    table = logged[0]["tabular_data"]
+    assert list(table.columns) == ["Prompt", "Policy"] and table.values.tolist() == [["a prompt", "a completion"]]
+    monkeypatch.setattr(reference_free_trainer, "is_comet_available", lambda: False)
+    assert reference_free_trainer._loggers_for_generations(["comet_ml"]) == []  # not installed or not configured
