@@ -50,6 +50,11 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
     _name = "Base"
     _tag_names: list[str] = []
 
+    maybe_activation_offload_context: contextlib.AbstractContextManager = nullcontext()
+    """Entered around each `training_step` (TRL's attribute): with `args.activation_offloading` (SFT, reward, DPO,
+    KTO configs), `__init__` sets it to `get_act_offloading_ctx_manager(model)`, which keeps the activations saved for
+    backward in CPU memory; a reusable no-op otherwise."""
+
     loss_is_scaled_for_ga: bool | None = None
     """Whether `compute_loss` already divides by the gradient-accumulation steps (`Trainer` reads it from 5.19 on)."""
 
@@ -68,6 +73,10 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
         self._tp_size = parallelism.tp_size if parallelism is not None else 1  # TP ranks see the same batch
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(["llm-trainer", *self._tag_names])
+        if getattr(self.args, "activation_offloading", False):
+            from ..models.activation_offloading import get_act_offloading_ctx_manager
+
+            self.maybe_activation_offload_context = get_act_offloading_ctx_manager(model=self.model)
 
     @classmethod
     def resolve_args(cls, args: TrainingArguments | None, model: str | PreTrainedModel) -> TrainingArguments:
@@ -142,33 +151,25 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
             eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
         )
 
-    @property
-    def maybe_activation_offload_context(self) -> contextlib.AbstractContextManager:
-        """A context keeping the activations saved for backward in CPU memory when `args.activation_offloading` is
-        set, else a no-op (TRL's attribute of the same name; a fresh context at each access)."""
-        if getattr(self.args, "activation_offloading", False):
-            return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-        return nullcontext()
-
     def training_step(self, *args, **kwargs):
-        """As `Trainer.training_step`, keeping saved activations in CPU memory when `activation_offloading` is set."""
+        """As `Trainer.training_step`, under `maybe_activation_offload_context` (see `__init__`)."""
         with self.maybe_activation_offload_context:
             return super().training_step(*args, **kwargs)
 
     @contextlib.contextmanager
     def unwrapped_for_generation(self, select: Callable[[Any], Any] | None = None) -> Iterator[Any]:
-        """The model as `generate` needs it: unwrapped from DDP/DeepSpeed (then `select(model)`, e.g. the policy of a
-        policy-and-value wrapper), with its ZeRO-3 parameters gathered when `ds3_gather_for_generation` is set."""
-        model = self.accelerator.unwrap_model(self.model_wrapped)
-        model = select(model) if select is not None else model
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        if zero3 and getattr(self.args, "ds3_gather_for_generation", True):
-            import deepspeed
+        """The model as `generate` needs it (`llm_trainer.models.unwrap_model_for_generation`: unwrapped, gradient
+        checkpointing paused, ZeRO-3 parameters gathered when `ds3_gather_for_generation` is set), then
+        `select(model)` when given (e.g. the policy of a policy-and-value wrapper)."""
+        from ..models.utils import unwrap_model_for_generation
 
-            with deepspeed.zero.GatheredParameters(list(model.parameters())):
-                yield model
-        else:
-            yield model
+        with unwrap_model_for_generation(
+            self.model_wrapped,
+            self.accelerator,
+            gather_deepspeed3_params=getattr(self.args, "ds3_gather_for_generation", True),
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+        ) as model:
+            yield select(model) if select is not None else model
 
     @staticmethod
     def configure_router_aux_loss(model: PreTrainedModel, coef: float | None) -> float:

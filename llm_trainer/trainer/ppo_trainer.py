@@ -90,8 +90,9 @@ class PolicyAndValueWrapper(nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         return getattr(self.policy, "is_gradient_checkpointing", False)
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
         """Recompute the activations of the policy and, when it supports it, of the value model."""
+        kwargs["gradient_checkpointing_kwargs"] = gradient_checkpointing_kwargs
         self.policy.gradient_checkpointing_enable(**kwargs)
         if hasattr(self.value_model, "gradient_checkpointing_enable"):
             self.value_model.gradient_checkpointing_enable(**kwargs)

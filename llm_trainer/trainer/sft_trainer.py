@@ -26,6 +26,7 @@ from ..data.collators import DataCollatorForLanguageModeling, DataCollatorForVis
 from ..data.formats import get_dataset_column_names, is_conversational
 from ..data.sft import check_sft_dataset, has_generation_markers, prepare_sft_dataset
 from ..modeling import add_token_logprob_head
+from ..models.selective_activation_checkpointing import enable_selective_activation_checkpointing
 from .base_trainer import BaseTrainer, gather_sum
 from .sft_config import SFTConfig
 from .special_tokens import configure_special_tokens
@@ -93,6 +94,7 @@ class SFTTrainer(BaseTrainer):
             else args.completion_only_loss
         )
         model = self.prepare_peft(model, peft_config, args)
+        self._configure_selective_checkpointing(model, args)
 
         if data_collator is None:
             data_collator = DataCollatorForLanguageModeling(
@@ -171,6 +173,27 @@ class SFTTrainer(BaseTrainer):
             raise ValueError(
                 "`compute_loss_func` cannot be combined with `loss_type='dft'`, which sets the loss itself."
             )
+
+    @staticmethod
+    def _configure_selective_checkpointing(model: PreTrainedModel, args: SFTConfig) -> None:
+        """With `gradient_checkpointing_kwargs={"selective": True}`, make the model's checkpointing selective (attention
+        outputs kept, the rest recomputed; `enable_selective_activation_checkpointing`) before `Trainer` turns it on.
+        `selective` is not a `torch.utils.checkpoint` argument: otherwise it is dropped here."""
+        checkpoint_kwargs = args.gradient_checkpointing_kwargs or {}
+        if not checkpoint_kwargs.get("selective"):
+            checkpoint_kwargs.pop("selective", None)
+            return
+        if not args.gradient_checkpointing:
+            raise ValueError(
+                "`gradient_checkpointing_kwargs={'selective': True}` requires `gradient_checkpointing=True`."
+            )
+        if checkpoint_kwargs.get("use_reentrant"):
+            raise ValueError(
+                "`gradient_checkpointing_kwargs={'selective': True}` requires non-reentrant gradient checkpointing. "
+                "Set `use_reentrant` to `False`, or leave it unset."
+            )
+        # `Trainer` enables checkpointing on the innermost model (a PEFT wrapper forwards the call to it).
+        enable_selective_activation_checkpointing(model.get_base_model() if is_peft_model(model) else model)
 
     def _assistant_masking_template(self, args: SFTConfig, tokenizer) -> str | None:
         """For `assistant_only_loss`, the template to tokenize with when the tokenizer's has no generation markers: a
