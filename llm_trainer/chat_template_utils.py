@@ -3,10 +3,12 @@
 The training template for a model is derived from the model's own template rather than looked up in a list of
 hand-edited copies: the original template is kept verbatim, its whole output is captured, and a short scanner
 re-emits that output unchanged, wrapping each assistant turn's body (from after the assistant header through its
-end-of-turn token) in `{% generation %}` ... `{% endgeneration %}`. The header and end-of-turn strings are found by
+end-of-turn token and the line break written after it) in `{% generation %}` ... `{% endgeneration %}`. The header and end-of-turn strings are found by
 rendering probe conversations. The result renders exactly what the original renders, and is verified on a battery
 of conversations (system message, multi-turn, reasoning, tool calls) before it is returned, so templates of families
-nobody listed work too.
+nobody listed work too. Two exceptions, as in TRL's training templates: where turns have no end-of-turn token (GLM),
+a final assistant turn gets the stop token the model emits next appended; where the template concatenates tool-call
+arguments as text (DeepSeek-V3), mapping arguments are given to it as JSON text.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import copy
 import json
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .data.formats import prepare_multimodal_messages
@@ -239,11 +242,14 @@ _UNSUPPORTED = (
     "the assistant writes (through its end-of-turn token) in `{{% generation %}}` ... `{{% endgeneration %}}`."
 )
 
-# The scanner appended to the captured output. HEADERS and ENDS are JSON lists of strings (valid Jinja literals).
-# Each step emits the text through the next assistant header as is, then the turn's body through its first end-of-turn
-# string inside a generation block; at equal positions the longest string wins. The loop runs at most once per header
-# occurrence, plus once for the text after the last turn.
-_SCANNER = """{%- set __llmt = namespace(rest=__llmt_text, at=-1, size=0, cut=0, steps=1) %}
+# The scanner appended to the captured output. HEADERS, ENDS and STOPS are JSON lists of strings (valid Jinja
+# literals). Each step emits the text through the next assistant header as is, then the turn's body inside a
+# generation block: through the first end-of-turn string the turn writes itself (ENDS) and the whitespace the template
+# writes right after it (line breaks), or through the first stop token it borrows from the next message (STOPS: templates whose
+# turns have no end-of-turn token of their own). At equal positions the longest string wins. The loop runs at most
+# once per header occurrence, plus once for the text after the last turn. `open` records that the text ended inside
+# an assistant turn, so the epilogue can append the stop token such a turn would be followed by.
+_SCANNER = """{%- set __llmt = namespace(rest=__llmt_text, at=-1, size=0, cut=0, steps=1, own=false, open=false) %}
 {%- for __llmt_h in __LLMT_HEADERS__ %}{%- set __llmt.steps = __llmt.steps + __llmt_text.count(__llmt_h) %}{%- endfor %}
 {%- for __llmt_step in range(__llmt.steps) %}
 {%- if __llmt.rest %}
@@ -251,29 +257,88 @@ _SCANNER = """{%- set __llmt = namespace(rest=__llmt_text, at=-1, size=0, cut=0,
 {%- for __llmt_h in __LLMT_HEADERS__ %}{%- set __llmt_i = __llmt.rest.find(__llmt_h) %}
 {%- if __llmt_i >= 0 and (__llmt.at < 0 or __llmt_i < __llmt.at or (__llmt_i == __llmt.at and __llmt_h|length > __llmt.size)) %}
 {%- set __llmt.at = __llmt_i %}{%- set __llmt.size = __llmt_h|length %}{%- endif %}{%- endfor %}
-{%- if __llmt.at < 0 %}{{- __llmt.rest }}{%- set __llmt.rest = '' %}{%- else %}
+{%- if __llmt.at < 0 %}{{- __llmt.rest }}{%- set __llmt.rest = '' %}{%- set __llmt.open = false %}{%- else %}
 {{- __llmt.rest[:__llmt.at + __llmt.size] }}
 {%- set __llmt.rest = __llmt.rest[__llmt.at + __llmt.size:] %}
-{%- set __llmt.at = -1 %}{%- set __llmt.size = 0 %}
-{%- for __llmt_e in __LLMT_ENDS__ %}{%- set __llmt_i = __llmt.rest.find(__llmt_e) %}
+{%- set __llmt.at = -1 %}{%- set __llmt.size = 0 %}{%- set __llmt.own = false %}
+{%- for __llmt_e in __LLMT_ENDS__ + __LLMT_STOPS__ %}{%- set __llmt_i = __llmt.rest.find(__llmt_e) %}
 {%- if __llmt_i >= 0 and (__llmt.at < 0 or __llmt_i < __llmt.at or (__llmt_i == __llmt.at and __llmt_e|length > __llmt.size)) %}
-{%- set __llmt.at = __llmt_i %}{%- set __llmt.size = __llmt_e|length %}{%- endif %}{%- endfor %}
+{%- set __llmt.at = __llmt_i %}{%- set __llmt.size = __llmt_e|length %}{%- set __llmt.own = loop.index <= __LLMT_ENDS__|length %}{%- endif %}{%- endfor %}
+{%- set __llmt.open = __llmt.at < 0 %}
 {%- set __llmt.cut = __llmt.rest|length if __llmt.at < 0 else __llmt.at + __llmt.size %}
+{%- if __llmt.own and __LLMT_SEPARATOR__ %}{%- set __llmt_tail = __llmt.rest[__llmt.cut:] %}
+{%- set __llmt.cut = __llmt.cut + __llmt_tail|length - __llmt_tail.lstrip('\\r\\n')|length %}{%- endif %}
 {%- if __llmt.cut > 0 %}{%- generation %}{{- __llmt.rest[:__llmt.cut] }}{%- endgeneration %}{%- endif %}
 {%- set __llmt.rest = __llmt.rest[__llmt.cut:] %}
 {%- endif %}
 {%- endif %}
 {%- endfor %}"""
 
+# Appended when the template's turns have no end-of-turn token of their own (GLM): a text that ends inside a final
+# assistant turn gets the stop token the model would emit next (after tool calls: the one a tool result opens with),
+# inside the mask, so the model learns to stop. STOP_REPLY and STOP_CALLS are JSON strings.
+_EPILOGUE = """{%- if __llmt.open and messages and messages[-1].role == 'assistant' and not (add_generation_prompt is defined and add_generation_prompt) %}
+{%- generation %}{{- __LLMT_STOP_CALLS__ if messages[-1].tool_calls else __LLMT_STOP_REPLY__ }}{%- endgeneration %}
+{%- endif %}"""
+
+# Prepended when the template concatenates tool-call `arguments` as text (DeepSeek-V3) and so fails on the documented
+# mapping form: mapping arguments become their JSON text, which is what such a template expects to be given.
+_JSON_ARGUMENTS = """{%- if messages is defined and messages %}{%- set __llmt_m = namespace(items=[]) %}
+{%- for __llmt_msg in messages %}{%- if __llmt_msg.tool_calls is defined and __llmt_msg.tool_calls %}
+{%- set __llmt_c = namespace(items=[]) %}{%- for __llmt_call in __llmt_msg.tool_calls %}
+{%- if __llmt_call.function is defined and __llmt_call.function.arguments is mapping %}
+{%- set __llmt_c.items = __llmt_c.items + [dict(__llmt_call, function=dict(__llmt_call.function, arguments=__llmt_call.function.arguments|tojson))] %}
+{%- else %}{%- set __llmt_c.items = __llmt_c.items + [__llmt_call] %}{%- endif %}{%- endfor %}
+{%- set __llmt_m.items = __llmt_m.items + [dict(__llmt_msg, tool_calls=__llmt_c.items)] %}
+{%- else %}{%- set __llmt_m.items = __llmt_m.items + [__llmt_msg] %}{%- endif %}{%- endfor %}
+{%- set messages = __llmt_m.items %}{%- endif %}"""
+
 _MARKER = "{#- llm_trainer training variant: the model's template verbatim, assistant turns in generation blocks -#}"
 
 
-def _build_training_template(template: str, headers: Iterable[str], ends: Iterable[str]) -> str:
+@dataclass
+class _TurnEnds:
+    """How assistant turns end. `own`: end-of-turn strings the turn writes itself (`<|im_end|>`); `borrowed`: for
+    templates whose turns have none, the tokens the next message opens with, which the model emits to stop
+    (`<|user|>`); `stop_reply` / `stop_calls`: the borrowed token that follows a plain reply / a tool-call turn."""
+
+    own: set[str] = field(default_factory=set)
+    borrowed: set[str] = field(default_factory=set)
+    stop_reply: str | None = None
+    stop_calls: str | None = None
+    # Whether the line break written after an own end joins the mask: not where it merges into the next turn's first
+    # token, which would then be trained. (Spaces never join: they fuse with the next word, as in `</s> [INST]`.)
+    separator: bool = True
+
+    @property
+    def all(self) -> set[str]:
+        return self.own | self.borrowed
+
+    @property
+    def appends_stop(self) -> bool:
+        """Whether a final assistant turn gets a stop token appended (only when the turns have no own end)."""
+        return not self.own and self.stop_reply is not None
+
+
+def _build_training_template(
+    template: str, headers: Iterable[str], ends: _TurnEnds, json_arguments: bool = False
+) -> str:
     """The original template captured whole (`+` turns off trim_blocks / lstrip_blocks at the capture tags, so its
-    own leading and trailing whitespace is kept), then the scanner."""
-    scanner = _SCANNER.replace("__LLMT_HEADERS__", json.dumps(sorted(set(headers)), ensure_ascii=False))
-    scanner = scanner.replace("__LLMT_ENDS__", json.dumps(sorted(set(ends)), ensure_ascii=False))
-    return f"{_MARKER}{{%+ set __llmt_text +%}}{template}{{%+ endset +%}}{scanner}"
+    own leading and trailing whitespace is kept), then the scanner (and, for templates without an end-of-turn token,
+    the epilogue); `json_arguments` prepends the tool-argument conversion."""
+
+    def literal(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    scanner = _SCANNER.replace("__LLMT_HEADERS__", literal(sorted(set(headers))))
+    scanner = scanner.replace("__LLMT_ENDS__", literal(sorted(ends.own)))
+    scanner = scanner.replace("__LLMT_STOPS__", literal(sorted(ends.borrowed - ends.own)))
+    scanner = scanner.replace("__LLMT_SEPARATOR__", literal(ends.separator))
+    if ends.appends_stop:
+        epilogue = _EPILOGUE.replace("__LLMT_STOP_REPLY__", literal(ends.stop_reply))
+        scanner += epilogue.replace("__LLMT_STOP_CALLS__", literal(ends.stop_calls or ends.stop_reply))
+    prelude = _JSON_ARGUMENTS if json_arguments else ""
+    return f"{_MARKER}{prelude}{{%+ set __llmt_text +%}}{template}{{%+ endset +%}}{scanner}"
 
 
 def _common_prefix(a: str, b: str) -> str:
@@ -329,6 +394,14 @@ class _Probe:
             return text[:length]
         ends = [end for _, end in offsets if end <= length]
         return text[: max(ends, default=0)]
+
+    def is_token_boundary(self, text: str, position: int) -> bool:
+        """Whether no token of `text` straddles `position` (slow tokenizers, without offsets, are taken to agree)."""
+        try:
+            offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        except (NotImplementedError, TypeError, ValueError):
+            return True
+        return not any(start < position < end for start, end in offsets)
 
     def first_added_token(self, text: str) -> str | None:
         tokens = self.tokenizer.tokenize(text) if text else []
@@ -403,10 +476,10 @@ def _find_headers(probe: _Probe) -> set[str]:
     return headers
 
 
-def _find_ends(probe: _Probe) -> set[str]:
-    """The end-of-turn strings the model writes to close a turn: what a final turn renders after its content, or,
-    for templates that leave the final turn open, the first token the next message starts with."""
-    ends: set[str] = set()
+def _find_ends(probe: _Probe) -> _TurnEnds:
+    """How the model closes a turn: what a final turn renders after its content (its own end-of-turn string), or, for
+    templates that leave the final turn open, the first token the next message starts with (borrowed)."""
+    ends = _TurnEnds()
     tool = {"role": "tool", "name": "fqz", "content": "tqz"}
     # Two calls when the template renders them (so a string closing each call is not taken for the turn's end),
     # else one (GPT-OSS renders a single call per turn).
@@ -426,15 +499,16 @@ def _find_ends(probe: _Probe) -> set[str]:
         ),
     ]
     for final_messages, followed_messages, last, following in cases:
+        is_tool_turn = following == "tqz"
         final = probe.render(final_messages)
+        after = ""
         if final is not None and last in final:
             after = final[final.rfind(last) + len(last) :]
-            if not any(end in after for end in ends):
-                is_tool_turn = following == "tqz"
+            if not any(end in after for end in ends.own):
                 candidate = probe.trailing_added_run(after.rstrip()) if is_tool_turn else after.rstrip()
                 # A tool turn's closing run must close the turn, not each call.
                 if candidate and (not is_tool_turn or final.count(candidate) == 1):
-                    ends.add(candidate)
+                    ends.own.add(candidate)
         if followed_messages is None:
             continue
         followed = probe.render(followed_messages)
@@ -442,13 +516,38 @@ def _find_ends(probe: _Probe) -> set[str]:
             continue
         start = followed.rfind(last) + len(last)
         between = followed[start : followed.find(following, start)]
-        if any(end in between for end in ends):
+        closing = [end for end in ends.own if end in between]
+        if closing:
+            # The whitespace the template writes after the end, before the next message, is part of the turn unless
+            # a token straddles its end.
+            cut = start + between.find(closing[0]) + len(closing[0])
+            cut += len(followed[cut:]) - len(followed[cut:].lstrip("\r\n"))
+            ends.separator = ends.separator and probe.is_token_boundary(followed, cut)
             continue
         rest = followed[len(final) :] if final is not None and followed.startswith(final) else between
         token = probe.first_added_token(rest)
-        if token:
-            ends.add(token)
+        if token and after.startswith(token):  # the turn writes it itself (and more when it is the last one)
+            ends.own.add(token)
+        elif token:
+            ends.borrowed.add(token)
+            if is_tool_turn:
+                ends.stop_calls = token
+            else:
+                ends.stop_reply = token
     return ends
+
+
+def _concatenates_arguments(probe: _Probe) -> bool:
+    """Whether the template fails on tool-call arguments given as a mapping (the documented form) but renders them
+    given as JSON text: it concatenates them as strings (DeepSeek-V3)."""
+    messages = probe.messages([_user("uqa"), _assistant("", tool_calls=_calls("fqa"))])
+    try:
+        probe.tokenizer.apply_chat_template(messages, chat_template=probe.template, tokenize=False)
+    except TypeError:
+        return probe.render(messages) is not None
+    except Exception:
+        return False
+    return False
 
 
 _TOOLS = [
@@ -512,11 +611,12 @@ def _battery() -> list[tuple[list[dict[str, Any]], dict[str, Any], list[str], li
     return cases
 
 
-def _verify_training_template(probe: _Probe, training: str, ends: set[str]) -> str | None:
+def _verify_training_template(probe: _Probe, training: str, ends: _TurnEnds) -> str | None:
     """Why `training` is not a faithful training variant of the probe's template, or `None` if it is.
 
     Every conversation of the battery the original renders must render identically (with and without the
-    generation prompt and tools), and in the assistant mask every text the assistant wrote must be covered, no text
+    generation prompt and tools; a template without end-of-turn tokens may only append its stop token to a final
+    assistant turn), and in the assistant mask every text the assistant wrote must be covered, no text
     it did not write may be, and each masked span not at the end of the text must end with an end-of-turn string.
     """
     probes_ok = 0
@@ -525,6 +625,8 @@ def _verify_training_template(probe: _Probe, training: str, ends: set[str]) -> s
             original = probe.render(messages, add_generation_prompt=generation_prompt, **kwargs)
             if original is None:
                 continue
+            if ends.appends_stop and messages[-1]["role"] == "assistant" and not generation_prompt:
+                original += ends.stop_calls if messages[-1].get("tool_calls") and ends.stop_calls else ends.stop_reply
             derived = probe.render(messages, template=training, add_generation_prompt=generation_prompt, **kwargs)
             if derived != original:
                 return f"the derived template renders differently ({messages[-1]['role']}-final conversation)"
@@ -581,7 +683,7 @@ def _check_mask(probe, training, messages, kwargs, text, written, not_written, e
         if any(piece in span for span in masked_text):
             return f"the assistant mask covers text the assistant did not write ({piece!r})"
     for span, at_end in spans:
-        if not at_end and ends and not any(span.rstrip().endswith(end.rstrip()) for end in ends):
+        if not at_end and ends.all and not any(span.rstrip().endswith(end.rstrip()) for end in ends.all):
             return f"an assistant span does not end with an end-of-turn token ({span[-40:]!r})"
     return None
 
@@ -592,7 +694,7 @@ def _derive_training_template(processing_class: Any, template: str) -> str:
     if not headers:
         raise ValueError(_UNSUPPORTED.format(reason="no assistant header could be found"))
     ends = _find_ends(probe)
-    training = _build_training_template(template, headers, ends)
+    training = _build_training_template(template, headers, ends, json_arguments=_concatenates_arguments(probe))
     problem = _verify_training_template(probe, training, ends)
     if problem:
         raise ValueError(_UNSUPPORTED.format(reason=problem))
@@ -602,8 +704,10 @@ def _derive_training_template(processing_class: Any, template: str) -> str:
 def get_training_chat_template(processing_class: Any = None, tokenizer: Any = None) -> str | None:
     """A variant of the processing class's chat template with `{% generation %}` markers, for assistant-only loss.
 
-    The variant renders exactly what the model's template renders; only the assistant-written part of each turn
-    (from after the assistant header through the end-of-turn token) is wrapped in generation blocks, so
+    The variant renders exactly what the model's template renders (except that, where turns have no end-of-turn
+    token, a final assistant turn gets the next role token the model stops with); only the assistant-written part of
+    each turn (from after the assistant header through the end-of-turn token and the line break after it) is
+    wrapped in generation blocks, so
     `apply_chat_template(..., return_assistant_tokens_mask=True)` masks it. It is derived from the template itself
     and verified on probe conversations, so it works for any template whose assistant turns can be delimited.
 

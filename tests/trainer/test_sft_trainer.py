@@ -241,7 +241,8 @@ def test_max_length_must_be_positive(max_length, tmp_path):
 
 def test_assistant_only_loss_derives_a_training_template(tiny_model_path, tmp_path):
     # A template without generation markers gets a derived training variant (as TRL swaps in its training
-    # templates): only the assistant replies, through their end-of-turn token, are trained on.
+    # templates): only the assistant replies, through their end-of-turn token and the line break after it, are
+    # trained on.
     template = tmp_path / "chatml.jinja"
     template.write_text(
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -254,7 +255,7 @@ def test_assistant_only_loss_derives_a_training_template(tiny_model_path, tmp_pa
     tokenizer = trainer.processing_class
     row = trainer.train_dataset[0]
     trained = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
-    assert trained == dataset[0]["messages"][1]["content"] + "<|im_end|>"
+    assert trained == dataset[0]["messages"][1]["content"] + "<|im_end|>\n"
 
 
 def test_assistant_only_loss_refuses_a_template_without_turns(tiny_model_path, tmp_path):

@@ -30,6 +30,42 @@ def _trl_templates() -> dict[str, str]:
 
 
 TRL_TEMPLATES = _trl_templates()
+
+
+def _trl_training_templates() -> dict[str, str]:
+    """TRL's hand-edited training variants, read at test time only to compare masks with."""
+    try:
+        import trl
+    except ImportError:
+        return {}
+    folder = Path(trl.__file__).parent / "chat_templates"
+    return {p.stem.removesuffix("_training"): p.read_text(encoding="utf-8") for p in folder.glob("*_training.jinja")}
+
+
+TRL_TRAINING_TEMPLATES = _trl_training_templates()
+# Where our mask must differ from TRL's training template, and why. Both masks end at the same place (end-of-turn
+# token and the line break after it); they differ only at the start, where TRL also trains text the generation
+# prompt already supplies, so the model never writes it.
+MASK_DIFFERENCES = {
+    "deepseek_r1_distill": "TRL also trains the `<｜Assistant｜>` header",
+    "deepseekv3": "TRL also trains the `<｜Assistant｜>` header",
+    "gptoss": "TRL also trains the `<|start|>assistant` header",
+    "muse_glimmer": "TRL also trains the `<|start|>assistant` header",
+    "llava_next": "TRL also trains the space after `[/INST]`",
+    "qwen2_5": "TRL also trains the line break after `<|im_start|>assistant`",
+    "nemotron_3_5_lightning": "TRL also trains the `<think>` the generation prompt pre-fills",
+    "nemotron_3_nano": "TRL also trains the `<think>` the generation prompt pre-fills",
+    "nemotron_3_super": "TRL also trains the `<think>` the generation prompt pre-fills",
+    "nemotron_3_ultra": "TRL also trains the `<think>` the generation prompt pre-fills",
+    "qwen3_5_nothink": "TRL also trains the empty think block the generation prompt pre-fills",
+    "qwen3_5_think": "TRL also trains the `<think>` the generation prompt pre-fills",
+    "qwen3_6": "TRL also trains the `<think>` the generation prompt pre-fills",
+    "qwen3_8": "TRL also trains the `<think>` the generation prompt pre-fills",
+}
+# GLM-4-MoE's assistant turns have no end-of-turn token: the model stops by emitting the next role token. As TRL's
+# training template does, ours appends that token after a final assistant turn (inside the mask), so a final turn
+# renders the original text plus that one token: `<|observation|>` after tool calls, `<|user|>` otherwise.
+APPENDS_STOP = {"glm4moe": ("<|user|>", "<|observation|>")}
 # Gemma 4 (and DiffusionGemma) render tool results and a following reply inside the model's own turn, without an
 # assistant header between them; no faithful split exists, so derivation refuses them (TRL has no Gemma 4 variant).
 UNDERIVABLE = {"diffusion_gemma", "gemma4", "gemma4_v3", "gemma4_v4", "gemma4_v5"}
@@ -111,6 +147,21 @@ def _render(tokenizer, messages, template=None, **kwargs):
         return None
 
 
+def _expected(name, messages, original, prompt):
+    """What the training template must render: the original, plus the stop token where the family appends one."""
+    if name in APPENDS_STOP and original is not None and messages[-1]["role"] == "assistant" and not prompt:
+        reply, calls = APPENDS_STOP[name]
+        return original + (calls if messages[-1].get("tool_calls") else reply)
+    return original
+
+
+def _mask(tokenizer, messages, template, **kwargs):
+    out = tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kwargs
+    )
+    return list(out["input_ids"]), list(out["assistant_masks"])
+
+
 def _structured(tokenizer, messages):
     """Vision templates read content as blocks."""
     rendered = _render(tokenizer, CONVERSATIONS[0][0])
@@ -136,7 +187,8 @@ def test_training_template_of_every_trl_model_template(name):
         for prompt in (False, True):
             original = _render(tokenizer, messages, add_generation_prompt=prompt, **kwargs)
             if original is not None:
-                assert _render(tokenizer, messages, training, add_generation_prompt=prompt, **kwargs) == original
+                expected = _expected(name, messages, original, prompt)
+                assert _render(tokenizer, messages, training, add_generation_prompt=prompt, **kwargs) == expected
         original = _render(tokenizer, messages, **kwargs)
         if original is None:
             continue
@@ -180,7 +232,75 @@ def test_training_template_masks_exactly_the_reply_and_end_token():
         messages, chat_template=training, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     trained = tokenizer.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m])
-    assert trained == "Hello<|im_end|>"
+    assert trained == "Hello<|im_end|>\n"  # through the end-of-turn token and the line break the turn writes
+
+
+@pytest.mark.skipif(not TRL_TRAINING_TEMPLATES, reason="trl is not installed")
+@pytest.mark.parametrize("name", sorted(set(TRL_TRAINING_TEMPLATES) & set(TRL_TEMPLATES) - UNDERIVABLE))
+def test_mask_matches_trl_training_template(name):
+    """On every conversation TRL's training template renders as ours does, the assistant masks agree (from the
+    first masked token for the families in MASK_DIFFERENCES, whose masks start earlier in TRL)."""
+    tokenizer = _tokenizer(TRL_TEMPLATES[name])
+    ours, theirs = get_training_chat_template(tokenizer), TRL_TRAINING_TEMPLATES[name]
+    compared = 0
+    for messages, kwargs, _, _ in CONVERSATIONS:
+        messages = _structured(tokenizer, messages)
+        rendered = _render(tokenizer, messages, ours, **kwargs)
+        if rendered is None or rendered != _render(tokenizer, messages, theirs, **kwargs):
+            continue
+        ids, mask = _mask(tokenizer, messages, ours, **kwargs)
+        trl_ids, trl_mask = _mask(tokenizer, messages, theirs, **kwargs)
+        assert ids == trl_ids
+        if name in MASK_DIFFERENCES:
+            # We train a subset of TRL's tokens, and every TRL span ends on a token we train: same stop tokens.
+            assert all(trl_mask[i] for i in range(len(mask)) if mask[i]), name
+            trl_ends = [
+                i for i in range(len(trl_mask)) if trl_mask[i] and (i + 1 == len(trl_mask) or not trl_mask[i + 1])
+            ]
+            assert all(mask[i] for i in trl_ends), name
+            assert mask != trl_mask, f"{name} now matches TRL: drop it from MASK_DIFFERENCES"
+        else:
+            assert mask == trl_mask, (name, tokenizer.decode([t for t, m in zip(ids, mask) if m]))
+        compared += 1
+    assert compared
+
+
+@pytest.mark.skipif(not TRL_TEMPLATES, reason="trl is not installed")
+def test_glm_training_template_appends_the_stop_token_to_a_final_turn():
+    tokenizer = _tokenizer(TRL_TEMPLATES["glm4moe"])
+    training = get_training_chat_template(tokenizer)
+    reply = [{"role": "user", "content": "Sky color?"}, {"role": "assistant", "content": "Blue."}]
+    assert _render(tokenizer, reply, training) == _render(tokenizer, reply) + "<|user|>"
+    calls = [{"role": "user", "content": "Use tools"}, {"role": "assistant", "content": "", "tool_calls": _calls("f")}]
+    assert _render(tokenizer, calls, training) == _render(tokenizer, calls) + "<|observation|>"
+    # Not after a prompt, nor when the next message is there (it already writes the token): identical text.
+    for messages, prompt in (([reply[0]], True), ([*reply, {"role": "user", "content": "Bye"}], False)):
+        expected = _render(tokenizer, messages, add_generation_prompt=prompt)
+        assert _render(tokenizer, messages, training, add_generation_prompt=prompt) == expected
+    ids, mask = _mask(tokenizer, [*reply, {"role": "user", "content": "Bye"}], training)
+    assert tokenizer.decode([t for t, m in zip(ids, mask) if m]).endswith("Blue.<|user|>")
+    ids, mask = _mask(tokenizer, reply, training)
+    assert mask[-1] == 1 and tokenizer.decode(ids[-1:]) == "<|user|>"
+
+
+@pytest.mark.skipif(not TRL_TEMPLATES, reason="trl is not installed")
+def test_training_template_accepts_mapping_arguments_where_the_template_concatenates_text():
+    # DeepSeek-V3 concatenates `arguments` as text and fails on the documented mapping form; the training variant
+    # renders the mapping as its JSON text, exactly what the original renders given that text.
+    tokenizer = _tokenizer(TRL_TEMPLATES["deepseekv3"])
+    call = {"type": "function", "function": {"name": "multiply", "arguments": {"a": 3, "b": 4}}}
+    messages = [{"role": "user", "content": "3*4?"}, {"role": "assistant", "content": "Sure.", "tool_calls": [call]}]
+    with pytest.raises(TypeError):
+        tokenizer.apply_chat_template(messages, tokenize=False)
+    as_text = [messages[0], {**messages[1], "tool_calls": [{**call, "function": {**call["function"]}}]}]
+    as_text[1]["tool_calls"][0]["function"]["arguments"] = '{"a": 3, "b": 4}'
+    training = get_training_chat_template(tokenizer)
+    expected = tokenizer.apply_chat_template(as_text, tokenize=False)
+    assert tokenizer.apply_chat_template(messages, chat_template=training, tokenize=False) == expected
+    assert tokenizer.apply_chat_template(as_text, chat_template=training, tokenize=False) == expected
+    # A template that takes mappings is left alone: no conversion in its variant.
+    qwen = get_training_chat_template(_tokenizer(TRL_TEMPLATES["qwen2_5"]))
+    assert "tojson))" not in qwen and "tojson))" in training
 
 
 def test_training_template_none_when_markers_exist_and_argument_errors():
