@@ -27,6 +27,6 @@ def lazy_exports(
         return value
 
     def __dir__() -> list[str]:
-        return sorted(set(owner) | set(modules) | set(globals()))
+        return sorted(set(owner) | set(modules) | set(vars(importlib.import_module(package))))
 
     return __getattr__, __dir__, [*modules, *sorted(owner)]

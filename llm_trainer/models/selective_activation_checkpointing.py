@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
@@ -52,7 +53,12 @@ def enable_selective_activation_checkpointing(model: nn.Module) -> None:
     `context_fn` and forces `use_reentrant=False` (the policy needs non-reentrant checkpointing), so every later
     enable call, by a trainer or by PEFT's preparation, gets it. A `"selective"` key in the kwargs (the config switch
     turning this on) is dropped before they reach torch. Calling it again on the same model does nothing.
+
+    A PEFT model is handled through its base model: `Trainer` enables checkpointing on the innermost model (the PEFT
+    wrapper forwards the call), so wrapping the PEFT wrapper's method would silently leave checkpointing full.
     """
+    if is_peft_model(model):
+        model = model.get_base_model()
     original = model.gradient_checkpointing_enable
     if getattr(original, "_is_sac_wrapped", False):
         return

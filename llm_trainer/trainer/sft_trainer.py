@@ -192,8 +192,7 @@ class SFTTrainer(BaseTrainer):
                 "`gradient_checkpointing_kwargs={'selective': True}` requires non-reentrant gradient checkpointing. "
                 "Set `use_reentrant` to `False`, or leave it unset."
             )
-        # `Trainer` enables checkpointing on the innermost model (a PEFT wrapper forwards the call to it).
-        enable_selective_activation_checkpointing(model.get_base_model() if is_peft_model(model) else model)
+        enable_selective_activation_checkpointing(model)
 
     def _assistant_masking_template(self, args: SFTConfig, tokenizer) -> str | None:
         """For `assistant_only_loss`, the template to tokenize with when the tokenizer's has no generation markers: a

@@ -231,6 +231,18 @@ def test_selective_checkpointing_gives_the_same_gradients():
     assert_same_grads(grads, checkpointed_grads)
 
 
+def test_selective_checkpointing_called_on_a_peft_model_reaches_the_base_model():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_lm(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    enable_selective_activation_checkpointing(model)
+    base = model.get_base_model()
+    # The Trainer enables checkpointing through the PEFT wrapper, which forwards to the base model's method.
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"selective": True})
+    checkpoint_fn = base.model.layers[0]._gradient_checkpointing_func
+    assert checkpoint_fn.keywords["use_reentrant"] is False and "context_fn" in checkpoint_fn.keywords
+    assert "selective" not in checkpoint_fn.keywords
+
+
 # ------------------------------------------------------------------------------------------------------- utils
 def test_disable_gradient_checkpointing_restores_the_previous_state():
     model = tiny_lm()
