@@ -14,10 +14,14 @@ import importlib
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .utils import DatasetMixtureConfig, ScriptArguments, TrlParser, get_dataset, load_data_file
+
+if TYPE_CHECKING:
+    from ..trainer.model_config import ModelConfig
 
 __all__ = [
     "ONLINE",
@@ -246,3 +250,32 @@ def main(
         state.print(f"Model pushed to the Hub: https://huggingface.co/{trainer.hub_model_id}.")
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, leave the process group
         trainer.end()
+
+
+def script_entry_points(name: str) -> tuple[Callable[..., None], Callable[..., TrlParser]]:
+    """`(main, make_parser)` for the `name` script module, with TRL's signatures, bound to the shared implementation."""
+
+    def script_main(
+        script_args: ScriptArguments,
+        training_args: Any,
+        model_args: ModelConfig,
+        dataset_args: DatasetMixtureConfig | None = None,
+    ) -> None:
+        main(name, script_args, training_args, model_args, dataset_args)
+
+    def script_make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None) -> TrlParser:
+        return make_parser(name, subparsers, prog)
+
+    script_main.__doc__ = f"Train with {name} on parsed arguments (see `make_parser`); save to `output_dir`."
+    script_make_parser.__doc__ = f"The `{name}` script's `TrlParser`: standalone, or a command added to `subparsers`."
+    for function, public in ((script_main, "main"), (script_make_parser, "make_parser")):
+        function.__name__ = public
+        function.__qualname__ = public
+        function.__module__ = f"{__package__}.{name}"
+    return script_main, script_make_parser
+
+
+def run_script(name: str) -> None:
+    """`python -m llm_trainer.scripts.<name>`: parse the command line (unknown YAML keys ignored, as TRL) and train."""
+    main_function, parser_function = script_entry_points(name)
+    main_function(*parser_function().parse_args_and_config(fail_with_unknown_args=False))

@@ -3,35 +3,11 @@
 The same run as `llm-trainer distillation`: both use the one implementation in `llm_trainer.scripts._training`.
 """
 
-from __future__ import annotations
-
-import argparse
-from typing import TYPE_CHECKING
-
-from . import _training
-from .utils import DatasetMixtureConfig, ScriptArguments, TrlParser
-
-if TYPE_CHECKING:
-    from ..trainer.distillation_config import DistillationConfig
-    from ..trainer.model_config import ModelConfig
+from ._training import run_script, script_entry_points
 
 __all__ = ["main", "make_parser"]
 
-
-def main(
-    script_args: ScriptArguments,
-    training_args: DistillationConfig,
-    model_args: ModelConfig,
-    dataset_args: DatasetMixtureConfig | None = None,
-) -> None:
-    """Train on the parsed arguments (see `make_parser`) and save the model to `training_args.output_dir`."""
-    _training.main("distillation", script_args, training_args, model_args, dataset_args)
-
-
-def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None) -> TrlParser:
-    """The script's `TrlParser`: standalone, or the `distillation` command added to `subparsers`."""
-    return _training.make_parser("distillation", subparsers, prog)
-
+main, make_parser = script_entry_points("distillation")
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config(fail_with_unknown_args=False))
+    run_script("distillation")
