@@ -325,6 +325,15 @@ def add_reference_adapter(model: Any) -> None:
     policy as it was before training rather than the bare base model (TRL does this when handed a `PeftModel`)."""
     if "ref" in model.peft_config or "default" not in model.peft_config:
         return
+    if not _can_add_second_adapter(model.peft_config["default"]):
+        logger.warning(
+            "PEFT<0.20.0 can't add a frozen reference adapter alongside one that uses `target_parameters` "
+            "(peft#3340), so the reference log-probs come from the base model (adapters disabled); that is the "
+            "policy before training only if the adapter is freshly initialised (LoRA's zero init). Upgrade to "
+            "`peft>=0.20.0` to use a copy of the adapter as the reference, or pass `peft_config` to the trainer "
+            "instead of a wrapped model."
+        )
+        return
     model.add_adapter("ref", model.peft_config["default"])
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -332,6 +341,17 @@ def add_reference_adapter(model: Any) -> None:
                 ref_param = model.get_parameter(name.replace(".default.", ".ref."))
                 ref_param.copy_(param)
                 ref_param.requires_grad_(False)
+
+
+def _can_add_second_adapter(config: Any) -> bool:
+    """False where PEFT holds only one adapter per model: a LoRA with `target_parameters` (MoE expert weights) on
+    PEFT 0.17 to 0.19 (peft#3340, fixed in 0.20.0; the option itself arrived in 0.17.0)."""
+    import peft
+    from packaging.version import Version
+
+    if not getattr(config, "target_parameters", None):
+        return True
+    return not Version("0.17.0") <= Version(peft.__version__) < Version("0.20.0")
 
 
 def completion_labels(

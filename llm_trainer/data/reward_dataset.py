@@ -41,8 +41,8 @@ def prepare_reward_dataset(
     columns = get_dataset_column_names(dataset)
     if set(LEGACY_COLUMNS) <= set(columns) and not {"chosen_ids", "rejected_ids"} <= set(columns):
         warnings.warn(
-            "The `chosen_input_ids` / `rejected_input_ids` columns are deprecated; name them `chosen_ids` / "
-            "`rejected_ids`.",
+            "The `chosen_input_ids` / `rejected_input_ids` columns are deprecated and will not be supported in v1; "
+            "name them `chosen_ids` / `rejected_ids`.",
             FutureWarning,
             stacklevel=3,
         )

@@ -15,12 +15,37 @@ from .formats import is_conversational
 logger = logging.getLogger(__name__)
 
 
+def parse_tools(tools: str | list | None) -> list | None:
+    """A dataset's `tools` cell as the chat template takes it: a list of JSON-schema dicts (or callables).
+
+    Arrow stores tool schemas awkwardly (a list of dicts gains `None` for keys other rows have), so datasets often
+    hold them as JSON text: the whole list as one string, or one string per tool. Both are decoded here; a list of
+    dicts passes through, and a single schema dict becomes a one-tool list.
+    """
+
+    def decode(text: str) -> Any:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"The `tools` column holds text that is not valid JSON ({error}): {text[:80]!r}. Store each row's "
+                "tools as a list of JSON-schema dicts, or as the JSON text of that list."
+            ) from error
+
+    if isinstance(tools, str):
+        tools = decode(tools)
+    if isinstance(tools, dict):
+        return [tools]
+    if isinstance(tools, list):
+        return [decode(tool) if isinstance(tool, str) else tool for tool in tools]
+    return tools
+
+
 def template_kwargs(example: dict[str, Any], chat_template: str | None = None) -> dict[str, Any]:
-    """The chat-template arguments an example carries: its `tools` (a list, or JSON text) and `chat_template_kwargs`."""
-    tools = example.get("tools")
+    """The chat-template arguments an example carries: its `tools` ([`parse_tools`]) and `chat_template_kwargs`."""
     return {
         "chat_template": chat_template,
-        "tools": json.loads(tools) if isinstance(tools, str) else tools,
+        "tools": parse_tools(example.get("tools")),
         **(example.get("chat_template_kwargs") or {}),
     }
 

@@ -65,10 +65,13 @@ def prepare_unpaired_dataset(
     kl_batch_size: int | None = None,
     num_proc: int | None = None,
     name: str = "train",
+    require_both_labels: bool = False,
 ) -> Dataset | IterableDataset:
     """Tokenize unpaired (or paired, then unpaired) preference data into `prompt_ids`, `completion_ids`, `label`.
 
-    With `kl_batch_size`, `KL_completion_ids` holds, within each run of `kl_batch_size` consecutive rows, the
+    With `require_both_labels`, a map-style dataset whose labels, as given, are all of one kind is an error
+    ([`check_label_balance`]); rows dropped by truncation only bring a warning if they remove one kind. With
+    `kl_batch_size`, `KL_completion_ids` holds, within each run of `kl_batch_size` consecutive rows, the
     completion of the row before (the first row takes the last one's): (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}).
     These mismatched pairs line up with training batches only when the sampler is sequential and the batch size is
     `kl_batch_size`. Rows already tokenized skip straight to filtering.
@@ -81,6 +84,8 @@ def prepare_unpaired_dataset(
         return {**map_kwargs, "desc": f"{text} {name} dataset"} if is_map_style else map_kwargs
 
     check_labels(dataset, "label", name)
+    if require_both_labels and is_map_style and "label" in first:  # paired rows unpair into both kinds
+        check_label_balance(dataset["label"], name)  # the labelling as given, before truncation drops rows
     if "prompt_ids" not in first:
         check_text_columns(dataset, ["prompt", "completion", "chosen", "rejected"], name)
         if "prompt" not in first:
@@ -91,15 +96,18 @@ def prepare_unpaired_dataset(
             dataset = dataset.map(_add_eos, fn_kwargs={"eos": tokenizer.eos_token}, **described("Adding EOS to"))
         dataset = dataset.map(_tokenize_row, fn_kwargs={"tokenizer": tokenizer}, **described("Tokenizing"))
     if max_length is not None:
-        before = len(dataset) if is_map_style else None
+        labels = list(dataset["label"]) if is_map_style else None
+        reason = f"the prompt alone fills max_length={max_length}, leaving no room for the completion"
         dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < max_length, **described("Filtering"))
         check_rows_kept(
-            before,
+            None if labels is None else len(labels),
             dataset,
             name,
-            f"the prompt alone fills max_length={max_length}, leaving no room for the completion",
+            reason,
             "Raise `max_length`, or shorten the prompts.",
         )
+        if labels is not None and len(dataset) < len(labels):
+            _warn_label_dropped(labels, list(dataset["label"]), name, reason)
     if kl_batch_size is not None:
         dataset = dataset.map(
             _add_kl_completions, batched=True, batch_size=kl_batch_size, **described("Extracting KL completions of")
@@ -123,6 +131,21 @@ def _add_kl_completions(batch: dict[str, list]) -> dict[str, list]:
     completions = batch["completion_ids"]
     batch["KL_completion_ids"] = completions[-1:] + completions[:-1]
     return batch
+
+
+def _warn_label_dropped(before: list[bool], after: list[bool], name: str, reason: str) -> None:
+    """Warn when dropping rows removed every example of one label (the loss then sees only the other kind)."""
+    for kind, value in (("desirable (label=True)", True), ("undesirable (label=False)", False)):
+        count = sum(bool(label) == value for label in before)
+        if count and not any(bool(label) == value for label in after):
+            logger.warning(
+                "All %d %s examples of the %s dataset were dropped (%s), so training sees only the other kind. "
+                "Raise `max_length`, or shorten the prompts.",
+                count,
+                kind,
+                name,
+                reason,
+            )
 
 
 def check_label_balance(labels: list[bool], name: str = "train") -> None:

@@ -63,8 +63,9 @@ class PrecomputedReferenceMixin:
         """`dataset` with the reference log-prob columns added (unchanged when it has them already)."""
         if isinstance(dataset, IterableDataset):
             raise ValueError(
-                "`precompute_ref_log_probs=True` needs a map-style `Dataset`, not an `IterableDataset`: load the "
-                "dataset without streaming, or set `precompute_ref_log_probs=False`."
+                f"`precompute_ref_log_probs=True` is not supported with IterableDataset (the {name} dataset): it "
+                "needs a map-style `Dataset`. Load the dataset without streaming, or set "
+                "`precompute_ref_log_probs=False`."
             )
         if self.reference_columns[0] in dataset.column_names:
             return dataset

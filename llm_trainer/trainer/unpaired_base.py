@@ -20,7 +20,6 @@ from transformers import PreTrainedModel
 
 from ..data.unpaired import (
     DataCollatorForUnpairedPreference,
-    check_label_balance,
     check_unpaired_dataset,
     prepare_unpaired_dataset,
 )
@@ -104,7 +103,6 @@ class UnpairedPreferenceTrainer(PrecomputedReferenceMixin, BaseTrainer):
             data_collator = self._default_collator(tokenizer, args)
         train_dataset = self.prepare_dataset(train_dataset, "train", args)
         if isinstance(train_dataset, Dataset):
-            check_label_balance(train_dataset["label"], "train")
             self._check_balance(train_dataset["label"], args)
         if eval_dataset is not None:
             eval_dataset = self.prepare_eval_dataset(eval_dataset, args)
@@ -144,6 +142,7 @@ class UnpairedPreferenceTrainer(PrecomputedReferenceMixin, BaseTrainer):
                 kl_batch_size=args.per_device_train_batch_size if self.calculate_kl else None,
                 num_proc=args.dataset_num_proc,
                 name=name,
+                require_both_labels=name == "train",
             )
 
     def _check_balance(self, labels: list[bool], args: Any) -> None:

@@ -149,6 +149,26 @@ def test_pretrained_peft_model_gets_a_frozen_ref_adapter(tiny_model_path, tmp_pa
             assert torch.equal(ref_before[name], param)
 
 
+@pytest.mark.parametrize("peft_version, has_ref", [("0.19.1", False), ("0.20.0", True)])
+def test_target_parameters_adapter_gets_a_ref_copy_only_where_peft_allows_two(
+    tiny_model_path, tmp_path, preference, monkeypatch, caplog, peft_version, has_ref
+):
+    # PEFT 0.17-0.19 holds one adapter per model when LoRA uses `target_parameters` (MoE experts): there, as in
+    # TRL, the reference is the base model (adapters disabled) instead of a "ref" copy.
+    peft = pytest.importorskip("peft")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    model = peft.get_peft_model(base, peft.LoraConfig(target_parameters=["mlp.down_proj.weight"]))
+    monkeypatch.setattr(peft, "__version__", peft_version)
+    with caplog.at_level("WARNING", logger="llm_trainer.modeling"):
+        trainer = DPOTrainer(model=model, args=_config(tmp_path, max_steps=1), train_dataset=preference)
+    assert ("ref" in trainer.model.peft_config) is has_ref
+    assert ("PEFT<0.20.0 can't add a frozen reference adapter" in caplog.text) is not has_ref
+    trainer.train()
+    # A fresh LoRA (B = 0) is the base model, so either reference gives the untrained loss log 2.
+    first = next(log for log in trainer.state.log_history if "loss" in log)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)  # logged losses are rounded to 4 decimals
+
+
 def test_precompute_ref_log_probs_adds_columns_and_drops_the_reference(tiny_model_path, tmp_path, preference):
     args = _config(tmp_path, precompute_ref_log_probs=True, precompute_ref_batch_size=16)
     trainer = DPOTrainer(model=tiny_model_path, args=args, train_dataset=preference, eval_dataset=preference)
@@ -228,7 +248,7 @@ def test_streaming_dataset_trains(tiny_model_path, tmp_path, preference):
     trainer = DPOTrainer(model=tiny_model_path, args=_config(tmp_path), train_dataset=preference.to_iterable_dataset())
     trainer.train()
     assert trainer.state.global_step == 2
-    with pytest.raises(ValueError, match="needs a map-style `Dataset`"):
+    with pytest.raises(ValueError, match="not supported with IterableDataset.*needs a map-style `Dataset`"):
         DPOTrainer(
             model=tiny_model_path,
             args=_config(tmp_path, precompute_ref_log_probs=True),

@@ -225,6 +225,24 @@ def test_labels_of_one_kind(tiny_model_path, tmp_path):
         KTOTrainer(model=tiny_model_path, args=_config(tmp_path), train_dataset=desirable)
 
 
+def test_labels_are_checked_as_given_and_truncation_only_warns(tiny_model_path, tmp_path, caplog):
+    # Both kinds as given; truncation then drops the only undesirable example (its prompt fills max_length).
+    dataset = Dataset.from_dict(
+        {
+            "prompt": ["Hi", "Hi", "a very long prompt that fills the whole max_length budget on its own"],
+            "completion": [" there", " you", " yes"],
+            "label": [True, True, False],
+        }
+    )
+    with caplog.at_level("WARNING", logger="llm_trainer.data.unpaired"):
+        trainer = KTOTrainer(model=tiny_model_path, args=_config(tmp_path, max_length=6), train_dataset=dataset)
+    assert trainer.train_dataset["label"] == [True, True]
+    assert "All 1 undesirable (label=False) examples of the train dataset were dropped" in caplog.text
+    # One kind as given is still the user's labelling error, whatever truncation would keep.
+    with pytest.raises(ValueError, match="Every example of the train dataset is desirable"):
+        KTOTrainer(model=tiny_model_path, args=_config(tmp_path, max_length=6), train_dataset=dataset.select([0, 1]))
+
+
 def test_missing_columns(tiny_model_path, tmp_path):
     dataset = Dataset.from_dict({"prompt": ["a", "b"], "response": ["c", "d"], "label": [True, False]})
     with pytest.raises(ValueError, match=r"missing: \['completion'\]. Rename your columns"):

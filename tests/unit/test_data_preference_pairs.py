@@ -70,7 +70,7 @@ def test_reward_dataset_prepends_the_explicit_prompt_and_keeps_margin():
 
 def test_reward_dataset_renames_legacy_columns_and_filters_tokenized_rows():
     dataset = Dataset.from_dict({"chosen_input_ids": [[1, 2], [1, 2, 3, 4]], "rejected_input_ids": [[3], [5]]})
-    with pytest.warns(FutureWarning, match="chosen_ids"):
+    with pytest.warns(FutureWarning, match="will not be supported in v1.*chosen_ids"):
         out = prepare_reward_dataset(dataset, get_tokenizer(), max_length=3)
     assert out["chosen_ids"] == [[1, 2]] and out["rejected_ids"] == [[3]]
 
