@@ -69,6 +69,10 @@ def test_public_names_at_trl_paths():
         "prepare_deepspeed",
         "prepare_fsdp",
         "unwrap_model_for_generation",
+        # the submodules are public attributes too, as in `trl.models`
+        "activation_offloading",
+        "selective_activation_checkpointing",
+        "utils",
     }
     assert models.create_reference_model is llm_trainer.create_reference_model  # re-exported, not a second copy
     assert models.unwrap_model_for_generation is unwrap_model_for_generation
