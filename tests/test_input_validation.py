@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 from datasets import Dataset
+from transformers import AutoTokenizer
 
 import llm_trainer as lt
 from llm_trainer.data.validation import check_labels, check_numbers, check_text_columns
@@ -242,8 +243,17 @@ def test_no_reward_source(trainer, reward_funcs, tiny_model_path, tmp_path):
             tiny_model_path, reward_funcs=reward_funcs, args=args, train_dataset=zen_dataset("standard_prompt_only")
         )
     message = str(error.value)
-    assert f"No reward source: `reward_funcs` is {reward_funcs!r}" in message
+    assert f"No reward source provided: `reward_funcs` is {reward_funcs!r}" in message
     assert "Pass `reward_funcs`" in message
+
+
+def test_one_reward_tokenizer_for_two_reward_functions_is_refused(tiny_model_path):
+    """As TRL: a single tokenizer stands for a list of one, so two reward functions need a list of two."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    funcs = [lambda completions, **kwargs: [0.0] * len(completions)] * 2
+    with pytest.raises(ValueError, match="must match the number of reward functions"):
+        RewardFunctions(funcs, None, tokenizer)
+    assert len(RewardFunctions(funcs, None, [None, None])) == 2
 
 
 def _score(func, completions=("a", "bb")):

@@ -228,8 +228,8 @@ class GRPOConfig(OnlineRLConfig):
             )
         if self.importance_sampling_level == "sequence" and self.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
             logger.warning(
-                "With `importance_sampling_level='sequence'`, the %r loss sums per-token terms and so weighs each "
-                "sequence by its length; use `loss_type='grpo'` for GSPO's per-sequence objective.",
+                "With `importance_sampling_level='sequence'`, the %r loss sums per-token terms, which weights each "
+                "sequence by its completion length; use `loss_type='grpo'` for GSPO's per-sequence objective.",
                 self.loss_type,
             )
 

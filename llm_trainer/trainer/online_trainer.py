@@ -113,7 +113,7 @@ class OnPolicyGenerationMixin:
             return
         if args.accelerator_config.dispatch_batches:
             raise ValueError(
-                "An `IterableDataset` needs `dispatch_batches=False` (each process reads its own slice of the prompt "
+                "Iterable datasets require `dispatch_batches=False` (each process reads its own slice of the prompt "
                 "stream), but `accelerator_config` sets it to True: set it to False or leave it unset."
             )
         args.accelerator_config.dispatch_batches = False
@@ -446,7 +446,7 @@ class OnlineRLTrainer(OnPolicyGenerationMixin, BaseTrainer):
         if callable(rollout_rewards) and rollout_rewards():
             return
         raise ValueError(
-            f"No reward source: `reward_funcs` is {reward_funcs!r}, so every completion would score 0 and the policy "
+            f"No reward source provided: `reward_funcs` is {reward_funcs!r}, so every completion would score 0 and the policy "
             "would get no gradient. Pass `reward_funcs` (a function, a reward model's name or path, or a list of "
             "them), or, with GRPOTrainer, an `environment_factory` whose environment defines `get_reward`."
         )

@@ -79,12 +79,15 @@ class RewardFunctions:
                 "weight per reward function."
             )
         self.weights = torch.tensor(weights if weights is not None else [1.0] * len(self.funcs), dtype=torch.float32)
-        if processing_classes is None or isinstance(processing_classes, PreTrainedTokenizerBase):
-            processing_classes = [processing_classes] * len(self.funcs)
+        if processing_classes is None:
+            processing_classes = [None] * len(self.funcs)
+        elif not isinstance(processing_classes, list):  # one tokenizer stands for a list of one, as in TRL
+            processing_classes = [processing_classes]
         if len(processing_classes) != len(self.funcs):
             raise ValueError(
-                f"`reward_processing_classes` has {len(processing_classes)} entries but there are {len(self.funcs)} "
-                "reward functions; give one per reward function (None for plain functions)."
+                f"The number of reward processing classes ({len(processing_classes)}) must match the number of reward "
+                f"functions ({len(self.funcs)}): give a list with one per reward function (None for plain functions "
+                "and for reward models whose own tokenizer should be loaded)."
             )
         self.processing_classes = [
             self._tokenizer_for(func, tokenizer, init_kwargs) if isinstance(func, nn.Module) else tokenizer
@@ -206,8 +209,8 @@ class RewardFunctions:
         if len(self.funcs) and unscored.any():
             row = int(unscored.nonzero()[0, 0])
             logger.warning(
-                "Every reward function returned None for the completion %r of the prompt %r; return a reward from at "
-                "least one function for each sample.",
+                "All reward functions returned None for the following kwargs: completion %r of the prompt %r. Return "
+                "a reward from at least one function for each sample.",
                 completions[row],
                 prompts[row],
             )

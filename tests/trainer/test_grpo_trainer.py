@@ -130,7 +130,7 @@ def test_none_rewards_are_ignored_and_weights_apply(tiny_model_path, tmp_path, c
     assert logged["rewards/half_none/mean"] == 1.0
     assert logged["rewards/never/mean"] is None  # NaN throughout: logged as None, not NaN
     assert logged["reward"] == 2.0  # the rows every function skipped are left out
-    assert "Every reward function returned None" in caplog.text
+    assert "All reward functions returned None" in caplog.text
 
 
 def test_async_reward_functions_run_concurrently(tiny_model_path, tmp_path):

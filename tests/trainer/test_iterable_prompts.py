@@ -122,9 +122,9 @@ def test_dispatched_batches_are_refused_for_a_stream(tiny_model_path, tmp_path):
     args = GRPOConfig(
         output_dir=str(tmp_path), num_generations=4, accelerator_config={"dispatch_batches": True}, **COMMON
     )
-    with pytest.raises(ValueError, match="needs `dispatch_batches=False`"):
+    with pytest.raises(ValueError, match="require `dispatch_batches=False`"):
         GRPOTrainer(tiny_model_path, length_reward, args=args, train_dataset=_stream())
-    with pytest.raises(ValueError, match="needs `dispatch_batches=False`"):
+    with pytest.raises(ValueError, match="require `dispatch_batches=False`"):
         GRPOTrainer(
             tiny_model_path,
             length_reward,

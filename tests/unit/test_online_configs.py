@@ -174,7 +174,7 @@ def test_early_errors(config_cls, kwargs, message, tmp_path):
 def test_grpo_warns_about_mismatched_loss_and_sampling_level(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="llm_trainer.trainer.grpo_config"):
         build(GRPOConfig, tmp_path, loss_type="dapo", importance_sampling_level="sequence")
-    assert "weighs each sequence by its length" in caplog.text
+    assert "weights each sequence by its completion length" in caplog.text
 
 
 def test_shared_fields_live_in_the_base():
