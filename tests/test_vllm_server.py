@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,43 +21,9 @@ from llm_trainer.generation import (
     make_generator,
 )
 from llm_trainer.testing import ZEN_OF_PYTHON, get_tokenizer
+from llm_trainer.trainer.utils import free_port
 
 GREEDY = SamplingConfig(max_tokens=8, temperature=0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server_url(tiny_model_path):
-    port = free_port()
-    command = [sys.executable, "-m", "llm_trainer.cli", "vllm-serve", "--backend", "transformers"]
-    command += ["--model", tiny_model_path, "--host", "127.0.0.1", "--port", str(port), "--log_level", "warning"]
-    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vllm-serve exited with {process.returncode}:\n{process.stderr.read()}")
-            try:
-                GenerationClient(url, connection_timeout=0)
-                break
-            except ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")

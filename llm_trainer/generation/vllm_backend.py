@@ -4,10 +4,10 @@ only when used."""
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 
+from ..trainer.utils import free_port
 from .base import GenerationResult, Generator, SamplingConfig, as_id_list, check_prompts, consecutive_runs
 from .weights import iter_named_weights
 
@@ -129,7 +129,7 @@ class VLLMColocateGenerator(Generator):
             )
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         self.llm = vllm.LLM(
             model=model.name_or_path,
             tensor_parallel_size=tensor_parallel_size,
@@ -192,9 +192,3 @@ class VLLMColocateGenerator(Generator):
         self.llm = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -169,14 +169,19 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
+def free_port() -> int:
+    """A free TCP port on this machine, as the OS hands one out (for a server or a process group)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _free_port() -> int:
     """torch.distributed's usual port when it is free, else one the OS hands out."""
     for port in (29500, 23456, 12355, 12345):
         if _port_is_free(port):
             return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
+    return free_port()
 
 
 def ensure_master_addr_port(addr: str | None = None, port: int | None = None) -> None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from llm_trainer.trainer.utils import free_port
 
 from .helpers import assert_same_logs
 
@@ -20,18 +21,12 @@ pytest.importorskip("trl")
 SCRIPT = Path(__file__).with_name("distributed_run.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(algorithm: str, package: str, model: str, out: Path) -> dict:
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
         env.pop(name, None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    command = [*launcher, str(_free_port()), str(SCRIPT), algorithm, model, str(out), package]
+    command = [*launcher, str(free_port()), str(SCRIPT), algorithm, model, str(out), package]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
