@@ -76,4 +76,7 @@ _EXPORTS = {
     "trainer.simple": ["TrainingResult"],
 }
 
-__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
+# The submodules `trl` lists among its public names
+_SUBMODULES = ["chat_template_utils", "data_utils", "models", "scripts", "trainer"]
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS, submodules=_SUBMODULES)

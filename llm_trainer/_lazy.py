@@ -7,15 +7,15 @@ from collections.abc import Callable
 
 
 def lazy_exports(
-    package: str, exports: dict[str, list[str]], submodules: bool = False
+    package: str, exports: dict[str, list[str]], submodules: bool | list[str] = False
 ) -> tuple[Callable, Callable, list[str]]:
     """Return `(__getattr__, __dir__, __all__)` for `package`, importing `.module` only when one of its names is used.
 
-    With `submodules`, the modules named in `exports` are public attributes too (`package.module`), as in TRL's lazy
-    packages such as `trl.models`.
+    With `submodules`, the modules named in `exports` (or, given a list, those modules) are public attributes too
+    (`package.module`), as in TRL's lazy packages such as `trl.models`.
     """
     owner = {name: module for module, names in exports.items() for name in names}
-    modules = list(exports) if submodules else []
+    modules = list(submodules) if isinstance(submodules, list) else list(exports) if submodules else []
 
     def __getattr__(name: str):
         if name in modules:

@@ -142,6 +142,42 @@ def _check_signature(theirs, ours, where: str) -> list[str]:
     return problems
 
 
+TRL_MODULES = [
+    "trl",
+    "trl.chat_template_utils",
+    "trl.data_utils",
+    "trl.import_utils",
+    "trl.models",
+    "trl.models.utils",
+    "trl.models.activation_offloading",
+    "trl.models.selective_activation_checkpointing",
+    "trl.kernels",
+    "trl.rewards",
+    "trl.scripts.utils",
+    "trl.trainer",
+    "trl.trainer.callbacks",
+    "trl.trainer.utils",
+    "trl.generation.vllm_client",
+    "trl.extras.profiling",
+]
+
+
+@pytest.mark.parametrize("module_name", TRL_MODULES)
+def test_every_public_name_of_a_trl_module_has_a_twin(module_name: str) -> None:
+    """`from trl.x import y` works on llm_trainer for every `y` TRL lists in `trl.x.__all__` (or defines there)."""
+    theirs = importlib.import_module(module_name)
+    ours = importlib.import_module("llm_trainer" + module_name[len("trl") :])
+    names = getattr(theirs, "__all__", None) or [
+        name
+        for name, value in vars(theirs).items()
+        if not name.startswith("_")
+        and getattr(value, "__module__", None) == module_name
+        and (inspect.isfunction(value) or inspect.isclass(value))
+    ]
+    assert names, f"{module_name} lists no public names"
+    assert [name for name in names if not hasattr(ours, name)] == []
+
+
 @pytest.mark.parametrize(("path", "name"), _cases())
 def test_class_surface_matches_trl(path: str, name: str) -> None:
     theirs = getattr(importlib.import_module(f"trl.{path}"), name)
