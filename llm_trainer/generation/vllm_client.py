@@ -180,17 +180,9 @@ class VLLMClient:
             **self._sampling(n, repetition_penalty, temperature, top_p, top_k, min_p, max_tokens),
             "logprobs": logprobs,
         }
-        if structured_outputs_regex is not None:
-            payload["structured_outputs"] = {"regex": structured_outputs_regex}
-        payload.update(generation_kwargs or {})
+        self._add_extras(payload, structured_outputs_regex, generation_kwargs)
         choices = self._http.post_json("/v1/completions", payload)["choices"]
-        sampled_logprobs, logprob_token_ids = parse_logprobs([choice["logprobs"] for choice in choices])
-        return {
-            "prompt_ids": [choice["prompt_token_ids"] for choice in choices[:: payload["n"]]],
-            "completion_ids": [choice["token_ids"] for choice in choices],
-            "logprobs": sampled_logprobs,
-            "logprob_token_ids": logprob_token_ids,
-        }
+        return self._result([choice["prompt_token_ids"] for choice in choices[:: payload["n"]]], choices)
 
     def chat(
         self,
@@ -231,9 +223,7 @@ class VLLMClient:
             payload["chat_template"] = chat_template
         if chat_template_kwargs:
             payload["chat_template_kwargs"] = chat_template_kwargs
-        if structured_outputs_regex is not None:
-            payload["structured_outputs"] = {"regex": structured_outputs_regex}
-        payload.update(generation_kwargs or {})
+        self._add_extras(payload, structured_outputs_regex, generation_kwargs)
 
         def send(conversation: list[dict]) -> dict:
             return self._http.post_json(
@@ -243,13 +233,7 @@ class VLLMClient:
         with ThreadPoolExecutor(max_workers=max(1, min(max_concurrent_requests, len(messages)))) as pool:
             replies = list(pool.map(send, messages))
         choices = [choice for reply in replies for choice in reply["choices"]]
-        sampled_logprobs, logprob_token_ids = parse_logprobs([choice["logprobs"] for choice in choices])
-        return {
-            "prompt_ids": [reply["prompt_token_ids"] for reply in replies],
-            "completion_ids": [choice["token_ids"] for choice in choices],
-            "logprobs": sampled_logprobs,
-            "logprob_token_ids": logprob_token_ids,
-        }
+        return self._result([reply["prompt_token_ids"] for reply in replies], choices)
 
     def get_sequence_logprobs(
         self,
@@ -323,6 +307,24 @@ class VLLMClient:
     def close_communicator(self) -> None:
         """End the weight-update session (nothing is held open over HTTP)."""
         self.communicator = None
+
+    @staticmethod
+    def _add_extras(payload: dict[str, Any], regex: str | None, generation_kwargs: dict | None) -> None:
+        """The structured-output regex, then `generation_kwargs`, which win over every other field."""
+        if regex is not None:
+            payload["structured_outputs"] = {"regex": regex}
+        payload.update(generation_kwargs or {})
+
+    @staticmethod
+    def _result(prompt_ids: list[list[int]], choices: list[dict]) -> dict[str, list]:
+        """TRL's return shape from the server's choices (prompt-major, `n` per prompt)."""
+        sampled_logprobs, logprob_token_ids = parse_logprobs([choice["logprobs"] for choice in choices])
+        return {
+            "prompt_ids": prompt_ids,
+            "completion_ids": [choice["token_ids"] for choice in choices],
+            "logprobs": sampled_logprobs,
+            "logprob_token_ids": logprob_token_ids,
+        }
 
     @staticmethod
     def _sampling(n, repetition_penalty, temperature, top_p, top_k, min_p, max_tokens) -> dict[str, Any]:
