@@ -5,6 +5,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import data as _data  # lazy: lists its names without importing `datasets`
 from ._lazy import lazy_exports
 
 try:
@@ -14,19 +15,8 @@ except PackageNotFoundError:  # running from a source checkout
 
 _EXPORTS = {
     "api": ["TrainResult", "create_trainer", "get_algorithm", "list_algorithms", "register_algorithm", "train"],
-    "data_utils": [
-        "apply_chat_template",
-        "extract_prompt",
-        "is_conversational",
-        "is_conversational_from_value",
-        "maybe_apply_chat_template",
-        "maybe_convert_to_chatml",
-        "maybe_extract_prompt",
-        "maybe_unpair_preference_dataset",
-        "pack_dataset",
-        "prepare_multimodal_messages",
-        "unpair_preference_dataset",
-    ],
+    # TRL's top-level data helpers: those of `llm_trainer.data`, less two helpers of our own
+    "data_utils": [name for name in _data.__all__ if name not in ("common_prefix_length", "get_dataset_column_names")],
     "trainer": [
         "SFTConfig",
         "SFTTrainer",

@@ -29,30 +29,17 @@ def get_repetition_penalty_reward(ngram_size: int = 3, max_penalty: float = -1.0
     """
     if max_penalty > 0:
         raise ValueError(f"max_penalty must be zero or negative (it is added to the reward), got {max_penalty}.")
-    if not isinstance(ngram_size, int) or ngram_size < 1:
-        raise ValueError(f"ngram_size must be a positive integer, got {ngram_size!r}.")
-    return _RepetitionPenalty(ngram_size, max_penalty)
+    _check_count("ngram_size", ngram_size, minimum=1)
+    return _TokenIdReward("repetition_penalty_reward", _repetition_penalty, (ngram_size, max_penalty))
 
 
-@dataclass(frozen=True)
-class _RepetitionPenalty:
-    """`get_repetition_penalty_reward`'s function: a dataclass rather than a closure so it pickles (async rollouts)."""
-
-    ngram_size: int
-    max_penalty: float
-    __name__ = "repetition_penalty_reward"
-
-    def __call__(self, completion_ids: list[list[int]], **kwargs: Any) -> list[float]:
-        rewards = []
-        for ids in completion_ids:
-            num_ngrams = len(ids) - self.ngram_size + 1
-            if num_ngrams < 1:
-                rewards.append(0.0)
-                continue
-            unique = len({tuple(ids[i : i + self.ngram_size]) for i in range(num_ngrams)})
-            repeated_share = 1.0 - unique / num_ngrams
-            rewards.append(repeated_share * self.max_penalty if repeated_share else 0.0)
-        return rewards
+def _repetition_penalty(ids: list[int], ngram_size: int, max_penalty: float) -> float:
+    num_ngrams = len(ids) - ngram_size + 1
+    if num_ngrams < 1:
+        return 0.0
+    unique = len({tuple(ids[i : i + ngram_size]) for i in range(num_ngrams)})
+    repeated_share = 1.0 - unique / num_ngrams
+    return repeated_share * max_penalty if repeated_share else 0.0
 
 
 def get_soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int) -> Callable[..., list[float]]:
@@ -72,30 +59,38 @@ def get_soft_overlong_punishment(max_completion_len: int, soft_punish_cache: int
         >>> get_soft_overlong_punishment(max_completion_len=100, soft_punish_cache=20)(completion_ids=[[1] * 90])
         [-0.5]
     """
-    if not isinstance(max_completion_len, int) or max_completion_len <= 0:
-        raise ValueError(f"max_completion_len must be a positive number of tokens, got {max_completion_len!r}.")
-    if not isinstance(soft_punish_cache, int) or soft_punish_cache < 0:
-        raise ValueError(f"soft_punish_cache must be a non-negative number of tokens, got {soft_punish_cache!r}.")
-    return _SoftOverlongPunishment(max_completion_len, soft_punish_cache)
+    _check_count("max_completion_len", max_completion_len, minimum=1)
+    _check_count("soft_punish_cache", soft_punish_cache, minimum=0)
+    return _TokenIdReward(
+        "soft_overlong_punishment_reward", _soft_overlong_punishment, (max_completion_len, soft_punish_cache)
+    )
+
+
+def _soft_overlong_punishment(ids: list[int], max_completion_len: int, soft_punish_cache: int) -> float:
+    if len(ids) > max_completion_len:
+        return -1.0
+    ramp_start = max_completion_len - soft_punish_cache
+    return (ramp_start - len(ids)) / soft_punish_cache if len(ids) > ramp_start else 0.0
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    """Raise unless `value` is an integer (a number of tokens) of at least `minimum`."""
+    if not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}.")
 
 
 @dataclass(frozen=True)
-class _SoftOverlongPunishment:
-    """`get_soft_overlong_punishment`'s function: a dataclass rather than a closure so it pickles (async rollouts)."""
+class _TokenIdReward:
+    """`score(ids, *args)` for each completion, as a reward function named `name`: a dataclass of a module-level
+    function rather than a closure, so it pickles (async rollouts)."""
 
-    max_completion_len: int
-    soft_punish_cache: int
-    __name__ = "soft_overlong_punishment_reward"
+    name: str
+    score: Callable[..., float]
+    args: tuple
+
+    @property
+    def __name__(self) -> str:
+        return self.name
 
     def __call__(self, completion_ids: list[list[int]], **kwargs: Any) -> list[float]:
-        ramp_start = self.max_completion_len - self.soft_punish_cache
-        rewards = []
-        for ids in completion_ids:
-            length = len(ids)
-            if length > self.max_completion_len:
-                rewards.append(-1.0)
-            elif length > ramp_start:
-                rewards.append((ramp_start - length) / self.soft_punish_cache)
-            else:
-                rewards.append(0.0)
-        return rewards
+        return [self.score(ids, *self.args) for ids in completion_ids]
