@@ -11,7 +11,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from packaging.version import Version
@@ -57,45 +57,32 @@ def _at_least(pkg_name: str, min_version: str | None) -> bool:
         return False
 
 
-def is_aiohttp_available() -> bool:
-    return _is_package_available("aiohttp")
+def _availability_check(pkg_name: str) -> Callable[[], bool]:
+    """TRL's `is_<pkg_name>_available()`: whether `pkg_name` can be imported (found on the path, not imported)."""
+
+    def is_available() -> bool:
+        return _is_package_available(pkg_name)
+
+    is_available.__name__ = is_available.__qualname__ = f"is_{pkg_name}_available"
+    is_available.__doc__ = f"Whether `{pkg_name}` is installed."
+    return is_available
 
 
-def is_deepspeed_available() -> bool:
-    return _is_package_available("deepspeed")
-
-
-def is_harbor_available() -> bool:
-    return _is_package_available("harbor")
-
-
-def is_jmespath_available() -> bool:
-    return _is_package_available("jmespath")
+is_aiohttp_available = _availability_check("aiohttp")
+is_deepspeed_available = _availability_check("deepspeed")
+is_harbor_available = _availability_check("harbor")
+is_jmespath_available = _availability_check("jmespath")
+is_math_verify_available = _availability_check("math_verify")
+is_mergekit_available = _availability_check("mergekit")
+is_openreward_available = _availability_check("openreward")
+is_requests_available = _availability_check("requests")
+is_unsloth_available = _availability_check("unsloth")
+is_weave_available = _availability_check("weave")
 
 
 def is_liger_kernel_available(min_version: str = LIGER_KERNEL_MIN_VERSION) -> bool:
     """Whether Liger kernels of at least `min_version` are installed."""
     return _at_least("liger_kernel", min_version)
-
-
-def is_math_verify_available() -> bool:
-    return _is_package_available("math_verify")
-
-
-def is_mergekit_available() -> bool:
-    return _is_package_available("mergekit")
-
-
-def is_openreward_available() -> bool:
-    return _is_package_available("openreward")
-
-
-def is_requests_available() -> bool:
-    return _is_package_available("requests")
-
-
-def is_unsloth_available() -> bool:
-    return _is_package_available("unsloth")
 
 
 def is_vllm_available(min_version: str | None = None) -> bool:
@@ -115,10 +102,6 @@ def is_vllm_available(min_version: str | None = None) -> bool:
             stacklevel=2,
         )
     return min_version is None or Version(installed) >= Version(min_version)
-
-
-def is_weave_available() -> bool:
-    return _is_package_available("weave")
 
 
 class TRLExperimentalWarning(UserWarning):
