@@ -2,19 +2,128 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import numbers
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 logger = logging.getLogger(__name__)
+
+
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field with its command-line `help`; `metadata` holds further `add_argument` keywords (`choices`).
+    List and dict defaults are copied per instance."""
+    metadata = {"help": help, **metadata}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+SHARED_OPTIONS: dict[str, dict[str, Any]] = {
+    "learning_rate": {"help": "Initial learning rate for AdamW."},
+    "dataset_num_proc": {"help": "Processes for dataset preparation."},
+    "disable_dropout": {"help": "Disable dropout in the model (and in the reference model, where there is one)."},
+    "router_aux_loss_coef": {
+        "help": "Weight of the MoE load-balancing loss; None uses the model config's own coefficient."
+    },
+    "activation_offloading": {"help": "Offload saved activations to CPU memory during the forward pass."},
+    "pad_to_multiple_of": {
+        "help": "Pad sequence lengths to a multiple of this value; 'auto' means 128 on Neuron, no padding elsewhere."
+    },
+    "pad_token": {"help": "Deprecated. Set `tokenizer.pad_token` and pass it as `processing_class` instead."},
+    "eos_token": {"help": "Token appended to each text; defaults to the tokenizer's eos token."},
+    "chat_template_path": {
+        "help": "A `.jinja` file, or a tokenizer path whose chat template (and special tokens) to use."
+    },
+    "truncation_mode": {
+        "help": "Which end to keep when truncating: 'keep_start' (supported) or 'keep_end' (deprecated).",
+        "choices": ["keep_start", "keep_end"],
+    },
+    "train_sampling_strategy": {
+        "help": "Order of the training examples; the unpaired losses pair each example with its neighbour within a "
+        "fixed-order ('sequential') batch.",
+        "choices": ["random", "sequential", "group_by_length"],
+    },
+    "precompute_ref_log_probs": {
+        "help": "Compute the reference log-probs of the whole dataset before training, so no reference model is kept "
+        "in memory."
+    },
+    "sync_ref_model": {
+        "help": "TR-DPO: every `ref_model_sync_steps` steps, move the reference model towards the policy by "
+        "`ref_model_mixup_alpha`. Not compatible with PEFT or precomputed reference log-probs."
+    },
+    "ref_model_mixup_alpha": {"help": "TR-DPO α in π_ref ← α·π_θ + (1 − α)·π_ref; used with `sync_ref_model=True`."},
+    "ref_model_sync_steps": {"help": "TR-DPO τ: optimizer steps between reference syncs; used with `sync_ref_model`."},
+    "ds3_gather_for_generation": {
+        "help": "Under DeepSpeed ZeRO-3, gather the full weights for generation (faster). False lets models larger "
+        "than one GPU train, generating slowly."
+    },
+    "generate_during_eval": {
+        "help": "Sample completions for a batch of eval prompts and log them to W&B or Comet at each evaluation."
+    },
+    "is_encoder_decoder": {"help": "Whether a `model_init` model is an encoder-decoder (not supported)."},
+    "max_completion_length": {"help": "Maximum completion length of encoder-decoder models."},
+}
+"""Help (and choices) of the fields several configs declare with their own defaults, written once."""
+
+ENCODER_DECODER_ONLY = "it applies to encoder-decoder models only, and llm_trainer trains decoder-only models."
+
+DEPRECATED_FIELDS: dict[str, tuple[str, str | None]] = {
+    "pad_token": ("set `tokenizer.pad_token` and pass it as `processing_class` instead.", None),
+    "use_transformers_paged": ("use `use_transformers_continuous_batching`.", "use_transformers_continuous_batching"),
+    "vllm_importance_sampling_cap": ("use `vllm_importance_sampling_clip_max`.", "vllm_importance_sampling_clip_max"),
+}
+"""Deprecated fields: what to use instead, and the field that receives a value set on them (None: nothing does)."""
+
+
+def shared(name: str, default: Any) -> Any:
+    """The field `SHARED_OPTIONS[name]` with `default`."""
+    return option(default, **SHARED_OPTIONS[name])
+
+
+def inert_fields(config_class: type) -> dict[str, str]:
+    """The fields of `config_class` that do nothing by design, with the reason: the `_inert_fields` of its classes."""
+    return {
+        name: why
+        for klass in reversed(config_class.__mro__)
+        for name, why in vars(klass).get("_inert_fields", {}).items()
+    }
+
+
+def warn_unused_fields(config: Any) -> None:
+    """Warn about each field set away from its default that is deprecated (`DEPRECATED_FIELDS`, moving its value to
+    the field replacing it) or inert (`inert_fields`: accepted for TRL compatibility, doing nothing here)."""
+    inert = inert_fields(type(config))
+    for f in dataclasses.fields(config):
+        if f.name not in DEPRECATED_FIELDS and f.name not in inert:
+            continue
+        value = getattr(config, f.name)
+        if value == (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default):
+            continue
+        if f.name in DEPRECATED_FIELDS:
+            advice, replaced_by = DEPRECATED_FIELDS[f.name]
+            warnings.warn(f"`{f.name}` is deprecated: {advice}", FutureWarning, stacklevel=4)
+            if replaced_by is not None:
+                setattr(config, replaced_by, value)
+        if f.name in inert:
+            warnings.warn(f"`{f.name}={value!r}` has no effect: {inert[f.name]}", UserWarning, stacklevel=4)
+
+
+def check_choices(config: Any, *names: str) -> None:
+    """Raise a `ValueError` naming the field when one of `names` holds a value outside its field's `choices`."""
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(config)}
+    for name in names:
+        if getattr(config, name) not in choices[name]:
+            raise ValueError(f"`{name}` must be one of {tuple(choices[name])}, got {getattr(config, name)!r}.")
 
 
 @dataclass
@@ -27,47 +136,36 @@ class BaseConfig(TrainingArguments):
     `trust_remote_code`).
     """
 
-    logging_steps: float = field(
-        default=10,
-        metadata={
-            "help": "Log every X update steps: an integer, or a float in [0, 1) read as a ratio of total steps."
-        },
+    _inert_fields: ClassVar[dict[str, str]] = {}
+    """Fields a subclass accepts for TRL compatibility that do nothing here, with the reason; setting one warns."""
+
+    logging_steps: float = option(
+        10, "Log every X update steps: an integer, or a float in [0, 1) read as a ratio of total steps."
     )
-    gradient_checkpointing: bool = field(
-        default=True,
-        metadata={"help": "Recompute activations in the backward pass to save memory, at about 20%% more compute."},
+    gradient_checkpointing: bool = option(
+        True, "Recompute activations in the backward pass to save memory, at about 20%% more compute."
     )
-    bf16: bool | None = field(
-        default=None,
-        metadata={"help": "Use bf16 (mixed) precision. Unset means `True` unless `fp16` is set."},
+    bf16: bool | None = option(None, "Use bf16 (mixed) precision. Unset means `True` unless `fp16` is set.")
+    lr_scheduler_kwargs: dict | str | None = option(
+        None, "Extra keyword arguments for the learning-rate scheduler, e.g. {'num_cycles': 1}."
     )
-    lr_scheduler_kwargs: dict | str | None = field(
-        default=None,
-        metadata={"help": "Extra keyword arguments for the learning-rate scheduler, e.g. {'num_cycles': 1}."},
+    use_liger_kernel: bool = option(
+        False, "Patch the model's layers with Liger's Triton kernels (deprecated in TRL; kept for scripts)."
     )
-    use_liger_kernel: bool = field(
-        default=False,
-        metadata={
-            "help": "Patch the model's layers with Liger's Triton kernels (deprecated in TRL; kept for scripts)."
-        },
+    torch_empty_cache_steps: int | None = option(
+        None, "Call `torch.<device>.empty_cache()` every N steps (slower, lowers peak memory)."
     )
-    torch_empty_cache_steps: int | None = field(
-        default=None,
-        metadata={"help": "Call `torch.<device>.empty_cache()` every N steps (slower, lowers peak memory)."},
+    model_init_kwargs: dict[str, Any] | str | None = option(
+        None,
+        "Keyword arguments for `from_pretrained` when the model is given as a name or path. `dtype` defaults to "
+        "float32 ('auto', the checkpoint's dtype, for ORPO and CPO).",
     )
-    model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Keyword arguments for `from_pretrained` when the model is given as a name or path. `dtype` "
-            "defaults to float32."
-        },
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Allow custom model code from the model's repository when loading by name or path."},
+    trust_remote_code: bool = option(
+        False, "Allow custom model code from the model's repository when loading by name or path."
     )
 
     def __post_init__(self):
+        warn_unused_fields(self)
         check_field_types(self)
         check_number(
             self, "learning_rate", 0, "A negative rate climbs the loss instead of descending it; use e.g. 1e-5."
@@ -102,6 +200,30 @@ class BaseConfig(TrainingArguments):
 
 _BaseConfig = BaseConfig
 """TRL's name for the shared config base (`trl.trainer.base_config._BaseConfig`); TRL's test fixtures patch it."""
+
+
+@dataclass
+class OfflineConfig(BaseConfig):
+    """Base of the configs of the trainers that learn from a tokenized dataset (SFT, reward, PRM and the preference
+    trainers): the sequence-length limit and the preparation processes, with the same defaults everywhere."""
+
+    _max_length_none: ClassVar[str] = "no truncation"
+    """What `max_length=None` means, for the error message."""
+
+    max_length: int | None = option(
+        1024,
+        "Maximum tokens of an example (prompt + completion); the trainer's documentation says whether longer ones are "
+        "truncated or dropped. None: no limit.",
+    )
+    dataset_num_proc: int | None = shared("dataset_num_proc", None)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(
+                f"`max_length` must be a positive number of tokens or None ({self._max_length_none}), got "
+                f"{self.max_length}."
+            )
 
 
 def check_number(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from .base_config import check_choices, option
 from .online_config import OnlineRLConfig
 
 logger = logging.getLogger(__name__)
@@ -28,168 +28,116 @@ class GRPOConfig(OnlineRLConfig):
     """
 
     _algorithm = "GRPO"
+    _inert_fields = {
+        "log_completions_hub_repo": "logged completions are not pushed to the Hub here; they go to the `report_to` "
+        "integrations."
+    }
 
-    cast_lm_head_to_fp32: bool = field(
-        default=False,
-        metadata={
-            "help": "Compute the policy's and reference's lm_head in float32 (ScaleRL); needs untied word embeddings."
-        },
+    cast_lm_head_to_fp32: bool = option(
+        False, "Compute the policy's and reference's lm_head in float32 (ScaleRL); needs untied word embeddings."
     )
 
     # Loss
-    delta: float | None = field(
-        default=None,
-        metadata={"help": "Upper clip of the ratio for two-sided GRPO (INTELLECT-2), ideally > 1 + ε; None disables."},
+    delta: float | None = option(
+        None, "Upper clip of the ratio for two-sided GRPO (INTELLECT-2), ideally > 1 + ε; None disables."
     )
-    sapo_temperature_neg: float = field(
-        default=1.05, metadata={"help": "SAPO gate temperature for tokens with a non-positive advantage."}
+    sapo_temperature_neg: float = option(1.05, "SAPO gate temperature for tokens with a non-positive advantage.")
+    sapo_temperature_pos: float = option(1.0, "SAPO gate temperature for tokens with a positive advantage.")
+    vespo_k_pos: float = option(2.0, "VESPO power k for positive advantages (down-weights ratios below 1).")
+    vespo_lambda_pos: float = option(3.0, "VESPO decay λ for positive advantages (down-weights ratios above 1).")
+    vespo_k_neg: float = option(3.0, "VESPO power k for negative advantages (down-weights ratios below 1).")
+    vespo_lambda_neg: float = option(2.0, "VESPO decay λ for negative advantages (down-weights ratios above 1).")
+    importance_sampling_level: str = option(
+        "token",
+        "'token': one importance ratio per token; 'sequence': the length-averaged log-ratio per sequence (GSPO).",
+        choices=list(IMPORTANCE_SAMPLING_LEVELS),
     )
-    sapo_temperature_pos: float = field(
-        default=1.0, metadata={"help": "SAPO gate temperature for tokens with a positive advantage."}
+    multi_objective_aggregation: str = option(
+        "sum_then_normalize",
+        "With several reward functions: 'sum_then_normalize' weighs and sums them, then scales per `scale_rewards`; "
+        "'normalize_then_sum' normalizes each within its group first (GDPO).",
+        choices=list(MULTI_OBJECTIVE_AGGREGATIONS),
     )
-    vespo_k_pos: float = field(
-        default=2.0, metadata={"help": "VESPO power k for positive advantages (down-weights ratios below 1)."}
+    scale_rewards: str = option(
+        "group",
+        "Divide advantages by the reward std of each 'group' (True), of the whole 'batch', or 'none' (False; Dr. GRPO).",
     )
-    vespo_lambda_pos: float = field(
-        default=3.0, metadata={"help": "VESPO decay λ for positive advantages (down-weights ratios above 1)."}
+    loss_type: str = option(
+        "dapo",
+        "Loss and token normalization: 'grpo' (per sequence), 'dr_grpo' (constant), 'dapo' (tokens in the accumulated "
+        "batch), 'bnpo' (tokens in the local batch), 'cispo', 'sapo', 'luspo' or 'vespo'.",
+        choices=list(GRPO_LOSS_TYPES),
     )
-    vespo_k_neg: float = field(
-        default=3.0, metadata={"help": "VESPO power k for negative advantages (down-weights ratios below 1)."}
+    top_entropy_quantile: float = option(
+        1.0,
+        "Train only on this top fraction of tokens by entropy, in [0, 1]; 1.0 keeps all, 0.2 is the paper's choice.",
     )
-    vespo_lambda_neg: float = field(
-        default=2.0, metadata={"help": "VESPO decay λ for negative advantages (down-weights ratios above 1)."}
+    entropy_coef: float = option(
+        0.0, "Weight of the mean per-token entropy bonus; 0 disables it. Initial value with adaptive entropy."
     )
-    importance_sampling_level: str = field(
-        default="token",
-        metadata={
-            "help": "'token': one importance ratio per token; 'sequence': the length-averaged log-ratio per sequence "
-            "(GSPO).",
-            "choices": list(IMPORTANCE_SAMPLING_LEVELS),
-        },
+    use_adaptive_entropy: bool = option(
+        False, "Raise or lower `entropy_coef` each step to keep entropy near `entropy_target` (Skywork-OR1)."
     )
-    multi_objective_aggregation: str = field(
-        default="sum_then_normalize",
-        metadata={
-            "help": "With several reward functions: 'sum_then_normalize' weighs and sums them, then scales per "
-            "`scale_rewards`; 'normalize_then_sum' normalizes each within its group first (GDPO).",
-            "choices": list(MULTI_OBJECTIVE_AGGREGATIONS),
-        },
+    entropy_coef_min: float = option(0.0, "Lower bound of the adaptive entropy coefficient.")
+    entropy_coef_max: float = option(1.0, "Upper bound of the adaptive entropy coefficient.")
+    entropy_coef_delta: float = option(0.005, "Per-step change of the adaptive entropy coefficient.")
+    entropy_target: float = option(
+        0.2,
+        "Mean per-token entropy (nats) below which the adaptive bonus applies; set it near the entropy seen early in "
+        "training.",
     )
-    scale_rewards: str = field(
-        default="group",
-        metadata={
-            "help": "Divide advantages by the reward std of each 'group' (True), of the whole 'batch', or 'none' "
-            "(False; Dr. GRPO)."
-        },
+    max_tool_calling_iterations: int | None = option(
+        None, "Most tool-calling turns per rollout when training an agent; None means no limit."
     )
-    loss_type: str = field(
-        default="dapo",
-        metadata={
-            "help": "Loss and token normalization: 'grpo' (per sequence), 'dr_grpo' (constant), 'dapo' (tokens in the "
-            "accumulated batch), 'bnpo' (tokens in the local batch), 'cispo', 'sapo', 'luspo' or 'vespo'.",
-            "choices": list(GRPO_LOSS_TYPES),
-        },
+    off_policy_mask_threshold: float | None = option(
+        None,
+        "Mask sequences with a negative advantage whose KL to the sampling policy exceeds this (DeepSeek-V3.2, e.g. "
+        "0.5); None disables.",
     )
-    top_entropy_quantile: float = field(
-        default=1.0,
-        metadata={
-            "help": "Train only on this top fraction of tokens by entropy, in [0, 1]; 1.0 keeps all, 0.2 is the "
-            "paper's choice."
-        },
-    )
-    entropy_coef: float = field(
-        default=0.0,
-        metadata={
-            "help": "Weight of the mean per-token entropy bonus; 0 disables it. Initial value with adaptive entropy."
-        },
-    )
-    use_adaptive_entropy: bool = field(
-        default=False,
-        metadata={
-            "help": "Raise or lower `entropy_coef` each step to keep entropy near `entropy_target` (Skywork-OR1)."
-        },
-    )
-    entropy_coef_min: float = field(default=0.0, metadata={"help": "Lower bound of the adaptive entropy coefficient."})
-    entropy_coef_max: float = field(default=1.0, metadata={"help": "Upper bound of the adaptive entropy coefficient."})
-    entropy_coef_delta: float = field(
-        default=0.005, metadata={"help": "Per-step change of the adaptive entropy coefficient."}
-    )
-    entropy_target: float = field(
-        default=0.2,
-        metadata={
-            "help": "Mean per-token entropy (nats) below which the adaptive bonus applies; set it near the entropy "
-            "seen early in training."
-        },
-    )
-    max_tool_calling_iterations: int | None = field(
-        default=None,
-        metadata={"help": "Most tool-calling turns per rollout when training an agent; None means no limit."},
-    )
-    off_policy_mask_threshold: float | None = field(
-        default=None,
-        metadata={
-            "help": "Mask sequences with a negative advantage whose KL to the sampling policy exceeds this "
-            "(DeepSeek-V3.2, e.g. 0.5); None disables."
-        },
-    )
-    use_bias_correction_kl: bool = field(
-        default=True,
-        metadata={"help": "Weight the KL term by the importance ratio for an unbiased reverse-KL gradient."},
+    use_bias_correction_kl: bool = option(
+        True, "Weight the KL term by the importance ratio for an unbiased reverse-KL gradient."
     )
 
     # vLLM importance-sampling correction
-    vllm_importance_sampling_correction: bool = field(
-        default=True,
-        metadata={"help": "Correct the mismatch between vLLM's and the trainer's log-probs with importance sampling."},
+    vllm_importance_sampling_correction: bool = option(
+        True, "Correct the mismatch between vLLM's and the trainer's log-probs with importance sampling."
     )
-    vllm_importance_sampling_mode: str = field(
-        default="sequence_mask",
-        metadata={
-            "help": "Per-token or per-sequence ratios, clipped into [clip_min, clip_max] ('*_truncate') or zeroed "
-            "outside it ('*_mask').",
-            "choices": list(VLLM_IMPORTANCE_SAMPLING_MODES),
-        },
+    vllm_importance_sampling_mode: str = option(
+        "sequence_mask",
+        "Per-token or per-sequence ratios, clipped into [clip_min, clip_max] ('*_truncate') or zeroed outside it "
+        "('*_mask').",
+        choices=list(VLLM_IMPORTANCE_SAMPLING_MODES),
     )
-    vllm_importance_sampling_clip_max: float | None = field(
-        default=3.0, metadata={"help": "Upper bound of the vLLM importance ratio; None means unbounded."}
+    vllm_importance_sampling_clip_max: float | None = option(
+        3.0, "Upper bound of the vLLM importance ratio; None means unbounded."
     )
-    vllm_importance_sampling_clip_min: float | None = field(
-        default=None, metadata={"help": "Lower bound of the vLLM importance ratio; None means unbounded."}
+    vllm_importance_sampling_clip_min: float | None = option(
+        None, "Lower bound of the vLLM importance ratio; None means unbounded."
     )
 
     # Logging
-    log_completions_hub_repo: str | None = field(
-        default=None,
-        metadata={"help": "Hub dataset repository to push logged completions to; needs `log_completions=True`."},
+    log_completions_hub_repo: str | None = option(
+        None, "Hub dataset repository to push logged completions to; needs `log_completions=True`."
     )
 
     # Deprecated
-    vllm_importance_sampling_cap: float | None = field(
-        default=None, metadata={"help": "Deprecated; use `vllm_importance_sampling_clip_max`."}
-    )
+    vllm_importance_sampling_cap: float | None = option(None, "Deprecated; use `vllm_importance_sampling_clip_max`.")
 
     def __post_init__(self):
         self.scale_rewards = _parse_scale_rewards(self.scale_rewards)
         super().__post_init__()
-        if self.vllm_importance_sampling_cap is not None:
-            warnings.warn(
-                "`vllm_importance_sampling_cap` is deprecated; use `vllm_importance_sampling_clip_max`.",
-                FutureWarning,
-                stacklevel=3,
-            )
-            self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
         self._validate()
 
     def _validate(self) -> None:
-        for name, choices in (
-            ("loss_type", GRPO_LOSS_TYPES),
-            ("scale_rewards", SCALE_REWARDS),
-            ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS),
-            ("multi_objective_aggregation", MULTI_OBJECTIVE_AGGREGATIONS),
-            ("vllm_importance_sampling_mode", VLLM_IMPORTANCE_SAMPLING_MODES),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"`{name}` must be one of {choices}, got {getattr(self, name)!r}.")
+        check_choices(
+            self,
+            "loss_type",
+            "importance_sampling_level",
+            "multi_objective_aggregation",
+            "vllm_importance_sampling_mode",
+        )
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"`scale_rewards` must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}.")
         if self.log_completions_hub_repo is not None and not self.log_completions:
             raise ValueError(
                 "`log_completions_hub_repo` is set, but log_completions is False, so nothing would be uploaded. Set "

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from .base_config import option
 from .online_config import OnlineRLConfig
 
 
@@ -18,21 +19,15 @@ class RLOOConfig(OnlineRLConfig):
 
     _algorithm = "RLOO"
 
-    num_generations: int | None = field(
-        default=2,
-        metadata={"help": "Completions sampled per prompt (at least 2); the generation batch must be a multiple."},
+    num_generations: int | None = option(
+        2, "Completions sampled per prompt (at least 2); the generation batch must be a multiple."
     )
-    beta: float = field(
-        default=0.05,
-        metadata={"help": "KL coefficient against the reference model, folded into the reward; 0 loads no reference."},
+    beta: float = option(
+        0.05, "KL coefficient against the reference model, folded into the reward; 0 loads no reference."
     )
-    normalize_advantages: bool = field(
-        default=False,
-        metadata={"help": "Standardize advantages over each generation batch (mean 0, std 1)."},
-    )
-    reward_clip_range: tuple[float, float] | None = field(
-        default=None,
-        metadata={"help": "Clamp rewards into (min, max) before computing advantages; None leaves them as they are."},
+    normalize_advantages: bool = option(False, "Standardize advantages over each generation batch (mean 0, std 1).")
+    reward_clip_range: tuple[float, float] | None = option(
+        None, "Clamp rewards into (min, max) before computing advantages; None leaves them as they are."
     )
 
     def __post_init__(self):
