@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,7 +122,7 @@ def wrap_with_peft(model: PreTrainedModel, peft_config: Any, gradient_checkpoint
 
 @dataclass
 class TokenLogprobOutput(ModelOutput):
-    """What a model patched by `add_token_logprob_head` returns when called with `token_logprobs=True`.
+    """What a model given `add_token_logprob_head` returns when called with `token_logprobs=True`.
 
     Per-token tensors have the shape of the (shifted) labels, `(batch, seq_len - 1)`, and are 0 where the label
     is -100. `label_mask` is True where the label counts.
@@ -131,6 +133,26 @@ class TokenLogprobOutput(ModelOutput):
     is_top1: torch.Tensor | None = None
     mean_logits: torch.Tensor | None = None
     log_sum_sq_probs: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class FusedCausalLMOutput(ModelOutput):
+    """What a model given `add_fused_lm_head` (TRL's interface) returns when called with `fused_lm_head=True`.
+
+    The fields of `TokenLogprobOutput`, plus `loss`: the summed negative log-likelihood (at the head's temperature)
+    over the kept tokens, divided by `num_items_in_batch` (default: their count), plus the MoE load-balancing loss
+    times the config's `router_aux_loss_coef` when router logits are returned (`aux_loss`). `mean_logits` and
+    `log_sum_sq_probs` carry no gradient.
+    """
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
     label_mask: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
 
@@ -162,97 +184,148 @@ def _splittable(model: PreTrainedModel) -> bool:
     )
 
 
+def lm_head_of(model: PreTrainedModel) -> kernels.LMHead:
+    """`model`'s LM head as the kernels take it: weight, bias and the logit transform of its config."""
+    head = model.get_output_embeddings()
+    return kernels.LMHead(head.weight, head.bias, *logit_transform(model.config))
+
+
+@dataclass
+class LogprobHead:
+    """The options of the forward `add_token_logprob_head` installs; a second call replaces them."""
+
+    temperature: float = 1.0
+    outputs: tuple[str, ...] = ("entropy", "is_top1", "mean_logits")
+    cast_lm_head_to_fp32: bool = False
+
+
+class TokenLogprobForward:
+    """`model.forward` once `add_token_logprob_head` ran: the model's own forward, plus routes that run the backbone
+    and the LM head apart (see `add_token_logprob_head`).
+
+    An object holding the model and its `LogprobHead` options, not a closure over the original bound forward: a
+    `copy.deepcopy` of the model gets a forward bound to the copy (the plain route calls `type(model).forward` on
+    it), and a second `add_token_logprob_head` updates `head` instead of wrapping again. `__signature__` is the
+    model's own, which `Trainer` (unused-column removal) and `generate` (keyword validation) read.
+    """
+
+    def __init__(self, model: PreTrainedModel, head: LogprobHead) -> None:
+        self.model, self.head = model, head
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(types.MethodType(type(self.model).forward, self.model))
+
+    def __call__(
+        self,
+        *args: Any,
+        token_logprobs: bool = False,
+        fused_lm_head: bool = False,
+        head_fn: Callable[[torch.Tensor, kernels.LMHead], Any] | None = None,
+        labels: torch.Tensor | None = None,
+        shift_labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        model = self.model
+        if head_fn is not None:
+            if not _splittable(model):
+                raise ValueError(
+                    f"{type(model).__name__} has no backbone (`base_model`) with a plain `nn.Linear` LM head, which "
+                    "`head_fn` needs. An adapter on `lm_head` is not supported: remove 'lm_head' from the PEFT "
+                    "`target_modules`."
+                )
+            kwargs["use_cache"] = False
+            return head_fn(model.base_model(*args, **kwargs).last_hidden_state, lm_head_of(model))
+        if not (token_logprobs or fused_lm_head):
+            passed = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+            kwargs.update({key: value for key, value in passed.items() if value is not None})
+            return type(model).forward(model, *args, **kwargs)
+        targets = labels[:, 1:] if shift_labels is None else shift_labels
+        log_probs, fields, aux_loss = self._score(args, kwargs, targets, drop_last=shift_labels is None)
+        label_mask = targets.to(log_probs.device) != -100
+        if token_logprobs:
+            return TokenLogprobOutput(log_probs=log_probs, label_mask=label_mask, aux_loss=aux_loss, **fields)
+        loss = -log_probs.sum() / (label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        if aux_loss is not None:
+            coef = getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0)
+            loss = loss + coef * aux_loss.to(loss.device)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=label_mask, aux_loss=aux_loss, **fields)
+
+    def _score(self, args: tuple, kwargs: dict[str, Any], targets: torch.Tensor, drop_last: bool):
+        """Run the backbone on `args`/`kwargs` and score `targets` (next-token labels, -100 to skip) against its
+        hidden states (without the last position when `drop_last`): `(log_probs, fields, aux_loss)`, `fields` the
+        asked `TOKEN_OUTPUTS`, `aux_loss` the unweighted MoE load-balancing loss or None."""
+        model, options = self.model, self.head
+        wanted = [name for name in TOKEN_OUTPUTS if name in options.outputs]
+        kwargs["use_cache"] = False
+        if getattr(model.config.get_text_config(), "output_router_logits", False):  # MoE: the backbone's router logits
+            kwargs.setdefault("output_router_logits", True)
+        if not _splittable(model):
+            _warn_unsplittable(type(model).__name__)
+            out = type(model).forward(model, *args, **kwargs)
+            logits = out.logits[:, :-1] if drop_last else out.logits
+            log_probs, fields = _stats_from_logits(logits, targets.to(logits.device), options.temperature)
+            return log_probs, {name: fields[name] for name in wanted}, getattr(out, "aux_loss", None)
+        out = model.base_model(*args, **kwargs)
+        head = lm_head_of(model)
+        hidden = (out.last_hidden_state[:, :-1] if drop_last else out.last_hidden_state).to(head.weight.device)
+        context = contextlib.nullcontext()
+        if options.cast_lm_head_to_fp32:
+            hidden = hidden.float()
+            context = torch.autocast(hidden.device.type, enabled=False)
+        with context:
+            log_probs, *extras = _as_tuple(
+                kernels.token_logprobs(
+                    hidden,
+                    head.weight,
+                    targets.to(head.weight.device),
+                    temperature=options.temperature,
+                    bias=head.bias,
+                    logit_scale=head.logit_scale,
+                    softcap=head.softcap,
+                    return_entropy="entropy" in wanted,
+                    return_accuracy="is_top1" in wanted,
+                    return_mean_logits="mean_logits" in wanted,
+                    return_log_sum_sq_probs="log_sum_sq_probs" in wanted,
+                )
+            )
+        return log_probs, dict(zip(wanted, extras)), _router_aux_loss(model.config, out, kwargs.get("attention_mask"))
+
+
 def add_token_logprob_head(
     model: PreTrainedModel,
     temperature: float = 1.0,
     outputs: tuple[str, ...] = ("entropy", "is_top1", "mean_logits"),
+    cast_lm_head_to_fp32: bool = False,
 ) -> None:
     """Let `model(..., labels=..., token_logprobs=True)` return per-token log-probs without building the logits.
 
-    The patched forward runs the backbone, then projects the hidden states through the LM head chunk by chunk with
-    `llm_trainer.kernels.token_logprobs`, returning a `TokenLogprobOutput` with the log-probs of the next-token
-    labels and the per-token fields named in `outputs` (among `TOKEN_OUTPUTS`; the others are None): `entropy`,
-    `is_top1` (label ranked first), `mean_logits` (mean logit over the vocabulary) and `log_sum_sq_probs`
-    (`log sum_v p_v^2`). Called without `token_logprobs=True` it is the original forward, so generation and user
-    code are unchanged. Patching the instance's `forward` (rather than calling submodules directly) keeps DDP, FSDP
-    and DeepSpeed wrappers in the loop. Models whose head is not a plain linear layer fall back to the logits with a
-    one-line warning. (`llm_trainer.trainer.utils.add_fused_lm_head` is TRL's interface to the same forward.)
-    """
-    scorer = token_logprob_scorer(model, temperature, outputs)
-    original_forward = model.forward
+    Installs a `TokenLogprobForward` as the instance's `forward` (a second call only updates its options). With
+    `token_logprobs=True` it runs the backbone, then projects the hidden states through the LM head chunk by chunk
+    with `llm_trainer.kernels.token_logprobs`, returning a `TokenLogprobOutput` with the log-probs of the next-token
+    labels (or of pre-shifted `shift_labels`) and the per-token fields named in `outputs` (among `TOKEN_OUTPUTS`;
+    the others are None): `entropy`, `is_top1` (label ranked first), `mean_logits` (mean logit over the vocabulary)
+    and `log_sum_sq_probs` (`log sum_v p_v^2`). `fused_lm_head=True` returns TRL's `FusedCausalLMOutput` (the same,
+    plus the loss; see `llm_trainer.trainer.utils.add_fused_lm_head`). `head_fn=f` returns `f(hidden_states,
+    lm_head_of(model))`, the backbone's final hidden states and the head, for losses that project themselves
+    (distillation). Without these keywords it is the model's own forward, so generation and user code are unchanged.
+    `cast_lm_head_to_fp32` projects in float32 outside autocast (TRL's GRPO/RLOO option).
 
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, token_logprobs: bool = False, labels=None, **kwargs):
-        if not token_logprobs:
-            if labels is not None:
-                kwargs["labels"] = labels
-            return original_forward(*args, **kwargs)
-        log_probs, fields, label_mask, aux_loss = scorer(self, original_forward, args, kwargs, labels[:, 1:], True)
-        return TokenLogprobOutput(log_probs=log_probs, label_mask=label_mask, aux_loss=aux_loss, **fields)
-
-    model.forward = types.MethodType(forward, model)
-
-
-def token_logprob_scorer(
-    model: PreTrainedModel,
-    temperature: float = 1.0,
-    outputs: tuple[str, ...] = ("entropy", "is_top1", "mean_logits"),
-    cast_lm_head_to_fp32: bool = False,
-):
-    """The body of the fused forward of `add_token_logprob_head` and `add_fused_lm_head`.
-
-    Returns `score(self, original_forward, args, kwargs, targets, drop_last)`, which runs the backbone on
-    `args`/`kwargs` and scores `targets` (next-token labels, -100 to skip) against the hidden states (without the last
-    position when `drop_last`), giving `(log_probs, fields, label_mask, aux_loss)`: `fields` maps the asked
-    `TOKEN_OUTPUTS` to their tensors and `aux_loss` is the unweighted MoE load-balancing loss or None.
+    The routes are keywords of `forward` itself (rather than calls of submodules) so that `wrapped(...,
+    token_logprobs=True)` keeps DDP, FSDP and DeepSpeed wrappers, and PEFT models around the patched one, in the
+    loop. Install it on the causal LM before wrapping (on a PEFT model's `get_base_model()`). Models whose head is
+    not a plain linear layer fall back to the logits with a one-line warning.
     """
     unknown = set(outputs) - set(TOKEN_OUTPUTS)
     if unknown:
         raise ValueError(f"Unknown token outputs {sorted(unknown)}; choose among {TOKEN_OUTPUTS}.")
-    logit_scale, softcap = logit_transform(model.config)
-    wanted = {name: name in outputs for name in TOKEN_OUTPUTS}
-
-    def score(self, original_forward, args, kwargs, targets, drop_last):
-        kwargs["use_cache"] = False
-        if getattr(self.config.get_text_config(), "output_router_logits", False):  # MoE: the backbone's router logits
-            kwargs.setdefault("output_router_logits", True)
-        if _splittable(self):
-            out = self.base_model(*args, **kwargs)
-            head = self.get_output_embeddings()
-            hidden = out.last_hidden_state[:, :-1] if drop_last else out.last_hidden_state
-            hidden = hidden.to(head.weight.device)
-            context = contextlib.nullcontext()
-            if cast_lm_head_to_fp32:
-                hidden = hidden.float()
-                context = torch.autocast(hidden.device.type, enabled=False)
-            with context:
-                log_probs, *extras = _as_tuple(
-                    kernels.token_logprobs(
-                        hidden,
-                        head.weight,
-                        targets.to(head.weight.device),
-                        temperature=temperature,
-                        bias=head.bias,
-                        logit_scale=logit_scale,
-                        softcap=softcap,
-                        return_entropy=wanted["entropy"],
-                        return_accuracy=wanted["is_top1"],
-                        return_mean_logits=wanted["mean_logits"],
-                        return_log_sum_sq_probs=wanted["log_sum_sq_probs"],
-                    )
-                )
-            fields = dict(zip([name for name in TOKEN_OUTPUTS if wanted[name]], extras))
-            aux_loss = _router_aux_loss(self.config, out, kwargs.get("attention_mask"))
-        else:
-            _warn_unsplittable(type(self).__name__)
-            out = original_forward(*args, **kwargs)
-            logits = out.logits[:, :-1] if drop_last else out.logits
-            log_probs, fields = _stats_from_logits(logits, targets.to(logits.device), temperature)
-            fields = {name: value for name, value in fields.items() if wanted[name]}
-            aux_loss = getattr(out, "aux_loss", None)
-        return log_probs, fields, targets.to(log_probs.device) != -100, aux_loss
-
-    return score
+    head = LogprobHead(temperature, tuple(outputs), cast_lm_head_to_fp32)
+    installed = model.__dict__.get("forward")
+    if isinstance(installed, TokenLogprobForward):
+        installed.head = head
+    else:
+        model.forward = TokenLogprobForward(model, head)
 
 
 def _router_aux_loss(config: Any, backbone_out: Any, attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -37,6 +38,7 @@ from .logprob_torch import (
 
 __all__ = [
     "ChunkedLogProbFunction",
+    "LMHead",
     "entropy_from_logits",
     "kl_penalty",
     "selective_log_softmax",
@@ -71,6 +73,17 @@ def _row_ops(device: torch.device, backend: str | None) -> RowOps:
     from .logprob_triton import TritonRowOps
 
     return TritonRowOps
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """An LM head as the kernels take it: `weight (V, H)`, `bias (V,)` or None, and the logit transform
+    (`logit_scale`, `softcap`; None when unset) of `token_logprobs`."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    logit_scale: float | None = None
+    softcap: float | None = None
 
 
 def _check_temperature(temperature: float) -> None:

@@ -19,15 +19,12 @@ import os
 import random
 import re
 import socket
-import types
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from transformers.utils import ModelOutput
 
 from .._background_loop import shutdown_event_loop_in_daemon, start_event_loop_in_daemon
 from ..data.collators import pad
@@ -35,6 +32,7 @@ from ..data.sampling import RepeatSampler, repeat_iterable_dataset
 from ..kernels import ChunkedLogProbFunction, entropy_from_logits, selective_log_softmax
 from ..kernels import selective_log_softmax_and_entropy as _fused_logprob_entropy
 from ..losses.policy_gradient import nanmax, nanmin, nanstd
+from ..modeling import FusedCausalLMOutput
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -759,73 +757,32 @@ def use_adapter(model: PeftModel, adapter_name: str | None) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------- fused LM head
-@dataclass
-class FusedCausalLMOutput(ModelOutput):
-    """What a model given `add_fused_lm_head` returns when called with `fused_lm_head=True`.
-
-    Per-token fields have the shape of the (shifted) labels and are 0 where the label is -100; the ones not asked
-    for are None. `loss` is the summed negative log-likelihood (at the head's temperature) over the kept tokens,
-    divided by `num_items_in_batch` (default: their count), plus the MoE load-balancing loss times the config's
-    `router_aux_loss_coef` when router logits are returned (`aux_loss`). `mean_logits` and `log_sum_sq_probs` carry
-    no gradient; `label_mask` is True where the label counts.
-    """
-
-    loss: torch.Tensor | None = None
-    log_probs: torch.Tensor | None = None
-    entropy: torch.Tensor | None = None
-    log_sum_sq_probs: torch.Tensor | None = None
-    mean_logits: torch.Tensor | None = None
-    is_top1: torch.Tensor | None = None
-    label_mask: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
-
-
 def add_fused_lm_head(
     model: PreTrainedModel,
     temperature: float = 1.0,
     cast_lm_head_to_fp32: bool = False,
     outputs: tuple[str, ...] = ("log_probs",),
 ) -> None:
-    """Patch `model` so that `model(..., labels=labels, fused_lm_head=True)` returns a `FusedCausalLMOutput` of
-    per-token log-probs instead of logits, never building the `(batch, seq, vocab)` logits.
+    """Let `model(..., labels=labels, fused_lm_head=True)` return a `FusedCausalLMOutput` of per-token log-probs
+    instead of logits, never building the `(batch, seq, vocab)` logits: TRL's interface to the library's one fused
+    forward, `llm_trainer.modeling.add_token_logprob_head` (calling either again updates the options).
 
     The labels are shifted for next-token prediction, unless passed pre-shifted as `shift_labels` (context / sequence
     parallelism). `outputs` names the per-token fields computed besides `log_probs`: `"entropy"`,
     `"log_sum_sq_probs"`, `"mean_logits"`, `"is_top1"`. `cast_lm_head_to_fp32` projects in float32 outside autocast.
-    Without `fused_lm_head=True` the forward is the original one (generation is unchanged). Patch before wrapping
-    with PEFT. This is the library's fused forward (`llm_trainer.modeling.add_token_logprob_head`) with TRL's
-    interface.
+    Without `fused_lm_head=True` the forward is the model's own (generation is unchanged). Add the head before
+    wrapping with PEFT.
 
     Raises:
         ValueError: an unknown name in `outputs`.
     """
-    from ..modeling import TOKEN_OUTPUTS, token_logprob_scorer
+    from ..modeling import TOKEN_OUTPUTS, add_token_logprob_head
 
     unknown = set(outputs) - {"log_probs", *TOKEN_OUTPUTS}
     if unknown:
         raise ValueError(f"Unknown outputs {sorted(unknown)}; choose among {('log_probs', *TOKEN_OUTPUTS)}.")
     extras = tuple(name for name in outputs if name != "log_probs")
-    score = token_logprob_scorer(model, temperature, extras, cast_lm_head_to_fp32)
-    original_forward = model.forward
-    text_config = model.config.get_text_config()
-
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
-        if not fused_lm_head:
-            passed = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
-            kwargs.update({key: value for key, value in passed.items() if value is not None})
-            return original_forward(*args, **kwargs)
-        targets = labels[:, 1:] if shift_labels is None else shift_labels
-        log_probs, fields, label_mask, aux_loss = score(
-            self, original_forward, args, kwargs, targets, shift_labels is None
-        )
-        count = label_mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        loss = -log_probs.sum() / count
-        if aux_loss is not None:
-            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss.to(loss.device)
-        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=label_mask, aux_loss=aux_loss, **fields)
-
-    model.forward = types.MethodType(forward, model)
+    add_token_logprob_head(model, temperature, extras, cast_lm_head_to_fp32)
 
 
 # --------------------------------------------------------------------------------------------- FLOPs and MFU
