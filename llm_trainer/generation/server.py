@@ -107,50 +107,25 @@ class TransformersEngine:
 
 
 class VLLMEngine:
-    """Serves a model with a `vllm.LLM` engine."""
+    """Serves a model with a `vllm.LLM` engine; `engine_args` are `vllm.LLM`'s keyword arguments."""
 
     backend = "vllm"
 
-    def __init__(
-        self,
-        model: str,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.9,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        revision: str | None = None,
-        trust_remote_code: bool = False,
-        enable_prefix_caching: bool | None = None,
-        **engine_args,
-    ):
-        from .vllm_backend import require_vllm
+    def __init__(self, model: str, **engine_args):
+        from .vllm_backend import load_vllm
 
-        vllm = require_vllm()
         self.name = model
         # Weight updates run a function on the engine's worker processes, which vLLM must be allowed to pickle.
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-        self.llm = vllm.LLM(
-            model=model,
-            revision=revision,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching,
-            trust_remote_code=trust_remote_code,
-            logprobs_mode="processed_logprobs",
-            **engine_args,
-        )
+        self.llm = load_vllm(model, **engine_args)
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_token_ids = as_id_list(self.tokenizer.eos_token_id)
-        self.world_size = tensor_parallel_size * engine_args.get("data_parallel_size", 1)
+        self.world_size = engine_args.get("tensor_parallel_size", 1) * engine_args.get("data_parallel_size", 1)
 
     def generate(self, prompts, counts, sampling, stop_token_ids, structured_outputs_regex) -> GenerationResult:
-        from .vllm_backend import result_from_outputs, vllm_sampling_params
+        from .vllm_backend import generate_runs
 
-        params = [vllm_sampling_params(sampling, c, stop_token_ids, structured_outputs_regex) for c in counts]
-        requests = [{"prompt_token_ids": ids} for ids in prompts]
-        return result_from_outputs(self.llm.generate(requests, sampling_params=params, use_tqdm=False))
+        return generate_runs(self.llm, prompts, counts, sampling, stop_token_ids, structured_outputs_regex)
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         from .vllm_backend import load_weights_into_vllm
@@ -445,20 +420,19 @@ def serve(
     `engine_args` are further `vllm.LLM` arguments (vLLM back end only).
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = {"dtype": dtype, "revision": revision, "trust_remote_code": trust_remote_code}  # both back ends
     if backend == "vllm":
         engine = VLLMEngine(
             model,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
-            dtype=dtype,
             max_model_len=max_model_len,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
             enable_prefix_caching=enable_prefix_caching,
+            **options,
             **(engine_args or {}),
         )
     elif backend == "transformers":
-        engine = TransformersEngine(model, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+        engine = TransformersEngine(model, **options)
     else:
         raise ValueError(f"backend must be 'vllm' or 'transformers', got {backend!r}.")
     server = make_server(engine, host, port)

@@ -57,8 +57,19 @@ def vllm_sampling_params(
     return SamplingParams(**kwargs)
 
 
-def result_from_outputs(outputs) -> GenerationResult:
-    """Flatten vLLM `RequestOutput`s (each with `n` completions) into a `GenerationResult`, in request order."""
+def load_vllm(model: str, **engine_args):
+    """A `vllm.LLM` engine for `model` (`engine_args`: `vllm.LLM`'s keyword arguments) that reports log-probs after
+    temperature and filters, as the sampler used them: the trainers' importance ratios compare against those."""
+    return require_vllm().LLM(model=model, logprobs_mode="processed_logprobs", **engine_args)
+
+
+def generate_runs(
+    llm, prompts: list[list[int]], counts: list[int], sampling: SamplingConfig, stop_ids: list[int], regex: str | None
+) -> GenerationResult:
+    """`counts[i]` completions of each prompt `prompts[i]` (token ids) from the engine `llm`, one request per prompt,
+    flattened in request order; `stop_ids` and the structured-output `regex` apply to every request."""
+    params = [vllm_sampling_params(sampling, c, stop_ids, regex) for c in counts]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling_params=params, use_tqdm=False)
     completions, logprobs = [], []
     for request in outputs:
         for out in request.outputs:
@@ -107,7 +118,7 @@ class VLLMColocateGenerator(Generator):
         trust_remote_code: bool = False,
         structured_outputs_regex: str | None = None,
     ):
-        vllm = require_vllm()
+        require_vllm()  # before touching the process groups or the environment
         rank = accelerator.process_index if accelerator is not None else 0
         local_rank = accelerator.local_process_index if accelerator is not None else 0
         world_size = accelerator.num_processes if accelerator is not None else 1
@@ -130,8 +141,8 @@ class VLLMColocateGenerator(Generator):
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-        self.llm = vllm.LLM(
-            model=model.name_or_path,
+        self.llm = load_vllm(
+            model.name_or_path,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_length,
@@ -141,7 +152,6 @@ class VLLMColocateGenerator(Generator):
             distributed_executor_backend="external_launcher",
             seed=rank // tensor_parallel_size,  # the ranks of a TP group must sample alike
             max_num_batched_tokens=4096,
-            logprobs_mode="processed_logprobs",  # log-probs after temperature/filters, as the sampler used them
             trust_remote_code=trust_remote_code,
         )
         self._weights_asleep = False
@@ -172,11 +182,9 @@ class VLLMColocateGenerator(Generator):
         if self.enable_sleep_mode:
             self.llm.wake_up(tags=["kv_cache"])
         prompts, counts = consecutive_runs(all_prompts)
-        params = [
-            vllm_sampling_params(self.sampling, c, self.eos_token_ids, self.structured_outputs_regex) for c in counts
-        ]
-        requests = [{"prompt_token_ids": ids} for ids in prompts]
-        result = result_from_outputs(self.llm.generate(requests, sampling_params=params, use_tqdm=False))
+        result = generate_runs(
+            self.llm, prompts, counts, self.sampling, self.eos_token_ids, self.structured_outputs_regex
+        )
         if self.enable_sleep_mode:
             self.llm.sleep(level=2)
             self._weights_asleep = True
