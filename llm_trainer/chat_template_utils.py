@@ -129,6 +129,19 @@ def _with_string_arguments(messages: list[dict[str, Any]]) -> list[dict[str, Any
     return messages
 
 
+# `apply_chat_template` options that render token ids with the assistant mask (`output["assistant_masks"]`)
+_WITH_MASK = {"tokenize": True, "return_dict": True, "return_assistant_tokens_mask": True}
+
+
+def _apply_template(processing_class: Any, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+    """`processing_class.apply_chat_template(messages, **kwargs)`, retried with tool-call `arguments` as JSON text
+    when the template concatenates them (a TypeError)."""
+    try:
+        return processing_class.apply_chat_template(messages, **kwargs)
+    except TypeError:
+        return processing_class.apply_chat_template(_with_string_arguments(messages), **kwargs)
+
+
 def supports_tool_calling(processing_class: Any) -> bool:
     """Whether the chat template renders a whole tool exchange (user -> assistant with `tool_calls` -> tool): the
     call's name, its argument key and value, and the tool's result must all appear in the text. Templates that
@@ -148,16 +161,9 @@ def supports_tool_calling(processing_class: Any) -> bool:
     ]
     if _is_processor(processing_class):
         messages = prepare_multimodal_messages(messages)
-    rendered = None
-    for attempt in (messages, _with_string_arguments(messages)):
-        try:
-            rendered = processing_class.apply_chat_template(attempt, tokenize=False)
-            break
-        except TemplateError:
-            return False
-        except TypeError:  # the template concatenates `arguments` as text: retry with JSON text
-            continue
-    if rendered is None:
+    try:
+        rendered = _apply_template(processing_class, messages, tokenize=False)
+    except (TemplateError, TypeError):
         return False
     return all(p in rendered for p in (_TOOL_PROBE_NAME, _TOOL_PROBE_KEY, _TOOL_PROBE_VALUE, _TOOL_PROBE_RESULT))
 
@@ -215,13 +221,7 @@ def is_chat_template_stop_token_trained(processing_class: Any, chat_template: st
     if is_vlm:  # text blocks only: images would shift the mask, which is computed before image tokens expand
         messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
     try:
-        output = processing_class.apply_chat_template(
-            messages,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-            chat_template=chat_template,
-        )
+        output = _apply_template(processing_class, messages, chat_template=chat_template, **_WITH_MASK)
     except (TemplateError, TypeError, ValueError):
         return False
     ids = _token_ids(output, batched=is_vlm)
@@ -649,24 +649,7 @@ def _verify_training_template(probe: _Probe, training: str, ends: _TurnEnds) -> 
 
 def _check_mask(probe, training, messages, kwargs, text, written, not_written, ends) -> str | None:
     tokenizer = probe.tokenizer
-    try:
-        output = tokenizer.apply_chat_template(
-            probe.messages(messages),
-            chat_template=training,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-            **kwargs,
-        )
-    except TypeError:
-        output = tokenizer.apply_chat_template(
-            _with_string_arguments(probe.messages(messages)),
-            chat_template=training,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-            **kwargs,
-        )
+    output = _apply_template(tokenizer, probe.messages(messages), chat_template=training, **_WITH_MASK, **kwargs)
     ids, mask = list(output["input_ids"]), list(output["assistant_masks"])
     spans, current = [], []
     for position, (token, masked) in enumerate(zip(ids, mask)):
