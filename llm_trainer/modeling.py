@@ -121,30 +121,14 @@ def wrap_with_peft(model: PreTrainedModel, peft_config: Any, gradient_checkpoint
 
 
 @dataclass
-class TokenLogprobOutput(ModelOutput):
-    """What a model given `add_token_logprob_head` returns when called with `token_logprobs=True`.
-
-    Per-token tensors have the shape of the (shifted) labels, `(batch, seq_len - 1)`, and are 0 where the label
-    is -100. `label_mask` is True where the label counts.
-    """
-
-    log_probs: torch.Tensor | None = None
-    entropy: torch.Tensor | None = None
-    is_top1: torch.Tensor | None = None
-    mean_logits: torch.Tensor | None = None
-    log_sum_sq_probs: torch.Tensor | None = None
-    label_mask: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
-
-
-@dataclass
 class FusedCausalLMOutput(ModelOutput):
     """What a model given `add_fused_lm_head` (TRL's interface) returns when called with `fused_lm_head=True`.
 
-    The fields of `TokenLogprobOutput`, plus `loss`: the summed negative log-likelihood (at the head's temperature)
-    over the kept tokens, divided by `num_items_in_batch` (default: their count), plus the MoE load-balancing loss
-    times the config's `router_aux_loss_coef` when router logits are returned (`aux_loss`). `mean_logits` and
-    `log_sum_sq_probs` carry no gradient.
+    Per-token tensors have the shape of the (shifted) labels, `(batch, seq_len - 1)`, and are 0 where the label is
+    -100; the ones not asked for are None. `label_mask` is True where the label counts. `loss` is the summed negative
+    log-likelihood (at the head's temperature) over the kept tokens, divided by `num_items_in_batch` (default: their
+    count), plus the MoE load-balancing loss times the config's `router_aux_loss_coef` when router logits are returned
+    (`aux_loss`, unweighted). `mean_logits` and `log_sum_sq_probs` carry no gradient.
     """
 
     loss: torch.Tensor | None = None
@@ -155,6 +139,12 @@ class FusedCausalLMOutput(ModelOutput):
     is_top1: torch.Tensor | None = None
     label_mask: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class TokenLogprobOutput(FusedCausalLMOutput):
+    """What a model given `add_token_logprob_head` returns when called with `token_logprobs=True`: the same fields,
+    without the `loss` (None)."""
 
 
 TOKEN_OUTPUTS = ("entropy", "is_top1", "mean_logits", "log_sum_sq_probs")

@@ -29,6 +29,7 @@ import torch
 from .logprob_torch import (
     Entropy,
     FusedHeadLogprobs,
+    FusedHeadOptions,
     LogitTransform,
     RowOps,
     SelectiveLogSoftmax,
@@ -237,24 +238,14 @@ def token_logprobs(
     ops = _row_ops(hidden.device, backend)
     if return_mean_logits or return_log_sum_sq_probs:
         ops = TorchRowOps  # the only back end that folds these sums
-    outputs = FusedHeadLogprobs.apply(
-        flat_hidden,
-        weight,
-        bias,
-        flat_labels,
-        LogitTransform.of(temperature, logit_scale, softcap),
-        ops,
-        return_entropy,
-        return_accuracy,
-        return_mean_logits,
-        return_log_sum_sq_probs,
-    )
+    wanted = (return_entropy, return_accuracy, return_mean_logits, return_log_sum_sq_probs)
+    options = FusedHeadOptions(LogitTransform.of(temperature, logit_scale, softcap), ops, *wanted)
+    outputs = FusedHeadLogprobs.apply(flat_hidden, weight, bias, flat_labels, options)
 
     def unflatten(x: torch.Tensor) -> torch.Tensor:
         return (x if dense else x.new_zeros(labels.numel()).index_copy(0, kept, x)).view(labels.shape)
 
     logp, *optional = (None if x is None else unflatten(x) for x in outputs)
-    wanted = (return_entropy, return_accuracy, return_mean_logits, return_log_sum_sq_probs)
     extras = [x for x, asked in zip(optional, wanted) if asked]
     return (logp, *extras) if extras else logp
 

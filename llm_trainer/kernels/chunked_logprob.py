@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .logprob_torch import FusedHeadLogprobs, LogitTransform
+from .logprob_torch import FusedHeadLogprobs, FusedHeadOptions, LogitTransform
 
 __all__ = ["OPTIONAL_OUTPUTS", "TOKEN_CHUNK_SIZE", "ChunkedLogProbFunction"]
 
@@ -48,18 +48,13 @@ class ChunkedLogProbFunction(FusedHeadLogprobs):
         unknown = set(outputs) - {"log_probs", *OPTIONAL_OUTPUTS}
         if unknown:
             raise ValueError(f"Unknown outputs {sorted(unknown)}; choose among {OPTIONAL_OUTPUTS}.")
-        logp, entropy, is_top1, mean_logits, log_sum_sq_probs = FusedHeadLogprobs.forward(
-            ctx,
-            hidden,
-            weight,
-            bias,
-            targets,
+        options = FusedHeadOptions(
             LogitTransform.of(temperature, logit_scale, final_logit_softcapping),
             _row_ops(hidden.device, None),
-            "entropy" in outputs,
-            "is_top1" in outputs,
-            "mean_logits" in outputs,
-            "log_sum_sq_probs" in outputs,
+            *(name in outputs for name in ("entropy", "is_top1", "mean_logits", "log_sum_sq_probs")),
+        )
+        logp, entropy, is_top1, mean_logits, log_sum_sq_probs = FusedHeadLogprobs.forward(
+            ctx, hidden, weight, bias, targets, options
         )
         return logp, entropy, log_sum_sq_probs, mean_logits, is_top1
 

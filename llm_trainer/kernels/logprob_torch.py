@@ -29,8 +29,15 @@ TILE_COLUMNS = {"cpu": 4096, "cuda": 16384}
 _HALF_MM_TO_FP32 = Version(torch.__version__).release >= (2, 8)
 
 
+class _Rows:
+    """Per-row tensors (None where unused), sliced together: `rows[a:b]`."""
+
+    def __getitem__(self, rows: slice):
+        return type(self)(*(None if t is None else t[rows] for t in vars(self).values()))
+
+
 @dataclass
-class RowStats:
+class RowStats(_Rows):
     """Running per-row statistics of `z` over the vocabulary columns folded so far, each of shape `(rows,)`.
 
     `max` and `sum_exp` give the log-sum-exp; `ent` is `sum(exp(z - max) * (z - max))`, for the entropy; `target`
@@ -66,9 +73,6 @@ class RowStats:
             neg_inf, zeros(), zeros(entropy), zeros(target), zeros(argmax, torch.long), zeros(sum_z), zeros(sum_exp2)
         )
 
-    def __getitem__(self, rows: slice) -> RowStats:
-        return RowStats(*(None if t is None else t[rows] for t in vars(self).values()))
-
     def logsumexp(self) -> torch.Tensor:
         return self.max + self.sum_exp.log()
 
@@ -78,6 +82,18 @@ class RowStats:
     def log_sum_sq_probs(self) -> torch.Tensor:
         """`log sum_v p_v^2`: with both sums taken relative to the running max, the max cancels."""
         return self.sum_exp2.log() - 2 * self.sum_exp.log()
+
+
+@dataclass
+class RowGrad(_Rows):
+    """What the backward needs per row: the log-sum-exp `lse` of `z`; the `entropy` and its gradient `grad_entropy`
+    when the entropy gets one; the `targets (rows, K)` and their gradients `grad_targets` when the log-probs get one."""
+
+    lse: torch.Tensor
+    entropy: torch.Tensor | None = None
+    grad_entropy: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    grad_targets: torch.Tensor | None = None
 
 
 class RowOps(Protocol):
@@ -90,17 +106,8 @@ class RowOps(Protocol):
         """Fold `tile (rows, cols)`, vocabulary columns `col0 ...`, into `stats`; `targets (rows,)` if picked."""
 
     @staticmethod
-    def grad(
-        tile: torch.Tensor,
-        col0: int,
-        lse: torch.Tensor,
-        entropy: torch.Tensor | None,
-        grad_entropy: torch.Tensor | None,
-        targets: torch.Tensor | None,
-        grad_targets: torch.Tensor | None,
-        softcap_post: float | None,
-    ) -> None:
-        """Overwrite `tile` with `d loss / d x`; `targets` and `grad_targets` are `(rows, K)`."""
+    def grad(tile: torch.Tensor, col0: int, rows: RowGrad, softcap_post: float | None) -> None:
+        """Overwrite `tile` with `d loss / d x`."""
 
     @staticmethod
     def row_stats(
@@ -109,16 +116,7 @@ class RowOps(Protocol):
         """Log-sum-exp and entropy (if asked) of `z = scale * logits` for `logits (rows, V)`."""
 
     @staticmethod
-    def row_grad(
-        logits: torch.Tensor,
-        scale: float,
-        lse: torch.Tensor,
-        entropy: torch.Tensor | None,
-        grad_entropy: torch.Tensor | None,
-        targets: torch.Tensor | None,
-        grad_targets: torch.Tensor | None,
-        out: torch.Tensor,
-    ) -> None:
+    def row_grad(logits: torch.Tensor, scale: float, rows: RowGrad, out: torch.Tensor) -> None:
         """Write `d loss / d logits` into `out`, a `(rows, V)` array of the logits' dtype."""
 
 
@@ -219,23 +217,15 @@ class TorchRowOps:
         stats.max.copy_(new_max)
 
     @staticmethod
-    def grad(
-        tile: torch.Tensor,
-        col0: int,
-        lse: torch.Tensor,
-        entropy: torch.Tensor | None,
-        grad_entropy: torch.Tensor | None,
-        targets: torch.Tensor | None,
-        grad_targets: torch.Tensor | None,
-        softcap_post: float | None,
-    ) -> None:
+    def grad(tile: torch.Tensor, col0: int, rows: RowGrad, softcap_post: float | None) -> None:
         # d log p_t / dz = onehot_t - p and dH / dz = -p (log p + H)
+        entropy, grad_entropy, targets, grad_targets = rows.entropy, rows.grad_entropy, rows.targets, rows.grad_targets
         dtanh = None
         if softcap_post is not None:
             tanh = tile.tanh_()
             dtanh = torch.mul(tanh, tanh).neg_().add_(1)
             tile.mul_(softcap_post)
-        log_p = tile.sub_(lse.unsqueeze(1))
+        log_p = tile.sub_(rows.lse.unsqueeze(1))
         grad_p = None if grad_targets is None else grad_targets.sum(1)
         if grad_entropy is None:
             log_p.exp_().mul_(-grad_p.unsqueeze(1))
@@ -268,35 +258,17 @@ class TorchRowOps:
         return stats.logsumexp(), stats.entropy() if entropy else None
 
     @staticmethod
-    def row_grad(
-        logits: torch.Tensor,
-        scale: float,
-        lse: torch.Tensor,
-        entropy: torch.Tensor | None,
-        grad_entropy: torch.Tensor | None,
-        targets: torch.Tensor | None,
-        grad_targets: torch.Tensor | None,
-        out: torch.Tensor,
-    ) -> None:
-        rows, vocab = logits.shape
+    def row_grad(logits: torch.Tensor, scale: float, rows: RowGrad, out: torch.Tensor) -> None:
+        num_rows, vocab = logits.shape
         chunk = _rows_per_chunk(vocab, logits.device)
         # fp32 gradients are built in `out` itself; other dtypes in fp32 scratch, rounded once
         buffer = None
         if out.dtype != torch.float32:
-            buffer = torch.empty(min(rows, chunk) * vocab, device=out.device, dtype=torch.float32)
-        for start in range(0, rows, chunk):
+            buffer = torch.empty(min(num_rows, chunk) * vocab, device=out.device, dtype=torch.float32)
+        for start in range(0, num_rows, chunk):
             block = slice(start, start + chunk)
             tile = out[block] if buffer is None else _tile_view(buffer, out[block].shape[0], vocab)
-            TorchRowOps.grad(
-                _load_scaled(tile, logits[block], scale),
-                0,
-                lse[block],
-                _sliced(entropy, block),
-                _sliced(grad_entropy, block),
-                _sliced(targets, block),
-                _sliced(grad_targets, block),
-                None,
-            )
+            TorchRowOps.grad(_load_scaled(tile, logits[block], scale), 0, rows[block], None)
             if buffer is not None:
                 out[block].copy_(tile)
 
@@ -331,6 +303,19 @@ class LogitTransform:
         return cls(scale / softcap, softcap / temperature, scale / temperature)
 
 
+@dataclass(frozen=True)
+class FusedHeadOptions:
+    """How `FusedHeadLogprobs` runs: the logit transform, the row-ops back end, and the optional per-token outputs
+    (entropy, top-1 flags, mean logits, `log sum_v p_v^2`) it also computes."""
+
+    transform: LogitTransform
+    ops: RowOps
+    entropy: bool = False
+    top1: bool = False
+    mean_logits: bool = False
+    log_sum_sq_probs: bool = False
+
+
 def _project(
     buffer: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: float
 ) -> torch.Tensor:
@@ -343,7 +328,8 @@ def _project(
 class FusedHeadLogprobs(torch.autograd.Function):
     """Per-token `log p(target)` under the head `hidden @ weight.T + bias`, with entropy and top-1 flags if asked.
 
-    Takes `hidden (n, H)`, `weight (V, H)`, `bias (V,)` or None and `targets (n,)` in `[0, V)`. The forward walks
+    Takes `hidden (n, H)`, `weight (V, H)`, `bias (V,)` or None, `targets (n,)` in `[0, V)` and the
+    `FusedHeadOptions`; returns `(logp, entropy, is_top1, mean_logits, log_sum_sq_probs)`. The forward walks
     `(rows, cols)` logits tiles vocabulary-major and keeps per-token statistics only. The backward recomputes each
     tile, turns it into the logits gradient in place and adds it into `d hidden`, `d weight` and `d bias` at once,
     so the peak is one tile on top of the gradients themselves.
@@ -351,18 +337,10 @@ class FusedHeadLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        targets: torch.Tensor,
-        transform: LogitTransform,
-        ops: RowOps,
-        entropy: bool,
-        top1: bool,
-        mean_logits: bool = False,
-        log_sum_sq_probs: bool = False,
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, options
     ) -> tuple[torch.Tensor | None, ...]:
+        transform, ops, entropy, top1 = options.transform, options.ops, options.entropy, options.top1
+        mean_logits, log_sum_sq_probs = options.mean_logits, options.log_sum_sq_probs
         ctx.set_materialize_grads(False)
         n, vocab = hidden.shape[0], weight.shape[0]
         rows, cols = tile_shape(n, vocab, hidden.device)
@@ -386,21 +364,21 @@ class FusedHeadLogprobs(torch.autograd.Function):
         mean = stats.sum_z / vocab if mean_logits else None
         sum_sq = stats.log_sum_sq_probs() if log_sum_sq_probs else None
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-        ctx.transform, ctx.ops = transform, ops
+        ctx.options = options
         ctx.mark_non_differentiable(*(x for x in (is_top1, mean, sum_sq) if x is not None))
         return stats.target - lse, ent, is_top1, mean, sum_sq
 
     @staticmethod
     def backward(ctx, grad_logp: torch.Tensor | None, grad_entropy: torch.Tensor | None, *_):
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-        transform: LogitTransform = ctx.transform
+        transform: LogitTransform = ctx.options.transform
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         (n, width), vocab = hidden.shape, weight.shape[0]
         rows, cols = tile_shape(n, vocab, hidden.device)
         mm_dtype = ctx.mm_dtype
-        targets = targets.unsqueeze(1)
         g_logp = None if grad_logp is None else (grad_logp.float() * transform.chain).unsqueeze(1)
         g_ent = None if grad_entropy is None else grad_entropy.float() * transform.chain
+        row_grad = RowGrad(lse, ent, g_ent, targets.unsqueeze(1), g_logp)
         buffer = torch.empty(rows * cols, device=hidden.device, dtype=torch.float32)
         bias_x = None if bias is None else bias.float() * transform.gemm_alpha
 
@@ -423,8 +401,7 @@ class FusedHeadLogprobs(torch.autograd.Function):
                     block = slice(row0, row0 + rows)
                     h = hidden[block].to(mm_dtype)
                     tile = _project(buffer, h, w, b, transform.gemm_alpha)
-                    row_args = (lse[block], _sliced(ent, block), _sliced(g_ent, block), targets[block])
-                    ctx.ops.grad(tile, col0, *row_args, _sliced(g_logp, block), transform.softcap_post)
+                    ctx.options.ops.grad(tile, col0, row_grad[block], transform.softcap_post)
                     g = tile.to(mm_dtype)
                     if need_hidden:
                         _addmm_(grad_hidden[block], grad_hidden[block], g, w, beta=float(col0 > 0))
@@ -439,7 +416,8 @@ class FusedHeadLogprobs(torch.autograd.Function):
             None if grad_hidden is None else grad_hidden.to(hidden.dtype),
             grad_weight,
             None if grad_bias is None else grad_bias.to(bias.dtype),
-            *(None,) * 7,
+            None,
+            None,
         )
 
 
@@ -459,28 +437,13 @@ def _blockwise_stats(
     return torch.cat(lse), torch.cat(ent) if entropy else None
 
 
-def _blockwise_grad(
-    ops: RowOps,
-    logits: torch.Tensor,
-    scale: float,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None = None,
-    grad_entropy: torch.Tensor | None = None,
-    targets: torch.Tensor | None = None,
-    grad_targets: torch.Tensor | None = None,
-) -> torch.Tensor:
+def _blockwise_grad(ops: RowOps, logits: torch.Tensor, scale: float, row_grad: RowGrad) -> torch.Tensor:
     """`d loss / d logits` as a new contiguous array of the logits' shape and dtype."""
     out = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
     flat_out, row0 = out.view(-1, out.shape[-1]), 0
     for block in _row_blocks(logits):
         rows = slice(row0, row0 + block.shape[0])
-        row_args = (
-            _sliced(entropy, rows),
-            _sliced(grad_entropy, rows),
-            _sliced(targets, rows),
-            _sliced(grad_targets, rows),
-        )
-        ops.row_grad(block, scale, lse[rows], *row_args, flat_out[rows])
+        ops.row_grad(block, scale, row_grad[rows], flat_out[rows])
         row0 = rows.stop
     return out
 
@@ -546,7 +509,7 @@ class SelectiveLogSoftmax(torch.autograd.Function):
         k = index.shape[-1]
         grad_targets = (grad.float() * ctx.scale).reshape(-1, k)
         grad_logits = _blockwise_grad(
-            ctx.ops, logits, ctx.scale, lse, targets=index.reshape(-1, k), grad_targets=grad_targets
+            ctx.ops, logits, ctx.scale, RowGrad(lse, targets=index.reshape(-1, k), grad_targets=grad_targets)
         )
         return grad_logits, None, None, None
 
@@ -580,7 +543,7 @@ class Entropy(torch.autograd.Function):
         logits, lse, ent = ctx.saved_tensors
         if lse is None:
             lse, ent = _blockwise_stats(ctx.ops, logits, 1.0, True, ctx.rows_per_chunk)
-        return _blockwise_grad(ctx.ops, logits, 1.0, lse, ent, grad_entropy=grad.float().flatten()), None, None
+        return _blockwise_grad(ctx.ops, logits, 1.0, RowGrad(lse, ent, grad.float().flatten())), None, None
 
 
 class SelectiveLogSoftmaxAndEntropy(torch.autograd.Function):
@@ -613,14 +576,6 @@ class SelectiveLogSoftmaxAndEntropy(torch.autograd.Function):
         scale = ctx.scale
         grad_targets = None if grad_logp is None else (grad_logp.float() * scale).reshape(-1, 1)
         grad_ent = None if grad_entropy is None else (grad_entropy.float() * scale).flatten()
-        grad_logits = _blockwise_grad(
-            ctx.ops,
-            logits,
-            scale,
-            lse,
-            None if grad_ent is None else ent,
-            grad_ent,
-            None if grad_targets is None else index.reshape(-1, 1),
-            grad_targets,
-        )
-        return grad_logits, None, None, None
+        targets = None if grad_targets is None else index.reshape(-1, 1)
+        row_grad = RowGrad(lse, None if grad_ent is None else ent, grad_ent, targets, grad_targets)
+        return _blockwise_grad(ctx.ops, logits, scale, row_grad), None, None, None

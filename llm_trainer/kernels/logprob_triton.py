@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprob_torch import RowStats
+from .logprob_torch import RowGrad, RowStats
 
 # Columns a program handles per step: the fold walks its row in such blocks, the gradient gives each block a program
 BLOCK = 2048
@@ -173,22 +173,14 @@ def _fold(
 
 
 def _grad(
-    x: torch.Tensor,
-    out: torch.Tensor,
-    col0: int,
-    lse: torch.Tensor,
-    entropy: torch.Tensor | None,
-    grad_entropy: torch.Tensor | None,
-    targets: torch.Tensor | None,
-    grad_targets: torch.Tensor | None,
-    softcap_post: float | None,
-    scale: float = 1.0,
+    x: torch.Tensor, out: torch.Tensor, col0: int, row_grad: RowGrad, softcap_post: float | None, scale: float = 1.0
 ) -> None:
     x = _unit_stride(x)
     rows, cols = x.shape
     if rows == 0:
         return
     block = min(BLOCK, triton.next_power_of_2(cols))
+    lse, grad_entropy, grad_targets = row_grad.lse, row_grad.grad_entropy, row_grad.grad_targets
     n_targets = 0 if grad_targets is None else grad_targets.shape[1]
     _grad_kernel[(rows, triton.cdiv(cols, block))](
         x,
@@ -200,9 +192,9 @@ def _grad(
         scale,
         1.0 if softcap_post is None else softcap_post,
         lse,
-        lse if entropy is None else entropy,
+        lse if row_grad.entropy is None else row_grad.entropy,
         lse if grad_entropy is None else grad_entropy.contiguous(),
-        lse if grad_targets is None else targets.contiguous(),
+        lse if grad_targets is None else row_grad.targets.contiguous(),
         lse if grad_targets is None else grad_targets.contiguous(),
         n_targets,
         HAS_SOFTCAP=softcap_post is not None,
@@ -223,17 +215,8 @@ class TritonRowOps:
         _fold(tile, col0, stats, targets, softcap_post)
 
     @staticmethod
-    def grad(
-        tile: torch.Tensor,
-        col0: int,
-        lse: torch.Tensor,
-        entropy: torch.Tensor | None,
-        grad_entropy: torch.Tensor | None,
-        targets: torch.Tensor | None,
-        grad_targets: torch.Tensor | None,
-        softcap_post: float | None,
-    ) -> None:
-        _grad(tile, tile, col0, lse, entropy, grad_entropy, targets, grad_targets, softcap_post)
+    def grad(tile: torch.Tensor, col0: int, rows: RowGrad, softcap_post: float | None) -> None:
+        _grad(tile, tile, col0, rows, softcap_post)
 
     @staticmethod
     def row_stats(
@@ -244,14 +227,5 @@ class TritonRowOps:
         return stats.logsumexp(), stats.entropy() if entropy else None
 
     @staticmethod
-    def row_grad(
-        logits: torch.Tensor,
-        scale: float,
-        lse: torch.Tensor,
-        entropy: torch.Tensor | None,
-        grad_entropy: torch.Tensor | None,
-        targets: torch.Tensor | None,
-        grad_targets: torch.Tensor | None,
-        out: torch.Tensor,
-    ) -> None:
-        _grad(logits, out, 0, lse, entropy, grad_entropy, targets, grad_targets, None, scale)
+    def row_grad(logits: torch.Tensor, scale: float, rows: RowGrad, out: torch.Tensor) -> None:
+        _grad(logits, out, 0, rows, None, scale)
