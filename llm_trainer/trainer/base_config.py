@@ -65,7 +65,7 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
     "ref_model_sync_steps": {"help": "TR-DPO τ: optimizer steps between reference syncs; used with `sync_ref_model`."},
     "ds3_gather_for_generation": {
         "help": "Under DeepSpeed ZeRO-3, gather the full weights for generation (faster). False lets models larger "
-        "than one GPU train, generating slowly."
+        "than one GPU train, generating slowly (not with vLLM)."
     },
     "generate_during_eval": {
         "help": "Sample completions for a batch of eval prompts and log them to W&B or Comet at each evaluation."
@@ -212,8 +212,8 @@ class OfflineConfig(BaseConfig):
 
     max_length: int | None = option(
         1024,
-        "Maximum tokens of an example (prompt + completion); the trainer's documentation says whether longer ones are "
-        "truncated or dropped. None: no limit.",
+        "Maximum tokens of a tokenized example; the config's documentation says whether longer ones are truncated or "
+        "dropped. None: no limit (512 for ORPO and CPO).",
     )
     dataset_num_proc: int | None = shared("dataset_num_proc", None)
 

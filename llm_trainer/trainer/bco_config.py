@@ -3,84 +3,40 @@ release that shipped BCO)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .base_config import BaseConfig
+from .base_config import ENCODER_DECODER_ONLY, OfflineConfig, option, shared
 
 
 @dataclass
-class BCOConfig(BaseConfig):
+class BCOConfig(OfflineConfig):
     """Configuration for [`BCOTrainer`]; every other argument is a `transformers.TrainingArguments` field.
 
     Field names and defaults are TRL 1.13's (`learning_rate=5e-7`, `beta=0.1`, `max_length=1024`,
     `prompt_sample_size=1024`, density ratio clamped to [0.5, 10]). `train_sampling_strategy` defaults to
-    'sequential', the order TRL's BCOTrainer always used.
+    'sequential', the order TRL's BCOTrainer always used. Longer sequences than `max_length` lose their end, and
+    examples whose prompt alone fills it are dropped.
     """
 
-    learning_rate: float = field(default=5e-7, metadata={"help": "Initial learning rate for AdamW."})
-    train_sampling_strategy: str = field(
-        default="sequential",
-        metadata={
-            "help": "Order of the training examples ('sequential', as TRL's BCOTrainer; 'random'; 'group_by_length').",
-            "choices": ["random", "sequential", "group_by_length"],
-        },
-    )
-    max_length: int | None = field(
-        default=1024,
-        metadata={
-            "help": "Maximum tokens of prompt + completion; longer sequences lose their end, and examples whose "
-            "prompt alone fills it are dropped. None disables truncation."
-        },
-    )
-    max_completion_length: int | None = field(
-        default=None,
-        metadata={"help": "Maximum completion length of encoder-decoder models (unused: decoder-only models only)."},
-    )
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "Strength of the tie to the reference model: higher β means less deviation from it."},
-    )
-    disable_dropout: bool = field(
-        default=True, metadata={"help": "Disable dropout in the model and the reference model."}
-    )
-    generate_during_eval: bool = field(
-        default=False,
-        metadata={"help": "Log model and reference generations to W&B / Comet during evaluation (not supported)."},
-    )
-    is_encoder_decoder: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Whether a `model_init` model is encoder-decoder (not supported: decoder-only models only)."
-        },
-    )
-    precompute_ref_log_probs: bool = field(
-        default=False,
-        metadata={
-            "help": "Compute the reference log-probs of the whole dataset before training, so no reference model is "
-            "kept in memory."
-        },
-    )
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset preparation."})
-    prompt_sample_size: int = field(
-        default=1024,
-        metadata={"help": "Prompts per label sampled to fit the UDM density-ratio classifier."},
-    )
-    min_density_ratio: float = field(
-        default=0.5, metadata={"help": "Lower clamp of the UDM density ratio (the undesirable examples' weight)."}
-    )
-    max_density_ratio: float = field(
-        default=10.0, metadata={"help": "Upper clamp of the UDM density ratio (the undesirable examples' weight)."}
-    )
+    _inert_fields = {"max_completion_length": ENCODER_DECODER_ONLY}
+
+    learning_rate: float = shared("learning_rate", 5e-7)
+    train_sampling_strategy: str = shared("train_sampling_strategy", "sequential")
+    max_completion_length: int | None = shared("max_completion_length", None)
+    beta: float = option(0.1, "Strength of the tie to the reference model: higher β means less deviation from it.")
+    disable_dropout: bool = shared("disable_dropout", True)
+    generate_during_eval: bool = shared("generate_during_eval", False)
+    is_encoder_decoder: bool | None = shared("is_encoder_decoder", None)
+    precompute_ref_log_probs: bool = shared("precompute_ref_log_probs", False)
+    prompt_sample_size: int = option(1024, "Prompts per label sampled to fit the UDM density-ratio classifier.")
+    min_density_ratio: float = option(0.5, "Lower clamp of the UDM density ratio (the undesirable examples' weight).")
+    max_density_ratio: float = option(10.0, "Upper clamp of the UDM density ratio (the undesirable examples' weight).")
 
     def __post_init__(self):
         super().__post_init__()
         self._validate()
 
     def _validate(self) -> None:
-        if self.max_length is not None and self.max_length < 1:
-            raise ValueError(
-                f"`max_length` must be a positive number of tokens or None (no truncation), got {self.max_length}."
-            )
         if self.beta <= 0:
             raise ValueError(f"`beta` must be positive (e.g. the default 0.1), got {self.beta}.")
         if self.prompt_sample_size < 1:

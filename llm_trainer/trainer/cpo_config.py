@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from .base_config import option
 from .reference_free_config import ReferenceFreeConfig
 
 logger = logging.getLogger(__name__)
@@ -21,36 +22,20 @@ class CPOConfig(ReferenceFreeConfig):
     `cpo_alpha=0.0` (set `alpha` too); every other argument is a `transformers.TrainingArguments` field.
     """
 
-    beta: float = field(
-        default=0.1,
-        metadata={
-            "help": "Inverse temperature of the preference loss; for `loss_type='ipo'` the regularization τ of the IPO "
-            "paper."
-        },
+    label_smoothing: float = option(
+        0.0, "Probability that a preference label is flipped (conservative loss); sigmoid and simpo only."
     )
-    label_smoothing: float = field(
-        default=0.0,
-        metadata={
-            "help": "Probability that a preference label is flipped (conservative loss); sigmoid and simpo only."
-        },
+    loss_type: str = option(
+        "sigmoid",
+        "'sigmoid' (CPO), 'hinge' (SLiC), 'ipo', 'simpo' or 'alphapo' (simpo with `cpo_alpha=0`).",
+        choices=list(CPO_CONFIG_LOSS_TYPES),
     )
-    loss_type: str = field(
-        default="sigmoid",
-        metadata={
-            "help": "'sigmoid' (CPO), 'hinge' (SLiC), 'ipo', 'simpo' or 'alphapo' (simpo with `cpo_alpha=0`).",
-            "choices": list(CPO_CONFIG_LOSS_TYPES),
-        },
-    )
-    cpo_alpha: float = field(default=1.0, metadata={"help": "Weight of the NLL (behaviour cloning) term."})
-    simpo_gamma: float = field(
-        default=0.5, metadata={"help": "Target reward margin γ of the SimPO loss (`loss_type='simpo'` only)."}
-    )
-    alpha: float = field(
-        default=0.0,
-        metadata={
-            "help": "AlphaPO reward shape for every loss type: r = (1 - p^(-alpha)) / alpha of the completion "
-            "probability p; 0 uses the log-probability itself."
-        },
+    cpo_alpha: float = option(1.0, "Weight of the NLL (behaviour cloning) term.")
+    simpo_gamma: float = option(0.5, "Target reward margin γ of the SimPO loss (`loss_type='simpo'` only).")
+    alpha: float = option(
+        0.0,
+        "AlphaPO reward shape for every loss type: r = (1 - p^(-alpha)) / alpha of the completion probability p; 0 "
+        "uses the log-probability itself.",
     )
 
     def __post_init__(self):

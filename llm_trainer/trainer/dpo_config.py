@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..losses import DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, check_dpo_options
-from .base_config import check_field_types, check_number
+from .base_config import check_choices, check_field_types, check_number, option, shared
 from .reference_config import ReferenceModelConfig
-
-TRUNCATION_MODES = ("keep_start", "keep_end")
 
 
 @dataclass
@@ -18,91 +16,58 @@ class DPOConfig(ReferenceModelConfig):
 
     Field names and defaults are TRL 1.16's (`learning_rate=1e-6`, `beta=0.1`, `loss_type=["sigmoid"]`,
     `max_length=1024`, ...), so a TRL script keeps working after swapping the import. `loss_type` may be one name or a
-    list; it is stored as a list.
+    list; it is stored as a list. Longer sequences are truncated (see `truncation_mode`); `max_length=None` disables
+    truncation.
     """
 
-    learning_rate: float = field(default=1e-6, metadata={"help": "Initial learning rate for AdamW."})
+    learning_rate: float = shared("learning_rate", 1e-6)
 
     # Data
-    max_length: int | None = field(
-        default=1024,
-        metadata={
-            "help": "Maximum tokens of prompt + completion; longer sequences are truncated (see `truncation_mode`) "
-            "and pairs whose prompt alone fills it are dropped. None disables truncation."
-        },
-    )
-    truncation_mode: str = field(
-        default="keep_start",
-        metadata={
-            "help": "Which end to keep when truncating: 'keep_start' (supported) or 'keep_end' (deprecated).",
-            "choices": list(TRUNCATION_MODES),
-        },
-    )
-    padding_free: bool = field(
-        default=False,
-        metadata={
-            "help": "Accepted for compatibility: TRL 1.16 temporarily disables it, warning and falling back to "
-            "padded batches, and so does llm_trainer."
-        },
+    truncation_mode: str = shared("truncation_mode", "keep_start")
+    padding_free: bool = option(
+        False,
+        "Accepted for compatibility: TRL 1.16 temporarily disables it, warning and falling back to padded batches, "
+        "and so does llm_trainer.",
     )
 
     # Loss
-    loss_type: list[str] = field(
-        default_factory=lambda: ["sigmoid"],
-        metadata={
-            "help": f"DPO loss type, or a list of them combined with `loss_weights`. One of: {', '.join(DPO_LOSS_TYPES)}."
-        },
+    loss_type: list[str] = option(
+        ["sigmoid"],
+        f"DPO loss type, or a list of them combined with `loss_weights`. One of: {', '.join(DPO_LOSS_TYPES)}.",
     )
-    loss_weights: list[float] | None = field(
-        default=None,
-        metadata={
-            "help": "One weight per loss type when combining several (e.g. [0.8, 0.2, 1.0] for MPO); None = 1.0."
-        },
+    loss_weights: list[float] | None = option(
+        None, "One weight per loss type when combining several (e.g. [0.8, 0.2, 1.0] for MPO); None = 1.0."
     )
-    ld_alpha: float | None = field(
-        default=None,
-        metadata={
-            "help": "LD-DPO α in [0, 1]: weight of the log-probs of the longer response's tokens beyond the shorter "
-            "one's length. None (or 1.0) is plain DPO, 0.0 masks those tokens."
-        },
+    ld_alpha: float | None = option(
+        None,
+        "LD-DPO α in [0, 1]: weight of the log-probs of the longer response's tokens beyond the shorter one's length. "
+        "None (or 1.0) is plain DPO, 0.0 masks those tokens.",
     )
-    f_divergence_type: str = field(
-        default="reverse_kl",
-        metadata={
-            "help": "f-divergence regularizer (f-DPO): 'reverse_kl' (standard DPO), 'forward_kl', 'js_divergence' or "
-            "'alpha_divergence'. A non-default value needs loss types built on the chosen − rejected difference: "
-            "sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft.",
-            "choices": list(F_DIVERGENCE_TYPES),
-        },
+    f_divergence_type: str = option(
+        "reverse_kl",
+        "f-divergence regularizer (f-DPO): 'reverse_kl' (standard DPO), 'forward_kl', 'js_divergence' or "
+        "'alpha_divergence'. A non-default value needs loss types built on the chosen − rejected difference: sigmoid, "
+        "sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft.",
+        choices=list(F_DIVERGENCE_TYPES),
     )
-    f_alpha_divergence_coef: float = field(
-        default=0.5, metadata={"help": "α of the α-divergence, used when `f_divergence_type='alpha_divergence'`."}
+    f_alpha_divergence_coef: float = option(
+        0.5, "α of the α-divergence, used when `f_divergence_type='alpha_divergence'`."
     )
-    label_smoothing: float = field(
-        default=0.0,
-        metadata={
-            "help": "Label smoothing ε: the preference-flip probability of 'robust' (in [0, 0.5), e.g. 0.1), the ε of "
-            "'exo_pair' (must be > 0, e.g. 1e-3) and the conservative smoothing of 'aot'/'aot_unpaired'."
-        },
+    label_smoothing: float = option(
+        0.0,
+        "Label smoothing ε: the preference-flip probability of 'robust' (in [0, 0.5), e.g. 0.1), the ε of 'exo_pair' "
+        "(must be > 0, e.g. 1e-3) and the conservative smoothing of 'aot'/'aot_unpaired'.",
     )
-    beta: float = field(
-        default=0.1,
-        metadata={
-            "help": "β: how far the policy may move from the reference (higher stays closer). For 'ipo' it is the "
-            "paper's τ."
-        },
+    beta: float = option(
+        0.1, "β: how far the policy may move from the reference (higher stays closer). For 'ipo' it is the paper's τ."
     )
-    use_weighting: bool = field(
-        default=False,
-        metadata={"help": "Weight each pair by the policy's length-normalised sequence probabilities (WPO)."},
+    use_weighting: bool = option(
+        False, "Weight each pair by the policy's length-normalised sequence probabilities (WPO)."
     )
-    discopop_tau: float = field(default=0.05, metadata={"help": "τ of the 'discopop' loss (the paper's default)."})
+    discopop_tau: float = option(0.05, "τ of the 'discopop' loss (the paper's default).")
 
     # Deprecated
-    pad_token: str | None = field(
-        default=None,
-        metadata={"help": "Deprecated. Set `tokenizer.pad_token` and pass it as `processing_class` instead."},
-    )
+    pad_token: str | None = shared("pad_token", None)
 
     def __post_init__(self):
         check_field_types(self)  # before `loss_weights` is read below
@@ -111,12 +76,6 @@ class DPOConfig(ReferenceModelConfig):
         self.loss_type = list(self.loss_type)
         if self.loss_weights is not None:
             self.loss_weights = [float(weight) for weight in self.loss_weights]
-        if self.pad_token is not None:
-            warnings.warn(
-                "`pad_token` is deprecated: set `tokenizer.pad_token` and pass it as `processing_class` instead.",
-                FutureWarning,
-                stacklevel=3,
-            )
         if self.truncation_mode == "keep_end":
             warnings.warn("`truncation_mode='keep_end'` is deprecated; use 'keep_start'.", FutureWarning, stacklevel=3)
         super().__post_init__()
@@ -130,10 +89,6 @@ class DPOConfig(ReferenceModelConfig):
             label_smoothing=self.label_smoothing,
             use_weighting=self.use_weighting,
         )
-        if self.max_length is not None and self.max_length < 1:
-            raise ValueError(
-                f"`max_length` must be a positive number of tokens or None (no truncation), got {self.max_length}."
-            )
         if self.loss_type != ["sft"]:  # β scales every preference loss; the SFT term alone ignores it
             check_number(
                 self,
@@ -143,8 +98,7 @@ class DPOConfig(ReferenceModelConfig):
                 "completions. Use a positive value, e.g. 0.1 (the default).",
                 exclusive=True,
             )
-        if self.truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(f"`truncation_mode` must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}.")
+        check_choices(self, "truncation_mode")
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
             raise ValueError(
                 f"`ld_alpha` must lie in [0.0, 1.0] (1.0 = plain DPO, 0.0 = ignore the longer response's extra "

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..losses import KTO_LOSS_TYPES
+from .base_config import check_choices, option, shared
 from .reference_config import ReferenceModelConfig
-
-SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
 
 
 @dataclass
@@ -15,49 +14,26 @@ class KTOConfig(ReferenceModelConfig):
     """Configuration for [`KTOTrainer`]; every other argument is a `transformers.TrainingArguments` field.
 
     Field names and defaults are TRL 1.16's (`learning_rate=1e-6`, `beta=0.1`, `loss_type="kto"`,
-    `train_sampling_strategy="sequential"`, ...), so a TRL script keeps working after swapping the import.
+    `train_sampling_strategy="sequential"`, ...), so a TRL script keeps working after swapping the import. The 'kto'
+    loss needs `train_sampling_strategy='sequential'`: each example's KL completion is its neighbour's within a
+    fixed-order batch.
     """
 
-    learning_rate: float = field(default=1e-6, metadata={"help": "Initial learning rate for AdamW."})
-    train_sampling_strategy: str = field(
-        default="sequential",
-        metadata={
-            "help": "Order of the training examples. The 'kto' loss needs 'sequential': each example's KL completion "
-            "is its neighbour's within a fixed-order batch, which any other order breaks.",
-            "choices": list(SAMPLING_STRATEGIES),
-        },
-    )
-
-    # Data
-    max_length: int | None = field(
-        default=1024,
-        metadata={
-            "help": "Maximum tokens of prompt + completion; longer sequences lose their end, and examples whose "
-            "prompt alone fills it are dropped. None disables truncation."
-        },
-    )
+    learning_rate: float = shared("learning_rate", 1e-6)
+    train_sampling_strategy: str = shared("train_sampling_strategy", "sequential")
 
     # Loss
-    loss_type: str = field(
-        default="kto",
-        metadata={
-            "help": "'kto' (KTO paper, Eq. 7, with the KL reference point) or 'apo_zero_unpaired' (unpaired APO-zero).",
-            "choices": list(KTO_LOSS_TYPES),
-        },
+    loss_type: str = option(
+        "kto",
+        "'kto' (KTO paper, Eq. 7, with the KL reference point) or 'apo_zero_unpaired' (unpaired APO-zero).",
+        choices=list(KTO_LOSS_TYPES),
     )
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "Strength of the tie to the reference model: higher β means less deviation from it."},
+    beta: float = option(0.1, "Strength of the tie to the reference model: higher β means less deviation from it.")
+    desirable_weight: float = option(
+        1.0, "Weight of the desirable examples' losses, to offset unequal desirable/undesirable counts."
     )
-    desirable_weight: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the desirable examples' losses, to offset unequal desirable/undesirable counts."},
-    )
-    undesirable_weight: float = field(
-        default=1.0,
-        metadata={
-            "help": "Weight of the undesirable examples' losses, to offset unequal desirable/undesirable counts."
-        },
+    undesirable_weight: float = option(
+        1.0, "Weight of the undesirable examples' losses, to offset unequal desirable/undesirable counts."
     )
 
     def __post_init__(self):
@@ -65,12 +41,7 @@ class KTOConfig(ReferenceModelConfig):
         self._validate()
 
     def _validate(self) -> None:
-        if self.loss_type not in KTO_LOSS_TYPES:
-            raise ValueError(f"`loss_type` must be one of {KTO_LOSS_TYPES}, got {self.loss_type!r}.")
-        if self.max_length is not None and self.max_length < 1:
-            raise ValueError(
-                f"`max_length` must be a positive number of tokens or None (no truncation), got {self.max_length}."
-            )
+        check_choices(self, "loss_type")
         if self.beta <= 0:
             raise ValueError(f"`beta` must be positive (e.g. the default 0.1), got {self.beta}.")
         if self.desirable_weight < 0 or self.undesirable_weight < 0:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from .base_config import option
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 BNB_4BIT_QUANT_TYPES = ("fp4", "nf4")
@@ -18,61 +20,32 @@ class ModelConfig:
     "all-linear" shortcut rather than a module named so.
     """
 
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Model to train: a Hub id or a local folder."}
+    model_name_or_path: str | None = option(None, "Model to train: a Hub id or a local folder.")
+    model_revision: str = option("main", "Model version to load: a branch name, a tag or a commit id.")
+    dtype: str | None = option(
+        "float32", "dtype to load the model weights in; 'auto' keeps the checkpoint's.", choices=list(DTYPES)
     )
-    model_revision: str = field(
-        default="main", metadata={"help": "Model version to load: a branch name, a tag or a commit id."}
+    attn_implementation: str | None = option(
+        None, "Attention implementation, e.g. 'sdpa', 'eager' or 'flash_attention_2' (installed apart)."
     )
-    dtype: str | None = field(
-        default="float32",
-        metadata={
-            "help": "dtype to load the model weights in; 'auto' keeps the checkpoint's.",
-            "choices": list(DTYPES),
-        },
+    use_peft: bool = option(False, "Train a LoRA adapter instead of the full model.")
+    lora_r: int = option(16, "LoRA rank.")
+    lora_alpha: int = option(32, "LoRA alpha (the adapter is scaled by alpha / r).")
+    lora_dropout: float = option(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] | None = option(
+        None, "Modules to adapt (names, or 'all-linear'); None uses PEFT's default."
     )
-    attn_implementation: str | None = field(
-        default=None,
-        metadata={"help": "Attention implementation, e.g. 'sdpa', 'eager' or 'flash_attention_2' (installed apart)."},
-    )
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of the full model."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the adapter is scaled by alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules to adapt (names, or 'all-linear'); None uses PEFT's default."}
-    )
-    lora_target_parameters: list[str] | None = field(
-        default=None, metadata={"help": "Parameters to adapt directly (e.g. MoE expert weights)."}
-    )
-    lora_modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Modules trained in full and saved alongside the adapter."}
-    )
-    lora_task_type: str = field(
-        default="CAUSAL_LM", metadata={"help": "PEFT task type: 'CAUSAL_LM', or 'SEQ_CLS' for reward models."}
-    )
-    use_rslora: bool = field(
-        default=False, metadata={"help": "Rank-stabilized LoRA: scale the adapter by alpha / sqrt(r) instead of r."}
-    )
-    use_dora: bool = field(
-        default=False,
-        metadata={"help": "Weight-decomposed LoRA (DoRA): LoRA learns the direction, a vector the magnitude."},
-    )
-    load_in_8bit: bool = field(
-        default=False, metadata={"help": "Load the base model in 8 bits (bitsandbytes); for LoRA training."}
-    )
-    load_in_4bit: bool = field(
-        default=False, metadata={"help": "Load the base model in 4 bits (bitsandbytes); for LoRA training."}
-    )
-    bnb_4bit_quant_type: str = field(
-        default="nf4",
-        metadata={"help": "4-bit quantization data type.", "choices": list(BNB_4BIT_QUANT_TYPES)},
-    )
-    use_bnb_nested_quant: bool = field(
-        default=False, metadata={"help": "Also quantize the 4-bit quantization constants (double quantization)."}
-    )
-    bnb_4bit_quant_storage: str | None = field(
-        default=None, metadata={"help": "dtype the 4-bit weights are stored in; None keeps bitsandbytes' uint8."}
+    lora_target_parameters: list[str] | None = option(None, "Parameters to adapt directly (e.g. MoE expert weights).")
+    lora_modules_to_save: list[str] | None = option(None, "Modules trained in full and saved alongside the adapter.")
+    lora_task_type: str = option("CAUSAL_LM", "PEFT task type: 'CAUSAL_LM', or 'SEQ_CLS' for reward models.")
+    use_rslora: bool = option(False, "Rank-stabilized LoRA: scale the adapter by alpha / sqrt(r) instead of r.")
+    use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA): LoRA learns the direction, a vector the magnitude.")
+    load_in_8bit: bool = option(False, "Load the base model in 8 bits (bitsandbytes); for LoRA training.")
+    load_in_4bit: bool = option(False, "Load the base model in 4 bits (bitsandbytes); for LoRA training.")
+    bnb_4bit_quant_type: str = option("nf4", "4-bit quantization data type.", choices=list(BNB_4BIT_QUANT_TYPES))
+    use_bnb_nested_quant: bool = option(False, "Also quantize the 4-bit quantization constants (double quantization).")
+    bnb_4bit_quant_storage: str | None = option(
+        None, "dtype the 4-bit weights are stored in; None keeps bitsandbytes' uint8."
     )
 
     def __post_init__(self) -> None:

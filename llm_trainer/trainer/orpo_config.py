@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from .base_config import option
 from .reference_free_config import ReferenceFreeConfig
 
 
@@ -15,10 +16,4 @@ class ORPOConfig(ReferenceFreeConfig):
     `disable_dropout=True`; every other argument is a `transformers.TrainingArguments` field.
     """
 
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "Weight of the odds-ratio term against the NLL term; the paper's λ (`alpha` in its code)."},
-    )
-    padding_value: int | None = field(
-        default=None, metadata={"help": "Token id to pad `input_ids` with; None uses the tokenizer's pad token."}
-    )
+    padding_value: int | None = option(None, "Token id to pad `input_ids` with; None uses the tokenizer's pad token.")

@@ -3,10 +3,10 @@ TRL release with PPO (removed in 1.13)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-from .base_config import BaseConfig
+from .base_config import BaseConfig, option, shared
 
 
 @dataclass
@@ -21,116 +21,75 @@ class PPOConfig(BaseConfig):
     `transformers.TrainingArguments` field.
     """
 
-    learning_rate: float = field(default=3e-6, metadata={"help": "The initial learning rate for AdamW."})
-    dataset_num_proc: int | None = field(
-        default=None, metadata={"help": "Number of processes to use for processing the dataset."}
+    _inert_fields = {
+        "sft_model_path": "TRL's example scripts read it; pass the policy to `PPOTrainer(model=...)` instead.",
+        "reward_model_path": "TRL's example scripts read it; pass the reward model to `PPOTrainer(reward_model=...)`.",
+    }
+
+    learning_rate: float = shared("learning_rate", 3e-6)
+    dataset_num_proc: int | None = shared("dataset_num_proc", None)
+    num_mini_batches: int = option(
+        1, "Number of mini-batches (one optimizer step each) to split a rollout batch into."
     )
-    num_mini_batches: int = field(
-        default=1, metadata={"help": "Number of mini-batches (one optimizer step each) to split a rollout batch into."}
+    total_episodes: int | None = option(
+        None, "Total number of episodes (prompts) to train on; unset means `num_train_epochs` epochs."
     )
-    total_episodes: int | None = field(
-        default=None,
-        metadata={"help": "Total number of episodes (prompts) to train on; unset means `num_train_epochs` epochs."},
+    local_rollout_forward_batch_size: int = option(
+        64, "Rows per generation call and per no-grad forward pass in the rollout phase, per process."
     )
-    local_rollout_forward_batch_size: int = field(
-        default=64,
-        metadata={"help": "Rows per generation call and per no-grad forward pass in the rollout phase, per process."},
+    num_sample_generations: int = option(
+        10,
+        "Number of times sample completions of the eval dataset are generated and shown during training (0 disables "
+        "them).",
     )
-    num_sample_generations: int = field(
-        default=10,
-        metadata={
-            "help": "Number of times sample completions of the eval dataset are generated and shown during training "
-            "(0 disables them)."
-        },
+    response_length: int = option(53, "Maximum number of tokens generated per response.")
+    stop_token: Literal["eos"] | None = option(
+        None,
+        "Stop token: 'eos' for the tokenizer's eos token, None for none (unless `stop_token_id` is set). Mutually "
+        "exclusive with `stop_token_id`.",
     )
-    response_length: int = field(default=53, metadata={"help": "Maximum number of tokens generated per response."})
-    stop_token: Literal["eos"] | None = field(
-        default=None,
-        metadata={
-            "help": "Stop token: 'eos' for the tokenizer's eos token, None for none (unless `stop_token_id` is set). "
-            "Mutually exclusive with `stop_token_id`."
-        },
+    stop_token_id: int | None = option(
+        None,
+        "Id of the token that ends a response; None for none (unless `stop_token` is set). Mutually exclusive with "
+        "`stop_token`.",
     )
-    stop_token_id: int | None = field(
-        default=None,
-        metadata={
-            "help": "Id of the token that ends a response; None for none (unless `stop_token` is set). Mutually "
-            "exclusive with `stop_token`."
-        },
+    temperature: float = option(0.7, "Sampling temperature.")
+    missing_eos_penalty: float | None = option(
+        None,
+        "Subtracted from the score of responses without an eos token, to encourage responses shorter than "
+        "`response_length`. Must be positive.",
     )
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
-    missing_eos_penalty: float | None = field(
-        default=None,
-        metadata={
-            "help": "Subtracted from the score of responses without an eos token, to encourage responses shorter than "
-            "`response_length`. Must be positive."
-        },
+    sft_model_path: str = option("EleutherAI/pythia-160m", "Path to the SFT model (read by example scripts).")
+    world_size: int | None = option(None, "Number of processes; set by the trainer.")
+    num_total_batches: int | None = option(None, "Number of rollout batches to train on; set by the trainer.")
+    micro_batch_size: int | None = option(None, "`per_device_train_batch_size` * `world_size`; set by the trainer.")
+    local_batch_size: int | None = option(
+        None,
+        "Rollout batch per process: `per_device_train_batch_size` * `gradient_accumulation_steps`; set by the trainer.",
     )
-    sft_model_path: str = field(
-        default="EleutherAI/pythia-160m", metadata={"help": "Path to the SFT model (read by example scripts)."}
+    batch_size: int | None = option(
+        None, "Rollout batch across processes: `local_batch_size` * `world_size`; set by the trainer."
     )
-    world_size: int | None = field(default=None, metadata={"help": "Number of processes; set by the trainer."})
-    num_total_batches: int | None = field(
-        default=None, metadata={"help": "Number of rollout batches to train on; set by the trainer."}
+    local_mini_batch_size: int | None = option(None, "Mini-batch per process; set by the trainer.")
+    mini_batch_size: int | None = option(None, "Mini-batch across processes; set by the trainer.")
+    reward_model_path: str = option("EleutherAI/pythia-160m", "Path to the reward model (read by example scripts).")
+    model_adapter_name: str | None = option(None, "Name of the PEFT adapter to train, when the model has several.")
+    ref_adapter_name: str | None = option(
+        None, "Name of the PEFT adapter to use as the reference; None disables the adapters instead."
     )
-    micro_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "`per_device_train_batch_size` * `world_size`; set by the trainer."},
+    num_ppo_epochs: int = option(4, "Number of passes of PPO updates over each rollout batch.")
+    whiten_rewards: bool = option(False, "Whether to whiten the per-token rewards before computing advantages.")
+    kl_coef: float = option(0.05, "Weight of the per-token KL penalty in the reward.")
+    kl_estimator: Literal["k1", "k3"] = option(
+        "k1",
+        "KL estimator from http://joschu.net/blog/kl-approx.html: 'k1' (unbiased) or 'k3' (unbiased, lower variance).",
     )
-    local_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Rollout batch per process: `per_device_train_batch_size` * `gradient_accumulation_steps`; set by "
-            "the trainer."
-        },
-    )
-    batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Rollout batch across processes: `local_batch_size` * `world_size`; set by the trainer."},
-    )
-    local_mini_batch_size: int | None = field(
-        default=None, metadata={"help": "Mini-batch per process; set by the trainer."}
-    )
-    mini_batch_size: int | None = field(
-        default=None, metadata={"help": "Mini-batch across processes; set by the trainer."}
-    )
-    push_to_hub: bool = field(default=False, metadata={"help": "Whether to push the model to the Hub after training."})
-    reward_model_path: str = field(
-        default="EleutherAI/pythia-160m", metadata={"help": "Path to the reward model (read by example scripts)."}
-    )
-    model_adapter_name: str | None = field(
-        default=None, metadata={"help": "Name of the PEFT adapter to train, when the model has several."}
-    )
-    ref_adapter_name: str | None = field(
-        default=None,
-        metadata={"help": "Name of the PEFT adapter to use as the reference; None disables the adapters instead."},
-    )
-    num_ppo_epochs: int = field(
-        default=4, metadata={"help": "Number of passes of PPO updates over each rollout batch."}
-    )
-    whiten_rewards: bool = field(
-        default=False, metadata={"help": "Whether to whiten the per-token rewards before computing advantages."}
-    )
-    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the per-token KL penalty in the reward."})
-    kl_estimator: Literal["k1", "k3"] = field(
-        default="k1",
-        metadata={
-            "help": "KL estimator from http://joschu.net/blog/kl-approx.html: 'k1' (unbiased) or 'k3' (unbiased, "
-            "lower variance)."
-        },
-    )
-    cliprange: float = field(default=0.2, metadata={"help": "Clip range ε of the policy ratio."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
-    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value predictions."})
-    gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
-    lam: float = field(default=0.95, metadata={"help": "Lambda of generalized advantage estimation."})
-    ds3_gather_for_generation: bool = field(
-        default=True,
-        metadata={
-            "help": "DeepSpeed ZeRO-3: gather the policy weights for generation (faster); False generates with "
-            "sharded weights, for models larger than one GPU."
-        },
-    )
+    cliprange: float = option(0.2, "Clip range ε of the policy ratio.")
+    vf_coef: float = option(0.1, "Weight of the value loss.")
+    cliprange_value: float = option(0.2, "Clip range of the value predictions.")
+    gamma: float = option(1.0, "Discount factor.")
+    lam: float = option(0.95, "Lambda of generalized advantage estimation.")
+    ds3_gather_for_generation: bool = shared("ds3_gather_for_generation", True)
 
     def __post_init__(self):
         super().__post_init__()

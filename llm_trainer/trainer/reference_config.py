@@ -2,59 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .base_config import BaseConfig, resolve_pad_to_multiple_of
+from .base_config import OfflineConfig, option, resolve_pad_to_multiple_of, shared
 
 
 @dataclass
-class ReferenceModelConfig(BaseConfig):
-    """`BaseConfig` plus the reference-model, data and memory fields `DPOConfig` and `KTOConfig` share, with
-    TRL 1.16's defaults, and their checks."""
+class ReferenceModelConfig(OfflineConfig):
+    """`OfflineConfig` plus the reference-model and memory fields `DPOConfig` and `KTOConfig` share, with TRL 1.16's
+    defaults, and their checks. Longer examples lose their end; those whose prompt alone fills `max_length` are
+    dropped."""
 
-    router_aux_loss_coef: float | None = field(
-        default=None,
-        metadata={"help": "Weight of the MoE load-balancing loss; None uses the model config's own coefficient."},
+    router_aux_loss_coef: float | None = shared("router_aux_loss_coef", None)
+    disable_dropout: bool = shared("disable_dropout", True)
+    pad_to_multiple_of: int | str | None = shared("pad_to_multiple_of", "auto")
+    precompute_ref_log_probs: bool = shared("precompute_ref_log_probs", False)
+    precompute_ref_batch_size: int | None = option(
+        None,
+        "Batch size for precomputing reference log-probs; None uses `per_device_train_batch_size` (training) or "
+        "`per_device_eval_batch_size` (evaluation).",
     )
-    disable_dropout: bool = field(
-        default=True, metadata={"help": "Disable dropout in the model and the reference model."}
-    )
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset preparation."})
-    pad_to_multiple_of: int | str | None = field(
-        default="auto", metadata={"help": "Pad sequence lengths to a multiple of this value; 'auto' means None."}
-    )
-    precompute_ref_log_probs: bool = field(
-        default=False,
-        metadata={
-            "help": "Compute the reference log-probs of the whole dataset before training, so no reference model is "
-            "kept in memory."
-        },
-    )
-    precompute_ref_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Batch size for precomputing reference log-probs; None uses `per_device_train_batch_size` "
-            "(training) or `per_device_eval_batch_size` (evaluation)."
-        },
-    )
-    activation_offloading: bool = field(
-        default=False, metadata={"help": "Offload saved activations to CPU memory during the forward pass."}
-    )
-    sync_ref_model: bool = field(
-        default=False,
-        metadata={
-            "help": "TR-DPO: every `ref_model_sync_steps` steps, move the reference model towards the policy by "
-            "`ref_model_mixup_alpha`. Not compatible with PEFT or `precompute_ref_log_probs`."
-        },
-    )
-    ref_model_mixup_alpha: float = field(
-        default=0.6,
-        metadata={"help": "TR-DPO α in π_ref ← α·π_θ + (1 − α)·π_ref; used with `sync_ref_model=True`."},
-    )
-    ref_model_sync_steps: int = field(
-        default=512,
-        metadata={"help": "TR-DPO τ: optimizer steps between reference syncs; used with `sync_ref_model=True`."},
-    )
+    activation_offloading: bool = shared("activation_offloading", False)
+    sync_ref_model: bool = shared("sync_ref_model", False)
+    ref_model_mixup_alpha: float = shared("ref_model_mixup_alpha", 0.6)
+    ref_model_sync_steps: int = shared("ref_model_sync_steps", 512)
 
     def __post_init__(self):
         super().__post_init__()

@@ -2,56 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from .base_config import BaseConfig
+from .base_config import ENCODER_DECODER_ONLY, OfflineConfig, option, shared
 
 
 @dataclass
-class ReferenceFreeConfig(BaseConfig):
+class ReferenceFreeConfig(OfflineConfig):
     """Base of the configs of the preference trainers without a reference model (ORPO, CPO / SimPO / AlphaPO).
 
     Differences from `TrainingArguments` besides `BaseConfig`'s: `learning_rate=1e-6`. A model given by name loads
-    in the checkpoint's own dtype (`dtype="auto"`), as TRL's experimental trainers do.
+    in the checkpoint's own dtype (`dtype="auto"`), as TRL's experimental trainers do, and its `revision` also picks
+    the tokenizer. Completions are cut to fit `max_length`, prompts are kept whole; None means 512, with a warning.
     """
 
-    learning_rate: float = field(default=1e-6, metadata={"help": "Initial learning rate for AdamW."})
-    model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when the model is given as a name or "
-            "path. `dtype` defaults to 'auto' (the checkpoint's dtype); `revision` is also used for the tokenizer."
-        },
+    _max_length_none = "512, as in TRL"
+    _inert_fields = {"max_completion_length": ENCODER_DECODER_ONLY}
+
+    learning_rate: float = shared("learning_rate", 1e-6)
+    max_completion_length: int | None = shared("max_completion_length", None)
+    beta: float = option(
+        0.1,
+        "Weight of the preference term: ORPO's λ (the odds-ratio term against the NLL term; `alpha` in the paper's "
+        "code), CPO's inverse temperature (for `loss_type='ipo'`, the IPO paper's τ).",
     )
-    max_length: int | None = field(
-        default=1024,
-        metadata={
-            "help": "Maximum length of prompt + completion: completions are cut to fit, prompts are kept whole. None "
-            "means 512, with a warning (as in TRL)."
-        },
-    )
-    max_completion_length: int | None = field(
-        default=None,
-        metadata={"help": "Maximum completion length of encoder-decoder models (which llm_trainer does not train)."},
-    )
-    beta: float = field(default=0.1, metadata={"help": "Weight of the preference term."})
-    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability in the model to 0."})
-    generate_during_eval: bool = field(
-        default=False,
-        metadata={"help": "Sample completions for a batch of eval prompts and log them to W&B or Comet at each eval."},
-    )
-    is_encoder_decoder: bool | None = field(
-        default=None,
-        metadata={"help": "Whether the model is an encoder-decoder (only read with `model_init`)."},
-    )
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset preparation."})
+    disable_dropout: bool = shared("disable_dropout", True)
+    generate_during_eval: bool = shared("generate_during_eval", False)
+    is_encoder_decoder: bool | None = shared("is_encoder_decoder", None)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.max_length is not None and self.max_length < 1:
-            raise ValueError(
-                f"`max_length` must be a positive number of tokens or None (512, as in TRL), got {self.max_length}."
-            )
         if self.beta < 0:
             raise ValueError(f"`beta` must be >= 0 (0.1 is TRL's default), got {self.beta}.")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from .base_config import option
 from .grpo_config import GRPOConfig
 
 DEFAULT_ANSWER_TEMPLATE = "Solve the following problem and state the final answer.\n\nProblem: {problem}"
@@ -44,42 +45,28 @@ class TeacherGRPOConfig(GRPOConfig):
 
     _algorithm = "Teacher GRPO"
 
-    max_probe_tokens: int = field(
-        default=64, metadata={"help": "Most tokens the student writes in its diagnostic probe."}
+    max_probe_tokens: int = option(64, "Most tokens the student writes in its diagnostic probe.")
+    max_student_tokens: int = option(256, "Most tokens the student writes in each answer (with and without teaching).")
+    student_temperature: float = option(
+        0.0, "Sampling temperature of the student's answers and probes; 0 is greedy (a steadier reward)."
     )
-    max_student_tokens: int = field(
-        default=256, metadata={"help": "Most tokens the student writes in each answer (with and without teaching)."}
+    answer_template: str = option(
+        DEFAULT_ANSWER_TEMPLATE, "The student's prompt to answer without teaching; placeholder {problem}."
     )
-    student_temperature: float = field(
-        default=0.0,
-        metadata={
-            "help": "Sampling temperature of the student's answers and probes; 0 is greedy (a steadier reward)."
-        },
+    probe_template: str = option(
+        DEFAULT_PROBE_TEMPLATE,
+        "The student's prompt to write a probe of what it finds hard; placeholders {problem} and, optionally, "
+        "{attempt}.",
     )
-    answer_template: str = field(
-        default=DEFAULT_ANSWER_TEMPLATE,
-        metadata={"help": "The student's prompt to answer without teaching; placeholder {problem}."},
+    teaching_template: str = option(
+        DEFAULT_TEACHING_TEMPLATE,
+        "The teacher's prompt (what the policy is trained on); placeholders {problem}, {probe} and, optionally, "
+        "{attempt}.",
     )
-    probe_template: str = field(
-        default=DEFAULT_PROBE_TEMPLATE,
-        metadata={
-            "help": "The student's prompt to write a probe of what it finds hard; placeholders {problem} and, "
-            "optionally, {attempt}."
-        },
-    )
-    teaching_template: str = field(
-        default=DEFAULT_TEACHING_TEMPLATE,
-        metadata={
-            "help": "The teacher's prompt (what the policy is trained on); placeholders {problem}, {probe} and, "
-            "optionally, {attempt}."
-        },
-    )
-    taught_answer_template: str = field(
-        default=DEFAULT_TAUGHT_ANSWER_TEMPLATE,
-        metadata={
-            "help": "The student's prompt to answer with the teaching; placeholders {problem}, {teaching} and, "
-            "optionally, {probe}."
-        },
+    taught_answer_template: str = option(
+        DEFAULT_TAUGHT_ANSWER_TEMPLATE,
+        "The student's prompt to answer with the teaching; placeholders {problem}, {teaching} and, optionally, "
+        "{probe}.",
     )
 
     def __post_init__(self):
