@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..losses.distillation import CHUNK_ELEMENTS, head_divergence
+from . import LMHead
 
 __all__ = ["TOKEN_CHUNK_SIZE", "VOCAB_CHUNK_SIZE", "ChunkedDivergenceFunction"]
 
@@ -59,23 +60,16 @@ class ChunkedDivergenceFunction(torch.autograd.Function):
                 f"{teacher_weight.shape[0]}; distillation needs a shared vocabulary."
             )
         ctx.set_materialize_grads(False)
-        ctx.args = (
-            beta,
-            temperature,
+        ctx.args = (beta, temperature)
+        ctx.transforms = (
             (student_logit_scale, student_final_logit_softcapping),
             (teacher_logit_scale, teacher_final_logit_softcapping),
         )
+        student = LMHead(student_weight, student_bias, *ctx.transforms[0])
+        teacher = LMHead(teacher_weight, teacher_bias, *ctx.transforms[1])
         divergence, entropy = [], []
         for rows in _chunks(student_hidden.shape[0], student_weight.shape[0]):
-            d, e = head_divergence(
-                student_hidden[rows],
-                student_weight,
-                student_bias,
-                teacher_hidden[rows],
-                teacher_weight,
-                teacher_bias,
-                *ctx.args,
-            )
+            d, e = head_divergence(student_hidden[rows], student, teacher_hidden[rows], teacher, *ctx.args)
             divergence.append(d)
             entropy.append(e)
         empty = student_hidden.new_zeros(0, dtype=torch.float32)
@@ -98,6 +92,9 @@ class ChunkedDivergenceFunction(torch.autograd.Function):
         grad_bias = torch.zeros_like(student_bias, dtype=torch.float32) if need_bias else None
         weight = student_weight.detach().requires_grad_(need_weight)
         bias = None if student_bias is None else student_bias.detach().requires_grad_(need_bias)
+        student = LMHead(weight, bias, *ctx.transforms[0])
+        teacher_bias = None if teacher_bias is None else teacher_bias.detach()
+        teacher = LMHead(teacher_weight.detach(), teacher_bias, *ctx.transforms[1])
         for rows in _chunks(student_hidden.shape[0], student_weight.shape[0]):
             hidden = student_hidden[rows].detach().requires_grad_(need_hidden)
             wrt = [
@@ -106,15 +103,7 @@ class ChunkedDivergenceFunction(torch.autograd.Function):
                 if acc is not None
             ]
             with torch.enable_grad():
-                divergence, _ = head_divergence(
-                    hidden,
-                    weight,
-                    bias,
-                    teacher_hidden[rows].detach(),
-                    teacher_weight.detach(),
-                    None if teacher_bias is None else teacher_bias.detach(),
-                    *ctx.args,
-                )
+                divergence, _ = head_divergence(hidden, student, teacher_hidden[rows].detach(), teacher, *ctx.args)
                 grads = torch.autograd.grad(divergence, [x for x, _ in wrt], grad_divergence[rows].float())
             for (x, acc), grad in zip(wrt, grads):
                 (acc[rows] if x is hidden else acc).add_(grad.float())

@@ -19,6 +19,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels import LMHead
+
 # fp32 logits per model in one chunk of tokens (rows * vocab), about 64 MiB
 CHUNK_ELEMENTS = 1 << 24
 
@@ -66,31 +68,28 @@ def generalized_jsd(
     return divergence, entropy
 
 
-def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32 logits of `hidden` (rounded to the compute dtype first, as the forward pass would)."""
+def _head_logits(hidden: torch.Tensor, head: LMHead, temperature: float) -> torch.Tensor:
+    """fp32 transformed logits of `hidden` under `head` (`hidden` rounded to the compute dtype first, as the forward
+    pass would)."""
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-    logits = hidden.to(dtype).float() @ weight.to(dtype).float().t()
-    return logits if bias is None else logits + bias.float()
+    logits = hidden.to(dtype).float() @ head.weight.to(dtype).float().t()
+    logits = logits if head.bias is None else logits + head.bias.float()
+    return transform_logits(logits, temperature, head.logit_scale, head.softcap)
 
 
 def head_divergence(
     student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    student_bias: torch.Tensor | None,
+    student: LMHead,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    teacher_bias: torch.Tensor | None,
+    teacher: LMHead,
     beta: float,
     temperature: float,
-    student_transform: tuple[float | None, float | None],
-    teacher_transform: tuple[float | None, float | None],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row `generalized_jsd` of both heads' transformed logits, from hidden states `(n, H)`; the transforms are
-    `(logit_scale, softcap)` pairs. Materializes `(n, V)` fp32 logits per model: call it on chunks of rows."""
-    z_s = transform_logits(_project(student_hidden, student_weight, student_bias), temperature, *student_transform)
-    z_t = transform_logits(_project(teacher_hidden, teacher_weight, teacher_bias), temperature, *teacher_transform)
-    return generalized_jsd(z_s, z_t, beta)
+    """Per-row `generalized_jsd` of both heads' transformed logits, from hidden states `(n, H)`. Materializes `(n, V)`
+    fp32 logits per model: call it on chunks of rows."""
+    z_s = _head_logits(student_hidden, student, temperature)
+    return generalized_jsd(z_s, _head_logits(teacher_hidden, teacher, temperature), beta)
 
 
 def _chunk_divergence(*args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,19 +159,13 @@ def chunked_distillation_loss(
     chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // student_weight.shape[0])
     loss = student_hidden.new_zeros((), dtype=torch.float32)
     entropy = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-    args = (beta, temperature, (student_logit_scale, student_softcap), (teacher_logit_scale, teacher_softcap))
+    student = LMHead(student_weight, student_bias, student_logit_scale, student_softcap)
+    teacher_bias = None if teacher_bias is None else teacher_bias.detach()
+    teacher = LMHead(teacher_weight.detach(), teacher_bias, teacher_logit_scale, teacher_softcap)
     for start in range(0, h_s.shape[0], chunk_size):
         end = start + chunk_size
         chunk_loss, chunk_entropy = checkpoint(
-            _chunk_divergence,
-            h_s[start:end],
-            student_weight,
-            student_bias,
-            h_t[start:end],
-            teacher_weight.detach(),
-            None if teacher_bias is None else teacher_bias.detach(),
-            *args,
-            use_reentrant=False,
+            _chunk_divergence, h_s[start:end], student, h_t[start:end], teacher, beta, temperature, use_reentrant=False
         )
         loss = loss + chunk_loss
         entropy = entropy + chunk_entropy

@@ -117,13 +117,18 @@ def test_installing_twice_updates_the_options(tiny_model_path, batch):
         assert model(input_ids=batch[0], labels=batch[1], fused_lm_head=True).entropy is not None
 
 
-def test_head_fn_gets_the_backbone_states_and_the_head(tiny_model_path, batch):
+@pytest.mark.parametrize("adapter", [False, True])
+def test_head_fn_gets_the_backbone_states_and_the_head(tiny_model_path, batch, adapter):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
     add_token_logprob_head(model)
+    if adapter:  # trainers install the head on the causal LM and call the PEFT model around it
+        peft = pytest.importorskip("peft")
+        config = peft.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model = peft.get_peft_model(model, config).eval()
     with torch.no_grad():
         hidden, head = model(input_ids=batch[0], head_fn=lambda hidden, head: (hidden, head))
         logits = model(input_ids=batch[0]).logits
-    assert head.weight is model.lm_head.weight and head.bias is None
+    assert head.weight is model.get_output_embeddings().weight and head.bias is None
     projected = hidden @ head.weight.T
     torch.testing.assert_close(projected, logits, rtol=0, atol=1e-5 * logits.abs().max().item())
 
