@@ -181,7 +181,7 @@ def lm_head_of(model: PreTrainedModel) -> kernels.LMHead:
 
 
 @dataclass
-class LogprobHead:
+class LogprobHeadOptions:
     """The options of the forward `add_token_logprob_head` installs; a second call replaces them."""
 
     temperature: float = 1.0
@@ -193,14 +193,14 @@ class TokenLogprobForward:
     """`model.forward` once `add_token_logprob_head` ran: the model's own forward, plus routes that run the backbone
     and the LM head apart (see `add_token_logprob_head`).
 
-    An object holding the model and its `LogprobHead` options, not a closure over the original bound forward: a
+    An object holding the model and its `LogprobHeadOptions` options, not a closure over the original bound forward: a
     `copy.deepcopy` of the model gets a forward bound to the copy (the plain route calls `type(model).forward` on
-    it), and a second `add_token_logprob_head` updates `head` instead of wrapping again. `__signature__` is the
+    it), and a second `add_token_logprob_head` updates `options` instead of wrapping again. `__signature__` is the
     model's own, which `Trainer` (unused-column removal) and `generate` (keyword validation) read.
     """
 
-    def __init__(self, model: PreTrainedModel, head: LogprobHead) -> None:
-        self.model, self.head = model, head
+    def __init__(self, model: PreTrainedModel, options: LogprobHeadOptions) -> None:
+        self.model, self.options = model, options
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -246,7 +246,7 @@ class TokenLogprobForward:
         """Run the backbone on `args`/`kwargs` and score `targets` (next-token labels, -100 to skip) against its
         hidden states (without the last position when `drop_last`): `(log_probs, fields, aux_loss)`, `fields` the
         asked `TOKEN_OUTPUTS`, `aux_loss` the unweighted MoE load-balancing loss or None."""
-        model, options = self.model, self.head
+        model, options = self.model, self.options
         wanted = [name for name in TOKEN_OUTPUTS if name in options.outputs]
         kwargs["use_cache"] = False
         if getattr(model.config.get_text_config(), "output_router_logits", False):  # MoE: the backbone's router logits
@@ -310,12 +310,12 @@ def add_token_logprob_head(
     unknown = set(outputs) - set(TOKEN_OUTPUTS)
     if unknown:
         raise ValueError(f"Unknown token outputs {sorted(unknown)}; choose among {TOKEN_OUTPUTS}.")
-    head = LogprobHead(temperature, tuple(outputs), cast_lm_head_to_fp32)
+    options = LogprobHeadOptions(temperature, tuple(outputs), cast_lm_head_to_fp32)
     installed = model.__dict__.get("forward")
     if isinstance(installed, TokenLogprobForward):
-        installed.head = head
+        installed.options = options
     else:
-        model.forward = TokenLogprobForward(model, head)
+        model.forward = TokenLogprobForward(model, options)
 
 
 def _router_aux_loss(config: Any, backbone_out: Any, attention_mask: torch.Tensor | None) -> torch.Tensor | None:

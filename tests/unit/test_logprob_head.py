@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm_trainer.modeling import (
-    LogprobHead,
+    LogprobHeadOptions,
     TokenLogprobForward,
     add_token_logprob_head,
     create_reference_model,
@@ -104,7 +104,7 @@ def test_installing_twice_updates_the_options(tiny_model_path, batch):
     installed = model.forward
     add_token_logprob_head(model, 0.5, outputs=("is_top1",), cast_lm_head_to_fp32=True)
     assert model.forward is installed and installed.model is model  # one level: no wrapper around a wrapper
-    assert installed.head == LogprobHead(0.5, ("is_top1",), cast_lm_head_to_fp32=True)
+    assert installed.options == LogprobHeadOptions(0.5, ("is_top1",), cast_lm_head_to_fp32=True)
     assert inspect.signature(model.forward) == own_signature  # what `Trainer` and `generate` inspect
     with torch.no_grad():
         out = model(input_ids=batch[0], labels=batch[1], token_logprobs=True)
@@ -113,7 +113,7 @@ def test_installing_twice_updates_the_options(tiny_model_path, batch):
         add_token_logprob_head(once, 0.5, outputs=("is_top1",), cast_lm_head_to_fp32=True)
         assert torch.equal(out.log_probs, once(input_ids=batch[0], labels=batch[1], token_logprobs=True).log_probs)
         add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))  # TRL's interface: the same one
-        assert model.forward is installed and installed.head == LogprobHead(0.7, ("entropy",))
+        assert model.forward is installed and installed.options == LogprobHeadOptions(0.7, ("entropy",))
         assert model(input_ids=batch[0], labels=batch[1], fused_lm_head=True).entropy is not None
 
 
