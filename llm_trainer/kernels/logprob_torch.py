@@ -472,7 +472,27 @@ def _half_log_softmax(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
     return (chunk if temperature == 1.0 else chunk / temperature).log_softmax(-1)
 
 
-class SelectiveLogSoftmax(torch.autograd.Function):
+class _FunctionOfLogits(torch.autograd.Function):
+    """The backward of `SelectiveLogSoftmax` and `Entropy`. Their forwards save the logits (no copy), the gathered
+    `index` (None for the entropy) and the fp32 row statistics `lse`, `entropy` (None where a half-precision forward
+    on the PyTorch back end left them to the backward, which folds them here), and `ctx.fold`: the back end, scale,
+    whether the entropy is needed and the rows per chunk."""
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, index, lse, ent = ctx.saved_tensors
+        ops, scale, entropy, rows_per_chunk = ctx.fold
+        if lse is None:
+            lse, ent = _blockwise_stats(ops, logits, scale, entropy, rows_per_chunk)
+        if index is None:
+            row_grad = RowGrad(lse, ent, grad.float().flatten())
+        else:
+            k = index.shape[-1]
+            row_grad = RowGrad(lse, targets=index.reshape(-1, k), grad_targets=(grad.float() * scale).reshape(-1, k))
+        return _blockwise_grad(ops, logits, scale, row_grad), None, None, None
+
+
+class SelectiveLogSoftmax(_FunctionOfLogits):
     """`log_softmax(logits / temperature)` gathered at `index (..., K)`, from per-row log-sum-exps only.
 
     Saves the logits themselves (no copy) and at most one fp32 log-sum-exp per row. fp32/fp64 rows are reduced by
@@ -497,24 +517,12 @@ class SelectiveLogSoftmax(torch.autograd.Function):
             if scale != 1.0:
                 picked.mul_(scale)
             logps = (picked - lse.view(*index.shape[:-1], 1)).to(logits.dtype)
-        ctx.save_for_backward(logits, index, lse)
-        ctx.scale, ctx.ops = scale, ops
+        ctx.save_for_backward(logits, index, lse, None)
+        ctx.fold = (ops, scale, False, None)
         return logps
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        logits, index, lse = ctx.saved_tensors
-        if lse is None:
-            lse, _ = _blockwise_stats(ctx.ops, logits, ctx.scale, entropy=False)
-        k = index.shape[-1]
-        grad_targets = (grad.float() * ctx.scale).reshape(-1, k)
-        grad_logits = _blockwise_grad(
-            ctx.ops, logits, ctx.scale, RowGrad(lse, targets=index.reshape(-1, k), grad_targets=grad_targets)
-        )
-        return grad_logits, None, None, None
 
-
-class Entropy(torch.autograd.Function):
+class Entropy(_FunctionOfLogits):
     """Entropy in nats of `softmax(logits)` along the last axis, from one pass over each chunk of rows.
 
     bf16/fp16 logits on the PyTorch back end: `-(p * log p).sum(-1)` in their own dtype, `log p` from `log_softmax`
@@ -534,16 +542,9 @@ class Entropy(torch.autograd.Function):
         else:
             stats = _blockwise_stats(ops, logits, 1.0, True, rows_per_chunk)
             entropy = stats[1].view(logits.shape[:-1]).to(logits.dtype)
-        ctx.save_for_backward(logits, *stats)
-        ctx.ops, ctx.rows_per_chunk = ops, rows_per_chunk
+        ctx.save_for_backward(logits, None, *stats)
+        ctx.fold = (ops, 1.0, True, rows_per_chunk)
         return entropy
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        logits, lse, ent = ctx.saved_tensors
-        if lse is None:
-            lse, ent = _blockwise_stats(ctx.ops, logits, 1.0, True, ctx.rows_per_chunk)
-        return _blockwise_grad(ctx.ops, logits, 1.0, RowGrad(lse, ent, grad.float().flatten())), None, None
 
 
 class SelectiveLogSoftmaxAndEntropy(torch.autograd.Function):
