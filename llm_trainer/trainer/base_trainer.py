@@ -8,12 +8,13 @@ import logging
 import math
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
+from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import (
     AutoModelForCausalLM,
@@ -22,23 +23,35 @@ from transformers import (
     PreTrainedTokenizerBase,
     ProcessorMixin,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..modeling import check_causal_lm, create_reference_model, load_model, wrap_with_peft
+from ..modeling import add_token_logprob_head, check_causal_lm, load_model, wrap_with_peft
+from . import simple
 from .checkpointing import last_complete_checkpoint, remove_stale_staging, rotate_checkpoints, staged_folder
-from .simple import SimpleAPIMixin
+from .reference_policy import ReferencePolicy
+from .utils import disable_dropout_in_model
 
 logger = logging.getLogger(__name__)
 
 NUM_TOKENS_NAME = "num_tokens.json"
 """A checkpoint's running total of training tokens (the `num_tokens` metric)."""
+TRAINER_KWARGS = (
+    "compute_metrics",
+    "callbacks",
+    "optimizers",
+    "optimizer_cls_and_kwargs",
+    "preprocess_logits_for_metrics",
+)
+"""The keyword arguments `BaseTrainer.__init__` hands to `Trainer.__init__` unchanged."""
+_NOT_GIVEN = object()  # `peft_config` of a trainer still calling `Trainer.__init__`'s signature (see `__init__`)
 
 
-class BaseTrainer(SimpleAPIMixin, Trainer):
+class BaseTrainer(Trainer):
     """What every trainer shares: config resolution, model and tokenizer loading, PEFT, metrics and the model card.
 
     Subclasses set `config_class`, `_name` and `_tag_names`, and record per-step metrics with
@@ -58,8 +71,117 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
     loss_is_scaled_for_ga: bool | None = None
     """Whether `compute_loss` already divides by the gradient-accumulation steps (`Trainer` reads it from 5.19 on)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    reference: ReferencePolicy | None = None
+    """The reference policy, for trainers whose `reference_policy` hook returns one (see `reference_policy.py`)."""
+    reference_columns: tuple[str, ...] = ()
+    """The dataset columns `reference_batch_logps` fills when the reference log-probs are precomputed."""
+    dataset_description = "the dataset to train on"
+    """What `train_dataset` should be, for the error raised when it is missing."""
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | None = None,
+        args: TrainingArguments | None = None,
+        data_collator: Any = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Any = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        *,
+        ref_model: str | PreTrainedModel | None = None,
+        peft_config: Any = _NOT_GIVEN,
+        quantization_config: Any = None,
+        model_init: Callable[[], PreTrainedModel] | None = None,
+        compute_loss_func: Callable | None = None,
+        **options: Any,
+    ):
+        """Build the trainer once, in this order (each step a hook a trainer may override): `resolve_args` ->
+        `check_inputs` -> `load_model` (and a `ref_model` given as a name) -> `prepare_processing_class` ->
+        `configure_tokenizer` -> `prepare_peft` -> `reference_policy` -> `configure` (then dropout off with
+        `args.disable_dropout`) -> `default_collator` when none is given -> `prepare_dataset` on train and eval ->
+        `trainer_model` -> `Trainer.__init__` -> `router_aux_loss` -> `logprob_head` on the policy (and the
+        reference) -> reference placement and precomputed log-probs -> `finish_init`.
+
+        Trainers keep TRL's signature and forward every argument here by keyword. `options` holds the keyword
+        arguments `Trainer.__init__` takes (`compute_metrics`, `callbacks`, `optimizers`, ...) and the trainer's own
+        (e.g. SFT's `formatting_func`), which `set_options` receives.
+        """
+        if self._pending_build is not None:  # the simple API's pending trainer: `fit` runs this again to build it
+            return
+        if peft_config is _NOT_GIVEN:  # a trainer that has not adopted the prelude: `Trainer.__init__` as given
+            self._init_trainer(
+                model=model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_loss_func=compute_loss_func,
+                **options,
+            )
+            return
+        trainer_kwargs = {key: options.pop(key) for key in TRAINER_KWARGS if key in options}
+        self.args = args = self.resolve_args(args, model)  # hooks may read `self.args` before `Trainer.__init__`
+        self.set_options(args, **options)
+        self.check_inputs(
+            args,
+            model=model,
+            ref_model=ref_model,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=data_collator,
+            model_init=model_init,
+            compute_loss_func=compute_loss_func,
+        )
+        if isinstance(train_dataset, IterableDataset):  # each process reads its own batches of a stream
+            args.accelerator_config.dispatch_batches = False
+        model = self.load_model(
+            model if model is not None or model_init is None else model_init(), args, quantization_config
+        )
+        if isinstance(ref_model, str):
+            ref_model = self.prepare_model(ref_model, args, quantization_config)
+        processing_class = self.prepare_processing_class(model, processing_class, args)
+        self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self.configure_tokenizer(model, args)
+        model = self.prepare_peft(model, peft_config, args)
+        self.reference = self.reference_policy(model, ref_model, peft_config, args)
+        self.configure(model, args, train_dataset)
+        if getattr(args, "disable_dropout", False):
+            for module in (model, self.ref_model):
+                if module is not None:
+                    disable_dropout_in_model(module)
+        if data_collator is None:
+            data_collator = self.default_collator(args)
+        if train_dataset is not None:
+            train_dataset = self.prepare_dataset(train_dataset, "train", args)
+        if eval_dataset is not None:
+            eval_dataset = self.prepare_eval_dataset(eval_dataset, args)
+        self._init_trainer(
+            model=self.trainer_model(model, args),
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            **trainer_kwargs,
+        )
+        self.router_aux_loss_coef = self.router_aux_loss(model, args)
+        self.aux_loss_enabled = bool(self.router_aux_loss_coef)  # TRL's switch: False leaves the router loss out
+        head = self.logprob_head(args)
+        if head is not None:
+            add_token_logprob_head(model.get_base_model() if is_peft_model(model) else model, **head)
+        if self.reference is not None:
+            self.reference.place(self, head, prepare=self.prepare_reference)
+            if self.reference.precompute:
+                self.train_dataset = self.precompute_reference(self.train_dataset, "train")
+                if self.eval_dataset is not None:
+                    self.eval_dataset = self.precompute_reference(self.eval_dataset, "eval")
+        self.finish_init(args)
+
+    def _init_trainer(self, **kwargs: Any) -> None:
+        """`Trainer.__init__`, then what every trainer shares: metrics, the token count, model tags, activation
+        offloading, and how the loss is scaled for gradient accumulation."""
+        super().__init__(**kwargs)
         if self.loss_is_scaled_for_ga is not None and not hasattr(Trainer, "loss_is_scaled_for_ga"):
             self.model_accepts_loss_kwargs = False  # transformers < 5.19 reads these two instead
             if self.loss_is_scaled_for_ga:
@@ -78,6 +200,105 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
 
             self.maybe_activation_offload_context = get_act_offloading_ctx_manager(model=self.model)
 
+    # ------------------------------------------------------------------------------------- constructor hooks
+    def set_options(self, args: TrainingArguments, **options: Any) -> None:
+        """Keep the trainer's own constructor arguments (beyond those `BaseTrainer.__init__` names); none here."""
+        if options:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(options)}.")
+
+    def check_inputs(self, args: TrainingArguments, *, train_dataset: Any, **inputs: Any) -> None:
+        """Reject unusable constructor arguments before anything loads; `inputs` holds the other arguments
+        (`model`, `ref_model`, `eval_dataset`, `data_collator`, `model_init`, `compute_loss_func`). Checks only."""
+        self.check_train_dataset(train_dataset, self.dataset_description)
+
+    def load_model(self, model: Any, args: TrainingArguments, quantization_config: Any) -> PreTrainedModel:
+        """The policy: `model` loaded by name or path (`prepare_model`), or checked when already loaded."""
+        return self.prepare_model(model, args, quantization_config)
+
+    def configure_tokenizer(self, model: PreTrainedModel, args: TrainingArguments) -> None:
+        """Make `self._tokenizer` and `model` agree on special tokens (before PEFT wrapping); nothing here."""
+
+    def reference_policy(
+        self, model: PreTrainedModel, ref_model: PreTrainedModel | None, peft_config: Any, args: TrainingArguments
+    ) -> ReferencePolicy | None:
+        """The trainer's reference policy (`ReferencePolicy.for_policy`), None for trainers without one."""
+        return None
+
+    prepare_reference = True
+    """Whether a separate reference model is placed with `accelerator.prepare_model` (else moved to the device)."""
+
+    def configure(self, model: PreTrainedModel, args: TrainingArguments, train_dataset: Any) -> None:
+        """The trainer's own set-up from the (PEFT-wrapped) policy, the config and the raw training set, before the
+        datasets are prepared and `Trainer.__init__` (checkpointing, dtypes, options read off the data); nothing
+        here."""
+
+    def default_collator(self, args: TrainingArguments) -> Any:
+        """The collator used when none is passed; None lets `Trainer` pick its default."""
+        return None
+
+    def trainer_model(self, model: PreTrainedModel, args: TrainingArguments) -> torch.nn.Module:
+        """The module `Trainer` trains and saves: the policy itself, unless a trainer wraps it (PPO)."""
+        return model
+
+    def router_aux_loss(self, model: PreTrainedModel, args: TrainingArguments) -> float:
+        """The coefficient of the MoE load-balancing loss, 0 to leave it out: from `args.router_aux_loss_coef` (see
+        `configure_router_aux_loss`) for configs with that field; else the model config's, when it already outputs
+        router logits (TRL's experimental trainers)."""
+        if hasattr(args, "router_aux_loss_coef"):
+            return self.configure_router_aux_loss(model, args.router_aux_loss_coef)
+        config = model.config.get_text_config()
+        return getattr(config, "router_aux_loss_coef", 0.0) if getattr(config, "output_router_logits", False) else 0.0
+
+    def logprob_head(self, args: TrainingArguments) -> dict[str, Any] | None:
+        """Keyword arguments of `add_token_logprob_head` for the policy (`temperature`, per-token `outputs` the
+        metrics read), None for a trainer that does not compute token log-probs. The reference gets the same
+        temperature and no per-token outputs."""
+        return None
+
+    def reference_batch_logps(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """The reference log-probs of one collated batch, by `reference_columns` name (for precomputation)."""
+        raise NotImplementedError(f"{type(self).__name__} does not precompute reference log-probs.")
+
+    def precompute_reference(self, dataset: Any, name: str) -> Any:
+        """`dataset` (or a dict of them) with the reference log-prob columns added (`precompute_ref_log_probs`)."""
+        return self.reference.precompute_columns(
+            self, dataset, name, self.reference_columns, self.reference_batch_logps
+        )
+
+    def finish_init(self, args: TrainingArguments) -> None:
+        """The trainer's own set-up once everything else is built; nothing here."""
+
+    @property
+    def ref_model(self) -> torch.nn.Module | None:
+        """TRL's attribute: the separate frozen reference model; None without one (PEFT adapter route, precomputed
+        log-probs, or no reference)."""
+        return self.reference.model if self.reference is not None else None
+
+    @ref_model.setter
+    def ref_model(self, model: torch.nn.Module | None) -> None:
+        self.reference = ReferencePolicy(model) if self.reference is None else self.reference
+        self.reference.model = model
+
+    @property
+    def precompute_ref_logps(self) -> bool:
+        """TRL's attribute: whether the reference log-probs are precomputed (`precompute_ref_log_probs`)."""
+        return self.reference is not None and self.reference.precompute
+
+    def add_router_aux_loss(
+        self, loss: torch.Tensor, aux_loss: torch.Tensor | None, mode: str, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        """`loss` plus the MoE load-balancing term `router_aux_loss_coef * aux_loss` (recorded as `aux_loss`) when
+        enabled. The term is divided by the gradient-accumulation steps iff the loss already is: so when
+        `loss_is_scaled_for_ga`, or (left to `Trainer`, None) when it is normalised by `num_items_in_batch` in
+        training. Otherwise `Trainer` divides the sum itself."""
+        if not self.aux_loss_enabled or aux_loss is None:
+            return loss
+        self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        scaled = self.loss_is_scaled_for_ga
+        scaled = num_items_in_batch is not None if scaled is None else scaled
+        steps = self.current_gradient_accumulation_steps if scaled and mode == "train" else 1
+        return loss + self.router_aux_loss_coef * aux_loss / steps
+
     @classmethod
     def resolve_args(cls, args: TrainingArguments | None, model: str | PreTrainedModel) -> TrainingArguments:
         """Return `args` as this trainer's config: a default one named after the model when None, converted from
@@ -92,10 +313,8 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
         return args
 
     @staticmethod
-    def check_train_dataset(
-        train_dataset: Any, args: TrainingArguments, what: str = "the dataset to train on"
-    ) -> None:
-        """Require a `datasets.Dataset` or `IterableDataset` (the latter needs `dispatch_batches=False`)."""
+    def check_train_dataset(train_dataset: Any, what: str = "the dataset to train on") -> None:
+        """Require a non-empty `datasets.Dataset` or an `IterableDataset`; `what` says what to pass."""
         if train_dataset is None:
             raise ValueError(f"`train_dataset` is required: pass {what}.")
         if not isinstance(train_dataset, Dataset | IterableDataset):
@@ -104,8 +323,6 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
             )
         if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
             raise ValueError(f"The train dataset is empty (0 rows): pass {what}, with at least one row.")
-        if isinstance(train_dataset, IterableDataset):
-            args.accelerator_config.dispatch_batches = False
 
     def check_enough_rows(self) -> None:
         """Raise a `ValueError` when the (prepared) training set cannot fill one batch that its sampler keeps: training
@@ -144,12 +361,19 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
         return self.prepare_dataset(eval_dataset, "eval", args)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """As `Trainer.evaluate`, preparing a raw dataset passed here the same way as at construction."""
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
-            eval_dataset = self.prepare_eval_dataset(eval_dataset)
-        return super().evaluate(
-            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
-        )
+        """As `Trainer.evaluate`, preparing (and scoring by the reference, when precomputed) a raw dataset passed
+        here the same way as at construction; a dict of them is evaluated one dataset at a time."""
+        if eval_dataset is None or isinstance(eval_dataset, str):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        eval_dataset = self.prepare_eval_dataset(eval_dataset)
+        if self.precompute_ref_logps:
+            eval_dataset = self.precompute_reference(eval_dataset, "eval")
+        if not isinstance(eval_dataset, dict):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = {}
+        for name, dataset in eval_dataset.items():  # prepared: not through `self.evaluate`, which would redo it
+            metrics.update(super().evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
+        return metrics
 
     def training_step(self, *args, **kwargs):
         """As `Trainer.training_step`, under `maybe_activation_offload_context` (see `__init__`)."""
@@ -251,34 +475,12 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
 
     @staticmethod
     def prepare_peft(model: PreTrainedModel, peft_config: Any, args: TrainingArguments) -> PreTrainedModel:
-        """Wrap `model` with `peft_config` when one is given."""
-        if peft_config is None:
-            return model
-        return wrap_with_peft(model, peft_config, args.gradient_checkpointing)
-
-    @staticmethod
-    def prepare_reference_model(
-        model: PreTrainedModel, ref_model: PreTrainedModel | None, precomputed: bool = False
-    ) -> PreTrainedModel | None:
-        """The frozen reference policy of a trainer that needs one.
-
-        `ref_model` when given (it must not be `model` itself); None when `model` is a PEFT model (the reference is
-        the base model, run with the adapter disabled, see `modeling.reference_adapter`) or when the reference
-        log-probs are `precomputed`; otherwise a frozen copy of the initial `model`.
-        """
-        from accelerate.utils import is_peft_model
-
-        if ref_model is model:
-            raise ValueError(
-                "`model` and `ref_model` are the same object; omit `ref_model` to use a frozen copy of the initial "
-                "model, or pass a separate model."
-            )
-        if ref_model is not None:
-            ref_model.eval().requires_grad_(False)
-            return ref_model
-        if is_peft_model(model) or precomputed:
-            return None
-        return create_reference_model(model)
+        """Wrap `model` with `peft_config` when one is given; a given PEFT model is readied for gradient checkpointing."""
+        if peft_config is not None:
+            return wrap_with_peft(model, peft_config, args.gradient_checkpointing)
+        if is_peft_model(model) and args.gradient_checkpointing:  # checkpointed layers need an input with grad
+            model.enable_input_require_grads()
+        return model
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the averaged per-step metrics of the current mode to `logs`, then log as `Trainer` does."""
@@ -442,6 +644,62 @@ class BaseTrainer(SimpleAPIMixin, Trainer):
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    # ---- simple API: short delegations to `llm_trainer.trainer.simple`, which holds the logic (docs/simple_api.md)
+    _pending_build: simple.PendingBuild | None = None  # set until `fit` builds a trainer from `from_pretrained`
+    _resume_from: str | None = None  # the checkpoint the next `fit` resumes from (`load_checkpoint`)
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        """`Trainer(config_dict)`, one nested dict, is the simple API's full-configuration form (`from_dict`)."""
+        if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
+            return simple.from_dict(cls, args[0])
+        return super().__new__(cls)
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: Any, **kwargs: Any) -> Self:
+        """A trainer for `model_name_or_path` (a name, a path or a loaded model) that `fit` builds; `kwargs` are its
+        config fields, its constructor arguments and the simple API's friendly names (`simple.split_options`)."""
+        return simple.from_pretrained(cls, model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> Self:
+        """A trainer from the nested dict `{"policy": ..., "<algorithm>": ..., "data": ...}`, built by `fit`."""
+        return simple.from_dict(cls, config)
+
+    def require_built(self) -> None:
+        """Raise when `fit` has yet to build this trainer; bind its `llm_trainer.callbacks.Callback`s (`train`)."""
+        simple.require_built(self)
+
+    def fit(
+        self,
+        dataset: Any = None,
+        reward_fn: Any = None,
+        environment: Any = None,
+        max_steps: int | None = None,
+        max_epochs: float | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+    ) -> simple.TrainingResult:
+        """Build the trainer when `from_pretrained` made it (from `dataset`, `reward_fn`, `environment`), train at
+        most `max_steps` / `max_epochs` (resuming from `load_checkpoint`'s checkpoint) and return the result."""
+        return simple.fit(self, dataset, reward_fn, environment, max_steps, max_epochs, callbacks)
+
+    @property
+    def config(self) -> TrainingArguments:
+        """The training config (`self.args`), available before `fit` too."""
+        return self.args if self._pending_build is None else self._pending_build.config
+
+    @property
+    def current_step(self) -> int:
+        """Optimizer steps taken (those of a loaded checkpoint before `fit`)."""
+        return self.state.global_step if self._pending_build is None else self._pending_build.step
+
+    def save_checkpoint(self, path: str | os.PathLike) -> str:
+        """Save the model, tokenizer, optimizer, scheduler, RNG and trainer state to `path`; return `path`."""
+        return simple.save_checkpoint(self, path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load a checkpoint of `save_checkpoint` (or a `checkpoint-N`): the weights now, the rest at `fit`."""
+        simple.load_checkpoint(self, path)
 
 
 def gather_sum(trainer: Trainer, value: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ fitted on prompt embeddings, for datasets whose desirable and undesirable prompt
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -147,8 +146,34 @@ class BCOTrainer(UnpairedPreferenceTrainer):
         embedding_func: Callable[..., torch.Tensor] | None = None,
         embedding_tokenizer: PreTrainedTokenizerBase | None = None,
     ):
-        if model is None or model_init is not None:
-            raise ValueError("BCOTrainer needs `model` (a model or its name/path); `model_init` is not supported.")
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            data_collator=data_collator,
+            model_init=model_init,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config,
+            compute_metrics=compute_metrics,
+            model_adapter_name=model_adapter_name,
+            ref_adapter_name=ref_adapter_name,
+            embedding_func=embedding_func,
+            embedding_tokenizer=embedding_tokenizer,
+        )
+
+    def set_options(
+        self,
+        args: BCOConfig,
+        model_adapter_name: str | None = None,
+        ref_adapter_name: str | None = None,
+        embedding_func: Callable[..., torch.Tensor] | None = None,
+        embedding_tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
         if (embedding_func is None) != (embedding_tokenizer is None):
             raise ValueError(
                 "Underlying distribution matching needs both `embedding_func` and `embedding_tokenizer`; pass both, "
@@ -160,24 +185,16 @@ class BCOTrainer(UnpairedPreferenceTrainer):
         self.embedding_tokenizer = embedding_tokenizer
         if embedding_tokenizer is not None and embedding_tokenizer.pad_token_id is None:
             embedding_tokenizer.pad_token = embedding_tokenizer.eos_token
-        super().__init__(
-            model,
-            ref_model,
-            args,
-            data_collator,
-            train_dataset,
-            eval_dataset,
-            processing_class,
-            compute_metrics,
-            callbacks,
-            optimizers,
-            peft_config=peft_config,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            calculate_kl=False,
-        )
+
+    def check_inputs(self, args: BCOConfig, *, model, model_init, train_dataset, **inputs) -> None:
+        if model is None or model_init is not None:
+            raise ValueError("BCOTrainer needs `model` (a model or its name/path); `model_init` is not supported.")
+        super().check_inputs(args, train_dataset=train_dataset)
+
+    def finish_init(self, args: BCOConfig) -> None:
         self.running = RunningMoments()
         self.clf: PromptClassifier | None = None
-        if self.match_underlying_distribution and not self.args.resume_from_checkpoint:
+        if self.match_underlying_distribution and not args.resume_from_checkpoint:
             self.clf = self._fit_prompt_classifier()
 
     @property
@@ -186,10 +203,10 @@ class BCOTrainer(UnpairedPreferenceTrainer):
         return self.embedding_func is not None and self.embedding_tokenizer is not None
 
     # ------------------------------------------------------------------------------------------------ data
-    def _default_collator(self, tokenizer: PreTrainedTokenizerBase, args: BCOConfig) -> DataCollatorForBCO:
+    def default_collator(self, args: BCOConfig) -> DataCollatorForBCO:
         pad_id = self.embedding_tokenizer.pad_token_id if self.embedding_tokenizer is not None else 0
         return DataCollatorForBCO(
-            pad_token_id=tokenizer.pad_token_id, max_length=args.max_length, embedding_pad_token_id=pad_id
+            pad_token_id=self._tokenizer.pad_token_id, max_length=args.max_length, embedding_pad_token_id=pad_id
         )
 
     def prepare_dataset(self, dataset, name, args):
@@ -265,11 +282,6 @@ class BCOTrainer(UnpairedPreferenceTrainer):
         )
 
     # ------------------------------------------------------------------------------------------------ loss
-    def _reference_adapter(self, peft_model: Any):
-        if self.ref_adapter_name is None:
-            return super()._reference_adapter(peft_model)
-        return _named_adapter(peft_model, self.ref_adapter_name, self.model_adapter_name or "default")
-
     def unpaired_loss(
         self, forward: UnpairedForward, batch: dict[str, torch.Tensor], mode: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -316,13 +328,3 @@ def _embedding_ids(example: dict, tokenizer: Any, embedding_tokenizer: Any) -> d
     if is_conversational({"prompt": prompt}):
         prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return {"embedding_input_ids": embedding_tokenizer(prompt, add_special_tokens=False)["input_ids"]}
-
-
-@contextlib.contextmanager
-def _named_adapter(model: Any, name: str, restore: str):
-    """Run the block with PEFT adapter `name` active, then switch back to `restore`."""
-    model.set_adapter(name)
-    try:
-        yield
-    finally:
-        model.set_adapter(restore)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import (
     DataCollator,
@@ -24,7 +22,6 @@ from transformers.trainer_utils import EvalPrediction
 from ..data.collators import DataCollatorForPreference, DataCollatorForVisionPreference
 from ..data.preference_dataset import check_preference_dataset, prepare_preference_dataset
 from ..losses import dpo_loss, masked_mean_nll, preference_metrics, wpo_weights
-from ..modeling import add_reference_adapter, reference_adapter
 from .base_trainer import BaseTrainer, gather_sum
 from .dpo_config import DPOConfig
 from .preference_forward import (
@@ -34,7 +31,7 @@ from .preference_forward import (
     concatenated_forward,
     paired_token_metrics,
 )
-from .reference_logps import PrecomputedReferenceMixin
+from .reference_policy import ReferencePolicy, loss_prediction_step
 from .special_tokens import configure_special_tokens
 
 __all__ = ["DPOTrainer", "DataCollatorForPreference", "DataCollatorForVisionPreference"]
@@ -42,7 +39,7 @@ __all__ = ["DPOTrainer", "DataCollatorForPreference", "DataCollatorForVisionPref
 logger = logging.getLogger(__name__)
 
 
-class DPOTrainer(PrecomputedReferenceMixin, BaseTrainer):
+class DPOTrainer(BaseTrainer):
     """DPO (Rafailov et al., 2023) with the signature, dataset formats, metrics and numerics of TRL 1.16's
     `DPOTrainer`.
 
@@ -66,6 +63,7 @@ class DPOTrainer(PrecomputedReferenceMixin, BaseTrainer):
     # The loss is a per-batch mean: `Trainer` divides it by the gradient accumulation steps.
     loss_is_scaled_for_ga = False
     reference_columns = ("ref_chosen_logps", "ref_rejected_logps")
+    dataset_description = "a preference dataset ('chosen', 'rejected')"
 
     def __init__(
         self,
@@ -82,71 +80,9 @@ class DPOTrainer(PrecomputedReferenceMixin, BaseTrainer):
         quantization_config: Any = None,
         peft_config: Any = None,
     ):
-        args = self.resolve_args(args, model)
-        self.check_train_dataset(train_dataset, args, "a preference dataset ('chosen', 'rejected')")
-        sample = check_preference_dataset(train_dataset, "train")
-        if "image" in sample or "images" in sample:
-            raise ValueError(
-                "Vision-language preference datasets (with 'image' / 'images' columns) are not supported yet; "
-                "remove those columns to train on the text alone."
-            )
-        if ref_model is not None and ref_model is model:
-            raise ValueError(
-                "`model` and `ref_model` are the same object. Omit `ref_model` to use a frozen copy of the initial "
-                "model, or pass a separate model."
-            )
-
-        model = self.prepare_model(model, args, quantization_config)
-        if isinstance(ref_model, str):
-            ref_model = self.prepare_model(ref_model, args, quantization_config)
-        processing_class = self.prepare_processing_class(model, processing_class, args)
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        configure_special_tokens(model, tokenizer, pad_token=args.pad_token)
-        self._tokenizer = tokenizer
-
-        if peft_config is not None:
-            model = self.prepare_peft(model, peft_config, args)
-        elif is_peft_model(model):
-            if ref_model is None:
-                add_reference_adapter(model)  # a pretrained adapter is its own reference, as in TRL
-            if args.gradient_checkpointing:
-                model.enable_input_require_grads()
-        if args.sync_ref_model and is_peft_model(model):
-            raise ValueError(
-                "`sync_ref_model=True` needs a separate reference model, but with PEFT the reference is the model with "
-                "its adapter disabled. Set `sync_ref_model=False`, or train without PEFT."
-            )
-
-        if args.padding_free:
-            logger.warning(
-                "`padding_free=True` is temporarily unavailable for DPO (as in TRL 1.16): falling back to padded "
-                "batches. Set `padding_free=False` to silence this warning."
-            )
-        self.padding_free = False
-        if data_collator is None:
-            data_collator = DataCollatorForPreference(
-                pad_token_id=tokenizer.pad_token_id,
-                max_length=args.max_length,
-                truncation_mode=args.truncation_mode,
-                pad_to_multiple_of=args.pad_to_multiple_of,
-            )
-
-        self.beta = args.beta
-        self.loss_types = list(args.loss_type)
-        self.loss_weights = list(args.loss_weights or [1.0] * len(self.loss_types))
-        self.label_smoothing = args.label_smoothing
-        self.f_divergence_type = args.f_divergence_type
-        self.f_alpha_divergence_coef = args.f_alpha_divergence_coef
-        self.ld_alpha = args.ld_alpha
-        self.use_weighting = args.use_weighting
-        self.precompute_ref_logps = args.precompute_ref_log_probs
-
-        train_dataset = self.prepare_dataset(train_dataset, "train", args)
-        if eval_dataset is not None:
-            eval_dataset = self.prepare_eval_dataset(eval_dataset, args)
-
         super().__init__(
             model=model,
+            ref_model=ref_model,
             args=args,
             data_collator=data_collator,
             train_dataset=train_dataset,
@@ -155,14 +91,59 @@ class DPOTrainer(PrecomputedReferenceMixin, BaseTrainer):
             compute_metrics=compute_metrics,
             callbacks=callbacks,
             optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
         )
 
-        self.router_aux_loss_coef = self.configure_router_aux_loss(model, args.router_aux_loss_coef)
-        self.aux_loss_enabled = bool(self.router_aux_loss_coef)
-        # The policy returns what the metrics (and WPO) read; the reference only its log-probs.
-        self.setup_reference(
-            model, ref_model, args, POLICY_OUTPUTS + (("log_sum_sq_probs",) if self.use_weighting else ())
+    # ----------------------------------------------------------------------------------------------- setup
+    def check_inputs(self, args: DPOConfig, *, train_dataset, **inputs) -> None:
+        super().check_inputs(args, train_dataset=train_dataset)
+        sample = check_preference_dataset(train_dataset, "train")
+        if "image" in sample or "images" in sample:
+            raise ValueError(
+                "Vision-language preference datasets (with 'image' / 'images' columns) are not supported yet; "
+                "remove those columns to train on the text alone."
+            )
+        if args.padding_free:
+            logger.warning(
+                "`padding_free=True` is temporarily unavailable for DPO (as in TRL 1.16): falling back to padded "
+                "batches. Set `padding_free=False` to silence this warning."
+            )
+
+    def configure_tokenizer(self, model: PreTrainedModel, args: DPOConfig) -> None:
+        configure_special_tokens(model, self._tokenizer, pad_token=args.pad_token)
+
+    def reference_policy(self, model, ref_model, peft_config, args: DPOConfig) -> ReferencePolicy:
+        return ReferencePolicy.for_policy(
+            model,
+            ref_model,
+            precompute=args.precompute_ref_log_probs,
+            copy_given_adapter=peft_config is None,
+            sync=args.sync_ref_model,
         )
+
+    def default_collator(self, args: DPOConfig) -> DataCollatorForPreference:
+        return DataCollatorForPreference(
+            pad_token_id=self._tokenizer.pad_token_id,
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            pad_to_multiple_of=args.pad_to_multiple_of,
+        )
+
+    def logprob_head(self, args: DPOConfig) -> dict[str, Any]:
+        """The per-token outputs the metrics (and WPO) read."""
+        return {"outputs": POLICY_OUTPUTS + (("log_sum_sq_probs",) if args.use_weighting else ())}
+
+    padding_free = False
+    """TRL's attribute: DPO batches are always padded (`padding_free=True` falls back, with a warning)."""
+
+    @property
+    def beta(self) -> float:
+        return self.args.beta
+
+    @property
+    def loss_types(self) -> list[str]:
+        return list(self.args.loss_type)
 
     # ------------------------------------------------------------------------------------------------ data
     def prepare_dataset(
@@ -197,21 +178,22 @@ class DPOTrainer(PrecomputedReferenceMixin, BaseTrainer):
     def compute_ref_log_probs(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
         """Reference sequence log-probs `(chosen, rejected)` of one collated batch, without gradient.
 
-        `model` is the reference model, or the policy: a PEFT policy is run with its "ref" adapter, or with adapters
-        disabled; a full policy is its own reference only before training (to precompute).
+        `model` is the reference model, or the policy: a PEFT policy runs as its reference (`ReferencePolicy`); a
+        full policy is its own reference only before training (to precompute).
         """
-        unwrapped = self.accelerator.unwrap_model(model)
-        use_adapter = self.ref_model is None and is_peft_model(unwrapped)
-        context = reference_adapter(unwrapped) if use_adapter else contextlib.nullcontext()
+        context = self.reference.context(self.accelerator.unwrap_model(model))
         with torch.no_grad(), context, self.accelerator.autocast():
-            forward = concatenated_forward(model, inputs, ld_alpha=self.ld_alpha)
+            forward = concatenated_forward(model, inputs, ld_alpha=self.args.ld_alpha)
         return forward.chosen_logps, forward.rejected_logps
+
+    prediction_step = loss_prediction_step
 
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
+        args = self.args
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        policy = concatenated_forward(model, inputs, ld_alpha=self.ld_alpha, **extra)
+        policy = concatenated_forward(model, inputs, ld_alpha=args.ld_alpha, **extra)
         if "ref_chosen_logps" in inputs:
             ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
@@ -223,21 +205,16 @@ class DPOTrainer(PrecomputedReferenceMixin, BaseTrainer):
             policy.rejected_logps,
             ref_chosen_logps,
             ref_rejected_logps,
-            beta=self.beta,
+            beta=args.beta,
             loss_type=self.loss_types,
-            loss_weights=self.loss_weights,
-            label_smoothing=self.label_smoothing,
-            f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-            discopop_tau=self.args.discopop_tau,
+            loss_weights=list(args.loss_weights or [1.0] * len(self.loss_types)),
+            label_smoothing=args.label_smoothing,
+            f_divergence_type=args.f_divergence_type,
+            f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+            discopop_tau=args.discopop_tau,
             **self._loss_inputs(policy, inputs),
         )
-        outputs = policy.outputs
-        if self.aux_loss_enabled and outputs.aux_loss is not None:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._metrics[mode]["aux_loss"].append(
-                self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item()
-            )
+        loss = self.add_router_aux_loss(loss, policy.outputs.aux_loss, mode)
         self._record_metrics(mode, inputs, policy, chosen_rewards, rejected_rewards)
         if return_outputs:
             warnings.warn(
@@ -259,7 +236,7 @@ class DPOTrainer(PrecomputedReferenceMixin, BaseTrainer):
         if "sft" in self.loss_types:
             chosen_token_logps = policy.per_token_logps.chunk(2, dim=0)[0]
             extra["chosen_nll"] = masked_mean_nll(chosen_token_logps, policy.mask.chunk(2, dim=0)[0])
-        if self.use_weighting:
+        if self.args.use_weighting:
             log_sum_sq_probs = policy.outputs.log_sum_sq_probs[:, -policy.mask.size(1) :]
             extra["pair_weights"] = wpo_weights(policy.per_token_logps, log_sum_sq_probs, policy.mask)
         return extra

@@ -55,26 +55,27 @@ class KTOTrainer(UnpairedPreferenceTrainer):
         quantization_config: Any = None,
         peft_config: Any = None,
     ):
-        args = self.resolve_args(args, model)
         super().__init__(
-            model,
-            ref_model,
-            args,
-            data_collator,
-            train_dataset,
-            eval_dataset,
-            processing_class,
-            compute_metrics,
-            callbacks,
-            optimizers,
-            quantization_config,
-            peft_config,
-            calculate_kl=args.loss_type != "apo_zero_unpaired",
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
         )
-        self.beta = args.beta
-        self.loss_type = args.loss_type
-        self.desirable_weight = args.desirable_weight
-        self.undesirable_weight = args.undesirable_weight
+
+    def set_options(self, args: KTOConfig) -> None:
+        self.calculate_kl = args.loss_type != "apo_zero_unpaired"
+
+    @property
+    def beta(self) -> float:
+        return self.args.beta
 
     @property
     def calculate_KL(self) -> bool:  # noqa: N802 - TRL's name
@@ -101,10 +102,10 @@ class KTOTrainer(UnpairedPreferenceTrainer):
             forward.ref_chosen_logps,
             forward.ref_rejected_logps,
             kl,
-            beta=self.beta,
-            loss_type=self.loss_type,
-            desirable_weight=self.desirable_weight,
-            undesirable_weight=self.undesirable_weight,
+            beta=self.args.beta,
+            loss_type=self.args.loss_type,
+            desirable_weight=self.args.desirable_weight,
+            undesirable_weight=self.args.undesirable_weight,
         )
         self._metrics[mode]["kl"].append(kl.item())
         return out.loss, out.chosen_rewards, out.rejected_rewards

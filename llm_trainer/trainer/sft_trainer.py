@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import (
     DataCollator,
@@ -25,7 +24,6 @@ from ..data.chat_template import read_chat_template
 from ..data.collators import DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling
 from ..data.formats import get_dataset_column_names, is_conversational
 from ..data.sft import check_sft_dataset, has_generation_markers, prepare_sft_dataset
-from ..modeling import add_token_logprob_head
 from ..models.selective_activation_checkpointing import enable_selective_activation_checkpointing
 from .base_trainer import BaseTrainer, gather_sum
 from .sft_config import SFTConfig
@@ -72,53 +70,6 @@ class SFTTrainer(BaseTrainer):
         peft_config: Any = None,
         formatting_func: Callable[[dict], str] | None = None,
     ):
-        args = self.resolve_args(args, model)
-        self.check_train_dataset(train_dataset, args)
-        sample = check_sft_dataset(train_dataset, args.dataset_text_field, formatted=formatting_func is not None)
-        if "image" in sample or "images" in sample:
-            raise ValueError("Vision-language datasets (with 'image' / 'images' columns) are not supported yet.")
-
-        model = self.prepare_model(model, args, quantization_config)
-        processing_class = self.prepare_processing_class(model, processing_class, args)
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        configure_special_tokens(model, tokenizer, args.eos_token, args.pad_token)
-        if args.chat_template_path is not None:
-            tokenizer.chat_template = read_chat_template(args.chat_template_path)
-
-        self.padding_free = args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
-        self._check_options(args, sample, tokenizer, data_collator, formatting_func, compute_loss_func)
-        self.chat_template = self._assistant_masking_template(args, tokenizer)
-        self.completion_only_loss = (
-            "prompt" in sample and "completion" in sample
-            if args.completion_only_loss is None
-            else args.completion_only_loss
-        )
-        model = self.prepare_peft(model, peft_config, args)
-        self._configure_selective_checkpointing(model, args)
-
-        if data_collator is None:
-            data_collator = DataCollatorForLanguageModeling(
-                pad_token_id=tokenizer.pad_token_id,
-                padding_free=self.padding_free,
-                pad_to_multiple_of=args.pad_to_multiple_of,
-            )
-        self._skip_prepare_dataset = bool((args.dataset_kwargs or {}).get("skip_prepare_dataset", False))
-        self._formatting_func = formatting_func
-        self._tokenizer = tokenizer
-        if self._skip_prepare_dataset:
-            self._check_skipped_preparation({"train": train_dataset, "eval": eval_dataset}, data_collator)
-        train_dataset = self.prepare_dataset(train_dataset, "train", args)
-        if eval_dataset is not None:
-            eval_dataset = self.prepare_eval_dataset(eval_dataset, args)
-
-        if compute_loss_func is not None:
-            warnings.warn(
-                "`compute_loss_func` is deprecated (as in TRL): subclass `SFTTrainer` and override `compute_loss`. "
-                "It needs the full logits, so each step runs an extra forward pass.",
-                FutureWarning,
-                stacklevel=2,
-            )
-
         super().__init__(
             model=model,
             args=args,
@@ -132,38 +83,43 @@ class SFTTrainer(BaseTrainer):
             optimizers=optimizers,
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
         )
-        add_token_logprob_head(
-            self.model.get_base_model() if is_peft_model(self.model) else self.model, outputs=("entropy", "is_top1")
-        )
-        self.router_aux_loss_coef = self.configure_router_aux_loss(model, args.router_aux_loss_coef)
-        self.aux_loss_enabled = bool(self.router_aux_loss_coef)  # TRL's switch: False leaves the router loss out
 
     # ----------------------------------------------------------------------------------------------- setup
-    def _check_options(self, args, sample, tokenizer, data_collator, formatting_func, compute_loss_func) -> None:
-        """Reject option combinations that cannot work, naming the fix."""
-        if self.padding_free and data_collator is not None:
+    @property
+    def padding_free(self) -> bool:
+        """Whether batches are padding-free: `padding_free`, or packing with a best-fit-decreasing strategy."""
+        return _padding_free(self.args)
+
+    def set_options(self, args: SFTConfig, formatting_func: Callable[[dict], str] | None = None) -> None:
+        self._formatting_func = formatting_func
+
+    def check_inputs(self, args, *, train_dataset, eval_dataset, data_collator, compute_loss_func, **inputs) -> None:
+        """Reject datasets and option combinations that cannot work, naming the fix."""
+        super().check_inputs(args, train_dataset=train_dataset)
+        formatted = self._formatting_func is not None
+        sample = check_sft_dataset(train_dataset, args.dataset_text_field, formatted=formatted)
+        if "image" in sample or "images" in sample:
+            raise ValueError("Vision-language datasets (with 'image' / 'images' columns) are not supported yet.")
+        if _padding_free(args) and data_collator is not None:
             raise ValueError(
                 "A custom `data_collator` cannot be used with padding-free batches (`padding_free` or bfd packing)."
             )
-        if self.padding_free and not args.packing and args.max_length is not None:
+        if _padding_free(args) and not args.packing and args.max_length is not None:
             raise ValueError(
                 "`padding_free=True` without packing does not truncate to `max_length`. Enable packing "
                 "(`packing=True`), set `max_length=None`, or pass already truncated inputs."
             )
-        if args.assistant_only_loss:
-            if not is_conversational(sample):
-                raise ValueError(
-                    "`assistant_only_loss=True` needs a conversational dataset ('messages', or 'prompt'/'completion' "
-                    "as lists of messages); this one holds plain text."
-                )
-            if not tokenizer.chat_template:
-                raise ValueError(
-                    "`assistant_only_loss=True` needs a chat template; this tokenizer has none. Set "
-                    "`chat_template_path`."
-                )
+        if args.assistant_only_loss and not is_conversational(sample):
+            raise ValueError(
+                "`assistant_only_loss=True` needs a conversational dataset ('messages', or 'prompt'/'completion' "
+                "as lists of messages); this one holds plain text."
+            )
         completion_only = args.completion_only_loss
-        if formatting_func is not None and (completion_only or (completion_only is None and "completion" in sample)):
+        if formatted and (completion_only or (completion_only is None and "completion" in sample)):
             if "input_ids" not in sample:
                 raise ValueError(
                     "A `formatting_func` turns the dataset into plain text, which conflicts with completion-only loss. "
@@ -173,6 +129,49 @@ class SFTTrainer(BaseTrainer):
             raise ValueError(
                 "`compute_loss_func` cannot be combined with `loss_type='dft'`, which sets the loss itself."
             )
+        if (args.dataset_kwargs or {}).get("skip_prepare_dataset", False):
+            self._check_skipped_preparation({"train": train_dataset, "eval": eval_dataset}, data_collator)
+        if compute_loss_func is not None:
+            warnings.warn(
+                "`compute_loss_func` is deprecated (as in TRL): subclass `SFTTrainer` and override `compute_loss`. "
+                "It needs the full logits, so each step runs an extra forward pass.",
+                FutureWarning,
+                stacklevel=4,
+            )
+
+    def configure_tokenizer(self, model: PreTrainedModel, args: SFTConfig) -> None:
+        """Special tokens and `chat_template_path`, then the template that masks assistant turns (see
+        `_assistant_masking_template`)."""
+        tokenizer = self._tokenizer
+        configure_special_tokens(model, tokenizer, args.eos_token, args.pad_token)
+        if args.chat_template_path is not None:
+            tokenizer.chat_template = read_chat_template(args.chat_template_path)
+        if args.assistant_only_loss and not tokenizer.chat_template:
+            raise ValueError(
+                "`assistant_only_loss=True` needs a chat template; this tokenizer has none. Set `chat_template_path`."
+            )
+        self.chat_template = self._assistant_masking_template(args, tokenizer)
+
+    def configure(self, model: PreTrainedModel, args: SFTConfig, train_dataset: Any) -> None:
+        """Selective checkpointing, and the loss on completions only for a prompt-completion dataset (TRL's
+        default when `completion_only_loss` is None)."""
+        self._configure_selective_checkpointing(model, args)
+        sample = next(iter(train_dataset))
+        self.completion_only_loss = (
+            "prompt" in sample and "completion" in sample
+            if args.completion_only_loss is None
+            else args.completion_only_loss
+        )
+
+    def default_collator(self, args: SFTConfig) -> DataCollatorForLanguageModeling:
+        return DataCollatorForLanguageModeling(
+            pad_token_id=self._tokenizer.pad_token_id,
+            padding_free=self.padding_free,
+            pad_to_multiple_of=args.pad_to_multiple_of,
+        )
+
+    def logprob_head(self, args: SFTConfig) -> dict[str, Any]:
+        return {"outputs": ("entropy", "is_top1")}
 
     @staticmethod
     def _configure_selective_checkpointing(model: PreTrainedModel, args: SFTConfig) -> None:
@@ -212,10 +211,11 @@ class SFTTrainer(BaseTrainer):
 
     def prepare_dataset(self, dataset, name: str, args: SFTConfig):
         """Tokenize, mask, and truncate or pack `dataset`; a raw dataset passed to `evaluate` goes through it too."""
-        if self._skip_prepare_dataset:
+        if (args.dataset_kwargs or {}).get("skip_prepare_dataset", False):
             return dataset
         packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
-        check_sft_dataset(dataset, args.dataset_text_field, name, formatted=self._formatting_func is not None)
+        if name != "train":  # `check_inputs` checked the training set
+            check_sft_dataset(dataset, args.dataset_text_field, name, formatted=self._formatting_func is not None)
         with args.main_process_first(desc=f"preparing {name} dataset"):
             return prepare_sft_dataset(
                 dataset,
@@ -283,9 +283,7 @@ class SFTTrainer(BaseTrainer):
             loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
-            if self.aux_loss_enabled and outputs.aux_loss is not None:
-                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-                loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+            loss = self.add_router_aux_loss(loss, outputs.aux_loss, mode, num_items_in_batch)
         self._record_metrics(mode, inputs, outputs)
         if return_outputs:
             with torch.no_grad():
@@ -304,8 +302,6 @@ class SFTTrainer(BaseTrainer):
         else:
             local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
         self._log_num_tokens(mode, local)
-        if self.aux_loss_enabled and outputs.aux_loss is not None:
-            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluate without the extra logits pass unless `compute_metrics` needs the logits."""
@@ -315,3 +311,7 @@ class SFTTrainer(BaseTrainer):
                 return self.compute_loss(model, inputs), None, None
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         return loss, outputs.logits, inputs.get("labels")
+
+
+def _padding_free(args: SFTConfig) -> bool:
+    return args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))

@@ -1,8 +1,8 @@
 """What KTO and BCO share: unpaired (prompt, completion, label) data, the reference policy, and the forward pass.
 
-`UnpairedPreferenceTrainer` loads the model and tokenizer, prepares the datasets (`data.unpaired`), sets up the
-reference policy (a given model, a frozen copy, the adapter-disabled PEFT model, or precomputed log-probs), and runs
-the forward: summed completion log-probs of the policy and of the reference, split into desirable (chosen) and
+`UnpairedPreferenceTrainer` fills `BaseTrainer`'s constructor hooks (datasets from `data.unpaired`, the reference
+policy: a given model, a frozen copy, the PEFT model as its reference, or precomputed log-probs), and runs the
+forward: summed completion log-probs of the policy and of the reference, split into desirable (chosen) and
 undesirable (rejected) examples, plus the KL completions' log-probs when `calculate_kl`. A subclass turns that into
 a loss in `unpaired_loss`; the shared metrics (`rewards/*`, `logps/*`, `logits/*`, `entropy`, `num_tokens`) are
 recorded here.
@@ -10,11 +10,9 @@ recorded here.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, NamedTuple
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel
 
@@ -24,9 +22,9 @@ from ..data.unpaired import (
     prepare_unpaired_dataset,
 )
 from ..losses import unpaired_metrics
-from ..modeling import add_reference_adapter, completion_labels, reference_adapter
+from ..modeling import completion_labels
 from .base_trainer import BaseTrainer, gather_sum
-from .reference_logps import PrecomputedReferenceMixin
+from .reference_policy import ReferencePolicy, loss_prediction_step
 from .special_tokens import configure_special_tokens
 
 
@@ -46,96 +44,51 @@ class UnpairedForward(NamedTuple):
     rejected_idx: torch.Tensor
 
 
-class UnpairedPreferenceTrainer(PrecomputedReferenceMixin, BaseTrainer):
+class UnpairedPreferenceTrainer(BaseTrainer):
     """Base of the trainers that learn from completions labelled desirable / undesirable (KTO, BCO).
 
-    Subclasses set `config_class`, `_name`, `_tag_names`, call `__init__` with `calculate_kl`, and implement
-    `unpaired_loss`.
+    Subclasses set `config_class`, `_name`, `_tag_names` and `calculate_kl`, and implement `unpaired_loss`.
     """
 
     _signature_extra: tuple[str, ...] = ()
+    calculate_kl: bool = False
+    """Whether each batch also scores mismatched (KL) completions; set by the subclass."""
+    ref_adapter_name: str | None = None
+    """The PEFT adapter that runs as the reference (BCO's option); None: see `ReferencePolicy`."""
+    reference_columns = ("ref_logps", "ref_KL_logps")
 
-    def __init__(
-        self,
-        model: str | PreTrainedModel,
-        ref_model: str | PreTrainedModel | None,
-        args: Any,
-        data_collator: Any,
-        train_dataset: Dataset | IterableDataset | None,
-        eval_dataset: Any,
-        processing_class: Any,
-        compute_metrics: Any,
-        callbacks: Any,
-        optimizers: tuple,
-        quantization_config: Any = None,
-        peft_config: Any = None,
-        preprocess_logits_for_metrics: Any = None,
-        *,
-        calculate_kl: bool,
-    ):
-        args = self.resolve_args(args, model)
-        self.check_train_dataset(train_dataset, args)
+    # ----------------------------------------------------------------------------------------------- setup
+    def check_inputs(self, args: Any, *, train_dataset, **inputs) -> None:
+        super().check_inputs(args, train_dataset=train_dataset)
         check_unpaired_dataset(train_dataset, "train")
-        self.calculate_kl = calculate_kl
 
-        model = self.prepare_model(model, args, quantization_config)
-        if isinstance(ref_model, str):
-            ref_model = self.prepare_model(ref_model, args, quantization_config)
-        processing_class = self.prepare_processing_class(model, processing_class, args)
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        configure_special_tokens(model, tokenizer)  # the model agrees with the tokenizer on the pad token
-        self._tokenizer = tokenizer
+    def configure_tokenizer(self, model: PreTrainedModel, args: Any) -> None:
+        configure_special_tokens(model, self._tokenizer)  # the model agrees with the tokenizer on the pad token
 
-        if peft_config is not None:
-            model = self.prepare_peft(model, peft_config, args)
-        elif is_peft_model(model):
-            if ref_model is None:
-                add_reference_adapter(model)
-            if args.gradient_checkpointing:
-                model.enable_input_require_grads()
-        if getattr(args, "sync_ref_model", False) and is_peft_model(model):
-            raise ValueError(
-                "`sync_ref_model=True` needs a separate reference model, but with PEFT the reference is the model "
-                "with its adapter disabled. Set `sync_ref_model=False`, or train without PEFT."
-            )
-
-        if data_collator is None:
-            data_collator = self._default_collator(tokenizer, args)
-        train_dataset = self.prepare_dataset(train_dataset, "train", args)
-        if isinstance(train_dataset, Dataset):
-            self._check_balance(train_dataset["label"], args)
-        if eval_dataset is not None:
-            eval_dataset = self.prepare_eval_dataset(eval_dataset, args)
-
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+    def reference_policy(self, model, ref_model, peft_config, args: Any) -> ReferencePolicy:
+        return ReferencePolicy.for_policy(
+            model,
+            ref_model,
+            precompute=args.precompute_ref_log_probs,
+            copy_given_adapter=peft_config is None,
+            adapter_name=self.ref_adapter_name,
+            sync=getattr(args, "sync_ref_model", False),
         )
 
-        self.router_aux_loss_coef = self.configure_router_aux_loss(model, getattr(args, "router_aux_loss_coef", None))
-        self.aux_loss_enabled = bool(self.router_aux_loss_coef)
-        self.setup_reference(model, ref_model, args, ("entropy", "mean_logits"))  # what the metrics read
-
-    # ------------------------------------------------------------------------------------------------ data
-    def _default_collator(self, tokenizer: Any, args: Any) -> DataCollatorForUnpairedPreference:
+    def default_collator(self, args: Any) -> DataCollatorForUnpairedPreference:
         return DataCollatorForUnpairedPreference(
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=self._tokenizer.pad_token_id,
             max_length=args.max_length,
             pad_to_multiple_of=getattr(args, "pad_to_multiple_of", None),
         )
 
+    def logprob_head(self, args: Any) -> dict[str, Any]:
+        return {"outputs": ("entropy", "mean_logits")}  # what the metrics read
+
     def prepare_dataset(self, dataset: Dataset | IterableDataset, name: str, args: Any) -> Dataset | IterableDataset:
         """Tokenize one dataset (KL completions in batches of `per_device_train_batch_size`, as TRL)."""
         with args.main_process_first(desc=f"preparing {name} dataset"):
-            return prepare_unpaired_dataset(
+            dataset = prepare_unpaired_dataset(
                 dataset,
                 self._tokenizer,
                 max_length=args.max_length,
@@ -144,6 +97,9 @@ class UnpairedPreferenceTrainer(PrecomputedReferenceMixin, BaseTrainer):
                 name=name,
                 require_both_labels=name == "train",
             )
+        if name == "train" and isinstance(dataset, Dataset):
+            self._check_balance(dataset["label"], args)
+        return dataset
 
     def _check_balance(self, labels: list[bool], args: Any) -> None:
         """Hook for a subclass's own label-balance advice (KTO's loss-weight ranges)."""
@@ -163,12 +119,9 @@ class UnpairedPreferenceTrainer(PrecomputedReferenceMixin, BaseTrainer):
     # ------------------------------------------------------------------------------------------- reference
     @property
     def _reference_or_policy(self):
-        """What runs as the reference: `ref_model`, else the policy (as its PEFT reference adapter, or the policy
-        itself before training, to precompute)."""
+        """What runs as the reference: `ref_model`, else the policy (as its PEFT reference, or the policy itself
+        before training, to precompute)."""
         return self.ref_model if self.ref_model is not None else self.model
-
-    def _reference_adapter(self, peft_model: Any):
-        return reference_adapter(peft_model)
 
     @staticmethod
     def _completion_logps(model, input_ids, attention_mask, completion_mask, **kwargs):
@@ -192,24 +145,21 @@ class UnpairedPreferenceTrainer(PrecomputedReferenceMixin, BaseTrainer):
         """Reference log-probs (no gradient) of a collated batch's completions and, with `calculate_kl`, of its KL
         completions (else None). `model` is `ref_model`, or the policy: without a `ref_model`, a PEFT policy runs
         as its reference adapter (or with adapters disabled)."""
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        as_reference = self.ref_model is None and is_peft_model(unwrapped)
-        adapter = self._reference_adapter(unwrapped) if as_reference else contextlib.nullcontext()
-        with torch.no_grad(), adapter:
+        with torch.no_grad(), self.reference.context(self.accelerator.unwrap_model(self.model)):
             ref_kl_logps = self._kl_logps(model, inputs) if self.calculate_kl else None
             _, ref_logps = self._completion_logps(
                 model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
             )
         return ref_logps, ref_kl_logps
 
-    # ------------------------------------------------------------------------------------------------ loss
-    reference_columns = ("ref_logps", "ref_KL_logps")
-
     def reference_batch_logps(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         with self.accelerator.autocast():
             logps, kl_logps = self.compute_ref_log_probs(self._reference_or_policy, batch)
         return {"ref_logps": logps, "ref_KL_logps": kl_logps}
 
+    prediction_step = loss_prediction_step
+
+    # ------------------------------------------------------------------------------------------------ loss
     def unpaired_forward(self, model, batch: dict[str, torch.Tensor]) -> UnpairedForward:
         """Policy (and, unless precomputed, reference) log-probs of a collated batch."""
         labels = batch["label"].bool()
@@ -248,12 +198,7 @@ class UnpairedPreferenceTrainer(PrecomputedReferenceMixin, BaseTrainer):
         forward = self.unpaired_forward(model, inputs)
         loss, chosen_rewards, rejected_rewards = self.unpaired_loss(forward, inputs, mode)
         self._record_metrics(mode, inputs, forward, chosen_rewards, rejected_rewards)
-        aux_loss = forward.outputs.aux_loss
-        if self.aux_loss_enabled and aux_loss is not None:
-            loss = loss + self.router_aux_loss_coef * aux_loss
-            self._metrics[mode]["aux_loss"].append(
-                self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item()
-            )
+        loss = self.add_router_aux_loss(loss, forward.outputs.aux_loss, mode)
         if return_outputs:  # the logits, for `compute_metrics`, need an extra forward pass
             with torch.no_grad():
                 outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])

@@ -1,0 +1,167 @@
+"""The frozen reference policy of the trainers whose loss compares against one (DPO, KTO, BCO, PPO; GRPO/RLOO's KL).
+
+One object, built once by `BaseTrainer.__init__` from the trainer's `reference_policy` hook, replaces per-trainer
+set-up: which form the reference takes, running a PEFT policy as its reference, placing a separate reference model,
+and log-probs precomputed over a dataset (`precompute_ref_log_probs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import IterableDataset
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..modeling import add_reference_adapter, add_token_logprob_head, create_reference_model, reference_adapter
+from .utils import use_adapter
+
+
+class ReferencePolicy:
+    """What a loss compares the policy with, in one of three forms.
+
+    - `model`: a separate frozen model (the given `ref_model`, or a frozen copy of the initial policy);
+    - `model` None with a PEFT policy: the policy itself, run through `context(policy)` with the adapter
+      `adapter_name`, else its "ref" adapter (a frozen copy of a given adapter), else with adapters disabled;
+    - `precompute`: log-probs computed once per dataset before training and stored as columns (`precompute`), by
+      `model` when given, else by the policy before any update.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module | None = None, *, adapter_name: str | None = None, precompute: bool = False
+    ):
+        self.model = model
+        self.adapter_name = adapter_name
+        self.precompute = precompute
+
+    @classmethod
+    def for_policy(
+        cls,
+        policy: torch.nn.Module,
+        ref_model: torch.nn.Module | None = None,
+        *,
+        precompute: bool = False,
+        copy_given_adapter: bool = False,
+        adapter_name: str | None = None,
+        sync: bool = False,
+    ) -> ReferencePolicy:
+        """The reference of `policy` (after PEFT wrapping): `ref_model` frozen when given; the PEFT `policy` itself
+        (with a frozen "ref" copy of its adapter when `copy_given_adapter`, TRL's rule for a `PeftModel` passed as
+        the model); nothing to run when `precompute`d; otherwise a frozen copy of `policy`. `sync` (TR-DPO's
+        `sync_ref_model`) needs a separate model."""
+        if ref_model is not None and ref_model is policy:
+            raise ValueError(
+                "`model` and `ref_model` are the same object. Omit `ref_model` to use a frozen copy of the initial "
+                "model, or pass a separate model: the reference must not train along (to share the base weights, "
+                "omit `ref_model` and train a PEFT adapter)."
+            )
+        peft = is_peft_model(policy)
+        if sync and peft:
+            raise ValueError(
+                "`sync_ref_model=True` needs a separate reference model, but with PEFT the reference is the model "
+                "with its adapter disabled. Set `sync_ref_model=False`, or train without PEFT."
+            )
+        if ref_model is not None:
+            return cls(ref_model.eval().requires_grad_(False), adapter_name=adapter_name, precompute=precompute)
+        if peft and copy_given_adapter:
+            add_reference_adapter(policy)
+        if peft or precompute:
+            return cls(None, adapter_name=adapter_name, precompute=precompute)
+        return cls(create_reference_model(policy), adapter_name=adapter_name, precompute=precompute)
+
+    def runs_policy(self, policy: torch.nn.Module) -> bool:
+        """Whether the reference is `policy` (unwrapped) run as its PEFT reference rather than a separate model."""
+        return self.model is None and is_peft_model(policy)
+
+    def context(self, policy: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """Entered around a forward of the unwrapped `policy` that must compute reference log-probs: selects the
+        reference adapter of a PEFT policy (see the class docstring); a no-op otherwise."""
+        if not self.runs_policy(policy):
+            return contextlib.nullcontext()
+        return use_adapter(policy, self.adapter_name) if self.adapter_name else reference_adapter(policy)
+
+    def place(self, trainer: Any, head: dict[str, Any] | None, prepare: bool = True) -> None:
+        """Once `Trainer.__init__` has set up the accelerator: the log-prob head (the policy's `head` options without
+        per-token outputs), then the device (through `accelerator.prepare_model` unless `prepare` is False or
+        DeepSpeed/FSDP shard the policy) and TR-DPO's `SyncRefModelCallback` with `sync_ref_model`."""
+        if self.model is None:
+            return
+        if head is not None:
+            add_token_logprob_head(self.model, **{**head, "outputs": ()})
+        if not prepare or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+            self.model = self.model.to(trainer.accelerator.device)
+        else:
+            self.model = trainer.accelerator.prepare_model(self.model, evaluation_mode=True)
+        if getattr(trainer.args, "sync_ref_model", False):
+            from .callbacks import SyncRefModelCallback
+
+            trainer.add_callback(SyncRefModelCallback(ref_model=self.model, accelerator=trainer.accelerator))
+
+    def precompute_columns(
+        self,
+        trainer: Any,
+        dataset: Any,
+        name: str,
+        columns: tuple[str, ...],
+        batch_logps: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor | None]],
+    ) -> Any:
+        """`dataset` (or each of a dict of them) with the reference log-prob `columns` that `batch_logps(batch)`
+        returns for a collated batch; unchanged where they are present already."""
+        if isinstance(dataset, dict):
+            return {
+                key: self.precompute_columns(trainer, ds, key, columns, batch_logps) for key, ds in dataset.items()
+            }
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                f"`precompute_ref_log_probs=True` is not supported with IterableDataset (the {name} dataset): it "
+                "needs a map-style `Dataset`. Load the dataset without streaming, or set "
+                "`precompute_ref_log_probs=False`."
+            )
+        if columns[0] in dataset.column_names:
+            return dataset
+        if self.model is None and not is_peft_model(trainer.model) and trainer.state.global_step > 0:
+            raise ValueError(
+                "Cannot compute reference log-probs for a dataset passed to `evaluate()` after training started: "
+                "with `precompute_ref_log_probs=True` and no `ref_model`, the initial policy is gone. Pass the "
+                "dataset as `eval_dataset` when creating the trainer, pass a `ref_model`, or set "
+                "`precompute_ref_log_probs=False`."
+            )
+        args = trainer.args
+        batch_size = getattr(args, "precompute_ref_batch_size", None) or (
+            args.per_device_train_batch_size if name == "train" else args.per_device_eval_batch_size
+        )
+        loader = trainer.accelerator.prepare(
+            DataLoader(
+                dataset,
+                batch_size=batch_size,
+                collate_fn=trainer.data_collator,
+                num_workers=args.dataloader_num_workers,
+                pin_memory=args.dataloader_pin_memory,
+                shuffle=False,
+            )
+        )
+        found: dict[str, list[torch.Tensor]] = {}
+        disable = not trainer.is_local_process_zero() or bool(os.environ.get("TQDM_DISABLE"))
+        for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset", disable=disable):
+            for column, logps in batch_logps(batch).items():
+                if logps is not None:
+                    found.setdefault(column, []).append(trainer.accelerator.gather_for_metrics(logps).float().cpu())
+        for column, parts in found.items():
+            dataset = dataset.add_column(column, torch.cat(parts).tolist())
+        return dataset
+
+
+def loss_prediction_step(trainer: Any, model, inputs, prediction_loss_only, ignore_keys=None):
+    """`prediction_step` through `compute_loss`, for trainers whose batches carry no `labels` (DPO, KTO, BCO):
+    the loss, and with `return_outputs` the logits and `input_ids`."""
+    inputs = trainer._prepare_inputs(inputs)
+    with torch.no_grad(), trainer.compute_loss_context_manager():
+        if prediction_loss_only:
+            return trainer.compute_loss(model, inputs).detach(), None, None
+        loss, outputs = trainer.compute_loss(model, inputs, return_outputs=True)
+    return loss.detach(), outputs.logits, inputs["input_ids"]
