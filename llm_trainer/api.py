@@ -2,65 +2,41 @@
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
 from typing import Any
 
 from transformers import TrainerCallback
 
+from .callbacks import TrainingResult
+from .registry import ALGORITHMS, Algorithm, SimpleSpec, simple_spec
+
 __all__ = ["TrainResult", "create_trainer", "get_algorithm", "list_algorithms", "register_algorithm", "train"]
 
-# algorithm name -> trainer class, or the name of one in `llm_trainer.trainer` (imported on first use)
-_ALGORITHMS: dict[str, type | str] = {
-    "sft": "SFTTrainer",
-    "dpo": "DPOTrainer",
-    "grpo": "GRPOTrainer",
-    "rloo": "RLOOTrainer",
-    "kto": "KTOTrainer",
-    "orpo": "ORPOTrainer",
-    "cpo": "CPOTrainer",
-    "bco": "BCOTrainer",
-    "reward": "RewardTrainer",
-    "prm": "PRMTrainer",
-    "ppo": "PPOTrainer",
-    "teacher_grpo": "TeacherGRPOTrainer",
-}
-
-
-@dataclass
-class TrainResult:
-    """What `train` returns: the trainer, the latest value of every logged metric, the checkpoint to use (the best
-    one when `metric_for_best_model` tracks one, else the last; None when none was saved) and the steps taken."""
-
-    trainer: Any
-    metrics: dict[str, float]
-    checkpoint_path: str | None
-    total_steps: int
+TrainResult = TrainingResult
+"""What `train` returns: the `TrainingResult` of `fit`, whose `trainer` holds the trained model and whose
+`checkpoint_path` is its `best_checkpoint_path`."""
 
 
 def list_algorithms() -> list[str]:
-    """The names `train(algorithm=...)`, `create_trainer` and `get_algorithm` accept."""
-    return sorted(_ALGORITHMS)
+    """The names `train(algorithm=...)`, `create_trainer` and `get_algorithm` accept (`llm_trainer.registry`)."""
+    return sorted(ALGORITHMS)
 
 
 def get_algorithm(name: str) -> type:
     """The trainer class of algorithm `name` (case-insensitive), e.g. `get_algorithm("grpo") is GRPOTrainer`."""
     key = name.lower() if isinstance(name, str) else name
-    if key not in _ALGORITHMS:
+    if key not in ALGORITHMS:
         raise ValueError(f"Unknown algorithm {name!r}; choose one of {list_algorithms()}.")
-    trainer = _ALGORITHMS[key]
-    if isinstance(trainer, str):
-        trainer = _ALGORITHMS[key] = getattr(importlib.import_module("llm_trainer.trainer"), trainer)
-    return trainer
+    return ALGORITHMS[key].trainer_class()
 
 
-def register_algorithm(name: str, trainer_class: type) -> None:
-    """Make `trainer_class` (a `BaseTrainer` subclass) available as `algorithm=name`."""
+def register_algorithm(name: str, trainer_class: type, simple: SimpleSpec | None = None) -> None:
+    """Make `trainer_class` (a `BaseTrainer` subclass) available as `algorithm=name`, with the simple API's options
+    `simple` (by default those of the class it extends)."""
     from .trainer.base_trainer import BaseTrainer
 
     if not (isinstance(trainer_class, type) and issubclass(trainer_class, BaseTrainer)):
         raise TypeError(f"`trainer_class` must be a subclass of llm_trainer's BaseTrainer, got {trainer_class!r}.")
-    _ALGORITHMS[name.lower()] = trainer_class
+    ALGORITHMS[name.lower()] = Algorithm(name.lower(), trainer_class, simple, cli=False)
 
 
 def create_trainer(name: str, model: Any, **kwargs: Any) -> Any:
@@ -86,7 +62,7 @@ def train(
     callbacks: list[TrainerCallback] | None = None,
     **kwargs: Any,
 ) -> TrainResult:
-    """Train `model` (a name, a path or a loaded model) with `algorithm` and return a `TrainResult`.
+    """Train `model` (a name, a path or a loaded model) with `algorithm` and return its `TrainResult`.
 
     Args:
         dataset: a dataset name or local path (its "train" split), a data file, a list of dicts, or a
@@ -109,14 +85,13 @@ def train(
     trainer_class = get_algorithm(name)
     environment = kwargs.pop("environment", None)
     options = {"learning_rate": learning_rate, "batch_size": batch_size, **kwargs}
-    if trainer_class._simple_spec().batch_unit == "prompts":
+    if simple_spec(trainer_class).batch_unit == "prompts":
         options["num_generations_per_prompt"] = num_generations_per_prompt
     elif num_generations_per_prompt != 16:
         raise TypeError(f"`num_generations_per_prompt` applies to online RL (grpo, rloo), not {name!r}.")
     if output_dir is not None:
         options["output_dir"] = output_dir
-    trainer = trainer_class.from_pretrained(model, **options)
-    result = trainer.fit(
+    return trainer_class.from_pretrained(model, **options).fit(
         dataset,
         reward_fn=reward_fn,
         environment=environment,
@@ -124,7 +99,6 @@ def train(
         max_epochs=max_epochs,
         callbacks=callbacks,
     )
-    return TrainResult(trainer, result.metrics, result.best_checkpoint_path, result.total_steps)
 
 
 def _leave_one_out(algorithm: str, kwargs: dict[str, Any]) -> str:

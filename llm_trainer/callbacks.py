@@ -1,13 +1,16 @@
-"""`Callback`: simple hooks for the simple API; TRL's callbacks (`llm_trainer.trainer.callbacks`) re-exported."""
+"""`Callback`: simple hooks for the simple API, and `TrainingResult`, what training returns and `on_train_end`
+receives; TRL's callbacks (`llm_trainer.trainer.callbacks`) re-exported."""
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainerState, TrainingArguments
 
 from .trainer.callbacks import (
     BEMACallback,
@@ -23,8 +26,42 @@ __all__ = [
     "LogCompletionsCallback",
     "RichProgressCallback",
     "SyncRefModelCallback",
+    "TrainingResult",
     "WeaveCallback",
 ]
+
+
+@dataclass
+class TrainingResult:
+    """What `fit` and `llm_trainer.train` return (`TrainResult` is the same class) and `on_train_end` receives.
+
+    `metrics` holds the latest logged value of every metric; `best_checkpoint_path` (also `checkpoint_path`) is the
+    best checkpoint when `metric_for_best_model` tracks one, else the one saved at the last step (None when none was
+    saved); `trainer` is the trainer that ran (its model is the trained one).
+    """
+
+    metrics: dict[str, float]
+    best_checkpoint_path: str | None
+    total_steps: int
+    total_epochs: float
+    trainer: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def checkpoint_path(self) -> str | None:
+        return self.best_checkpoint_path
+
+    @classmethod
+    def from_state(cls, state: TrainerState, output_dir: str | None, trainer: Any = None) -> TrainingResult:
+        metrics: dict[str, float] = {}
+        for entry in state.log_history:
+            metrics.update(entry)
+        metrics.pop("step", None)
+        path = state.best_model_checkpoint
+        if path is None and output_dir:
+            last = os.path.join(output_dir, f"checkpoint-{state.global_step}")
+            path = last if os.path.isdir(last) else None
+        return cls(metrics, path, state.global_step, float(state.epoch or 0.0), trainer)
+
 
 _SIMPLE_HOOKS = ("on_train_begin", "on_step_begin", "on_step_end", "on_epoch_end", "on_train_end")
 
@@ -99,9 +136,7 @@ class Callback(TrainerCallback):
         elif name == "on_epoch_end":
             hook(self, self.trainer, math.ceil(state.epoch or 0), metrics)
         else:  # on_train_end
-            from .trainer.simple import TrainingResult
-
-            hook(self, self.trainer, TrainingResult.from_state(state, args.output_dir))
+            hook(self, self.trainer, TrainingResult.from_state(state, args.output_dir, self.trainer))
 
 
 def _dispatching(name: str, hook: Callable) -> Callable:

@@ -1,6 +1,6 @@
 """`llm-trainer`: train from the command line, TRL-CLI style.
 
-    llm-trainer sft|dpo|kto|orpo|cpo|grpo|rloo|reward|distillation --model_name_or_path ... --dataset_name ... --output_dir out
+    llm-trainer ALGORITHMS --model_name_or_path ... --dataset_name ... --output_dir out
     llm-trainer sft --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara --output_dir out
     llm-trainer sft --config run.yaml --learning_rate 1e-5     # flags override the YAML
     llm-trainer grpo ... --reward_funcs think_format_reward my_rewards.length_reward  # names or import paths
@@ -10,7 +10,8 @@
     llm-trainer demo                                           # the offline SFT demo
 
 Every field of the trainer's config, of `ModelConfig` and of `ScriptArguments` is a flag (`llm-trainer sft --help`
-lists them). A YAML `--config` file sets defaults for any flag, its optional `env:` mapping sets environment
+lists them); distillation takes `--teacher_model_name_or_path`, teacher_grpo `--student_model_name_or_path`, ppo
+`--reward_model_path` (and prompts it tokenizes). A YAML `--config` file sets defaults for any flag, its optional `env:` mapping sets environment
 variables, and a `datasets:` list (see `DatasetMixtureConfig`) trains on a mixture instead of `--dataset_name`.
 """
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     commands = [*TRAINERS, "env", "demo", "vllm-serve", "run"]
     if not argv or argv[0] not in commands:
-        print(__doc__)
+        print(__doc__.replace("ALGORITHMS", "|".join(TRAINERS), 1))
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     command, rest = argv[0], argv[1:]
     if command == "env":

@@ -12,8 +12,10 @@ from transformers import AutoModelForCausalLM
 
 import llm_trainer
 from llm_trainer.cli import env, main
+from llm_trainer.registry import ALGORITHMS
+from llm_trainer.scripts import _training
 from llm_trainer.scripts.utils import DatasetMixtureConfig, get_dataset
-from llm_trainer.testing import zen_dataset
+from llm_trainer.testing import make_tiny_model, zen_dataset
 
 
 @pytest.fixture
@@ -284,3 +286,59 @@ def test_dataset_and_reward_function_paths_are_named(tiny_model_path, tmp_path, 
         message = str(exit_info.value.code)
         assert message.startswith(f"Cannot load the reward function '{path}': {problem}. Pass `module.function`")
         assert f"importable from {tmp_path}" in message
+
+
+@pytest.mark.parametrize("command", _training.TRAINERS)
+def test_every_registered_algorithm_is_a_command(command, capsys):
+    assert _training.TRAINERS == sorted(name for name, algorithm in ALGORITHMS.items() if algorithm.cli)
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and "--learning_rate" in capsys.readouterr().out
+
+
+STEPWISE = [{"prompt": "1 + 1 * 2?", "completions": ["1 * 2 = 2.", "1 + 2 = 4."], "labels": [True, False]}] * 4
+
+
+def _rows_folder(tmp_path, config: str) -> str:
+    folder = tmp_path / config
+    folder.mkdir()
+    with open(folder / "train.jsonl", "w") as f:
+        for row in STEPWISE if config == "stepwise" else zen_dataset(config):
+            f.write(json.dumps(row) + "\n")
+    return str(folder)
+
+
+FAST = ["--max_steps", "1", "--report_to", "none", "--bf16", "false", "--save_strategy", "no"]
+
+
+@pytest.mark.parametrize(
+    ("command", "config", "flags"),
+    [
+        ("bco", "standard_unpaired_preference", ["--per_device_train_batch_size", "8"]),
+        ("prm", "stepwise", ["--per_device_train_batch_size", "2"]),
+        ("reward", "standard_preference", ["--per_device_train_batch_size", "2"]),
+    ],
+)
+def test_offline_algorithms_train_from_flags(command, config, flags, tiny_model_path, tmp_path):
+    out = tmp_path / "out"
+    base = ["--model_name_or_path", tiny_model_path, "--dataset_name", _rows_folder(tmp_path, config)]
+    main([command, *base, "--output_dir", str(out), *FAST, *flags])
+    assert (out / "model.safetensors").exists() or (out / "adapter_model.safetensors").exists()
+
+
+def test_ppo_from_flags_tokenizes_the_prompts(tiny_model_path, tmp_path):
+    reward_model = make_tiny_model(tmp_path / "rm", task="sequence-classification", seed=1)
+    out = tmp_path / "out"
+    base = ["--model_name_or_path", tiny_model_path, "--dataset_name", _rows_folder(tmp_path, "standard_prompt_only")]
+    flags = ["--reward_model_path", reward_model, "--total_episodes", "8", "--per_device_train_batch_size", "4"]
+    main(["ppo", *base, "--output_dir", str(out), *FAST[2:], *flags, "--response_length", "4"])
+    assert (out / "model.safetensors").exists()
+
+
+def test_teacher_grpo_gets_its_student_and_default_reward(tiny_model_path, tiny_llama_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(llm_trainer, "TeacherGRPOTrainer", _Recorder)
+    base = ["--model_name_or_path", tiny_model_path, "--dataset_name", _rows_folder(tmp_path, "standard_prompt_only")]
+    main(["teacher_grpo", *base, "--output_dir", str(tmp_path), "--student_model_name_or_path", tiny_llama_path])
+    assert _Recorder.built["student_model"] == tiny_llama_path and _Recorder.built["reward_funcs"] is None
+    main(["teacher_grpo", *base, "--output_dir", str(tmp_path), "--reward_funcs", "think_format_reward"])
+    assert _Recorder.built["student_model"] is None and len(_Recorder.built["reward_funcs"]) == 1

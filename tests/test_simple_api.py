@@ -30,7 +30,7 @@ from llm_trainer import (
 )
 from llm_trainer.callbacks import Callback
 from llm_trainer.testing import get_tokenizer, make_tiny_model, zen_dataset
-from llm_trainer.trainer.simple import load_training_dataset, simple_reward_functions
+from llm_trainer.trainer.simple import load_training_dataset, simple_reward_functions, split_options
 
 ROOT = Path(__file__).parents[1]
 DOC = ROOT / "docs" / "simple_api.md"
@@ -312,14 +312,14 @@ def test_from_pretrained_defaults_and_translations(tiny_model_path, monkeypatch)
     sft = SFTTrainer.from_pretrained(tiny_model_path, max_sequence_length=64, max_epochs=2)
     assert (sft.config.per_device_train_batch_size, sft.config.max_length, sft.config.num_train_epochs) == (8, 64, 2)
     monkeypatch.setenv("WORLD_SIZE", "2")  # batch sizes count examples over all processes
-    config, _ = SFTTrainer._split_options({"batch_size": 8})
+    config, _ = split_options(SFTTrainer, {"batch_size": 8})
     assert config["per_device_train_batch_size"] == 4
-    config, _ = GRPOTrainer._split_options({"batch_size": 8})
+    config, _ = split_options(GRPOTrainer, {"batch_size": 8})
     assert (config["per_device_train_batch_size"], config["gradient_accumulation_steps"]) == (16, 4)
     with pytest.raises(
         ValueError, match=r"`batch_size=5` must be a positive multiple of the number of processes \(2\)"
     ):
-        SFTTrainer._split_options({"batch_size": 5})
+        split_options(SFTTrainer, {"batch_size": 5})
 
 
 def test_trainer_signatures_are_the_constructors():
@@ -332,6 +332,7 @@ def test_trainer_signatures_are_the_constructors():
 def test_algorithm_registry():
     assert list_algorithms() == sorted(
         ["sft", "dpo", "grpo", "rloo", "kto", "orpo", "cpo", "bco", "reward", "prm", "ppo", "teacher_grpo"]
+        + ["distillation"]
     )
     assert get_algorithm("GRPO") is GRPOTrainer and get_algorithm("sft") is SFTTrainer
     assert get_algorithm("teacher_grpo").__name__ == "TeacherGRPOTrainer"
@@ -344,9 +345,9 @@ def test_algorithm_registry():
         assert get_algorithm("mine") is MyTrainer and "mine" in list_algorithms()
         assert MyTrainer.from_pretrained("m").config.num_generations == 16  # inherits GRPO's simple defaults
     finally:
-        from llm_trainer import api
+        from llm_trainer import registry
 
-        api._ALGORITHMS.pop("mine")
+        registry.ALGORITHMS.pop("mine")
     with pytest.raises(TypeError, match="subclass of llm_trainer's BaseTrainer"):
         register_algorithm("plain", Trainer)
 

@@ -1,8 +1,10 @@
 """The one implementation behind every training script: `llm_trainer.scripts.<name>` and `llm-trainer <name>`.
 
-`make_parser(name)` builds the script's `TrlParser` over TRL's four dataclasses (script arguments, the trainer's
-config, `ModelConfig`, `DatasetMixtureConfig`); `main(name, ...)` loads the data, resolves reward functions for the
-online trainers, builds the trainer and trains, as TRL's script of that name does. Bad input raises
+Every algorithm of `llm_trainer.registry` runs from flags. `make_parser(name)` builds the script's `TrlParser` over
+TRL's four dataclasses (script arguments, the trainer's config, `ModelConfig`, `DatasetMixtureConfig`); `main(name,
+...)` loads the data, builds what the trainer needs beyond the model and datasets (`trainer_inputs`: reward functions,
+a teacher, a student, PPO's reward model and tokenized prompts) and trains, as TRL's script of that name does. Bad
+input raises
 `ScriptArgumentError` (a `ValueError`, TRL's type) or `RewardImportError` before training; the CLI turns both into a
 one-line message.
 """
@@ -18,37 +20,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..registry import ALGORITHMS
 from .utils import DatasetMixtureConfig, ScriptArguments, TrlParser, get_dataset, load_data_file
 
 if TYPE_CHECKING:
     from ..trainer.model_config import ModelConfig
 
 __all__ = [
-    "ONLINE",
     "TRAINERS",
     "GRPOScriptArguments",
     "OnlineScriptArguments",
     "RLOOScriptArguments",
     "RewardImportError",
     "ScriptArgumentError",
+    "TeacherGRPOScriptArguments",
     "main",
     "make_parser",
     "reward_functions",
+    "trainer_inputs",
 ]
 
-# Trainers of causal LMs whose constructor takes (model, args, train_dataset, eval_dataset, peft_config)
-TRAINERS = {
-    "sft": ("SFTConfig", "SFTTrainer"),
-    "dpo": ("DPOConfig", "DPOTrainer"),
-    "kto": ("KTOConfig", "KTOTrainer"),
-    "orpo": ("ORPOConfig", "ORPOTrainer"),
-    "cpo": ("CPOConfig", "CPOTrainer"),
-    "grpo": ("GRPOConfig", "GRPOTrainer"),
-    "rloo": ("RLOOConfig", "RLOOTrainer"),
-    "reward": ("RewardConfig", "RewardTrainer"),  # a sequence-classification head with one label on the LM
-    "distillation": ("DistillationConfig", "DistillationTrainer"),  # the teacher: --teacher_model_name_or_path
-}
-ONLINE = {"grpo", "rloo"}  # trainers that also take reward functions
+TRAINERS = sorted(name for name, algorithm in ALGORITHMS.items() if algorithm.cli)
+"""The algorithms `llm-trainer <name>` runs: those of the registry marked `cli`."""
 
 
 class ScriptArgumentError(ValueError):
@@ -87,18 +80,31 @@ class RLOOScriptArguments(OnlineScriptArguments):
     """Script arguments of the `rloo` script: `ScriptArguments` plus `reward_model_name_or_path` and `reward_funcs`."""
 
 
-SCRIPT_ARGUMENTS = {"grpo": GRPOScriptArguments, "rloo": RLOOScriptArguments}
+@dataclass
+class TeacherGRPOScriptArguments(OnlineScriptArguments):
+    """Script arguments of `teacher_grpo` (the model trained is the teacher): the online ones, reward functions
+    optional (default: `AdaptiveTeachingReward`), and the frozen student."""
+
+    student_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The frozen student (Hub id or local folder); default: a frozen copy of the initial model."},
+    )
+
+
+SCRIPT_ARGUMENTS = {
+    "grpo": GRPOScriptArguments,
+    "rloo": RLOOScriptArguments,
+    "teacher_grpo": TeacherGRPOScriptArguments,
+}
 
 
 def _dataclass_types(name: str) -> tuple[type, ...]:
     """The four dataclasses the `name` script parses into, in TRL's order."""
-    import llm_trainer
-
     from ..trainer.model_config import ModelConfig
 
     if name not in TRAINERS:
-        raise ValueError(f"Unknown training script {name!r}: expected one of {sorted(TRAINERS)}.")
-    config = getattr(llm_trainer, TRAINERS[name][0])
+        raise ValueError(f"Unknown training script {name!r}: expected one of {TRAINERS}.")
+    config = ALGORITHMS[name].trainer_class().config_class
     return (SCRIPT_ARGUMENTS.get(name, ScriptArguments), config, ModelConfig, DatasetMixtureConfig)
 
 
@@ -118,8 +124,9 @@ def make_parser(
     return TrlParser(dataclass_types, prog=prog, **kwargs)
 
 
-def reward_functions(script_args: OnlineScriptArguments) -> list:
-    """The reward model and functions named by `--reward_model_name_or_path` / `--reward_funcs`, in that order."""
+def reward_functions(script_args: OnlineScriptArguments, required: bool = True) -> list:
+    """The reward model and functions named by `--reward_model_name_or_path` / `--reward_funcs`, in that order; at
+    least one when `required`."""
     from .. import rewards
 
     registry = {
@@ -148,9 +155,44 @@ def reward_functions(script_args: OnlineScriptArguments) -> list:
                 f"Unknown reward function {name!r}: use one of {sorted(registry)} or an import path. "
                 f"(Could not load reward function {name!r}.)"
             )
-    if not funcs:
+    if not funcs and required:
         raise ScriptArgumentError("GRPO/RLOO need --reward_funcs and/or --reward_model_name_or_path.")
     return funcs
+
+
+def trainer_inputs(name: str, script_args: ScriptArguments, training_args: Any, model_args: Any) -> dict[str, Any]:
+    """What the `name` trainer takes beyond the model, config, datasets and PEFT config, from the parsed flags;
+    raises `ScriptArgumentError` (or `RewardImportError`) before anything is loaded when one is missing."""
+    if name in ("grpo", "rloo"):
+        return {"reward_funcs": reward_functions(script_args)}
+    if name == "teacher_grpo":
+        rewards = reward_functions(script_args, required=False)
+        return {"reward_funcs": rewards or None, "student_model": script_args.student_model_name_or_path}
+    if name == "distillation" and training_args.teacher_model_name_or_path is None:
+        raise ScriptArgumentError(
+            "A teacher model is required for distillation training. Set it with `--teacher_model_name_or_path`."
+        )
+    if name == "ppo":  # TRL's PPO script: the reward model (and the value model's start) from `--reward_model_path`
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+        return {"reward_model": training_args.reward_model_path, "ref_model": None, "processing_class": tokenizer}
+    return {}
+
+
+def _tokenized_prompts(dataset: Any, tokenizer: Any) -> Any:
+    """PPO's dataset: its `prompt` column (text, or messages through the chat template) as `input_ids`."""
+    from ..data.tokenization import tokenize
+
+    columns = (dataset.column_names or []) if dataset is not None else ["input_ids"]
+    if "input_ids" in columns:
+        return dataset
+    if "prompt" not in columns:
+        raise ScriptArgumentError("PPO trains on prompts: the dataset needs a 'prompt' (or an 'input_ids') column.")
+    return dataset.map(
+        lambda row: {"input_ids": tokenize(tokenizer, row["prompt"], add_generation_prompt=True)["input_ids"]},
+        remove_columns=columns,
+    )
 
 
 def _load_datasets(script_args: ScriptArguments, dataset_args: DatasetMixtureConfig, evaluating: bool):
@@ -211,11 +253,7 @@ def main(
             "--model_name_or_path and --dataset_name are required (or, instead of --dataset_name, a `datasets:` "
             f"list in the --config YAML).{missing}"
         )
-    if name == "distillation" and training_args.teacher_model_name_or_path is None:
-        raise ScriptArgumentError(
-            "A teacher model is required for distillation training. Set it with `--teacher_model_name_or_path`."
-        )
-    extra = {"reward_funcs": reward_functions(script_args)} if name in ONLINE else {}
+    extra = trainer_inputs(name, script_args, training_args, model_args)
     evaluating = training_args.eval_strategy != "no"
     dataset = _load_datasets(script_args, dataset_args, evaluating)
 
@@ -228,12 +266,18 @@ def main(
         init_kwargs |= {"quantization_config": quantization_config, "device_map": get_kbit_device_map()}
     training_args.model_init_kwargs = {**init_kwargs, **(training_args.model_init_kwargs or {})}
 
-    trainer = getattr(llm_trainer, TRAINERS[name][1])(
+    splits = [
+        dataset[script_args.dataset_train_split],
+        dataset[script_args.dataset_test_split] if evaluating else None,
+    ]
+    if name == "ppo":
+        splits = [_tokenized_prompts(split, extra["processing_class"]) for split in splits]
+    trainer = getattr(llm_trainer, ALGORITHMS[name].trainer)(
         model=model_args.model_name_or_path,
         **extra,
         args=training_args,
-        train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=dataset[script_args.dataset_test_split] if evaluating else None,
+        train_dataset=splits[0],
+        eval_dataset=splits[1],
         peft_config=get_peft_config(model_args),
     )
     if script_args.ignore_bias_buffers:  # DDP cannot broadcast boolean buffers

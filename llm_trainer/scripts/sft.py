@@ -1,12 +1,8 @@
-"""TRL's `sft` training script (`trl.scripts.sft`) on llm_trainer: `python -m llm_trainer.scripts.sft --help`.
-
-The same run as `llm-trainer sft`: both use the one implementation in `llm_trainer.scripts._training`.
-"""
+"""TRL's `trl.scripts.sft`: `python -m llm_trainer.scripts.sft` is `llm-trainer sft` (`scripts._training`)."""
 
 from ._training import run_script, script_entry_points
 
 __all__ = ["main", "make_parser"]
-
 main, make_parser = script_entry_points("sft")
 
 if __name__ == "__main__":

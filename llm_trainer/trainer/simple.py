@@ -1,9 +1,10 @@
-"""The simple API every trainer carries: `from_pretrained(...)` then `fit(...)`, checkpoints, and the nested-dict form.
+"""The simple API beside the trainers: `from_pretrained(...)` then `fit(...)`, checkpoints, and the nested-dict form.
 
-`GRPOTrainer.from_pretrained(model, ...)` returns a `GRPOTrainer` whose construction waits for `fit(dataset, ...)`,
-which brings the dataset and the reward function; `GRPOTrainer({"policy": ..., "grpo": ..., "data": ...})` does the
-same from one nested dict. Friendly option names (`batch_size`, `num_generations_per_prompt`, ...) become config fields
-through each trainer's `SimpleSpec` in `SIMPLE_SPECS`.
+`GRPOTrainer.from_pretrained(model, ...)` returns a *pending* `GRPOTrainer`: an instance whose construction waits for
+`fit(dataset, ...)`, which brings the dataset and the reward function; `GRPOTrainer({"policy": ..., "grpo": ...,
+"data": ...})` does the same from one nested dict (`BaseTrainer.__new__` routes it here). Friendly option names
+(`batch_size`, `num_generations_per_prompt`, ...) become config fields through each algorithm's `SimpleSpec` in
+`llm_trainer.registry`. `BaseTrainer` only delegates to the functions here (its "simple API" section).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import inspect
 import numbers
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import datasets
 import torch
@@ -25,8 +26,11 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import TrainerCallback, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
-from ..callbacks import Callback
+from ..callbacks import Callback, TrainingResult
+from ..registry import algorithm_of, simple_spec
 from .checkpointing import STAGING_PREFIX, staged_folder
+
+__all__ = ["PendingBuild", "TrainingResult", "fit", "from_dict", "from_pretrained", "load_training_dataset"]
 
 _MANAGED_PARAMS = {"self", "model", "args"}  # constructor arguments `from_pretrained` fills itself
 _SHARED_ALIASES: dict[str, str] = {"max_epochs": "num_train_epochs", "max_sequence_length": "max_length"}
@@ -34,107 +38,14 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": 
 
 
 @dataclass
-class TrainingResult:
-    """What `fit` returns (and `Callback.on_train_end` receives).
-
-    `metrics` holds the latest logged value of every metric; `best_checkpoint_path` is the best checkpoint when
-    `metric_for_best_model` tracks one, else the checkpoint saved at the last step (None when none was saved).
-    """
-
-    metrics: dict[str, float]
-    best_checkpoint_path: str | None
-    total_steps: int
-    total_epochs: float
-
-    @classmethod
-    def from_state(cls, state: TrainerState, output_dir: str | None) -> TrainingResult:
-        metrics: dict[str, float] = {}
-        for entry in state.log_history:
-            metrics.update(entry)
-        metrics.pop("step", None)
-        path = state.best_model_checkpoint
-        if path is None and output_dir:
-            last = os.path.join(output_dir, f"checkpoint-{state.global_step}")
-            path = last if os.path.isdir(last) else None
-        return cls(metrics, path, state.global_step, float(state.epoch or 0.0))
-
-
-@dataclass(frozen=True)
-class SimpleSpec:
-    """How a trainer reads the simple API's options.
-
-    Args:
-        defaults: `from_pretrained`'s defaults (friendly names or config fields).
-        aliases: friendly name -> config field, or -> a function of the value returning config fields.
-        synonyms: friendly name -> the friendly name it stands for.
-        batch_unit: what `batch_size` counts: dataset rows, or prompts (each sampled `num_generations` times; one
-            optimizer step then covers `num_prompts_per_step` prompts, one prompt's group per micro-batch).
-        reward_param: the constructor argument `fit(reward_fn=...)` fills; "reward_funcs" also takes the simple
-            `reward_fn(prompt, response) -> float` form.
-        init_defaults: constructor arguments without a default that `fit` sets.
-    """
-
-    defaults: dict[str, Any] = field(default_factory=dict)
-    aliases: dict[str, str | Callable[[Any], dict[str, Any]]] = field(default_factory=dict)
-    synonyms: dict[str, str] = field(default_factory=dict)
-    batch_unit: Literal["rows", "prompts"] = "rows"
-    reward_param: str | None = None
-    init_defaults: dict[str, Any] = field(default_factory=dict)
-
-
-_ONLINE_DEFAULTS = {
-    "num_prompts_per_step": 32,
-    "num_generations_per_prompt": 16,
-    "learning_rate": 1e-6,
-    "max_sequence_length": 512,
-}
-_ONLINE_ALIASES = {"num_generations_per_prompt": "num_generations", "max_sequence_length": "max_completion_length"}
-
-SIMPLE_SPECS: dict[str, SimpleSpec] = {  # keyed by the trainer's `_name`; subclasses inherit their parent's
-    "GRPO": SimpleSpec(
-        defaults=_ONLINE_DEFAULTS,
-        aliases={**_ONLINE_ALIASES, "normalize_rewards": lambda on: {"scale_rewards": _scale_rewards(on)}},
-        synonyms={"batch_size": "num_prompts_per_step"},
-        batch_unit="prompts",
-        reward_param="reward_funcs",
-    ),
-    "RLOO": SimpleSpec(
-        defaults=_ONLINE_DEFAULTS,
-        aliases={**_ONLINE_ALIASES, "normalize_rewards": "normalize_advantages"},
-        synonyms={"batch_size": "num_prompts_per_step"},
-        batch_unit="prompts",
-        reward_param="reward_funcs",
-    ),
-    "SFT": SimpleSpec(defaults={"batch_size": 8, "learning_rate": 2e-5}),
-    "DPO": SimpleSpec(defaults={"beta": 0.1}),
-    "PPO": SimpleSpec(reward_param="reward_model", init_defaults={"processing_class": None, "ref_model": None}),
-}
-
-
-@dataclass
-class _Pending:
-    """A trainer from `from_pretrained` before `fit` builds it."""
+class PendingBuild:
+    """What a pending trainer (from `from_pretrained` or a config dict) holds until `fit` builds it."""
 
     model: Any
     config: Any
     init_kwargs: dict[str, Any]
     resume_from: str | None = None
     step: int = 0
-
-
-class _SimpleAPIMeta(type):
-    """Routes `Trainer(config_dict)` to `Trainer.from_dict(config_dict)`."""
-
-    def __call__(cls, *args: Any, **kwargs: Any):
-        if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
-            return cls.from_dict(args[0])
-        return super().__call__(*args, **kwargs)
-
-    @property
-    def __signature__(cls) -> inspect.Signature:
-        """The constructor's signature for `inspect.signature(Trainer)`, which would otherwise show `__call__`'s."""
-        signature = inspect.signature(cls.__init__)
-        return signature.replace(parameters=list(signature.parameters.values())[1:])
 
 
 class _EpochLimit(TrainerCallback):
@@ -149,299 +60,255 @@ class _EpochLimit(TrainerCallback):
             control.should_save = control.should_save or args.save_strategy == "steps"
 
 
-class SimpleAPIMixin(metaclass=_SimpleAPIMeta):
-    """`from_pretrained`, `fit`, `save_checkpoint`, `load_checkpoint`, `config`, `current_step` and the nested-dict
-    constructor, for every `BaseTrainer`. Also binds `llm_trainer.callbacks.Callback`s to the trainer."""
+# ----------------------------------------------------------------------------------------------- construction
+def from_pretrained(cls: type, model_name_or_path: Any, **kwargs: Any) -> Any:
+    """A pending `cls` for `model_name_or_path` (a name, a path or a loaded model), built when `fit` is called.
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._bind_callbacks()
+    Keywords: `cls`'s config fields and constructor arguments (`peft_config`, `eval_dataset`, ...) and the friendly
+    names `batch_size`, `learning_rate`, `max_epochs`, `max_sequence_length` (GRPO and RLOO also
+    `num_prompts_per_step`, `num_generations_per_prompt`, `normalize_rewards`), over the defaults of its algorithm's
+    `SimpleSpec` (`llm_trainer.registry`); `output_dir` defaults to `./outputs/{model_name}`.
+    """
+    kwargs.setdefault("output_dir", os.path.join("outputs", _model_name(model_name_or_path)))
+    config_values, init_kwargs = split_options(cls, kwargs)
+    trainer = cls.__new__(cls)
+    trainer._pending_build = PendingBuild(model_name_or_path, cls.config_class(**config_values), init_kwargs)
+    return trainer
 
-    def require_built(self) -> None:
-        """Raise when this trainer comes from `from_pretrained` and `fit` has not built it yet."""
-        if "_simple_pending" in self.__dict__:
-            raise RuntimeError(
-                f"This {type(self).__name__} comes from `from_pretrained` (or a config dict) and is built by "
-                "`fit(dataset, ...)`; call `fit` instead of `train`."
-            )
 
-    def add_callback(self, callback: type[TrainerCallback] | TrainerCallback) -> None:
-        super().add_callback(callback)
-        self._bind_callbacks()
-
-    def _bind_callbacks(self) -> None:
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, Callback):
-                callback.trainer = self
-
-    # ------------------------------------------------------------------------------------------- construction
-    @classmethod
-    def from_pretrained(cls, model_name_or_path: Any, **kwargs: Any):
-        """A trainer for `model_name_or_path` (a name, a path or a loaded model), built when `fit` is called.
-
-        Keywords are this trainer's config fields, its constructor arguments (`peft_config`, `processing_class`,
-        `eval_dataset`, `train_dataset`, ...) and the friendly names: `batch_size`, `learning_rate`, `max_epochs`,
-        `max_sequence_length`; for GRPO and RLOO also `num_prompts_per_step`, `num_generations_per_prompt` and
-        `normalize_rewards`. Defaults per trainer (`SIMPLE_SPECS`): GRPO and RLOO `num_prompts_per_step=32,
-        num_generations_per_prompt=16, learning_rate=1e-6, max_sequence_length=512`; SFT `batch_size=8,
-        learning_rate=2e-5`; DPO `beta=0.1`. `output_dir` defaults to `./outputs/{model_name}`.
-        """
-        kwargs.setdefault("output_dir", os.path.join("outputs", _model_name(model_name_or_path)))
-        config_values, init_kwargs = cls._split_options(kwargs)
-        trainer = cls.__new__(cls)
-        trainer.__dict__["_simple_pending"] = _Pending(
-            model_name_or_path, cls.config_class(**config_values), init_kwargs
+def from_dict(cls: type, config: Mapping[str, Any]) -> Any:
+    """A pending `cls` from the nested-dict form (keys "policy", the algorithm's name, and optionally "data")."""
+    section = algorithm_of(cls)
+    unknown = sorted(set(config) - {"policy", section, "data"})
+    if unknown:
+        raise ValueError(
+            f"Unknown key(s) {unknown} in the {cls.__name__} config dict; expected 'policy', '{section}' and "
+            "optionally 'data'."
         )
-        return trainer
+    policy = dict(config.get("policy") or {})
+    model_keys = [key for key in ("model_name_or_path", "model_name", "model") if key in policy]
+    if len(model_keys) != 1:
+        raise ValueError(
+            "The config dict's 'policy' must name the model once, as 'model_name_or_path' (or 'model_name', or "
+            f"'model' for a loaded model); got {sorted(policy) or 'no keys'}."
+        )
+    model = policy.pop(model_keys[0])
+    if "tokenizer" in policy:
+        policy["processing_class"] = policy.pop("tokenizer")
+    options = dict(config.get(section) or {})
+    both = sorted(set(policy) & set(options))
+    if both:
+        raise ValueError(f"{both} set both under 'policy' and under '{section}'; keep one.")
+    options.update(policy)
+    if config.get("data") is not None:
+        options["train_dataset"] = _dataset_from_data_section(config["data"])
+    return from_pretrained(cls, model, **options)
 
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any]):
-        """A trainer from the nested-dict form, built when `fit` is called; also reached as `Trainer(config)`.
 
-        Keys: `"policy"`: the model as `model_name_or_path` (or `model_name`, or `model` for a loaded model), plus
-        constructor arguments such as `tokenizer` (`processing_class`) or `peft_config`, and model-loading config
-        fields such as `model_init_kwargs`; `"<algorithm>"` (`"grpo"`, `"sft"`, ... : the trainer's name in lower case):
-        any `from_pretrained` keyword; `"data"` (optional): the training dataset, as anything `fit` takes or as
-        `{"dataset": ..., "split": "train"}`.
-        """
-        section = cls._name.lower()
-        unknown = sorted(set(config) - {"policy", section, "data"})
-        if unknown:
-            raise ValueError(
-                f"Unknown key(s) {unknown} in the {cls.__name__} config dict; expected 'policy', '{section}' and "
-                "optionally 'data'."
-            )
-        policy = dict(config.get("policy") or {})
-        model_keys = [key for key in ("model_name_or_path", "model_name", "model") if key in policy]
-        if len(model_keys) != 1:
-            raise ValueError(
-                "The config dict's 'policy' must name the model once, as 'model_name_or_path' (or 'model_name', or "
-                f"'model' for a loaded model); got {sorted(policy) or 'no keys'}."
-            )
-        model = policy.pop(model_keys[0])
-        if "tokenizer" in policy:
-            policy["processing_class"] = policy.pop("tokenizer")
-        options = dict(config.get(section) or {})
-        both = sorted(set(policy) & set(options))
-        if both:
-            raise ValueError(f"{both} set both under 'policy' and under '{section}'; keep one.")
-        options.update(policy)
-        if config.get("data") is not None:
-            options["train_dataset"] = _dataset_from_data_section(config["data"])
-        return cls.from_pretrained(model, **options)
-
-    @classmethod
-    def _simple_spec(cls) -> SimpleSpec:
-        for klass in cls.__mro__:
-            spec = SIMPLE_SPECS.get(vars(klass).get("_name"))
-            if spec is not None:
-                return spec
-        return SimpleSpec()
-
-    @classmethod
-    def _split_options(cls, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Config values and constructor arguments from `from_pretrained`'s keywords and this trainer's defaults."""
-        spec = cls._simple_spec()
-        for synonym, target in spec.synonyms.items():
-            if synonym in options:
-                if target in options:
-                    raise ValueError(f"`{synonym}` and `{target}` mean the same here; pass one.")
-                options[target] = options.pop(synonym)
-        config_fields = {f.name for f in dataclasses.fields(cls.config_class) if f.init}
-        init_params = set(inspect.signature(cls.__init__).parameters) - _MANAGED_PARAMS
-        aliases = {**_SHARED_ALIASES, **spec.aliases}
-        batch_names = {"num_prompts_per_step"} if spec.batch_unit == "prompts" else {"batch_size"}
-        config, init, friendly = {}, dict(spec.init_defaults), {}
-        unknown = []
-        for name, value in {**spec.defaults, **options}.items():
-            if name in config_fields:
-                config[name] = value
-            elif name in init_params:
-                init[name] = value
-            elif name in aliases or name in batch_names:
-                friendly[name] = value
-            else:
-                unknown.append(name)
-        if unknown:
-            raise TypeError(
-                f"{cls.__name__}.from_pretrained got unknown keyword(s) {sorted(unknown)}: they are neither "
-                f"{cls.config_class.__name__} fields, {cls.__name__} arguments, nor the simple API's names "
-                f"({', '.join(sorted(aliases.keys() | batch_names))})."
-            )
-        for name, value in friendly.items():
-            if name in batch_names:
-                continue
-            target = aliases[name]
-            fields = {target: value} if isinstance(target, str) else target(value)
-            for field_name, field_value in fields.items():
-                if field_name not in config_fields:
-                    raise TypeError(f"`{name}` does not apply to {cls.__name__} (its config has no `{field_name}`).")
-                if field_name in config and field_name in options and name in options:
-                    raise ValueError(f"`{name}` sets `{field_name}`, which is also given; pass one of them.")
-                config.setdefault(field_name, field_value)
-        if spec.batch_unit == "prompts" and "num_prompts_per_step" in friendly:
-            num_generations = config.get("num_generations", _field_default(cls.config_class, "num_generations"))
-            config.setdefault("per_device_train_batch_size", num_generations)
-            config.setdefault(
-                "gradient_accumulation_steps", _per_process(friendly["num_prompts_per_step"], "num_prompts_per_step")
-            )
-        elif "batch_size" in friendly:
-            config.setdefault("per_device_train_batch_size", _per_process(friendly["batch_size"], "batch_size"))
-        return config, init
-
-    # ------------------------------------------------------------------------------------------- training
-    def fit(
-        self,
-        dataset: Any = None,
-        reward_fn: Any = None,
-        environment: Any = None,
-        max_steps: int | None = None,
-        max_epochs: float | None = None,
-        callbacks: list[TrainerCallback] | None = None,
-    ) -> TrainingResult:
-        """Train and return a `TrainingResult`.
-
-        On a trainer from `from_pretrained` (or a config dict), this builds it first: `dataset` is a dataset name or
-        local path (its "train" split), a data file, a list of dicts or a `datasets.Dataset`; `reward_fn` (GRPO,
-        RLOO) is `reward_fn(prompt, response) -> float` (conversational prompts and responses arrive as the text of
-        their messages; further parameters named after dataset columns get that column's value), TRL's
-        `f(prompts, completions, **kwargs) -> list[float]`, a reward model, or a list of these; `environment` goes to
-        the trainer's `environment` argument. On a trainer built the usual way these three must be None.
-
-        `max_steps` and `max_epochs` cap training (whichever comes first when both are given; None keeps the
-        config's). Training resumes from a checkpoint given to `load_checkpoint`.
-        """
-        for value, what in ((max_steps, "max_steps"), (max_epochs, "max_epochs")):
-            if value is not None and not value > 0:
-                raise ValueError(f"`{what}` must be positive, got {value}; pass None to keep the config's.")
-        check_callbacks(callbacks)
-        pending = self.__dict__.get("_simple_pending")
-        if pending is not None:
-            self._build(pending, dataset, reward_fn, environment, callbacks)
+def split_options(cls: type, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Config values and constructor arguments of `cls` from `from_pretrained`'s keywords and its defaults."""
+    spec = simple_spec(cls)
+    for synonym, target in spec.synonyms.items():
+        if synonym in options:
+            if target in options:
+                raise ValueError(f"`{synonym}` and `{target}` mean the same here; pass one.")
+            options[target] = options.pop(synonym)
+    config_fields = {f.name for f in dataclasses.fields(cls.config_class) if f.init}
+    init_params = set(inspect.signature(cls.__init__).parameters) - _MANAGED_PARAMS
+    aliases = {**_SHARED_ALIASES, **spec.aliases}
+    batch_names = {"num_prompts_per_step"} if spec.batch_unit == "prompts" else {"batch_size"}
+    config, init, friendly = {}, dict(spec.init_defaults), {}
+    unknown = []
+    for name, value in {**spec.defaults, **options}.items():
+        if name in config_fields:
+            config[name] = value
+        elif name in init_params:
+            init[name] = value
+        elif name in aliases or name in batch_names:
+            friendly[name] = value
         else:
-            if dataset is not None or reward_fn is not None or environment is not None:
-                raise ValueError(
-                    f"This {type(self).__name__} already has its dataset and rewards; `fit(dataset, reward_fn, "
-                    f"environment)` builds a trainer from `{type(self).__name__}.from_pretrained(...)`. Call `fit()` "
-                    "without them, or create a new trainer with `from_pretrained`."
-                )
-            for callback in callbacks or []:
-                self.add_callback(callback)
-        self._apply_limits(max_steps, max_epochs)
-        resume = self.__dict__.pop("_simple_resume_from", None)
-        if resume is None and self.state.global_step > 0:  # a later `fit` continues where the last one stopped
-            with self._continuation_checkpoint() as resume:
-                self.train(resume_from_checkpoint=resume)
-        else:
-            self.train(resume_from_checkpoint=resume)
-        return TrainingResult.from_state(self.state, self.args.output_dir)
+            unknown.append(name)
+    if unknown:
+        raise TypeError(
+            f"{cls.__name__}.from_pretrained got unknown keyword(s) {sorted(unknown)}: they are neither "
+            f"{cls.config_class.__name__} fields, {cls.__name__} arguments, nor the simple API's names "
+            f"({', '.join(sorted(aliases.keys() | batch_names))})."
+        )
+    for name, value in friendly.items():
+        if name in batch_names:
+            continue
+        target = aliases[name]
+        fields = {target: value} if isinstance(target, str) else target(value)
+        for field_name, field_value in fields.items():
+            if field_name not in config_fields:
+                raise TypeError(f"`{name}` does not apply to {cls.__name__} (its config has no `{field_name}`).")
+            if field_name in config and field_name in options and name in options:
+                raise ValueError(f"`{name}` sets `{field_name}`, which is also given; pass one of them.")
+            config.setdefault(field_name, field_value)
+    if spec.batch_unit == "prompts" and "num_prompts_per_step" in friendly:
+        num_generations = config.get(
+            "num_generations", cls.config_class.__dataclass_fields__["num_generations"].default
+        )
+        config.setdefault("per_device_train_batch_size", num_generations)
+        config.setdefault(
+            "gradient_accumulation_steps", _per_process(friendly["num_prompts_per_step"], "num_prompts_per_step")
+        )
+    elif "batch_size" in friendly:
+        config.setdefault("per_device_train_batch_size", _per_process(friendly["batch_size"], "batch_size"))
+    return config, init
 
-    @contextlib.contextmanager
-    def _continuation_checkpoint(self) -> Iterator[str]:
-        """A checkpoint of the trainer as it is now (weights, optimizer, scheduler, RNG, step), deleted afterwards:
-        resuming from it makes a second `fit` take up the data, optimizer and schedule where the first stopped."""
-        path = os.path.join(self.args.output_dir, f"{STAGING_PREFIX}continue-{self.state.global_step}")
-        self.save_checkpoint(path)
-        try:
-            yield path
-        finally:
-            self.accelerator.wait_for_everyone()
-            if self.args.should_save:
-                shutil.rmtree(path, ignore_errors=True)
 
-    def _build(self, pending: _Pending, dataset: Any, reward_fn: Any, environment: Any, callbacks: Any) -> None:
-        name, spec = type(self).__name__, self._simple_spec()
-        init = dict(pending.init_kwargs)
-        dataset = init.pop("train_dataset", None) if dataset is None else dataset
-        if dataset is None:
+def require_built(trainer: Any) -> None:
+    """Raise when `trainer` is pending (`fit` builds it); else bind its `llm_trainer.callbacks.Callback`s to it."""
+    if trainer._pending_build is not None:
+        raise RuntimeError(
+            f"This {type(trainer).__name__} comes from `from_pretrained` (or a config dict) and is built by "
+            "`fit(dataset, ...)`; call `fit` instead of `train`."
+        )
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, Callback):
+            callback.trainer = trainer
+
+
+# ----------------------------------------------------------------------------------------------- training
+def fit(
+    trainer: Any, dataset: Any, reward_fn: Any, environment: Any, max_steps: Any, max_epochs: Any, callbacks: Any
+) -> TrainingResult:
+    """`trainer.fit(...)`: build a pending `trainer`, train, and return a `TrainingResult`.
+
+    A pending trainer is built first: `dataset` is a dataset name or local path (its "train" split), a data file, a
+    list of dicts or a `datasets.Dataset`; `reward_fn` (GRPO, RLOO) is `reward_fn(prompt, response) -> float`
+    (further parameters named after dataset columns get that column's value), TRL's `f(prompts, completions,
+    **kwargs) -> list[float]`, a reward model, or a list of these; `environment` goes to the trainer's `environment`
+    argument. On a trainer built the usual way these three must be None. `max_steps` and `max_epochs` cap training
+    (whichever comes first; None keeps the config's); it resumes from a checkpoint given to `load_checkpoint`.
+    """
+    for value, what in ((max_steps, "max_steps"), (max_epochs, "max_epochs")):
+        if value is not None and not value > 0:
+            raise ValueError(f"`{what}` must be positive, got {value}; pass None to keep the config's.")
+    check_callbacks(callbacks)
+    pending = trainer._pending_build
+    if pending is not None:
+        _build(trainer, pending, dataset, reward_fn, environment, callbacks)
+    else:
+        if dataset is not None or reward_fn is not None or environment is not None:
+            name = type(trainer).__name__
             raise ValueError(
-                f"{name} needs a dataset: pass `dataset` (a dataset name or path, a list of dicts, or a "
-                "`datasets.Dataset`)."
+                f"This {name} already has its dataset and rewards; `fit(dataset, reward_fn, environment)` builds a "
+                f"trainer from `{name}.from_pretrained(...)`. Call `fit()` without them, or create a new trainer "
+                "with `from_pretrained`."
             )
-        train_dataset = load_training_dataset(dataset)
-        if reward_fn is not None:
-            if spec.reward_param is None:
-                raise ValueError(f"{name} does not use a reward function; drop `reward_fn`.")
-            if spec.reward_param == "reward_funcs":
-                reward_fn = simple_reward_functions(reward_fn, _column_names(train_dataset))
-            init[spec.reward_param] = reward_fn
-        if spec.reward_param and init.get(spec.reward_param) is None and environment is None:
-            raise ValueError(
-                f"{name} needs a reward: pass `reward_fn`, e.g. `def reward_fn(prompt: str, response: str) -> float`"
-                + (", or an `environment` that scores the rollouts." if spec.reward_param == "reward_funcs" else ".")
-            )
-        if environment is not None:
-            if "environment" not in inspect.signature(type(self).__init__).parameters:
-                raise NotImplementedError(f"{name} does not take an `environment`; use GRPOTrainer.")
-            init["environment"] = environment
-        init["callbacks"] = [*(init.get("callbacks") or []), *(callbacks or [])]
-        del self.__dict__["_simple_pending"]
-        try:
-            type(self).__init__(self, model=pending.model, args=pending.config, train_dataset=train_dataset, **init)
-        except BaseException:
-            self.__dict__["_simple_pending"] = pending
-            raise
-        if pending.resume_from is not None:
-            self._simple_resume_from = pending.resume_from
+        for callback in callbacks or []:
+            trainer.add_callback(callback)
+    _apply_limits(trainer, max_steps, max_epochs)
+    resume, trainer._resume_from = trainer._resume_from, None
+    if resume is None and trainer.state.global_step > 0:  # a later `fit` continues where the last one stopped
+        with _continuation_checkpoint(trainer) as resume:
+            trainer.train(resume_from_checkpoint=resume)
+    else:
+        trainer.train(resume_from_checkpoint=resume)
+    return TrainingResult.from_state(trainer.state, trainer.args.output_dir, trainer)
 
-    def _apply_limits(self, max_steps: int | None, max_epochs: float | None) -> None:
-        if max_steps is not None:
-            self.args.max_steps = max_steps
-        if max_epochs is not None:
-            self.args.num_train_epochs = max_epochs
-            if max_steps is None:
-                self.args.max_steps = -1
-        self.pop_callback(_EpochLimit)
-        if max_steps is not None and max_epochs is not None:
-            self.add_callback(_EpochLimit(max_epochs))
 
-    # ------------------------------------------------------------------------------------------- state
-    @property
-    def config(self):
-        """The training config (`self.args`), available before `fit` too."""
-        pending = self.__dict__.get("_simple_pending")
-        return pending.config if pending is not None else self.args
+@contextlib.contextmanager
+def _continuation_checkpoint(trainer: Any) -> Iterator[str]:
+    """A checkpoint of `trainer` as it is now (weights, optimizer, scheduler, RNG, step), deleted afterwards: resuming
+    from it makes a second `fit` take up the data, optimizer and schedule where the first stopped."""
+    path = os.path.join(trainer.args.output_dir, f"{STAGING_PREFIX}continue-{trainer.state.global_step}")
+    save_checkpoint(trainer, path)
+    try:
+        yield path
+    finally:
+        trainer.accelerator.wait_for_everyone()
+        if trainer.args.should_save:
+            shutil.rmtree(path, ignore_errors=True)
 
-    @property
-    def current_step(self) -> int:
-        """Optimizer steps taken (those of a loaded checkpoint before `fit`)."""
-        pending = self.__dict__.get("_simple_pending")
-        return pending.step if pending is not None else self.state.global_step
 
-    def save_checkpoint(self, path: str | os.PathLike) -> str:
-        """Save the model, tokenizer, optimizer, scheduler, RNG and trainer state to `path`; return `path`."""
-        if "_simple_pending" in self.__dict__:
-            raise RuntimeError("Nothing to save yet: the trainer is built (and its model loaded) by `fit`.")
-        path = os.fspath(path)
-        # written whole, then renamed to `path`: a kill never leaves half a checkpoint
-        with staged_folder(path, self.accelerator, self.args.should_save) as staged:
-            self.save_model(staged)
-            if self.optimizer is not None and self.lr_scheduler is not None:
-                self._save_optimizer_and_scheduler(staged)
-            self._save_rng_state(staged)
-            self._save_extra_state(staged)
-            if self.args.should_save:
-                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-        return path
+def _build(
+    trainer: Any, pending: PendingBuild, dataset: Any, reward_fn: Any, environment: Any, callbacks: Any
+) -> None:
+    """Run the constructor of the pending `trainer` with its model, config and what `fit` brings."""
+    name, spec = type(trainer).__name__, simple_spec(type(trainer))
+    init = dict(pending.init_kwargs)
+    dataset = init.pop("train_dataset", None) if dataset is None else dataset
+    if dataset is None:
+        raise ValueError(
+            f"{name} needs a dataset: pass `dataset` (a dataset name or path, a list of dicts, or a "
+            "`datasets.Dataset`)."
+        )
+    train_dataset = load_training_dataset(dataset)
+    if reward_fn is not None:
+        if spec.reward_param is None:
+            raise ValueError(f"{name} does not use a reward function; drop `reward_fn`.")
+        if spec.reward_param == "reward_funcs":
+            reward_fn = simple_reward_functions(reward_fn, list(train_dataset.column_names or []))
+        init[spec.reward_param] = reward_fn
+    if spec.reward_param and init.get(spec.reward_param) is None and environment is None:
+        raise ValueError(
+            f"{name} needs a reward: pass `reward_fn`, e.g. `def reward_fn(prompt: str, response: str) -> float`"
+            + (", or an `environment` that scores the rollouts." if spec.reward_param == "reward_funcs" else ".")
+        )
+    if environment is not None:
+        if "environment" not in inspect.signature(type(trainer).__init__).parameters:
+            raise NotImplementedError(f"{name} does not take an `environment`; use GRPOTrainer.")
+        init["environment"] = environment
+    init["callbacks"] = [*(init.get("callbacks") or []), *(callbacks or [])]
+    trainer._pending_build = None
+    try:
+        type(trainer).__init__(trainer, model=pending.model, args=pending.config, train_dataset=train_dataset, **init)
+    except BaseException:
+        trainer._pending_build = pending
+        raise
+    trainer._resume_from = pending.resume_from
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Load a checkpoint from `save_checkpoint` (or a `checkpoint-N` folder): the weights now, and the optimizer,
-        scheduler and step count when `fit` resumes from it."""
-        path = os.fspath(path)
-        state_file = os.path.join(path, TRAINER_STATE_NAME)
-        if not os.path.isfile(state_file):
-            raise FileNotFoundError(
-                f"{path!r} is not a checkpoint (no {TRAINER_STATE_NAME}); pass a folder written by `save_checkpoint` "
-                "or a `checkpoint-N` folder."
-            )
-        state = TrainerState.load_from_json(state_file)
-        pending = self.__dict__.get("_simple_pending")
-        if pending is not None:
-            pending.model, pending.resume_from, pending.step = path, path, state.global_step
-            return
-        self._load_from_checkpoint(path)
-        self.state = state
-        self._simple_resume_from = path
+
+def _apply_limits(trainer: Any, max_steps: int | None, max_epochs: float | None) -> None:
+    if max_steps is not None:
+        trainer.args.max_steps = max_steps
+    if max_epochs is not None:
+        trainer.args.num_train_epochs = max_epochs
+        if max_steps is None:
+            trainer.args.max_steps = -1
+    trainer.pop_callback(_EpochLimit)
+    if max_steps is not None and max_epochs is not None:
+        trainer.add_callback(_EpochLimit(max_epochs))
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(trainer: Any, path: str | os.PathLike) -> str:
+    """`trainer.save_checkpoint(path)`: model, tokenizer, optimizer, scheduler, RNG and trainer state; returns `path`."""
+    if trainer._pending_build is not None:
+        raise RuntimeError("Nothing to save yet: the trainer is built (and its model loaded) by `fit`.")
+    path = os.fspath(path)
+    # written whole, then renamed to `path`: a kill never leaves half a checkpoint
+    with staged_folder(path, trainer.accelerator, trainer.args.should_save) as staged:
+        trainer.save_model(staged)
+        if trainer.optimizer is not None and trainer.lr_scheduler is not None:
+            trainer._save_optimizer_and_scheduler(staged)
+        trainer._save_rng_state(staged)
+        trainer._save_extra_state(staged)
+        if trainer.args.should_save:
+            trainer.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+    return path
+
+
+def load_checkpoint(trainer: Any, path: str | os.PathLike) -> None:
+    """`trainer.load_checkpoint(path)`: the weights now, the optimizer, scheduler and step count at the next `fit`."""
+    path = os.fspath(path)
+    state_file = os.path.join(path, TRAINER_STATE_NAME)
+    if not os.path.isfile(state_file):
+        raise FileNotFoundError(
+            f"{path!r} is not a checkpoint (no {TRAINER_STATE_NAME}); pass a folder written by `save_checkpoint` "
+            "or a `checkpoint-N` folder."
+        )
+    state = TrainerState.load_from_json(state_file)
+    pending = trainer._pending_build
+    if pending is not None:
+        pending.model, pending.resume_from, pending.step = path, path, state.global_step
+        return
+    trainer._load_from_checkpoint(path)
+    trainer.state = state
+    trainer._resume_from = path
 
 
 def check_callbacks(callbacks: Any) -> None:
@@ -549,10 +416,6 @@ def _dataset_from_data_section(data: Any) -> Dataset | IterableDataset:
     return load_training_dataset(data[keys[0]], data.get("split", "train"))
 
 
-def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
-    return list(dataset.column_names or [])
-
-
 # ----------------------------------------------------------------------------------------------- rewards
 _SIGNATURE_HELP = (
     "`reward_fn(prompt: str, response: str) -> float` (further parameters named after dataset columns get that "
@@ -646,17 +509,3 @@ def _per_process(count: int, name: str) -> int:
     if count < 1 or count % world_size:
         raise ValueError(f"`{name}={count}` must be a positive multiple of the number of processes ({world_size}).")
     return count // world_size
-
-
-def _scale_rewards(normalize: bool | str) -> str:
-    """GRPO's `scale_rewards` for `normalize_rewards`: True is "group", False "none"; a string passes through."""
-    if isinstance(normalize, str):
-        return normalize
-    return "group" if normalize else "none"
-
-
-def _field_default(config_class: type, name: str) -> Any:
-    for f in dataclasses.fields(config_class):
-        if f.name == name:
-            return f.default
-    raise KeyError(name)
