@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from ..losses import cpo_loss
 from .cpo_config import CPOConfig
@@ -45,12 +43,12 @@ class CPOTrainer(ReferenceFreePreferenceTrainer):
     def nll_tokens(self) -> str | None:
         return "completion" if self.args.cpo_alpha != 0 else None
 
-    def configure_padding(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: Any) -> int:
+    def configure_tokenizer(self, model: PreTrainedModel, args: CPOConfig) -> None:
         """Pad with the tokenizer's pad token, mirrored onto the model's configs (as TRL's CPO does)."""
-        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+        self.padding_value = self._tokenizer.pad_token_id
+        model.config.get_text_config().pad_token_id = self.padding_value
         if getattr(model, "generation_config", None) is not None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
-        return tokenizer.pad_token_id
+            model.generation_config.pad_token_id = self.padding_value
 
     def preference_loss(self, forward: PairedForward) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         args = self.args

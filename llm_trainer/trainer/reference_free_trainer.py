@@ -16,7 +16,6 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import (
     AutoModelForCausalLM,
@@ -33,10 +32,9 @@ from transformers.trainer_utils import EvalPrediction
 from ..data.collators import DataCollatorForPreference, pad
 from ..data.reference_free_dataset import prepare_reference_free_dataset
 from ..losses import masked_mean_nll, preference_metrics, sequence_logps
-from ..modeling import add_token_logprob_head
 from .base_trainer import BaseTrainer
 from .reference_free_config import ReferenceFreeConfig
-from .utils import disable_dropout_in_model, log_table_to_comet_experiment
+from .utils import log_table_to_comet_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +67,7 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
     """
 
     config_class = ReferenceFreeConfig
+    dataset_description = "a preference dataset ('chosen' / 'rejected')"
     loss_is_scaled_for_ga = False  # `compute_loss` returns a per-batch mean; `Trainer` divides it for accumulation
     logits_include_last = False
     """Whether `logits/*` averages over every position (TRL's CPO) or every position but the last (TRL's ORPO)."""
@@ -88,15 +87,29 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
         peft_config: Any = None,
         compute_metrics: Callable[[EvalPrediction], dict] | None = None,
     ):
-        if model is None:
-            if model_init is None:
-                raise ValueError(
-                    f"{type(self).__name__} needs a model: pass `model` (a name, a path or a PreTrainedModel) or "
-                    "`model_init`."
-                )
-            model = model_init()  # called once; the model is not re-initialized at `train()`
-        args = self.resolve_args(args, model)
-        self.check_train_dataset(train_dataset, args, "a preference dataset ('chosen' / 'rejected')")
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            model_init=model_init,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config,
+            compute_metrics=compute_metrics,
+        )
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def check_inputs(self, args: ReferenceFreeConfig, *, model, model_init, train_dataset, **inputs) -> None:
+        if model is None and model_init is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a model: pass `model` (a name, a path or a PreTrainedModel) or "
+                "`model_init`."
+            )
+        super().check_inputs(args, train_dataset=train_dataset)
         if not isinstance(model, str) and args.model_init_kwargs is not None:
             raise ValueError(
                 "`model_init_kwargs` is set but the model is already instantiated; pass the model's name or path, or "
@@ -107,8 +120,12 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
                 "`generate_during_eval=True` logs completions to Weights & Biases or Comet: install `wandb` or "
                 "`comet-ml` and include it in `report_to`, or set `generate_during_eval=False`."
             )
+        if args.max_length is None:
+            logger.warning("`max_length` is None; using %d, as TRL does. Set it explicitly.", DEFAULT_MAX_LENGTH)
 
-        load_args = copy.copy(args)  # TRL's experimental trainers load in the checkpoint's dtype
+    def load_model(self, model: Any, args: ReferenceFreeConfig, quantization_config: Any) -> PreTrainedModel:
+        """A causal LM, loaded in the checkpoint's dtype (as TRL's experimental trainers)."""
+        load_args = copy.copy(args)
         load_args.model_init_kwargs = {"dtype": "auto", **(args.model_init_kwargs or {})}
         model = self.prepare_model(model, load_args, auto_class=AutoModelForCausalLM)
         if model.config.is_encoder_decoder or args.is_encoder_decoder:
@@ -116,43 +133,27 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
                 f"{type(self).__name__} trains decoder-only causal LMs; {type(model).__name__} is an encoder-decoder. "
                 "Use a causal LM (AutoModelForCausalLM)."
             )
-        processing_class = self.prepare_processing_class(model, processing_class, args)
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        self.padding_value = self.configure_padding(model, tokenizer, args)
-        model = self.prepare_peft(model, peft_config, args)
-        if peft_config is None and is_peft_model(model) and args.gradient_checkpointing:
-            model.enable_input_require_grads()
-        if args.disable_dropout:
-            disable_dropout_in_model(model)
+        return model
 
-        if args.max_length is None:
-            logger.warning("`max_length` is None; using %d, as TRL does. Set it explicitly.", DEFAULT_MAX_LENGTH)
-        self.max_length = args.max_length or DEFAULT_MAX_LENGTH
-        if data_collator is None:
-            data_collator = DataCollatorForPreference(pad_token_id=self.padding_value)
-        self._tokenizer = tokenizer
-        train_dataset = self.prepare_dataset(train_dataset, "train", args)
-        if eval_dataset is not None:
-            eval_dataset = self.prepare_eval_dataset(eval_dataset, args)
+    def configure_tokenizer(self, model: PreTrainedModel, args: ReferenceFreeConfig) -> None:
+        padding_value = getattr(args, "padding_value", None)
+        self.padding_value = self._tokenizer.pad_token_id if padding_value is None else padding_value
 
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
-        add_token_logprob_head(
-            self.model.get_base_model() if is_peft_model(self.model) else self.model, outputs=("mean_logits",)
-        )
-        config = model.config.get_text_config()
-        self.aux_loss_enabled = bool(getattr(config, "output_router_logits", False))
-        self.aux_loss_coef = getattr(config, "router_aux_loss_coef", 0.0)
+    @property
+    def max_length(self) -> int:
+        """`max_length`, or TRL's fallback when it is None."""
+        return self.args.max_length or DEFAULT_MAX_LENGTH
+
+    @property
+    def aux_loss_coef(self) -> float:
+        """TRL's name of `router_aux_loss_coef` here."""
+        return self.router_aux_loss_coef
+
+    def default_collator(self, args: ReferenceFreeConfig) -> DataCollatorForPreference:
+        return DataCollatorForPreference(pad_token_id=self.padding_value)
+
+    def logprob_head(self, args: ReferenceFreeConfig) -> dict[str, Any]:
+        return {"outputs": ("mean_logits",)}
 
     # ----------------------------------------------------------------------------------------- subclass hooks
     average_logps: bool
@@ -166,11 +167,6 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """`(loss, chosen_rewards, rejected_rewards, extra_metrics)` for one batch."""
         raise NotImplementedError(f"{type(self).__name__} must implement `preference_loss`.")
-
-    def configure_padding(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: Any) -> int:
-        """The token id `input_ids` are padded with."""
-        padding_value = getattr(args, "padding_value", None)
-        return tokenizer.pad_token_id if padding_value is None else padding_value
 
     # ------------------------------------------------------------------------------------------------- data
     def prepare_dataset(self, dataset, name: str, args: ReferenceFreeConfig):
@@ -224,8 +220,7 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
         mode = "train" if self.model.training else "eval"
         forward = self.concatenated_forward(model, inputs)
         loss, chosen_rewards, rejected_rewards, extra = self.preference_loss(forward)
-        if self.aux_loss_enabled and forward.aux_loss is not None:
-            loss = loss + self.aux_loss_coef * forward.aux_loss
+        loss = self.add_router_aux_loss(loss, forward.aux_loss, mode)
         gather = self.accelerator.gather_for_metrics
         metrics = preference_metrics(
             chosen_rewards, rejected_rewards, forward.chosen_logps, forward.rejected_logps, gather=gather
