@@ -52,8 +52,7 @@ class EnvironmentRollout:
     `reward_reduction`: `"sum"` or `"last"`) and `num_turns`. The last two reach reward functions as keyword
     columns: score with `environment_reward`.
 
-    `reset` receives each prompt's dataset row: `rows` when the caller passes them, else the trainer's
-    `rollout_rows` (the rows of the batch being generated) when their prompts are `prompts`, else just the prompt.
+    `reset` receives each prompt's dataset row: `rows` (the trainer passes them), else just the prompt.
     """
 
     def __init__(
@@ -77,7 +76,7 @@ class EnvironmentRollout:
 
     def __call__(self, prompts: list[Any], trainer: Any, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """One rollout per prompt; `rows`, when given, are the prompts' dataset rows (passed to `reset`)."""
-        rows = _dataset_rows(prompts, trainer, rows)
+        rows = _dataset_rows(prompts, rows)
         tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
         eos_ids = set(getattr(trainer, "eos_token_ids", None) or [tokenizer.eos_token_id])
         rollouts = [self._start(prompt, row, trainer) for prompt, row in zip(prompts, rows)]
@@ -259,12 +258,9 @@ def _check_step(result: Any, environment: Any) -> EnvironmentStep:
     return EnvironmentStep(observation, reward, bool(done))
 
 
-def _dataset_rows(prompts: list[Any], trainer: Any, rows: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    if rows is not None:
-        if len(rows) != len(prompts):
-            raise ValueError(f"Got {len(rows)} rows for {len(prompts)} prompts; pass one dataset row per prompt.")
-        return rows
-    batch = getattr(trainer, "rollout_rows", None) or []
-    if len(batch) == len(prompts) and all(row.get("prompt") == prompt for row, prompt in zip(batch, prompts)):
-        return batch
-    return [{"prompt": prompt} for prompt in prompts]
+def _dataset_rows(prompts: list[Any], rows: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    if rows is None:
+        return [{"prompt": prompt} for prompt in prompts]
+    if len(rows) != len(prompts):
+        raise ValueError(f"Got {len(rows)} rows for {len(prompts)} prompts; pass one dataset row per prompt.")
+    return rows

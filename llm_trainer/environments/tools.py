@@ -229,7 +229,7 @@ class EnvironmentToolRollout(ToolRollout):
         return _BoundToolEnvironment(instance, self.shared_tools, self.max_tool_calling_iterations, drop_key)
 
     def __call__(self, prompts: list[Any], trainer: Any, rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        rows = _dataset_rows(prompts, trainer, rows)
+        rows = _dataset_rows(prompts, rows)
         names = [row.get("environment") for row in rows] if self.multi_environment else [None] * len(rows)
         unknown = sorted({str(name) for name in names if name not in self.factories})
         if unknown:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -495,6 +496,41 @@ def grpo_loss(
     else:  # luspo
         loss = masked.sum(-1).mean()
     return PolicyLossOutput(loss / accumulation_steps, loss.detach(), per_token_kl, coef_1, phi_seq)
+
+
+class LossScale(NamedTuple):
+    accumulation_steps: float
+    """What a per-batch mean loss is divided by (1 in evaluation)."""
+    token_normalizer: torch.Tensor | None
+    """What a token-sum loss is divided by; None without a token count."""
+
+
+def loss_scale(
+    num_items_in_batch: torch.Tensor | None,
+    num_processes: int,
+    accumulation_steps: int,
+    steps_per_generation: int,
+    training: bool,
+) -> LossScale:
+    """The one rule for gradient accumulation and token normalisation of the on-policy losses (GRPO, RLOO's aux
+    loss, distillation).
+
+    `Trainer` sums the gradients of the `accumulation_steps` micro-batch losses of an optimizer step, and DDP averages
+    them over the `num_processes` processes. A per-batch mean is therefore divided by `accumulation_steps`. A
+    token-sum loss should give Σ(step's tokens) / (step's token count): a generation batch of `num_items_in_batch`
+    loss tokens (over every process) spans `steps_per_generation` micro-steps, so an optimizer step sees
+    `num_items_in_batch · accumulation_steps / steps_per_generation` of them; a process's micro-batch loss is its
+    local sum divided by that count times `num_processes` (undoing DDP's average), i.e. by
+    `num_items_in_batch / num_processes · accumulation_steps / steps_per_generation`. In evaluation nothing is
+    accumulated: the batch is a whole generation batch, divided by `num_items_in_batch / num_processes`.
+    """
+    accumulation = accumulation_steps if training else 1.0
+    if num_items_in_batch is None:
+        return LossScale(accumulation, None)
+    normalizer = num_items_in_batch.clamp(min=1.0) / num_processes
+    if training:
+        normalizer = normalizer * accumulation / steps_per_generation
+    return LossScale(accumulation, normalizer)
 
 
 def entropy_bonus(

@@ -3,12 +3,13 @@
 The student (the trained model) samples one completion per prompt; the loss is the generalized JSD between the
 student's and a frozen teacher's next-token distributions over the completion tokens
 (`llm_trainer.losses.distillation`), computed from both models' hidden states chunk by chunk, so neither model's
-`(tokens, vocab)` logits are ever held whole. Generation, prompt tokenization and the completion-length metrics are
-shared with the online RL trainers (`OnPolicyGenerationMixin`).
+`(tokens, vocab)` logits are ever held whole. Generation, its buffer and the completion-length metrics are the
+trainer's `GenerationLoop`, as for the online RL trainers.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -16,19 +17,30 @@ from typing import Any
 import torch
 from accelerate.utils import gather, gather_object, is_peft_model, set_seed
 from datasets import Dataset, IterableDataset
+from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 
 from ..generation import make_generator
+from ..generation.base import Generator
 from ..generation.factory import eos_token_ids
+from ..generation.loop import (
+    BatchGeometry,
+    GenerationLoop,
+    OnlineBatch,
+    configure_streaming,
+    prompt_columns,
+    save_completions_table,
+    streaming_loader,
+)
 from ..losses.distillation import chunked_distillation_loss
+from ..losses.policy_gradient import loss_scale
 from ..modeling import check_causal_lm, load_model, logit_transform
 from .base_trainer import BaseTrainer
 from .distillation_config import DistillationConfig
-from .online_trainer import OnPolicyGenerationMixin
-from .utils import disable_dropout_in_model
+from .utils import disable_dropout_in_model, identity
 
 
-class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
+class DistillationTrainer(BaseTrainer):
     """On-policy distillation ("On-Policy Distillation of Language Models", Agarwal et al., 2024).
 
     Each optimizer step, the student samples one completion for each of `per_device_train_batch_size x
@@ -59,6 +71,7 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
     _tag_names = ["distillation"]
     _skip_nan_metrics = True
     loss_is_scaled_for_ga = True
+    _step_time = 0.0  # seconds spent in this optimizer step's micro-steps
 
     def __init__(
         self,
@@ -110,9 +123,21 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
         self.max_completion_length = args.max_completion_length
         self.tools: list[Callable] = []  # tool calling is not supported yet (refused above)
         self.chat_template_kwargs = args.chat_template_kwargs or {}
-        self.pad_to_multiple_of = args.pad_to_multiple_of
-        self.shuffle_dataset = args.shuffle_dataset
-        self.init_trainer(model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=identity,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        if args.n_gpu > 1:
+            raise ValueError(
+                "DistillationTrainer does not support `nn.DataParallel`; launch with `accelerate launch` or `torchrun`, "
+                "or make one GPU visible with `CUDA_VISIBLE_DEVICES`."
+            )
         teacher_model.eval().requires_grad_(False)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             self.teacher_model = teacher_model.to(self.accelerator.device)
@@ -123,33 +148,42 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
 
         self.log_completions = args.log_completions
         self.num_completions_to_print = args.num_completions_to_print
-        generation_batch_size = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        geometry = BatchGeometry.from_args(args, self.accelerator.num_processes)
         self._logs: dict[str, deque] = {
-            "prompt": deque(maxlen=generation_batch_size),
-            "completion": deque(maxlen=generation_batch_size),
+            "prompt": deque(maxlen=geometry.generation_batch_size),
+            "completion": deque(maxlen=geometry.generation_batch_size),
         }
         set_seed(args.seed, device_specific=True)
-        self.generator = make_generator(
+        generator = make_generator(
             args, self.model, processing_class, accelerator=self.accelerator, unwrap=self.unwrapped_for_generation
         )
-        self._last_loaded_step = -1
+        self.generation = GenerationLoop(
+            generator,
+            processing_class,
+            geometry,
+            self.accelerator.device,
+            eos_token_ids=self.eos_token_ids,
+            chat_template_kwargs=self.chat_template_kwargs,
+            pad_to_multiple_of=args.pad_to_multiple_of,
+            seed=args.seed,
+            shuffle=args.shuffle_dataset,
+        )
+
+    @property
+    def generator(self) -> Generator:
+        """The generation back end (TRL's attribute), owned by `generation`."""
+        return self.generation.generator
+
+    @generator.setter
+    def generator(self, generator: Generator) -> None:
+        self.generation.generator = generator
 
     # ----------------------------------------------------------------------------------------------- set-up
     @staticmethod
     def _check_dataset(train_dataset: Any, eval_dataset: Any, args: DistillationConfig) -> None:
-        OnPolicyGenerationMixin.check_iterable_datasets(train_dataset, eval_dataset, args)
-        BaseTrainer.check_train_dataset(train_dataset, args, "a dataset with a 'prompt' column")
-        columns = OnPolicyGenerationMixin.dataset_columns(train_dataset)
-        if {"image", "images"} & set(columns):
-            raise NotImplementedError(
-                "DistillationTrainer does not train vision-language models yet: drop the image column(s) or use TRL."
-            )
-        if "prompt" not in columns:
-            raise ValueError(
-                f"The training dataset has no 'prompt' column (columns: {columns}); rename the "
-                "column holding the prompts to 'prompt'. Completions are sampled by the student, not read from data."
-            )
-        OnPolicyGenerationMixin.check_prompts(train_dataset, eval_dataset)
+        configure_streaming(train_dataset, eval_dataset, args)
+        BaseTrainer.check_train_dataset(train_dataset, "a dataset with a 'prompt' column")
+        prompt_columns(train_dataset, eval_dataset, "DistillationTrainer")
 
     @staticmethod
     def _load_teacher(
@@ -190,32 +224,82 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
         return teacher_model
 
     # ----------------------------------------------------------------------------------------------- data
-    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt", "image", "images"]
+
+    def get_train_dataloader(self) -> DataLoader:
+        return self._get_dataloader(**self.generation.train_loader_kwargs(self.train_dataset, self._train_batch_size))
+
+    def _get_eval_sampler(self, eval_dataset: Dataset):
+        return self.generation.eval_sampler(eval_dataset)
+
+    def get_eval_dataloader(self, eval_dataset: str | Dataset | IterableDataset | None = None) -> DataLoader:
+        """As `Trainer.get_eval_dataloader`; a streamed dataset is read as `streaming_loader` says."""
+        dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        dataset = dataset if dataset is not None else self.eval_dataset
+        if not isinstance(dataset, IterableDataset):
+            return super().get_eval_dataloader(eval_dataset)
+        configure_streaming(None, dataset, self.args)
+        key = eval_dataset if isinstance(eval_dataset, str) else "eval"
+        with streaming_loader(self.args, self.accelerator):
+            stream = self.generation.eval_stream(dataset)
+            return self._get_dataloader(stream, "Evaluation", self.args.eval_batch_size, dataloader_key=key)
+
+    def min_train_rows(self) -> tuple[int, str, str]:
+        return self.generation.geometry.min_train_rows()
+
+    def _prepare_inputs(self, generation_batch: list[dict[str, Any]]) -> OnlineBatch:
+        """Training: this micro-step's slice of the generation batch (sampled every `steps_per_generation`
+        micro-steps); evaluation: the batch as is."""
+        if not self.model.training:
+            return self._make_batch(generation_batch)
+        if self.generation.needs_generation():
+            self.generation.fill(self._make_batch(generation_batch))
+        return self.generation.next_batch()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        start = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_time += time.perf_counter() - start
+        if self.generation.step % self.current_gradient_accumulation_steps == 0:
+            self._metrics["train"]["step_time"].append(self._step_time)
+            self._step_time = 0.0
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.mean().detach(), None, None
+
+    def _save_extra_state(self, folder: str) -> None:
+        super()._save_extra_state(folder)
+        self.generation.save(folder, self.accelerator.process_index, self.accelerator.num_processes)
+
+    def _load_extra_state(self, folder: str) -> None:
+        super()._load_extra_state(folder)
+        step = self.state.global_step * self.args.gradient_accumulation_steps
+        self.generation.load(folder, self.accelerator.process_index, self.accelerator.num_processes, step)
+
+    def _make_batch(self, rows: list[dict[str, Any]]) -> OnlineBatch:
         """One student completion per prompt, padded, with the number of completion tokens across processes."""
         mode = "train" if self.model.training else "eval"
-        if self.state.global_step != self._last_loaded_step:
-            self.generator.sync_weights(self.accelerator.unwrap_model(self.model))
-            self._last_loaded_step = self.state.global_step
-        prompt_ids_list = self._tokenize_prompts([row["prompt"] for row in inputs])
-        completion_ids_list = self.generator.generate(prompt_ids_list).completion_ids
-        self._log_lengths(prompt_ids_list, completion_ids_list, mode)
-
-        prompt_ids, prompt_mask = self._pad([torch.tensor(ids) for ids in prompt_ids_list], "left")
-        completion_ids, completion_mask = self._pad([torch.tensor(ids) for ids in completion_ids_list], "right")
+        self.generation.sync_weights(self.accelerator.unwrap_model(self.model), self.state.global_step)
+        rollout = self.generation.generate([row["prompt"] for row in rows], rows)
+        tokens, metrics = self.generation.completion_metrics(rollout)
+        if mode == "train":
+            self.state.num_input_tokens_seen += tokens
+        self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+        batch = self.generation.pad(rollout)
         if self.log_completions:
-            self._logs["prompt"].extend(
-                gather_object(self.processing_class.batch_decode(prompt_ids, skip_special_tokens=True))
-            )
-            self._logs["completion"].extend(
-                gather_object(self.processing_class.batch_decode(completion_ids, skip_special_tokens=True))
-            )
-        return {
-            "prompt_ids": prompt_ids,
-            "prompt_mask": prompt_mask,
-            "completion_ids": completion_ids,
-            "completion_mask": completion_mask,
-            "num_items_in_batch": gather(completion_mask.sum()).sum(),
-        }
+            decode = self.processing_class.batch_decode
+            self._logs["prompt"].extend(gather_object(decode(batch.prompt_ids, skip_special_tokens=True)))
+            self._logs["completion"].extend(gather_object(decode(batch.completion_ids, skip_special_tokens=True)))
+        batch.num_items_in_batch = gather(batch.completion_mask.sum()).sum()
+        return batch
 
     # ----------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -223,8 +307,14 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
         (training) or in this batch (evaluation). `num_items_in_batch` from `Trainer` is ignored: it counts the
         dataset's tokens, not the sampled completions'."""
         num_items = None
-        if self.model.training:  # each process divides by its share; DDP averages the gradients
-            num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if self.model.training:  # the token count of the generation batch, as `loss_scale` derives it
+            num_items = loss_scale(
+                inputs.num_items_in_batch,
+                self.accelerator.num_processes,
+                self.current_gradient_accumulation_steps,
+                self.args.steps_per_generation,
+                training=True,
+            ).token_normalizer
         student = self.accelerator.unwrap_model(model)
         loss, entropy_sum, num_valid = _call_as_forward(model, student, self._loss, student, inputs, num_items)
         mode = "train" if self.model.training else "eval"
@@ -233,10 +323,9 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
         self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
         return (loss, None) if return_outputs else loss
 
-    def _loss(self, student: PreTrainedModel, inputs: dict[str, Any], num_items: torch.Tensor | None):
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        completion_length = inputs["completion_ids"].size(1)
+    def _loss(self, student: PreTrainedModel, inputs: OnlineBatch, num_items: torch.Tensor | None):
+        input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
+        completion_length = inputs.completion_ids.size(1)
         student_hidden = _completion_hidden_states(student, input_ids, attention_mask, completion_length)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         teacher.eval()
@@ -265,7 +354,7 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
             student_head.weight,
             teacher_hidden.to(device),
             teacher_head.weight,
-            inputs["completion_mask"].to(device),
+            inputs.completion_mask.to(device),
             self.beta,
             self.temperature,
             num_items,
@@ -281,17 +370,16 @@ class DistillationTrainer(OnPolicyGenerationMixin, BaseTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         super().log(logs, start_time)
         if self.accelerator.is_main_process and self.log_completions and self._logs["prompt"]:
-            self._save_completions_table(
-                {
-                    "step": [self.state.global_step] * len(self._logs["prompt"]),
-                    "prompt": list(self._logs["prompt"]),
-                    "completion": list(self._logs["completion"]),
-                }
-            )
+            table = {
+                "step": [self.state.global_step] * len(self._logs["prompt"]),
+                "prompt": list(self._logs["prompt"]),
+                "completion": list(self._logs["completion"]),
+            }
+            save_completions_table(table, self.args, self.state.global_step, self.num_completions_to_print)
 
     def close(self) -> None:
         """Stop the generation back end."""
-        self.generator.close()
+        self.generation.close()
 
 
 def _check_splittable(model: PreTrainedModel, role: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -12,24 +13,11 @@ from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 
-from ..environments.rollout import rollout_and_rewards
-from ..environments.tools import EnvironmentToolRollout, ToolRollout, check_tool_template
-from ..losses.policy_gradient import (
-    clip_metrics,
-    entropy_bonus,
-    group_advantages,
-    grpo_loss,
-    high_entropy_mask,
-    masked_sum_count,
-    nanmax,
-    nanmin,
-    off_policy_mask,
-    reduce_metrics,
-    vespo_gamma_weights,
-    vllm_importance_sampling_ratio,
-)
+from ..environments.tools import ToolRollout
+from ..generation.loop import OnlineBatch, RolloutFunc
+from ..losses import policy_gradient as pg
 from .grpo_config import GRPOConfig
-from .online_trainer import OnlineRLTrainer, RolloutFunc
+from .online_trainer import OnlineRLTrainer
 from .reward_functions import RewardFunc
 
 ENTROPY_STATE_NAME = "entropy_ctrl_state.json"
@@ -54,7 +42,7 @@ class GRPOTrainer(OnlineRLTrainer):
         peft_config: a `peft.PeftConfig` to train an adapter.
         quantization_config: passed to `from_pretrained` when `model` is a name or path.
         rollout_func: `f(prompts, trainer) -> {"prompt_ids", "completion_ids", "logprobs", ...}` replacing generation;
-            extra keys reach the reward functions (`trainer.rollout_rows` holds the batch's dataset rows).
+            extra keys reach the reward functions; one declaring a `rows` parameter also gets the batch's dataset rows.
         tools: functions (sync or async, with type hints and a docstring) the model may call; each completion runs
             up to `args.max_tool_calling_iterations` rounds of tool calls, and the tool results are masked out of the
             loss (see `llm_trainer.environments.ToolRollout`).
@@ -90,24 +78,6 @@ class GRPOTrainer(OnlineRLTrainer):
         environment_factory: Any = None,
         environment: Any = None,
     ):
-        max_tool_calls = args.max_tool_calling_iterations if args is not None else None
-        if environment_factory is not None:
-            if rollout_func is not None or environment is not None:
-                raise ValueError(
-                    "Pass `environment_factory` or `rollout_func` / `environment`, not both: the factory's environments "
-                    "make the rollout."
-                )
-            rollout_func = EnvironmentToolRollout(environment_factory, tools, max_tool_calls)
-            if train_dataset is None:
-                train_dataset = _placeholder_dataset(rollout_func, args)
-        elif tools:
-            if rollout_func is not None or environment is not None:
-                raise ValueError("Pass `tools` or `rollout_func` / `environment`, not both: tools make the rollout.")
-            rollout_func = ToolRollout(tools, max_tool_calls)
-        if environment is not None:
-            if rollout_func is not None:
-                raise ValueError("Pass `environment` or `rollout_func`, not both: an environment is a rollout.")
-            rollout_func, reward_funcs = rollout_and_rewards(environment, reward_funcs)
         super().__init__(
             model,
             reward_funcs,
@@ -121,59 +91,53 @@ class GRPOTrainer(OnlineRLTrainer):
             peft_config,
             quantization_config,
             rollout_func,
+            tools,
+            environment_factory,
+            environment,
         )
         args = self.args
-        self.tools = list(rollout_func.tools) if isinstance(rollout_func, ToolRollout) else []
-        if self.tools:
-            check_tool_template(self._tokenizer)
-        if isinstance(rollout_func, EnvironmentToolRollout):  # environments that score themselves (`get_reward`)
-            rewards = self.reward_functions
-            for func in rollout_func.reward_funcs():
-                rewards.funcs.append(func)
-                rewards.names.append(func.__name__)
-                rewards.processing_classes.append(None)
-                rewards.weights = torch.cat([rewards.weights, torch.ones(1)])
         self.loss_type = args.loss_type
         self.scale_rewards = args.scale_rewards
         self.multi_objective_aggregation = args.multi_objective_aggregation
         self.importance_sampling_level = args.importance_sampling_level
         self.top_entropy_quantile = args.top_entropy_quantile
-        self.use_vllm = args.use_vllm
         self.vllm_importance_sampling_correction = args.use_vllm and args.vllm_importance_sampling_correction
+        self.needs_sampling_logps = self.vllm_importance_sampling_correction
         self.entropy_coef = args.entropy_coef
         self.use_adaptive_entropy = args.use_adaptive_entropy
         self._entropy_bonus_enabled = self.entropy_coef != 0.0 or self.use_adaptive_entropy
         self._last_world_entropy = math.inf
         self._entropy_window: torch.Tensor | None = None
 
-    def needs_old_logps(self) -> bool:
-        return super().needs_old_logps() or self.vllm_importance_sampling_correction
-
     # ----------------------------------------------------------------------------------------------- rollouts
-    def _generate(self, prompts):
-        generated = super()._generate(prompts)
+    def _generate(self, rows):
+        """The rollout; with tools, conversational completions are the assistant and tool messages (like TRL), and
+        the tool-call frequencies are logged."""
+        rollout = super()._generate(rows)
         if not isinstance(self.rollout_func, ToolRollout):
-            return generated
-        prompt_ids, completion_ids, completions, logprobs, env_mask, extra_fields = generated
-        messages = extra_fields.pop("completion_messages")
-        if not isinstance(completions[0], str):  # conversational: the assistant and tool messages, like TRL
-            completions = messages
+            return rollout
+        extra = dict(rollout.extra)
+        messages = extra.pop("completion_messages")
+        completions = rollout.completions if isinstance(rollout.completions[0], str) else messages
         mode = "train" if self.model.training else "eval"
         device = self.accelerator.device
-        calls = gather(torch.tensor(extra_fields.pop("tool_call_count"), device=device, dtype=torch.float))
-        failures = gather(torch.tensor(extra_fields.pop("tool_failure_count"), device=device, dtype=torch.float))
+        calls = gather(torch.tensor(extra.pop("tool_call_count"), device=device, dtype=torch.float))
+        failures = gather(torch.tensor(extra.pop("tool_failure_count"), device=device, dtype=torch.float))
         self._metrics[mode]["tools/call_frequency"].append((calls.sum() / calls.numel()).item())
         failure_frequency = (failures.sum() / calls.sum()).item() if calls.sum() > 0 else 0.0
         self._metrics[mode]["tools/failure_frequency"].append(failure_frequency)
-        return prompt_ids, completion_ids, completions, logprobs, env_mask, extra_fields
+        return replace(rollout, completions=completions, extra=extra)
 
-    def compute_advantages(self, rewards_per_func, batch):
-        mode = "train" if self.model.training else "eval"
-        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        batch["num_items_in_batch"] = gather(self.loss_mask(batch).sum()).sum()
+    def _make_batch(self, rows):
+        """As `OnlineRLTrainer._make_batch`, plus the loss-token count and the vLLM importance-sampling ratio."""
+        batch = super()._make_batch(rows)
+        batch.num_items_in_batch = gather(batch.loss_mask.sum()).sum()
         if self.vllm_importance_sampling_correction:
-            self._importance_sampling_ratio(batch, mode)
-        advantages, _, is_std_zero = group_advantages(
+            batch.importance_sampling_ratio = self._importance_sampling_ratio(batch)
+        return batch
+
+    def advantages(self, rewards_per_func, batch, num_generations):
+        advantages, _, is_std_zero = pg.group_advantages(
             rewards_per_func,
             self.reward_functions.weights.to(rewards_per_func.device),
             num_generations,
@@ -182,59 +146,59 @@ class GRPOTrainer(OnlineRLTrainer):
         )
         return advantages, is_std_zero
 
-    def _importance_sampling_ratio(self, batch: dict[str, Any], mode: str) -> None:
-        """Store the vLLM importance-sampling correction (`exp(old - sampling)`, truncated or masked) and log how far
-        the sampler's log-probs are from the trainer's."""
+    def _importance_sampling_ratio(self, batch: OnlineBatch) -> torch.Tensor:
+        """The vLLM importance-sampling correction (`exp(old - sampling)`, truncated or masked); logs how far the
+        sampler's log-probs are from the trainer's."""
         args = self.args
-        mask = batch["completion_mask"].bool()
-        old, sampling = batch["old_per_token_logps"], batch["sampling_per_token_logps"]
-        ratio = vllm_importance_sampling_ratio(
+        mode = "train" if self.model.training else "eval"
+        mask = batch.completion_mask.bool()
+        old, sampling = batch.old_per_token_logps, batch.sampling_per_token_logps
+        ratio = pg.vllm_importance_sampling_ratio(
             old,
             sampling,
-            batch["completion_mask"],
+            batch.completion_mask,
             args.vllm_importance_sampling_mode,
             args.vllm_importance_sampling_clip_min,
             args.vllm_importance_sampling_clip_max,
         )
-        batch["importance_sampling_ratio"] = ratio
         delta = (old - sampling).abs()[mask & ~torch.isnan(old - sampling)]
         flat = ratio.flatten() if ratio.size(1) == 1 else ratio[mask]
         zero = ratio.new_zeros(())
         stats = {
             "sampling/sampling_logp_difference/mean": (delta.mean() if delta.numel() else zero, torch.nanmean),
-            "sampling/sampling_logp_difference/max": (delta.max() if delta.numel() else zero, nanmax),
-            "sampling/importance_sampling_ratio/min": (flat.min() if flat.numel() else zero, nanmin),
+            "sampling/sampling_logp_difference/max": (delta.max() if delta.numel() else zero, pg.nanmax),
+            "sampling/importance_sampling_ratio/min": (flat.min() if flat.numel() else zero, pg.nanmin),
             "sampling/importance_sampling_ratio/mean": (flat.mean() if flat.numel() else zero, torch.nanmean),
-            "sampling/importance_sampling_ratio/max": (flat.max() if flat.numel() else zero, nanmax),
+            "sampling/importance_sampling_ratio/max": (flat.max() if flat.numel() else zero, pg.nanmax),
         }
         for name, (value, reduce) in stats.items():
             self._metrics[mode][name].append(reduce(gather(value.reshape(1))).item())
+        return ratio
 
     # ----------------------------------------------------------------------------------------------- loss
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model, inputs: OnlineBatch, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("GRPOTrainer does not return model outputs from `compute_loss`.")
         mode = "train" if self.model.training else "eval"
-        completion_ids, mask = inputs["completion_ids"], self.loss_mask(inputs)
-        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        per_token_logps, entropies, aux_loss = self._token_logps(
-            model, input_ids, attention_mask, completion_ids.size(1), entropy=True
-        )
+        mask = inputs.loss_mask
+        per_token_logps, entropies, aux_loss = self._logps(model, inputs, entropy=True)
         entropy_mask = None
         if self.top_entropy_quantile < 1.0:
-            quantile = 1 - self.top_entropy_quantile
-            entropy_mask = self.get_high_entropy_mask(entropies, mask, quantile)
-        advantages = inputs["advantages"]
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+        advantages = inputs.advantages
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        token_normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-        if mode == "train":
-            token_normalizer = token_normalizer * accumulation / self.args.steps_per_generation
+        training = mode == "train"
+        scale = pg.loss_scale(
+            inputs.num_items_in_batch,
+            self.accelerator.num_processes,
+            self.current_gradient_accumulation_steps if training else 1,
+            self.args.steps_per_generation,
+            training,
+        )
         args = self.args
-        out = grpo_loss(
+        out = pg.grpo_loss(
             per_token_logps,
-            inputs.get("old_per_token_logps"),
+            inputs.old_per_token_logps,
             advantages,
             mask,
             loss_type=self.loss_type,
@@ -243,7 +207,7 @@ class GRPOTrainer(OnlineRLTrainer):
             delta=args.delta,
             importance_sampling_level=self.importance_sampling_level,
             beta=self.beta,
-            ref_per_token_logps=inputs.get("ref_per_token_logps"),
+            ref_per_token_logps=inputs.ref_per_token_logps,
             use_bias_correction_kl=args.use_bias_correction_kl,
             sapo_temperature_pos=args.sapo_temperature_pos,
             sapo_temperature_neg=args.sapo_temperature_neg,
@@ -251,21 +215,22 @@ class GRPOTrainer(OnlineRLTrainer):
             vespo_lambda_pos=args.vespo_lambda_pos,
             vespo_k_neg=args.vespo_k_neg,
             vespo_lambda_neg=args.vespo_lambda_neg,
-            importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
+            importance_sampling_ratio=inputs.importance_sampling_ratio,
             off_policy_mask_threshold=args.off_policy_mask_threshold,
-            sampling_per_token_logps=inputs.get("sampling_per_token_logps"),
+            sampling_per_token_logps=inputs.sampling_per_token_logps,
             entropy_mask=entropy_mask,
             max_completion_length=self.max_completion_length,
-            accumulation_steps=accumulation,
-            token_normalizer=token_normalizer,
+            accumulation_steps=scale.accumulation_steps,
+            token_normalizer=scale.token_normalizer,
         )
         loss = out.loss
         metrics = self._metrics[mode]
         if self._entropy_bonus_enabled:
-            loss = loss - self._entropy_bonus(entropies, mask if entropy_mask is None else mask * entropy_mask, mode)
+            effective = mask if entropy_mask is None else mask * entropy_mask
+            loss = loss - self._entropy_bonus(entropies, effective, mode, scale.accumulation_steps)
             metrics["policy_loss"].append(gather(out.policy_loss.reshape(1)).nanmean().item())
         if aux_loss is not None and self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            loss = loss + self.router_aux_loss_coef * aux_loss / scale.accumulation_steps
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         self._log_loss_metrics(out, entropies, advantages, mask, mode)
         return loss
@@ -281,7 +246,7 @@ class GRPOTrainer(OnlineRLTrainer):
             everyone = accelerator.gather(accelerator.pad_across_processes(local, dim=0, pad_index=sentinel))
             return everyone[everyone != sentinel]
 
-        return high_entropy_mask(entropies, mask, threshold, gather=gather_all)
+        return pg.high_entropy_mask(entropies, mask, threshold, gather=gather_all)
 
     @staticmethod
     def get_off_policy_mask(
@@ -293,7 +258,7 @@ class GRPOTrainer(OnlineRLTrainer):
     ) -> torch.Tensor:
         """`(B, 1)` keep (1) / drop (0) mask of `off_policy_mask_threshold`: a sequence is dropped when its advantage
         is negative and its mean KL(sampler || policy) exceeds `off_policy_threshold` (see `losses.off_policy_mask`)."""
-        return off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)
+        return pg.off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)
 
     @staticmethod
     def get_gamma_weights(
@@ -308,16 +273,17 @@ class GRPOTrainer(OnlineRLTrainer):
     ) -> torch.Tensor:
         """VESPO's detached `(B, 1)` gamma weights φ(w) of the sequence importance weight w (`loss_type="vespo"`;
         see `losses.vespo_gamma_weights`)."""
-        return vespo_gamma_weights(
+        return pg.vespo_gamma_weights(
             advantages, log_ratio_per_token, mask, importance_sampling_ratio, k_pos, lambda_pos, k_neg, lambda_neg
         )
 
-    def _entropy_bonus(self, entropies: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    def _entropy_bonus(
+        self, entropies: torch.Tensor, mask: torch.Tensor, mode: str, accumulation: float
+    ) -> torch.Tensor:
         """`coef * mean entropy`, to subtract from the loss. With `use_adaptive_entropy`, the coefficient steps by
         `entropy_coef_delta` towards keeping the window's entropy above `entropy_target` (updated at each optimizer
         step, applied from the next)."""
         args = self.args
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         coef = self.entropy_coef
         if self.use_adaptive_entropy:
             coef = self.entropy_coef if self._last_world_entropy <= args.entropy_target else 0.0
@@ -325,11 +291,11 @@ class GRPOTrainer(OnlineRLTrainer):
                 self._update_entropy_coef(entropies, mask)
         if mode == "train" and self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        return coef * entropy_bonus(entropies, mask, accumulation_steps=accumulation)
+        return coef * pg.entropy_bonus(entropies, mask, accumulation_steps=accumulation)
 
     def _update_entropy_coef(self, entropies: torch.Tensor, mask: torch.Tensor) -> None:
         args = self.args
-        stats = masked_sum_count(entropies, mask).detach()
+        stats = pg.masked_sum_count(entropies, mask).detach()
         self._entropy_window = stats if self._entropy_window is None else self._entropy_window + stats
         if not self.accelerator.sync_gradients:
             return
@@ -341,13 +307,13 @@ class GRPOTrainer(OnlineRLTrainer):
         self._entropy_window = None
 
     def _log_loss_metrics(self, out, entropies, advantages, mask, mode: str) -> None:
-        local = {"entropy": masked_sum_count(entropies.detach(), mask)}
+        local = {"entropy": pg.masked_sum_count(entropies.detach(), mask)}
         if out.per_token_kl is not None:
-            local["kl"] = masked_sum_count(out.per_token_kl.detach(), mask)
-        local |= clip_metrics(out.coef_1, advantages, mask, self.epsilon_low, self.epsilon_high, self.loss_type)
+            local["kl"] = pg.masked_sum_count(out.per_token_kl.detach(), mask)
+        local |= pg.clip_metrics(out.coef_1, advantages, mask, self.epsilon_low, self.epsilon_high, self.loss_type)
         if out.phi_seq is not None:
-            local["vespo/phi_seq_mean"] = masked_sum_count(out.phi_seq, mask)
-        reduced = reduce_metrics(local, lambda t: self.accelerator.reduce(t, reduction="sum"), gather)
+            local["vespo/phi_seq_mean"] = pg.masked_sum_count(out.phi_seq, mask)
+        reduced = pg.reduce_metrics(local, lambda t: self.accelerator.reduce(t, reduction="sum"), gather)
         for name, value in reduced.items():
             self._metrics[mode][name].append(value)
 
@@ -365,20 +331,3 @@ class GRPOTrainer(OnlineRLTrainer):
             with open(path) as f:
                 state = json.load(f)
             self.entropy_coef, self._last_world_entropy = state["entropy_coef"], state["last_world_entropy"]
-
-
-def _placeholder_dataset(rollout: EnvironmentToolRollout, args: GRPOConfig | None) -> Dataset:
-    """Empty prompts driving a run whose environments make the prompts in `reset` (TRL's no-dataset path): one
-    generation's worth of rows, cycled for `max_steps`."""
-    if rollout.multi_environment:
-        raise ValueError(
-            "A dict `environment_factory` needs a `train_dataset` whose 'environment' column routes each row to its "
-            "environment; pass one, or a single factory."
-        )
-    if args is None or args.max_steps <= 0:
-        raise ValueError(
-            "Without a `train_dataset` (the environment writes the prompt in `reset`), set `GRPOConfig(max_steps=...)` "
-            "to a positive number: it is the length of training."
-        )
-    rows = max(1, args.generation_batch_size // args.num_generations)
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": ""}]] * rows})

@@ -97,9 +97,24 @@ class RewardFunctions:
     def __len__(self) -> int:
         return len(self.funcs)
 
-    @property
-    def models(self) -> list[nn.Module]:
-        return [func for func in self.funcs if isinstance(func, nn.Module)]
+    def append(self, func: Callable) -> None:
+        """Add a plain reward function of weight 1 (e.g. an environment's own `get_reward`)."""
+        self.funcs.append(func)
+        self.names.append(func.__name__)
+        self.processing_classes.append(None)
+        self.weights = torch.cat([self.weights, torch.ones(1)])
+
+    @staticmethod
+    def columns(rows: list[dict[str, Any]], extra: dict[str, Any]) -> dict[str, list[Any]]:
+        """Reward-function keywords: every dataset column but 'prompt', 'completion' and 'completion_ids', then the
+        rollout's `extra` fields (a list per row, or one value for all), which take precedence. `rows` are read,
+        never written."""
+        skip = ("prompt", "completion", "completion_ids")
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in skip}
+        for key, values in extra.items():
+            if key != "completion_ids":
+                columns[key] = values if isinstance(values, list) else [values] * len(rows)
+        return columns
 
     def check_signatures(self, columns: Sequence[str], exact: bool = True) -> None:
         """Raise a `TypeError` naming the reward function and the keywords when a function cannot be called the way

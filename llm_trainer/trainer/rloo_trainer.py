@@ -9,16 +9,8 @@ from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 
-from ..losses.policy_gradient import (
-    clip_metrics,
-    masked_sum_count,
-    reduce_metrics,
-    rloo_advantages,
-    rloo_loss,
-    rloo_rewards,
-    rloo_sequence_kl,
-    zero_std_groups,
-)
+from ..generation.loop import OnlineBatch
+from ..losses import policy_gradient as pg
 from .online_trainer import OnlineRLTrainer
 from .reward_functions import RewardFunc
 from .rloo_config import RLOOConfig
@@ -37,6 +29,7 @@ class RLOOTrainer(OnlineRLTrainer):
     loss_is_scaled_for_ga = False  # `compute_loss` returns a per-batch mean; `Trainer` divides it for accumulation
     _name = "RLOO"
     _tag_names = ["llm-trainer", "rloo"]
+    needs_sampling_logps = True  # the KL penalty in the reward is measured on the sampling policy
 
     def __init__(
         self,
@@ -68,51 +61,44 @@ class RLOOTrainer(OnlineRLTrainer):
         self.normalize_advantages = self.args.normalize_advantages
         self.reward_clip_range = self.args.reward_clip_range
 
-    def needs_old_logps(self) -> bool:
-        return True  # the KL penalty in the reward is measured on the sampling policy
-
-    def compute_advantages(self, rewards_per_func, batch):
-        mode = "train" if self.model.training else "eval"
-        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        mask = batch["completion_mask"]
-        old_per_token_logps = batch.pop("old_per_token_logps")
-        batch["old_logps"] = (old_per_token_logps * mask).sum(1)
+    def advantages(self, rewards_per_func, batch, num_generations):
+        """RLOO's advantages, the KL penalty (measured on the sampling policy, summed per sequence) charged to the
+        rewards."""
         sequence_kl = None
         if self.beta != 0.0:  # first-order estimate (k1), summed over the sequence and charged to the reward
-            kl = rloo_sequence_kl(old_per_token_logps, batch.pop("ref_per_token_logps"), mask)
+            mode = "train" if self.model.training else "eval"
+            mask = batch.completion_mask
+            kl = pg.rloo_sequence_kl(batch.old_per_token_logps, batch.ref_per_token_logps, mask)
             totals = self.accelerator.reduce(torch.stack([kl.sum(), mask.sum().float()]), reduction="sum")
             self._metrics[mode]["kl"].append((totals[0] / totals[1].clamp(min=1.0)).item())
             sequence_kl = gather(kl)
-        rewards = rloo_rewards(
+        rewards = pg.rloo_rewards(
             rewards_per_func,
             self.reward_functions.weights.to(rewards_per_func.device),
             reward_clip_range=self.reward_clip_range,
             beta=self.beta,
             sequence_kl=sequence_kl,
         )
-        advantages = rloo_advantages(rewards, num_generations, self.normalize_advantages)
-        return advantages, zero_std_groups(rewards, num_generations)
+        advantages = pg.rloo_advantages(rewards, num_generations, self.normalize_advantages)
+        return advantages, pg.zero_std_groups(rewards, num_generations)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model, inputs: OnlineBatch, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("RLOOTrainer does not return model outputs from `compute_loss`.")
         mode = "train" if self.model.training else "eval"
-        completion_ids, mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], mask], dim=1)
-        per_token_logps, entropies, aux_loss = self._token_logps(
-            model, input_ids, attention_mask, completion_ids.size(1), entropy=True
-        )
+        mask = inputs.completion_mask
+        per_token_logps, entropies, aux_loss = self._logps(model, inputs, entropy=True)
         logps = (per_token_logps * mask).sum(1)
-        advantages = inputs["advantages"]
-        loss, coef_1 = rloo_loss(logps, inputs["old_logps"], advantages, self.epsilon_low, self.epsilon_high)
+        old_logps = (inputs.old_per_token_logps * mask).sum(1)
+        advantages = inputs.advantages
+        loss, coef_1 = pg.rloo_loss(logps, old_logps, advantages, self.epsilon_low, self.epsilon_high)
         metrics = self._metrics[mode]
         if aux_loss is not None and self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
-        local = {"entropy": masked_sum_count(entropies.detach(), mask)}
-        local |= clip_metrics(coef_1, advantages, None, self.epsilon_low, self.epsilon_high, loss_type="grpo")
-        for name, value in reduce_metrics(
+        local = {"entropy": pg.masked_sum_count(entropies.detach(), mask)}
+        local |= pg.clip_metrics(coef_1, advantages, None, self.epsilon_low, self.epsilon_high, loss_type="grpo")
+        for name, value in pg.reduce_metrics(
             local, lambda t: self.accelerator.reduce(t, reduction="sum"), gather
         ).items():
             metrics[name].append(value)

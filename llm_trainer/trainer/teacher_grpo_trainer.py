@@ -15,11 +15,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 from ..data.formats import is_conversational
 from ..generation.base import SamplingConfig
 from ..generation.factory import eos_token_ids
+from ..generation.loop import tokenize_prompts
 from ..generation.transformers_backend import TransformersGenerator
 from ..modeling import create_reference_model, reference_adapter
 from ..rewards.adaptive_teaching import AdaptiveTeachingReward
 from .grpo_trainer import GRPOTrainer
-from .online_trainer import tokenize_prompts
 from .reward_functions import RewardFunc
 from .teacher_grpo_config import TeacherGRPOConfig
 
@@ -213,11 +213,9 @@ class TeacherGRPOTrainer(GRPOTrainer):
             self._signature_columns = ["prompt", "answer"]
 
     # ----------------------------------------------------------------------------------------------- rollout
-    def _teaching_rollout(self, prompts: list[Any], trainer: Any = None) -> dict[str, Any]:
-        """The `rollout_func`: student attempt and probe once per problem, teachings, student answers with them."""
-        rows = self.rollout_rows  # the answers are in the rows, not the prompts
-        if len(rows) != len(prompts):
-            raise RuntimeError("The teaching rollout runs inside `_generate_and_score_completions`, with its rows.")
+    def _teaching_rollout(self, prompts: list[Any], trainer: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The `rollout_func`: student attempt and probe once per problem, teachings, student answers with them;
+        `rows` are the prompts' dataset rows (the answers are in them)."""
         args = self.args
         conversational = is_conversational({"prompt": prompts[0]})
         owner: list[int] = []  # row -> problem; a problem's rows (its group of generations) are consecutive
@@ -256,9 +254,9 @@ class TeacherGRPOTrainer(GRPOTrainer):
         for name, values in (("without", correct_without), ("with", correct_with)):
             for value in values:
                 if value is not None:
-                    self._pending_metric_append(f"student/accuracy_{name}_teaching", value)
-        self._pending_extra_logs_extend("student_probe", [probes[k] for k in owner])
-        self._pending_extra_logs_extend("student_answer", answers)
+                    self.log_metric(f"student/accuracy_{name}_teaching", value)
+        self.log_extra("student_probe", [probes[k] for k in owner])
+        self.log_extra("student_answer", answers)
         return {
             "prompt_ids": prompt_ids,
             "completion_ids": result.completion_ids,

@@ -246,8 +246,8 @@ def test_the_batch_rows_reach_reset():
     rows = [{"prompt": PROMPTS[2], "answer": "2"}, {"prompt": PROMPTS[0], "answer": "0"}]
     envs = []
     rollout = EnvironmentRollout(functools.partial(Scripted, done_at=1, log=envs))
-    trainer = _trainer(ScriptedGenerator(get_tokenizer()), rollout_rows=rows)  # the trainer's current batch
-    rollout([PROMPTS[2], PROMPTS[0]], trainer)
+    trainer = _trainer(ScriptedGenerator(get_tokenizer()))
+    rollout([PROMPTS[2], PROMPTS[0]], trainer, rows=rows)  # the trainer's current batch
     assert [env.rows[0] for env in envs] == rows
 
     explicit = [{"prompt": PROMPTS[0], "answer": "41"}]
@@ -356,8 +356,8 @@ def test_grpo_trains_on_multi_turn_rollouts(tiny_model_path, tmp_path):
     assert [env.rows[0]["secret"] for env in envs] == seen["secret"]  # reset got each prompt's dataset row
 
     tokenizer = get_tokenizer()
-    batch = trainer._buffered_inputs[0]
-    for ids, mask, attended in zip(batch["completion_ids"], batch["tool_mask"], batch["completion_mask"]):
+    batch = trainer.generation.buffer[0]
+    for ids, mask, attended in zip(batch.completion_ids, batch.tool_mask, batch.completion_mask):
         ids, mask = ids[attended.bool()].tolist(), mask[attended.bool()].tolist()
         environment_text = [tokenizer.decode(run) for value, run in _segments(ids, mask) if value == 0]
         assert environment_text == ["<|im_end|>" + OBSERVATION_TEXT.format("Higher.")] * 2
@@ -494,7 +494,7 @@ def test_grpo_trainer_takes_an_environment_directly(tiny_model_path, tmp_path):
     assert trainer.reward_func_names == ["environment_reward"]
     trainer.train()
     logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
-    assert "rewards/environment_reward/mean" in logged and "tool_mask" in trainer._buffered_inputs[0]
+    assert "rewards/environment_reward/mean" in logged and trainer.generation.buffer[0].tool_mask is not None
     with pytest.raises(ValueError, match="not both"):
         GRPOTrainer(
             tiny_model_path,

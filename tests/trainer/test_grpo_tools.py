@@ -250,9 +250,9 @@ def test_grpo_trains_with_tools_and_logs_tool_metrics(tiny_model_path, tmp_path)
     failed = sum(c[1]["content"].startswith("{'error'") for c in seen[0])
     assert logs["tools/call_frequency"] == 1.0
     assert failed == 2 and logs["tools/failure_frequency"] == 0.5
-    batch = trainer._buffered_inputs[0]
+    batch = trainer.generation.buffer[0]
     tokenizer = get_tokenizer()
-    for ids, mask in zip(batch["completion_ids"], batch["tool_mask"]):
+    for ids, mask in zip(batch.completion_ids, batch.tool_mask):
         masked = [tokenizer.decode(run) for value, run in _segments(ids.tolist(), mask.tolist()) if value == 0]
         assert masked[0].startswith("\n<|im_start|>user\n<tool_response>\n")
 

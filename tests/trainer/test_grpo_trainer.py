@@ -235,8 +235,10 @@ def test_gradient_accumulation_and_multiple_iterations_reuse_stored_generations(
     assert _changed(before, trainer.model)
     # 2 optimizer steps x 2 micro-batches = 4 micro-batches; each generation batch (4 rows) serves 2 x 2 of them
     assert calls == [4]
-    buffered = trainer._buffered_inputs
-    assert len(buffered) == 2 and all("old_per_token_logps" in b and "ref_per_token_logps" in b for b in buffered)
+    buffered = trainer.generation.buffer
+    assert len(buffered) == 2 and all(
+        b.old_per_token_logps is not None and b.ref_per_token_logps is not None for b in buffered
+    )
     assert "kl" in _step_log(trainer)
 
 

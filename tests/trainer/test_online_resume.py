@@ -13,7 +13,7 @@ import torch
 
 from llm_trainer import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from llm_trainer.testing import zen_dataset
-from llm_trainer.trainer.online_trainer import GENERATION_BUFFER_NAME
+from llm_trainer.generation.loop import GENERATION_BUFFER_NAME
 
 TRAINERS = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}
 UNTIMED = {"step_time"}  # wall-clock, differs run to run
