@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import transformers
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from packaging.version import Version
 from transformers import (
     AutoModelForSequenceClassification,
     DataCollator,
@@ -28,7 +27,6 @@ from ..losses import reward_model_loss, reward_model_metrics
 from .base_trainer import BaseTrainer
 from .reward_config import RewardConfig
 from .special_tokens import configure_special_tokens
-from .utils import disable_dropout_in_model
 
 __all__ = ["DataCollatorForPreference", "RewardTrainer", "suppress_seqcls_warning"]
 
@@ -57,6 +55,7 @@ class RewardTrainer(BaseTrainer):
     _name = "Reward"
     _tag_names = ["reward-trainer"]
     loss_is_scaled_for_ga = False  # `compute_loss` returns a per-batch mean; `Trainer` divides it for accumulation
+    dataset_description = "a preference dataset ('chosen' / 'rejected')"
 
     def __init__(
         self,
@@ -74,45 +73,6 @@ class RewardTrainer(BaseTrainer):
         quantization_config: Any = None,
         peft_config: Any = None,
     ):
-        args = self.resolve_args(args, model)
-        self.check_train_dataset(train_dataset, args, "a preference dataset ('chosen' / 'rejected')")
-        if not isinstance(model, str) and getattr(model.config, "num_labels", None) != 1:
-            raise ValueError(
-                f"The model has `num_labels={model.config.num_labels}`, but reward models require `num_labels=1`: "
-                "they output one score per sequence; load it with `num_labels=1`, or pass its name or path to have "
-                "it loaded that way."
-            )
-
-        load_args = copy.copy(args)
-        load_args.model_init_kwargs = {**(args.model_init_kwargs or {}), "num_labels": 1}
-        with suppress_seqcls_warning():
-            model = self.prepare_model(model, load_args, quantization_config, AutoModelForSequenceClassification)
-        is_quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-        processing_class = self.prepare_processing_class(model, processing_class, args)
-        # Sequence classification reads the score at the last token that is not padding: the model needs the pad id.
-        configure_special_tokens(model, processing_class, args.eos_token, args.pad_token)
-        if args.chat_template_path is not None:
-            processing_class.chat_template = read_chat_template(args.chat_template_path)
-
-        model = self.prepare_peft(model, peft_config, args)
-        if peft_config is None and is_peft_model(model) and args.gradient_checkpointing:
-            model.enable_input_require_grads()
-        if is_quantized and is_peft_model(model):  # QLoRA: bf16 adapters, as the paper recommends
-            for name, param in model.named_parameters():
-                if param.requires_grad and "lora_magnitude_vector" not in name:
-                    param.data = param.data.to(torch.bfloat16)
-        if args.disable_dropout:
-            disable_dropout_in_model(model)
-
-        if data_collator is None:
-            data_collator = DataCollatorForReward(
-                pad_token_id=processing_class.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of
-            )
-        self._tokenizer = processing_class
-        train_dataset = self.prepare_dataset(train_dataset, "train", args)
-        if eval_dataset is not None:
-            eval_dataset = self.prepare_eval_dataset(eval_dataset, args)
-
         super().__init__(
             model=model,
             args=args,
@@ -125,12 +85,53 @@ class RewardTrainer(BaseTrainer):
             optimizers=optimizers,
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
         )
+
+    def check_inputs(self, args: RewardConfig, *, model, train_dataset, **inputs) -> None:
+        super().check_inputs(args, train_dataset=train_dataset)
+        if not isinstance(model, str) and getattr(model.config, "num_labels", None) != 1:
+            raise ValueError(
+                f"The model has `num_labels={model.config.num_labels}`, but reward models require `num_labels=1`: "
+                "they output one score per sequence; load it with `num_labels=1`, or pass its name or path to have "
+                "it loaded that way."
+            )
         if args.n_gpu > 1:
             raise ValueError(
                 "RewardTrainer does not support `nn.DataParallel` (several GPUs visible to one process): launch with "
                 "`accelerate launch` or `torchrun`, or make one GPU visible with `CUDA_VISIBLE_DEVICES`."
             )
+
+    def load_model(self, model: Any, args: RewardConfig, quantization_config: Any) -> PreTrainedModel:
+        """A one-label sequence classifier; a causal LM checkpoint gets a new `score` head."""
+        load_args = copy.copy(args)
+        load_args.model_init_kwargs = {**(args.model_init_kwargs or {}), "num_labels": 1}
+        with suppress_seqcls_warning():
+            return self.prepare_model(model, load_args, quantization_config, AutoModelForSequenceClassification)
+
+    def configure_tokenizer(self, model: PreTrainedModel, args: RewardConfig) -> None:
+        # Sequence classification reads the score at the last token that is not padding: the model needs the pad id.
+        configure_special_tokens(model, self._tokenizer, args.eos_token, args.pad_token)
+        if args.chat_template_path is not None:
+            self._tokenizer.chat_template = read_chat_template(args.chat_template_path)
+
+    def configure(self, model: PreTrainedModel, args: RewardConfig, train_dataset: Any) -> None:
+        """QLoRA: the adapters in bf16, as the paper recommends."""
+        base = model.get_base_model() if is_peft_model(model) else model
+        if is_peft_model(model) and (
+            getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
+        ):
+            for name, param in model.named_parameters():
+                if param.requires_grad and "lora_magnitude_vector" not in name:
+                    param.data = param.data.to(torch.bfloat16)
+
+    def default_collator(self, args: RewardConfig) -> DataCollatorForReward:
+        return DataCollatorForReward(
+            pad_token_id=self._tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of
+        )
+
+    def finish_init(self, args: RewardConfig) -> None:
         # Evaluation calls `compute_loss` only when the loss needs no labels.
         self.can_return_loss = True
         self.label_names = []
@@ -163,27 +164,28 @@ class RewardTrainer(BaseTrainer):
 @contextlib.contextmanager
 def suppress_seqcls_warning() -> Iterator[None]:
     """Keep `from_pretrained` quiet about the two keys a causal LM checkpoint loaded as a sequence classifier always
-    reports: the new `score` head (missing) and the unused `lm_head` (unexpected). A context manager (TRL's name)."""
-    if Version(transformers.__version__) < Version("4.57.0"):  # older versions misload with these set; let them warn
-        yield
-        return
-    from transformers.modeling_layers import GenericForSequenceClassification as classifier
-
-    patterns = {
-        "_keys_to_ignore_on_load_missing": r"^score\.weight$",
-        "_keys_to_ignore_on_load_unexpected": r"^lm_head\.",
-    }
-    saved = {name: classifier.__dict__.get(name, _ABSENT) for name in patterns}
-    for name, pattern in patterns.items():
-        setattr(classifier, name, [*(getattr(classifier, name, None) or []), pattern])
+    reports: the new `score` head (missing) and the unused `lm_head` (unexpected). A load report listing anything
+    else is still logged. A context manager (TRL's name)."""
+    modeling_logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _ExpectedSeqclsKeys()
+    modeling_logger.addFilter(quiet)
     try:
         yield
     finally:
-        for name, value in saved.items():
-            if value is _ABSENT:
-                delattr(classifier, name)
-            else:
-                setattr(classifier, name, value)
+        modeling_logger.removeFilter(quiet)
 
 
-_ABSENT = object()
+class _ExpectedSeqclsKeys(logging.Filter):
+    """Drops a `from_pretrained` load report whose rows are all `score.weight` MISSING or `lm_head.*` UNEXPECTED."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [line.split("|") for line in message.splitlines() if line.count("|") >= 2][1:]  # after the header
+        expected = [
+            (key.strip() == "score.weight" and status.strip() == "MISSING")
+            or (key.strip().startswith("lm_head.") and status.strip() == "UNEXPECTED")
+            for key, status, *_ in rows
+        ]
+        return not (expected and all(expected))
