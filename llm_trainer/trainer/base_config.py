@@ -146,15 +146,6 @@ class BaseConfig(TrainingArguments):
         True, "Recompute activations in the backward pass to save memory, at about 20%% more compute."
     )
     bf16: bool | None = option(None, "Use bf16 (mixed) precision. Unset means `True` unless `fp16` is set.")
-    lr_scheduler_kwargs: dict | str | None = option(
-        None, "Extra keyword arguments for the learning-rate scheduler, e.g. {'num_cycles': 1}."
-    )
-    use_liger_kernel: bool = option(
-        False, "Patch the model's layers with Liger's Triton kernels (deprecated in TRL; kept for scripts)."
-    )
-    torch_empty_cache_steps: int | None = option(
-        None, "Call `torch.<device>.empty_cache()` every N steps (slower, lowers peak memory)."
-    )
     model_init_kwargs: dict[str, Any] | str | None = option(
         None,
         "Keyword arguments for `from_pretrained` when the model is given as a name or path. `dtype` defaults to "
