@@ -91,14 +91,8 @@ def train(
         raise TypeError(f"`num_generations_per_prompt` applies to online RL (grpo, rloo), not {name!r}.")
     if output_dir is not None:
         options["output_dir"] = output_dir
-    return trainer_class.from_pretrained(model, **options).fit(
-        dataset,
-        reward_fn=reward_fn,
-        environment=environment,
-        max_steps=max_steps,
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-    )
+    trainer = trainer_class.from_pretrained(model, **options)
+    return trainer.fit(dataset, reward_fn, environment, max_steps, max_epochs, callbacks)
 
 
 def _leave_one_out(algorithm: str, kwargs: dict[str, Any]) -> str:

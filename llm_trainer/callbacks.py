@@ -33,12 +33,9 @@ __all__ = [
 
 @dataclass
 class TrainingResult:
-    """What `fit` and `llm_trainer.train` return (`TrainResult` is the same class) and `on_train_end` receives.
-
-    `metrics` holds the latest logged value of every metric; `best_checkpoint_path` (also `checkpoint_path`) is the
-    best checkpoint when `metric_for_best_model` tracks one, else the one saved at the last step (None when none was
-    saved); `trainer` is the trainer that ran (its model is the trained one).
-    """
+    """What `fit` and `llm_trainer.train` return (`TrainResult` is this class) and `on_train_end` receives: the latest
+    value of every logged metric; the best checkpoint when `metric_for_best_model` tracks one, else the last step's
+    (None when none was saved; also `checkpoint_path`); steps; epochs; and the trainer (its model is the trained one)."""
 
     metrics: dict[str, float]
     best_checkpoint_path: str | None

@@ -17,14 +17,13 @@ variables, and a `datasets:` list (see `DatasetMixtureConfig`) trains on a mixtu
 
 from __future__ import annotations
 
+import importlib
 import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from .scripts import _training
 from .scripts.utils import TrlParser
-
-TRAINERS = _training.TRAINERS
 
 
 def train(name: str, argv: list[str]) -> None:
@@ -94,27 +93,21 @@ def env() -> str:
     return "\n".join(lines)
 
 
+_COMMANDS = {"demo": (".demo", "main"), "vllm-serve": (".scripts.vllm_serve", "cli"), "run": (".run", "run")}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = [*TRAINERS, "env", "demo", "vllm-serve", "run"]
+    commands = [*_training.TRAINERS, "env", *_COMMANDS]
     if not argv or argv[0] not in commands:
-        print(__doc__.replace("ALGORITHMS", "|".join(TRAINERS), 1))
+        print(__doc__.replace("ALGORITHMS", "|".join(_training.TRAINERS), 1))
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     command, rest = argv[0], argv[1:]
     if command == "env":
         print(env())
-    elif command == "demo":
-        from .demo import main as demo
-
-        demo(rest)
-    elif command == "run":
-        from .run import run
-
-        run(rest)
-    elif command == "vllm-serve":
-        from .scripts.vllm_serve import cli as vllm_serve
-
-        vllm_serve(rest)
+    elif command in _COMMANDS:  # imported only when run
+        module, function = _COMMANDS[command]
+        getattr(importlib.import_module(module, __package__), function)(rest)
     else:
         train(command, rest)
 

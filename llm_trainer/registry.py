@@ -1,9 +1,6 @@
-"""The one list of training algorithms: each declared once, with its trainer and the simple API's options.
-
-`llm_trainer.api` (`list_algorithms`, `get_algorithm`, `register_algorithm`), the `llm-trainer <name>` commands, the
-section key of the nested-dict form (`GRPOTrainer({"grpo": ...})`) and the table in docs/simple_api.md all read
-`ALGORITHMS`; tests/test_architecture.py checks that they agree.
-"""
+"""The one list of training algorithms, each declared once with its trainer and the simple API's options: `api`
+(`list_algorithms`, `get_algorithm`, `register_algorithm`), the `llm-trainer <name>` commands, the nested-dict form's
+section key and the table in docs/simple_api.md read `ALGORITHMS` (tests/test_architecture.py checks they agree)."""
 
 from __future__ import annotations
 
@@ -22,9 +19,8 @@ class SimpleSpec:
     Args:
         defaults: `from_pretrained`'s defaults (friendly names or config fields).
         aliases: friendly name -> config field, or -> a function of the value returning config fields.
-        synonyms: friendly name -> the friendly name it stands for.
-        batch_unit: what `batch_size` counts: dataset rows, or prompts (each sampled `num_generations` times; one
-            optimizer step then covers `num_prompts_per_step` prompts, one prompt's group per micro-batch).
+        batch_unit: what `batch_size` counts: dataset rows, or prompts (then it is `num_prompts_per_step`; each prompt
+            is sampled `num_generations` times, one prompt's group per micro-batch).
         reward_param: the constructor argument `fit(reward_fn=...)` fills; "reward_funcs" also takes the simple
             `reward_fn(prompt, response) -> float` form.
         init_defaults: constructor arguments without a default that `fit` sets.
@@ -32,7 +28,6 @@ class SimpleSpec:
 
     defaults: dict[str, Any] = field(default_factory=dict)
     aliases: dict[str, str | Callable[[Any], dict[str, Any]]] = field(default_factory=dict)
-    synonyms: dict[str, str] = field(default_factory=dict)
     batch_unit: Literal["rows", "prompts"] = "rows"
     reward_param: str | None = None
     init_defaults: dict[str, Any] = field(default_factory=dict)
@@ -60,18 +55,14 @@ def _scale_rewards(normalize: bool | str) -> dict[str, str]:
     return {"scale_rewards": normalize if isinstance(normalize, str) else ("group" if normalize else "none")}
 
 
-_ONLINE = {
-    "defaults": {
-        "num_prompts_per_step": 32,
-        "num_generations_per_prompt": 16,
-        "learning_rate": 1e-6,
-        "max_sequence_length": 512,
-    },
-    "synonyms": {"batch_size": "num_prompts_per_step"},
-    "batch_unit": "prompts",
-    "reward_param": "reward_funcs",
-}
+_ONLINE_DEFAULTS = dict(
+    num_prompts_per_step=32, num_generations_per_prompt=16, learning_rate=1e-6, max_sequence_length=512
+)
+_ONLINE = {"defaults": _ONLINE_DEFAULTS, "batch_unit": "prompts", "reward_param": "reward_funcs"}
 _ONLINE_ALIASES = {"num_generations_per_prompt": "num_generations", "max_sequence_length": "max_completion_length"}
+_GRPO = SimpleSpec(aliases={**_ONLINE_ALIASES, "normalize_rewards": _scale_rewards}, **_ONLINE)
+_RLOO = SimpleSpec(aliases={**_ONLINE_ALIASES, "normalize_rewards": "normalize_advantages"}, **_ONLINE)
+_PPO = SimpleSpec(reward_param="reward_model", init_defaults={"processing_class": None, "ref_model": None})
 
 ALGORITHMS: dict[str, Algorithm] = {
     algorithm.name: algorithm
@@ -80,25 +71,13 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("cpo", "CPOTrainer"),
         Algorithm("distillation", "DistillationTrainer"),
         Algorithm("dpo", "DPOTrainer", SimpleSpec(defaults={"beta": 0.1})),
-        Algorithm(
-            "grpo",
-            "GRPOTrainer",
-            SimpleSpec(aliases={**_ONLINE_ALIASES, "normalize_rewards": _scale_rewards}, **_ONLINE),
-        ),
+        Algorithm("grpo", "GRPOTrainer", _GRPO),
         Algorithm("kto", "KTOTrainer"),
         Algorithm("orpo", "ORPOTrainer"),
-        Algorithm(
-            "ppo",
-            "PPOTrainer",
-            SimpleSpec(reward_param="reward_model", init_defaults={"processing_class": None, "ref_model": None}),
-        ),
+        Algorithm("ppo", "PPOTrainer", _PPO),
         Algorithm("prm", "PRMTrainer"),
         Algorithm("reward", "RewardTrainer"),
-        Algorithm(
-            "rloo",
-            "RLOOTrainer",
-            SimpleSpec(aliases={**_ONLINE_ALIASES, "normalize_rewards": "normalize_advantages"}, **_ONLINE),
-        ),
+        Algorithm("rloo", "RLOOTrainer", _RLOO),
         Algorithm("sft", "SFTTrainer", SimpleSpec(defaults={"batch_size": 8, "learning_rate": 2e-5})),
         Algorithm("teacher_grpo", "TeacherGRPOTrainer"),
     ]

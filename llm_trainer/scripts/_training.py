@@ -40,8 +40,7 @@ __all__ = [
     "trainer_inputs",
 ]
 
-TRAINERS = sorted(name for name, algorithm in ALGORITHMS.items() if algorithm.cli)
-"""The algorithms `llm-trainer <name>` runs: those of the registry marked `cli`."""
+TRAINERS = sorted(name for name, algorithm in ALGORITHMS.items() if algorithm.cli)  # the `llm-trainer` commands
 
 
 class ScriptArgumentError(ValueError):
@@ -82,8 +81,7 @@ class RLOOScriptArguments(OnlineScriptArguments):
 
 @dataclass
 class TeacherGRPOScriptArguments(OnlineScriptArguments):
-    """Script arguments of `teacher_grpo` (the model trained is the teacher): the online ones, reward functions
-    optional (default: `AdaptiveTeachingReward`), and the frozen student."""
+    """`teacher_grpo`'s (the model is the teacher): rewards optional (`AdaptiveTeachingReward`), and the student."""
 
     student_model_name_or_path: str | None = field(
         default=None,
@@ -206,25 +204,17 @@ def _load_datasets(script_args: ScriptArguments, dataset_args: DatasetMixtureCon
                 stacklevel=3,
             )
         return get_dataset(dataset_args)
-    if os.path.isfile(script_args.dataset_name):
-        if evaluating:
-            raise ScriptArgumentError(
-                f"--dataset_name {script_args.dataset_name} is a single file, so there is no "
-                f"'{script_args.dataset_test_split}' split to evaluate on. Set --eval_strategy no, or list the files "
-                "in a `datasets:` mixture in the --config YAML with `test_split_size`."
-            )
-        try:
-            return {
-                script_args.dataset_train_split: load_data_file(
-                    script_args.dataset_name, script_args.dataset_streaming
-                )
-            }
-        except ValueError as error:
-            raise ScriptArgumentError(f"--dataset_name: {error}") from None
-    try:
-        return load_named_dataset(
-            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+    name, streaming = script_args.dataset_name, script_args.dataset_streaming
+    if os.path.isfile(name) and evaluating:
+        raise ScriptArgumentError(
+            f"--dataset_name {name} is a single file, so there is no '{script_args.dataset_test_split}' split to "
+            "evaluate on. Set --eval_strategy no, or list the files in a `datasets:` mixture in the --config YAML "
+            "with `test_split_size`."
         )
+    try:
+        if os.path.isfile(name):
+            return {script_args.dataset_train_split: load_data_file(name, streaming)}
+        return load_named_dataset(name, name=script_args.dataset_config, streaming=streaming)
     except (FileNotFoundError, ValueError) as error:
         raise ScriptArgumentError(f"--dataset_name: {error}") from None
 

@@ -275,21 +275,17 @@ def get_dataset(mixture_config: DatasetMixtureConfig) -> DatasetDict:
     for config in mixture_config.datasets:
         logger.info("Loading %s (configuration %s) for the mixture", config.path, config.name)
         if os.path.isfile(config.path) and config.data_files is None:
-            loaded.append(load_data_file(config.path, mixture_config.streaming))
-            if config.columns is not None:
-                loaded[-1] = loaded[-1].select_columns(config.columns)
-            continue
-        dataset = datasets.load_dataset(
-            path=config.path,
-            name=config.name,
-            data_dir=config.data_dir,
-            data_files=config.data_files,
-            split=config.split,
-            streaming=mixture_config.streaming,
-        )
-        if config.columns is not None:
-            dataset = dataset.select_columns(config.columns)
-        loaded.append(dataset)
+            dataset = load_data_file(config.path, mixture_config.streaming)
+        else:
+            dataset = datasets.load_dataset(
+                path=config.path,
+                name=config.name,
+                data_dir=config.data_dir,
+                data_files=config.data_files,
+                split=config.split,
+                streaming=mixture_config.streaming,
+            )
+        loaded.append(dataset if config.columns is None else dataset.select_columns(config.columns))
 
     fractions = [config.fraction for config in mixture_config.datasets]
     if any(fraction is not None for fraction in fractions):

@@ -30,8 +30,6 @@ from ..callbacks import Callback, TrainingResult
 from ..registry import algorithm_of, simple_spec
 from .checkpointing import STAGING_PREFIX, staged_folder
 
-__all__ = ["PendingBuild", "TrainingResult", "fit", "from_dict", "from_pretrained", "load_training_dataset"]
-
 _MANAGED_PARAMS = {"self", "model", "args"}  # constructor arguments `from_pretrained` fills itself
 _SHARED_ALIASES: dict[str, str] = {"max_epochs": "num_train_epochs", "max_sequence_length": "max_length"}
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -108,11 +106,10 @@ def from_dict(cls: type, config: Mapping[str, Any]) -> Any:
 def split_options(cls: type, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Config values and constructor arguments of `cls` from `from_pretrained`'s keywords and its defaults."""
     spec = simple_spec(cls)
-    for synonym, target in spec.synonyms.items():
-        if synonym in options:
-            if target in options:
-                raise ValueError(f"`{synonym}` and `{target}` mean the same here; pass one.")
-            options[target] = options.pop(synonym)
+    if spec.batch_unit == "prompts" and "batch_size" in options:
+        if "num_prompts_per_step" in options:
+            raise ValueError("`batch_size` and `num_prompts_per_step` mean the same here; pass one.")
+        options["num_prompts_per_step"] = options.pop("batch_size")
     config_fields = {f.name for f in dataclasses.fields(cls.config_class) if f.init}
     init_params = set(inspect.signature(cls.__init__).parameters) - _MANAGED_PARAMS
     aliases = {**_SHARED_ALIASES, **spec.aliases}
@@ -176,12 +173,11 @@ def fit(
 ) -> TrainingResult:
     """`trainer.fit(...)`: build a pending `trainer`, train, and return a `TrainingResult`.
 
-    A pending trainer is built first: `dataset` is a dataset name or local path (its "train" split), a data file, a
-    list of dicts or a `datasets.Dataset`; `reward_fn` (GRPO, RLOO) is `reward_fn(prompt, response) -> float`
-    (further parameters named after dataset columns get that column's value), TRL's `f(prompts, completions,
-    **kwargs) -> list[float]`, a reward model, or a list of these; `environment` goes to the trainer's `environment`
-    argument. On a trainer built the usual way these three must be None. `max_steps` and `max_epochs` cap training
-    (whichever comes first; None keeps the config's); it resumes from a checkpoint given to `load_checkpoint`.
+    A pending trainer is built first: `dataset` is a dataset name or path (its "train" split), a data file, a list of
+    dicts or a `datasets.Dataset`; `reward_fn` (GRPO, RLOO) is `reward_fn(prompt, response, [column, ...]) -> float`,
+    TRL's `f(prompts, completions, **kwargs)`, a reward model, or a list of these; `environment` goes to the
+    trainer's `environment`. A trainer built the usual way takes none of the three. `max_steps` and `max_epochs` cap
+    training (whichever comes first; None keeps the config's); it resumes from `load_checkpoint`'s checkpoint.
     """
     for value, what in ((max_steps, "max_steps"), (max_epochs, "max_epochs")):
         if value is not None and not value > 0:
@@ -202,11 +198,9 @@ def fit(
             trainer.add_callback(callback)
     _apply_limits(trainer, max_steps, max_epochs)
     resume, trainer._resume_from = trainer._resume_from, None
-    if resume is None and trainer.state.global_step > 0:  # a later `fit` continues where the last one stopped
-        with _continuation_checkpoint(trainer) as resume:
-            trainer.train(resume_from_checkpoint=resume)
-    else:
-        trainer.train(resume_from_checkpoint=resume)
+    continuing = resume is None and trainer.state.global_step > 0  # a later `fit` continues where the last stopped
+    with _continuation_checkpoint(trainer) if continuing else contextlib.nullcontext(resume) as checkpoint:
+        trainer.train(resume_from_checkpoint=checkpoint)
     return TrainingResult.from_state(trainer.state, trainer.args.output_dir, trainer)
 
 
