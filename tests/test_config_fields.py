@@ -19,7 +19,7 @@ import typing
 import warnings
 
 import pytest
-from transformers import TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 import llm_trainer
 from llm_trainer.trainer.base_config import DEPRECATED_FIELDS, BaseConfig, inert_fields
@@ -126,3 +126,9 @@ def test_deprecated_field_warns_and_moves_its_value(name, replacement, tmp_path)
     with pytest.warns(FutureWarning, match=rf"`{name}` is deprecated: use `{replacement}`"):
         config = cls(output_dir=str(tmp_path), use_cpu=True, report_to="none", **{name: value})
     assert getattr(config, replacement) == value
+
+
+@pytest.mark.parametrize("cls", [cls for cls in CLASSES if cls.__module__ in CONFIG_MODULES], ids=lambda c: c.__name__)
+def test_the_command_line_sees_every_field(cls):
+    text = HfArgumentParser(cls).format_help()
+    assert [f.name for f in dataclasses.fields(cls) if f.init and f"--{f.name}" not in text] == []
