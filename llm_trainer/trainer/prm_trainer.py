@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import (
     AutoModelForTokenClassification,
@@ -20,10 +19,9 @@ from transformers import (
 )
 from transformers.trainer_utils import EvalPrediction
 
-from ..data.stepwise import check_stepwise_dataset, prepare_stepwise_dataset, tokenize_stepwise
+from ..data.stepwise import prepare_stepwise_dataset, tokenize_stepwise
 from .base_trainer import BaseTrainer
 from .prm_config import PRMConfig
-from .utils import disable_dropout_in_model
 
 __all__ = ["PRMTrainer", "compute_accuracy"]
 
@@ -60,6 +58,7 @@ class PRMTrainer(BaseTrainer):
     config_class = PRMConfig
     _name = "PRM"
     _tag_names = ["prm"]
+    dataset_description = "the stepwise dataset to train on"
 
     def __init__(
         self,
@@ -76,42 +75,6 @@ class PRMTrainer(BaseTrainer):
         preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         peft_config: Any = None,
     ):
-        if model is None or model_init is not None:
-            raise ValueError(
-                "PRMTrainer needs `model` (a token-classification model, or its name/path); `model_init` is not "
-                "supported."
-            )
-        args = self.resolve_args(args, model)
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required: pass the stepwise dataset to train on.")
-        check_stepwise_dataset(train_dataset, "train")
-        model = self.prepare_model(model, args, auto_class=AutoModelForTokenClassification)
-        processing_class = self.prepare_processing_class(model, processing_class, args)
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        if peft_config is not None:
-            model = self.prepare_peft(model, peft_config, args)
-        elif is_peft_model(model) and args.gradient_checkpointing:
-            model.enable_input_require_grads()
-        if args.disable_dropout:
-            disable_dropout_in_model(model)
-        if data_collator is None:
-            data_collator = DataCollatorForTokenClassification(tokenizer)
-        prep = {
-            "step_separator": args.step_separator,
-            "max_length": args.max_length,
-            "max_completion_length": args.max_completion_length,
-            "train_on_last_step_only": args.train_on_last_step_only,
-            "num_proc": args.dataset_num_proc,
-        }
-        with args.main_process_first(desc="preparing datasets"):
-            train_dataset = prepare_stepwise_dataset(train_dataset, tokenizer, **prep, name="train")
-            if isinstance(eval_dataset, dict):
-                eval_dataset = {
-                    key: prepare_stepwise_dataset(ds, tokenizer, **prep, is_eval=True, name=key)
-                    for key, ds in eval_dataset.items()
-                }
-            elif eval_dataset is not None:
-                eval_dataset = prepare_stepwise_dataset(eval_dataset, tokenizer, **prep, is_eval=True, name="eval")
         super().__init__(
             model=model,
             args=args,
@@ -119,11 +82,42 @@ class PRMTrainer(BaseTrainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
+            model_init=model_init,
             compute_metrics=compute_metrics if compute_metrics is not None else compute_accuracy,
             callbacks=callbacks,
             optimizers=optimizers,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config,
         )
+
+    def check_inputs(self, args: PRMConfig, *, model, model_init, train_dataset, **inputs) -> None:
+        if model is None or model_init is not None:
+            raise ValueError(
+                "PRMTrainer needs `model` (a token-classification model, or its name/path); `model_init` is not "
+                "supported."
+            )
+        super().check_inputs(args, train_dataset=train_dataset)
+
+    def load_model(self, model: Any, args: PRMConfig, quantization_config: Any) -> PreTrainedModel:
+        return self.prepare_model(model, args, auto_class=AutoModelForTokenClassification)
+
+    def default_collator(self, args: PRMConfig) -> DataCollatorForTokenClassification:
+        return DataCollatorForTokenClassification(self._tokenizer)
+
+    def prepare_dataset(self, dataset: Dataset | IterableDataset, name: str, args: PRMConfig):
+        """Tokenize a stepwise dataset into `input_ids` and per-token step `labels` (see `data.stepwise`)."""
+        with args.main_process_first(desc=f"preparing {name} dataset"):
+            return prepare_stepwise_dataset(
+                dataset,
+                self._tokenizer,
+                step_separator=args.step_separator,
+                max_length=args.max_length,
+                max_completion_length=args.max_completion_length,
+                train_on_last_step_only=args.train_on_last_step_only,
+                is_eval=name != "train",
+                num_proc=args.dataset_num_proc,
+                name=name,
+            )
 
     @staticmethod
     def tokenize_row(

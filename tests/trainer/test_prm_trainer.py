@@ -107,6 +107,14 @@ def test_training_lowers_the_loss_and_updates_the_weights(prm_path, tmp_path):
         assert not torch.equal(before[name], param), f"{name} did not change"
 
 
+def test_evaluate_prepares_a_raw_dataset(prm_path, tmp_path):
+    """`evaluate(raw_dataset)` tokenizes it as the constructor does (it failed when PRM tokenized inline)."""
+    dataset = _dataset()
+    trainer = PRMTrainer(model=prm_path, args=_config(tmp_path), train_dataset=dataset, eval_dataset=dataset)
+    assert trainer.evaluate(dataset)["eval_loss"] == pytest.approx(trainer.evaluate()["eval_loss"])
+    assert "eval_raw_accuracy" in trainer.evaluate({"raw": dataset})
+
+
 def test_model_instance_with_tokenizer(prm_path, tmp_path, tokenizer):
     model = AutoModelForTokenClassification.from_pretrained(prm_path)
     trainer = PRMTrainer(
