@@ -84,8 +84,7 @@ class TeacherGRPOScriptArguments(OnlineScriptArguments):
     """`teacher_grpo`'s (the model is the teacher): rewards optional (`AdaptiveTeachingReward`), and the student."""
 
     student_model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "The frozen student (Hub id or local folder); default: a frozen copy of the initial model."},
+        default=None, metadata={"help": "The frozen student (default: a copy)."}
     )
 
 

@@ -1,11 +1,7 @@
-"""The simple API beside the trainers: `from_pretrained(...)` then `fit(...)`, checkpoints, and the nested-dict form.
-
-`GRPOTrainer.from_pretrained(model, ...)` returns a *pending* `GRPOTrainer`: an instance whose construction waits for
-`fit(dataset, ...)`, which brings the dataset and the reward function; `GRPOTrainer({"policy": ..., "grpo": ...,
-"data": ...})` does the same from one nested dict (`BaseTrainer.__new__` routes it here). Friendly option names
-(`batch_size`, `num_generations_per_prompt`, ...) become config fields through each algorithm's `SimpleSpec` in
-`llm_trainer.registry`. `BaseTrainer` only delegates to the functions here (its "simple API" section).
-"""
+"""The simple API beside the trainers (`BaseTrainer`'s "simple API" section delegates here): `from_pretrained(...)`
+returns a *pending* trainer, whose construction waits for `fit(dataset, ...)` to bring the dataset and the reward;
+`GRPOTrainer({"policy": ..., "grpo": ..., "data": ...})` does the same from one nested dict; friendly option names
+become config fields through the algorithm's `SimpleSpec` (`llm_trainer.registry`); checkpoints; dataset loading."""
 
 from __future__ import annotations
 
@@ -270,11 +266,12 @@ def _apply_limits(trainer: Any, max_steps: int | None, max_epochs: float | None)
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(trainer: Any, path: str | os.PathLike) -> str:
-    """`trainer.save_checkpoint(path)`: model, tokenizer, optimizer, scheduler, RNG and trainer state; returns `path`."""
+    """`trainer.save_checkpoint(path)`: what `train(resume_from_checkpoint=path)` reads, written whole and then renamed
+    to `path` (a kill never leaves half a checkpoint). No public API writes the optimizer's or the RNG's state in the
+    format `train` resumes from, so `Trainer`'s own writers do."""
     if trainer._pending_build is not None:
         raise RuntimeError("Nothing to save yet: the trainer is built (and its model loaded) by `fit`.")
     path = os.fspath(path)
-    # written whole, then renamed to `path`: a kill never leaves half a checkpoint
     with staged_folder(path, trainer.accelerator, trainer.args.should_save) as staged:
         trainer.save_model(staged)
         if trainer.optimizer is not None and trainer.lr_scheduler is not None:
@@ -287,7 +284,8 @@ def save_checkpoint(trainer: Any, path: str | os.PathLike) -> str:
 
 
 def load_checkpoint(trainer: Any, path: str | os.PathLike) -> None:
-    """`trainer.load_checkpoint(path)`: the weights now, the optimizer, scheduler and step count at the next `fit`."""
+    """`trainer.load_checkpoint(path)`: the weights now (`Trainer`'s loader: no public API loads a checkpoint into a
+    live, possibly wrapped model), the optimizer, scheduler, RNG and step at the next `fit` (`train`'s resume)."""
     path = os.fspath(path)
     state_file = os.path.join(path, TRAINER_STATE_NAME)
     if not os.path.isfile(state_file):
