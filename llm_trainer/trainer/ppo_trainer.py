@@ -45,9 +45,9 @@ from ..losses.ppo import (
     response_padding_masks,
     whiten_rewards,
 )
-from ..modeling import add_token_logprob_head
 from .base_trainer import BaseTrainer
 from .ppo_config import PPOConfig
+from .reference_policy import ReferencePolicy
 from .utils import disable_dropout_in_model
 
 try:  # transformers >= 5
@@ -206,8 +206,27 @@ class PPOTrainer(BaseTrainer):
         callbacks: list[TrainerCallback] | None = None,
         peft_config: Any = None,
     ) -> None:
-        args = self.resolve_args(args, model)
-        self.check_train_dataset(train_dataset, args, "a dataset of tokenized prompts ('input_ids')")
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+            reward_model=reward_model,
+            value_model=value_model,
+        )
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def set_options(self, args: PPOConfig, reward_model: str | nn.Module, value_model: str | nn.Module | None) -> None:
+        self.reward_model, self._value_model = reward_model, value_model  # loaded with the policy, see `load_model`
+
+    def check_inputs(self, args: PPOConfig, *, train_dataset, eval_dataset, **inputs) -> None:
+        super().check_inputs(args, train_dataset=train_dataset)
         if isinstance(train_dataset, IterableDataset):
             raise TypeError(
                 "PPOTrainer needs a map-style `datasets.Dataset` (it counts episodes by its length); convert the "
@@ -220,69 +239,80 @@ class PPOTrainer(BaseTrainer):
                     "tokenized prompts: e.g. `dataset.map(lambda row: tokenizer(row['prompt']), "
                     "remove_columns=dataset.column_names)`."
                 )
-        if ref_model is not None and ref_model is model:
-            raise ValueError(
-                "`model` and `ref_model` are the same object. Omit `ref_model` to use a frozen copy of the initial "
-                "model (or the model with its adapter disabled, with PEFT), or pass a separate model."
-            )
 
+    def load_model(self, model: Any, args: PPOConfig, quantization_config: Any) -> PreTrainedModel:
+        """The policy, then the reward and value models (loaded by name as sequence classifiers; the value model
+        defaults to a trainable copy of the reward model, as TRL's example script does)."""
         policy = self.prepare_model(model, args)
-        processing_class = self.prepare_processing_class(policy, processing_class, args)
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        self.pad_token_id = tokenizer.pad_token_id
-        self.eos_token_id = tokenizer.eos_token_id
-        self.stop_token_id = self.eos_token_id if args.stop_token == "eos" else args.stop_token_id
-
-        if isinstance(ref_model, str):
-            ref_model = self.prepare_model(ref_model, args)
+        reward_model, value_model = self.reward_model, self._value_model
         if isinstance(reward_model, str):
             reward_model = self.prepare_model(reward_model, args, auto_class=AutoModelForSequenceClassification)
         if isinstance(value_model, str):
             value_model = self.prepare_model(value_model, args, auto_class=AutoModelForSequenceClassification)
         _check_scoring_model(reward_model, "reward_model")
-        if value_model is None:  # as TRL's example script, which initializes the value model from the reward model
+        if value_model is None:
             value_model = copy.deepcopy(reward_model).requires_grad_(True)
         _check_scoring_model(value_model, "value_model")
+        self.reward_model, self._value_model = reward_model.eval(), value_model
+        return policy
 
-        policy = self.prepare_peft(policy, peft_config, args)
-        self.is_peft_model = is_peft_model(policy)
-        self.model_adapter_name = args.model_adapter_name
-        self.ref_adapter_name = args.ref_adapter_name
-        self.ref_model = self.prepare_reference_model(policy, ref_model)
-        self.reward_model = reward_model.eval()
-        for module in (policy, self.ref_model, value_model, reward_model):
+    def reference_policy(self, model, ref_model, peft_config, args: PPOConfig) -> ReferencePolicy:
+        return ReferencePolicy.for_policy(model, ref_model, adapter_name=args.ref_adapter_name)
+
+    prepare_reference = False  # moved to the device, as TRL's PPO
+
+    def configure(self, model: PreTrainedModel, args: PPOConfig, train_dataset: Any) -> None:
+        for module in (model, self.ref_model, self._value_model, self.reward_model):
             if module is not None:
                 disable_dropout_in_model(module)
 
-        # Log-probs through the fused LM head, at the sampling temperature (TRL adds 1e-7 to avoid dividing by 0).
-        self.logprob_temperature = args.temperature + 1e-7
-        add_token_logprob_head(
-            policy.get_base_model() if self.is_peft_model else policy, self.logprob_temperature, outputs=("entropy",)
-        )
-        if self.ref_model is not None:
-            add_token_logprob_head(self.ref_model, self.logprob_temperature, outputs=())
+    def default_collator(self, args: PPOConfig) -> LeftPaddingCollator:
+        return LeftPaddingCollator(self.pad_token_id)
 
-        self.policy_model = policy
-        self.value_model = value_model
-        self.train_dataset_len = len(train_dataset)
-        if data_collator is None:
-            data_collator = LeftPaddingCollator(self.pad_token_id)
-
-        wrapper = PolicyAndValueWrapper(policy, value_model)
+    def trainer_model(self, model: PreTrainedModel, args: PPOConfig) -> PolicyAndValueWrapper:
+        """The policy and the value model as one module, trained and checkpointed together."""
+        wrapper = PolicyAndValueWrapper(model, self._value_model)
         if args.gradient_checkpointing:
             wrapper.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False}
             )
-        super().__init__(
-            model=wrapper,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
+        return wrapper
+
+    def logprob_head(self, args: PPOConfig) -> dict[str, Any]:
+        """Log-probs at the sampling temperature (TRL adds 1e-7 to avoid dividing by 0)."""
+        return {"temperature": args.temperature + 1e-7, "outputs": ("entropy",)}
+
+    @property
+    def policy_model(self) -> nn.Module:
+        return self.model.policy
+
+    @property
+    def value_model(self) -> nn.Module:
+        return self.model.value_model
+
+    @property
+    def is_peft_model(self) -> bool:
+        return is_peft_model(self.policy_model)
+
+    @property
+    def train_dataset_len(self) -> int:
+        return len(self.train_dataset)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._tokenizer.pad_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._tokenizer.eos_token_id
+
+    @property
+    def stop_token_id(self) -> int | None:
+        return self.eos_token_id if self.args.stop_token == "eos" else self.args.stop_token_id
+
+    def finish_init(self, args: PPOConfig) -> None:
+        """PPO's own training loop: its state, batch sizes, optimizer, prompt loaders and generators."""
+        train_dataset, eval_dataset, data_collator = self.train_dataset, self.eval_dataset, self.data_collator
         self.state = OnlineTrainerState(
             is_local_process_zero=self.is_local_process_zero(),
             is_world_process_zero=self.is_world_process_zero(),
@@ -302,10 +332,7 @@ class PPOTrainer(BaseTrainer):
         self.model_wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.callback_handler.optimizer = self.optimizer
         self.callback_handler.lr_scheduler = self.lr_scheduler
-        device = self.accelerator.device
-        self.reward_model = self.reward_model.to(device)
-        if self.ref_model is not None:
-            self.ref_model = self.ref_model.to(device)
+        self.reward_model = self.reward_model.to(self.accelerator.device)
 
         set_seed(args.seed)
         self.dataloader = self.accelerator.prepare(
@@ -331,9 +358,10 @@ class PPOTrainer(BaseTrainer):
         stop_ids = [token for token in (self.stop_token_id, self.pad_token_id) if token is not None]
         # A pad token also ends a response: everything after it is masked out (TRL's `padding_mask`), so
         # generating past it would change nothing that is trained on.
+        policy = self.policy_model
         self.generator = TransformersGenerator(
             policy,
-            SamplingConfig(max_tokens=args.response_length, temperature=self.logprob_temperature, top_p=1.0, top_k=0),
+            SamplingConfig(max_tokens=args.response_length, temperature=args.temperature + 1e-7, top_p=1.0, top_k=0),
             pad_token_id=self.pad_token_id,
             eos_token_id=list(dict.fromkeys(stop_ids)),
             batch_size=args.local_rollout_forward_batch_size,
@@ -384,19 +412,9 @@ class PPOTrainer(BaseTrainer):
     def _unwrapped_policy(self):
         return self.unwrapped_for_generation(lambda model: model.policy)
 
-    @contextlib.contextmanager
-    def null_ref_context(self) -> Iterator[None]:
+    def null_ref_context(self) -> contextlib.AbstractContextManager:
         """Run the PEFT policy as the reference: the `ref_adapter_name` adapter if set, else adapters disabled."""
-        policy = self.policy_model
-        if not self.ref_adapter_name:
-            with policy.disable_adapter():
-                yield
-            return
-        policy.set_adapter(self.ref_adapter_name)
-        try:
-            yield
-        finally:
-            policy.set_adapter(self.model_adapter_name or "default")
+        return self.reference.context(self.policy_model)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the policy alone (with the tokenizer), as a model to sample from."""
