@@ -236,14 +236,14 @@ class SFTTrainer(BaseTrainer):
 
     def _check_skipped_preparation(self, datasets: dict[str, Any], data_collator: Any) -> None:
         """A skipped preparation never builds labels, so mask columns without `labels` would be silently ignored; and
-        the default collator needs `input_ids`, which a raw dataset lacks."""
+        the default collator (`data_collator` None) needs `input_ids`, which a raw dataset lacks."""
         for name, dataset in datasets.items():
             for key, ds in dataset.items() if isinstance(dataset, dict) else [(name, dataset)]:
                 columns = get_dataset_column_names(ds) if ds is not None else []
                 if (
                     columns
                     and "input_ids" not in columns
-                    and isinstance(data_collator, DataCollatorForLanguageModeling)
+                    and (data_collator is None or isinstance(data_collator, DataCollatorForLanguageModeling))
                 ):
                     raise ValueError(
                         f"The {key} dataset has no 'input_ids' (columns: {sorted(columns)}), and "
