@@ -105,7 +105,8 @@ class BaseTrainer(Trainer):
         arguments `Trainer.__init__` takes (`compute_metrics`, `callbacks`, `optimizers`, ...) and the trainer's own
         (e.g. SFT's `formatting_func`), which `set_options` receives.
         """
-        if self._pending_build is not None:  # the simple API's pending trainer: `fit` runs this again to build it
+        if isinstance(model, Mapping):  # the simple API's nested-dict form: a trainer that `fit` builds
+            self._pending_build = simple.pending_from_dict(type(self), model)
             return
         if peft_config is _NOT_GIVEN:  # a trainer that has not adopted the prelude: `Trainer.__init__` as given
             self._init_trainer(
@@ -649,22 +650,17 @@ class BaseTrainer(Trainer):
     _pending_build: simple.PendingBuild | None = None  # set until `fit` builds a trainer from `from_pretrained`
     _resume_from: str | None = None  # the checkpoint the next `fit` resumes from (`load_checkpoint`)
 
-    def __new__(cls, *args: Any, **kwargs: Any):
-        """`Trainer(config_dict)`, one nested dict, is the simple API's full-configuration form (`from_dict`)."""
-        if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
-            return simple.from_dict(cls, args[0])
-        return super().__new__(cls)
-
     @classmethod
     def from_pretrained(cls, model_name_or_path: Any, **kwargs: Any) -> Self:
         """A trainer for `model_name_or_path` (a name, a path or a loaded model) that `fit` builds; `kwargs` are its
         config fields, its constructor arguments and the simple API's friendly names (`simple.split_options`)."""
-        return simple.from_pretrained(cls, model_name_or_path, **kwargs)
+        return simple.pending(cls, simple.pending_build(cls, model_name_or_path, **kwargs))
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> Self:
-        """A trainer from the nested dict `{"policy": ..., "<algorithm>": ..., "data": ...}`, built by `fit`."""
-        return simple.from_dict(cls, config)
+        """A trainer from the nested dict `{"policy": ..., "<algorithm>": ..., "data": ...}`, built by `fit` (as
+        `cls(config)`, without running the constructor)."""
+        return simple.pending(cls, simple.pending_from_dict(cls, config))
 
     def require_built(self) -> None:
         """Raise when `fit` has yet to build this trainer; bind its `llm_trainer.callbacks.Callback`s (`train`)."""

@@ -55,8 +55,15 @@ class _EpochLimit(TrainerCallback):
 
 
 # ----------------------------------------------------------------------------------------------- construction
-def from_pretrained(cls: type, model_name_or_path: Any, **kwargs: Any) -> Any:
-    """A pending `cls` for `model_name_or_path` (a name, a path or a loaded model), built when `fit` is called.
+def pending(cls: type, build: PendingBuild) -> Any:
+    """A pending `cls`: an instance whose constructor has not run yet; `fit` runs it with `build` and the data."""
+    trainer = cls.__new__(cls)
+    trainer._pending_build = build
+    return trainer
+
+
+def pending_build(cls: type, model_name_or_path: Any, **kwargs: Any) -> PendingBuild:
+    """What `cls.from_pretrained(model_name_or_path, **kwargs)` holds (a model name, path or loaded model) until `fit`.
 
     Keywords: `cls`'s config fields and constructor arguments (`peft_config`, `eval_dataset`, ...) and the friendly
     names `batch_size`, `learning_rate`, `max_epochs`, `max_sequence_length` (GRPO and RLOO also
@@ -65,13 +72,11 @@ def from_pretrained(cls: type, model_name_or_path: Any, **kwargs: Any) -> Any:
     """
     kwargs.setdefault("output_dir", os.path.join("outputs", _model_name(model_name_or_path)))
     config_values, init_kwargs = split_options(cls, kwargs)
-    trainer = cls.__new__(cls)
-    trainer._pending_build = PendingBuild(model_name_or_path, cls.config_class(**config_values), init_kwargs)
-    return trainer
+    return PendingBuild(model_name_or_path, cls.config_class(**config_values), init_kwargs)
 
 
-def from_dict(cls: type, config: Mapping[str, Any]) -> Any:
-    """A pending `cls` from the nested-dict form (keys "policy", the algorithm's name, and optionally "data")."""
+def pending_from_dict(cls: type, config: Mapping[str, Any]) -> PendingBuild:
+    """The pending build of `cls` from the nested-dict form (keys "policy", the algorithm's name, optionally "data")."""
     section = algorithm_of(cls)
     unknown = sorted(set(config) - {"policy", section, "data"})
     if unknown:
@@ -96,7 +101,7 @@ def from_dict(cls: type, config: Mapping[str, Any]) -> Any:
     options.update(policy)
     if config.get("data") is not None:
         options["train_dataset"] = _dataset_from_data_section(config["data"])
-    return from_pretrained(cls, model, **options)
+    return pending_build(cls, model, **options)
 
 
 def split_options(cls: type, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
