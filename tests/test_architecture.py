@@ -16,6 +16,7 @@ import llm_trainer
 from llm_trainer import GRPOTrainer, get_algorithm, list_algorithms
 from llm_trainer.registry import ALGORITHMS
 from llm_trainer.scripts import _training
+from llm_trainer.trainer.base_trainer import BaseTrainer
 
 ROOT = Path(__file__).parents[1]
 PACKAGE = ROOT / "llm_trainer"
@@ -34,8 +35,7 @@ def test_trainer_hierarchy_is_at_most_three_of_our_classes_deep(name):
 
 
 def test_trainers_are_plain_classes_whose_signature_is_the_constructors():
-    for name in ALGORITHMS:
-        trainer_class = get_algorithm(name)
+    for trainer_class in [BaseTrainer, *map(get_algorithm, ALGORITHMS)]:
         assert type(trainer_class) is type, f"{trainer_class.__name__} has a metaclass"
         assert not any("__signature__" in vars(klass) for klass in trainer_class.__mro__)
         expected = list(inspect.signature(trainer_class.__init__).parameters)[1:]
