@@ -156,12 +156,12 @@ class ReferencePolicy:
         return dataset
 
 
-def loss_prediction_step(trainer: Any, model, inputs, prediction_loss_only, ignore_keys=None):
-    """`prediction_step` through `compute_loss`, for trainers whose batches carry no `labels` (DPO, KTO, BCO):
-    the loss, and with `return_outputs` the logits and `input_ids`."""
-    inputs = trainer._prepare_inputs(inputs)
-    with torch.no_grad(), trainer.compute_loss_context_manager():
+def loss_prediction_step(self: Any, model, inputs, prediction_loss_only, ignore_keys=None):
+    """`prediction_step` through `compute_loss`, for trainers whose batches carry no `labels` (DPO, KTO, BCO assign
+    it as their method): the loss, and with `return_outputs` the logits and `input_ids`."""
+    inputs = self._prepare_inputs(inputs)
+    with torch.no_grad(), self.compute_loss_context_manager():
         if prediction_loss_only:
-            return trainer.compute_loss(model, inputs).detach(), None, None
-        loss, outputs = trainer.compute_loss(model, inputs, return_outputs=True)
+            return self.compute_loss(model, inputs).detach(), None, None
+        loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
     return loss.detach(), outputs.logits, inputs["input_ids"]
