@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base_config import option
-from .online_config import SamplingConfig
+from .online_config import OnPolicyConfig
 
 
 @dataclass
-class DistillationConfig(SamplingConfig):
+class DistillationConfig(OnPolicyConfig):
     """Configuration of `DistillationTrainer`: on-policy knowledge distillation (the student samples the
     completions, and learns to match the teacher's next-token distribution on them).
 
@@ -22,7 +22,7 @@ class DistillationConfig(SamplingConfig):
 
     _algorithm = "DistillationTrainer"
     _inert_fields = {"max_tool_calling_iterations": "DistillationTrainer does not call tools yet."}
-    _VALID_DICT_FIELDS = SamplingConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+    _VALID_DICT_FIELDS = OnPolicyConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
 
     # Teacher
     teacher_model_name_or_path: str | None = option(

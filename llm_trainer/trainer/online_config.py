@@ -11,7 +11,7 @@ VLLM_MODES = ("colocate", "server")
 
 
 @dataclass
-class SamplingConfig(BaseConfig):
+class OnPolicyConfig(BaseConfig):
     """What every trainer that samples its own completions shares (`GRPOConfig`, `RLOOConfig`, `DistillationConfig`):
     sampling, vLLM and completion logging, with TRL 1.16's defaults. Subclasses set `_algorithm`, the name used in
     error messages."""
@@ -106,7 +106,7 @@ class SamplingConfig(BaseConfig):
 
 
 @dataclass
-class OnlineRLConfig(SamplingConfig):
+class OnlineRLConfig(OnPolicyConfig):
     """What the policy-gradient trainers share (TRL 1.16's GRPO/RLOO common fields).
 
     Each optimizer step consumes `steps_per_generation` micro-batches from one generation batch of
@@ -115,7 +115,7 @@ class OnlineRLConfig(SamplingConfig):
     `num_generations` completions per prompt.
     """
 
-    _VALID_DICT_FIELDS = SamplingConfig._VALID_DICT_FIELDS + ["transformers_continuous_batching_config"]
+    _VALID_DICT_FIELDS = OnPolicyConfig._VALID_DICT_FIELDS + ["transformers_continuous_batching_config"]
     _inert_fields = {
         "log_multimodal": "vision-language models are not trained here, so completions carry no media to log.",
         "transformers_continuous_batching_config": "transformers continuous batching is not supported here "
