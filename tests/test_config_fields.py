@@ -43,13 +43,16 @@ NEEDS = {"log_completions_hub_repo": {"log_completions": True}}
 
 
 def _config_classes() -> list[type]:
-    classes = {}
+    """Every dataclass the config and script modules define (once, though `_BaseConfig` names `BaseConfig` again)."""
+    classes = set()
     for name in CONFIG_MODULES + SCRIPT_MODULES:
         module = importlib.import_module(name)
-        for value in vars(module).values():
-            if dataclasses.is_dataclass(value) and isinstance(value, type) and value.__module__ == name:
-                classes[value.__qualname__ + value.__module__] = value
-    return sorted(classes.values(), key=lambda cls: (cls.__module__, cls.__name__))
+        classes |= {
+            value
+            for value in vars(module).values()
+            if dataclasses.is_dataclass(value) and isinstance(value, type) and value.__module__ == name
+        }
+    return sorted(classes, key=lambda cls: (cls.__module__, cls.__name__))
 
 
 CLASSES = _config_classes()
