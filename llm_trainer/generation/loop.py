@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-from accelerate.utils import gather
+from accelerate.utils import gather, set_seed
 from datasets import Dataset, IterableDataset
 from transformers.utils import logging
 
@@ -28,6 +28,7 @@ from ..data.formats import is_conversational
 from ..data.sampling import RepeatSampler, repeat_iterable_dataset
 from ..data.validation import check_text_columns
 from .base import Generator
+from .factory import eos_token_ids
 
 logger = logging.get_logger(__name__)
 
@@ -43,7 +44,6 @@ RolloutFunc = Callable[..., dict[str, Any]]
 class BatchGeometry:
     """How prompts are grouped, generated and reused, computed once from the config."""
 
-    per_device_batch_size: int
     steps_per_generation: int
     generation_batch_size: int
     num_generations: int = 1
@@ -55,7 +55,6 @@ class BatchGeometry:
         per_device, steps = args.per_device_train_batch_size, args.steps_per_generation
         num_generations = getattr(args, "num_generations", 1)
         return cls(
-            per_device_batch_size=per_device,
             steps_per_generation=steps,
             generation_batch_size=getattr(args, "generation_batch_size", None) or per_device * num_processes * steps,
             num_generations=num_generations,
@@ -202,6 +201,38 @@ class GenerationLoop:
         """Micro-steps trained so far: the one clock of the buffer (set from `global_step` on resume)."""
         self.buffer: list[OnlineBatch] | None = None
         self._synced_at = -1
+        self._step_time = 0.0
+
+    @classmethod
+    def from_args(
+        cls, args: Any, trainer: Any, eos_token_ids: list[int], mask_truncated_completions: bool = False
+    ) -> GenerationLoop:
+        """The loop of an on-policy `trainer` once `Trainer.__init__` ran: the back end `args` selects (seeded per
+        process; `transformers` generates with the trainer's model, unwrapped for generation), the batch geometry,
+        padding and sampling settings. `nn.DataParallel`, which splits a generation batch arbitrarily, is refused."""
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"{type(trainer).__name__} does not support `nn.DataParallel`; launch with `accelerate launch` or "
+                "`torchrun`, or make one GPU visible with `CUDA_VISIBLE_DEVICES`."
+            )
+        from . import make_generator
+
+        set_seed(args.seed, device_specific=True)
+        accelerator, processing_class = trainer.accelerator, trainer.processing_class
+        return cls(
+            make_generator(
+                args, trainer.model, processing_class, accelerator=accelerator, unwrap=trainer.unwrapped_for_generation
+            ),
+            processing_class,
+            BatchGeometry.from_args(args, accelerator.num_processes),
+            accelerator.device,
+            eos_token_ids=eos_token_ids,
+            chat_template_kwargs=args.chat_template_kwargs or {},
+            pad_to_multiple_of=args.pad_to_multiple_of,
+            mask_truncated_completions=mask_truncated_completions,
+            seed=args.seed,
+            shuffle=args.shuffle_dataset,
+        )
 
     # ----------------------------------------------------------------------------------------------- data
     def train_sampler(self, dataset: Dataset) -> RepeatSampler:
@@ -246,6 +277,14 @@ class GenerationLoop:
         batch = self.buffer[self.step % self.geometry.steps_per_generation]
         self.step += 1
         return batch
+
+    def time_step(self, seconds: float, accumulation_steps: int) -> float | None:
+        """Add a micro-step's `seconds`; at the end of an optimizer step (by the clock), return its total."""
+        self._step_time += seconds
+        if self.step % accumulation_steps != 0:
+            return None
+        total, self._step_time = self._step_time, 0.0
+        return total
 
     def save(self, folder: str, process_index: int, num_processes: int) -> None:
         """Save this process's buffer with the clock when the checkpoint falls while it is being consumed: a resumed
@@ -359,19 +398,25 @@ class GenerationLoop:
         self.generator.close()
 
 
-def configure_streaming(train_dataset: Any, eval_dataset: Any, args: Any) -> None:
+def check_streaming(train_dataset: Any, eval_dataset: Any, args: Any) -> None:
     """Streamed (`IterableDataset`) prompts are repeated and grouped in the stream itself, so every process must read
-    its own batches (`dispatch_batches=False`) and the training stream needs a single loader process: refuse an
-    explicit `dispatch_batches=True`, then set both (warning when `dataloader_num_workers` is changed)."""
+    its own batches: refuse an explicit `dispatch_batches=True`."""
     evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
-    if not any(isinstance(dataset, IterableDataset) for dataset in (train_dataset, *evals)):
-        return
-    if args.accelerator_config.dispatch_batches:
+    streamed = any(isinstance(dataset, IterableDataset) for dataset in (train_dataset, *evals))
+    if streamed and args.accelerator_config.dispatch_batches:
         raise ValueError(
             "Iterable datasets require `dispatch_batches=False` (each process reads its own slice of the prompt "
             "stream), but `accelerator_config` sets it to True: set it to False or leave it unset."
         )
-    args.accelerator_config.dispatch_batches = False
+
+
+def configure_streaming(train_dataset: Any, eval_dataset: Any, args: Any) -> None:
+    """Set what streamed prompts need (see `check_streaming`): `dispatch_batches=False`, and a single loader process
+    for a training stream (several would interleave it and split the groups of repeated prompts), with a warning
+    when `dataloader_num_workers` is changed."""
+    evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+    if any(isinstance(dataset, IterableDataset) for dataset in (train_dataset, *evals)):
+        args.accelerator_config.dispatch_batches = False
     if isinstance(train_dataset, IterableDataset) and args.dataloader_num_workers != 0:
         logger.warning(
             f"An `IterableDataset` is read with `dataloader_num_workers=0` (not {args.dataloader_num_workers}): "
@@ -380,11 +425,25 @@ def configure_streaming(train_dataset: Any, eval_dataset: Any, args: Any) -> Non
         args.dataloader_num_workers = 0
 
 
+def dataset_columns(dataset: Dataset | IterableDataset) -> list[str]:
+    """The dataset's columns; for a stream of unknown features, the keys of its first record."""
+    if dataset.column_names is not None:
+        return dataset.column_names
+    return list(next(iter(dataset.take(1)), {}))
+
+
+def generation_tokens(model: Any, tokenizer: Any) -> list[int]:
+    """Give `model` the tokenizer's pad token (config and generation config); return the ids that end a
+    completion."""
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return eos_token_ids(model, tokenizer)
+
+
 def prompt_columns(train_dataset: Any, eval_dataset: Any, trainer_name: str, has_rollout: bool = False) -> list[str]:
     """The training dataset's columns, checked: no images, a 'prompt' column (unless a rollout function makes the
     prompts), and every 'prompt' cell (train and eval) a string or a conversation."""
-    columns = train_dataset.column_names
-    columns = columns if columns is not None else list(next(iter(train_dataset.take(1)), {}))
+    columns = dataset_columns(train_dataset)
     if {"image", "images"} & set(columns):
         raise NotImplementedError(
             f"{trainer_name} does not train vision-language models yet: drop the image column(s) or use TRL."

@@ -9,35 +9,31 @@ trainer's `GenerationLoop`, as for the online RL trainers.
 
 from __future__ import annotations
 
-import time
+import functools
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from accelerate.utils import gather, gather_object, is_peft_model, set_seed
+from accelerate.utils import gather, gather_object, is_peft_model
 from datasets import Dataset, IterableDataset
-from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 
-from ..generation import make_generator
-from ..generation.base import Generator
-from ..generation.factory import eos_token_ids
 from ..generation.loop import (
-    BatchGeometry,
     GenerationLoop,
     OnlineBatch,
+    check_streaming,
     configure_streaming,
+    generation_tokens,
     prompt_columns,
     save_completions_table,
-    streaming_loader,
 )
 from ..losses.distillation import chunked_distillation_loss
 from ..losses.policy_gradient import loss_scale
-from ..modeling import check_causal_lm, load_model, logit_transform
-from .base_trainer import BaseTrainer
+from ..modeling import add_token_logprob_head, check_causal_lm, load_model
+from .base_trainer import BaseTrainer, init_arguments
 from .distillation_config import DistillationConfig
-from .utils import disable_dropout_in_model, identity
+from .utils import identity
 
 
 class DistillationTrainer(BaseTrainer):
@@ -71,7 +67,7 @@ class DistillationTrainer(BaseTrainer):
     _tag_names = ["distillation"]
     _skip_nan_metrics = True
     loss_is_scaled_for_ga = True
-    _step_time = 0.0  # seconds spent in this optimizer step's micro-steps
+    dataset_description = "a dataset with a 'prompt' column"
 
     def __init__(
         self,
@@ -87,103 +83,70 @@ class DistillationTrainer(BaseTrainer):
         peft_config: Any = None,
         tools: list[Callable] | None = None,
     ):
-        args = self.resolve_args(args, model)
+        super().__init__(**init_arguments(locals()))
+
+    # ----------------------------------------------------------------------------------------------- set-up hooks
+    def set_options(self, args: DistillationConfig, *, teacher_model: Any = None, tools: Any = None) -> None:
         if tools:
             raise NotImplementedError(
                 "DistillationTrainer does not support tool calling yet; drop `tools`, or use TRL's DistillationTrainer "
                 "(or llm_trainer's GRPOTrainer with an environment) for multi-turn tool use."
             )
+        self._teacher_source = teacher_model
+        self.tools: list[Callable] = []  # tool calling is not supported yet (refused above)
+        self.beta = args.beta
+        self.temperature = args.temperature
+        self.max_completion_length = args.max_completion_length
+
+    def check_inputs(self, args: DistillationConfig, *, train_dataset: Any, eval_dataset: Any = None, **inputs):
         if args.log_unique_prompts:
             raise NotImplementedError(
                 "`log_unique_prompts=True` is not supported yet; every prompt is logged. Deduplicate the saved "
                 "`completions/*.parquet` tables instead."
             )
-        self._check_dataset(train_dataset, eval_dataset, args)
-        model = self.prepare_model(model, args, quantization_config)
-        processing_class = self.prepare_processing_class(model, processing_class, args)
-        if isinstance(processing_class, ProcessorMixin):
-            raise NotImplementedError(
-                "DistillationTrainer does not train vision-language models yet; pass a tokenizer, or use TRL."
-            )
-        self._tokenizer = processing_class
-        model.config.get_text_config().pad_token_id = self._tokenizer.pad_token_id
-        model.generation_config.pad_token_id = self._tokenizer.pad_token_id
-        self.eos_token_ids = eos_token_ids(model, self._tokenizer)
-        model = self.prepare_peft(model, peft_config, args)
+        check_streaming(train_dataset, eval_dataset, args)
+        self.check_train_dataset(train_dataset, self.dataset_description)
+        prompt_columns(train_dataset, eval_dataset, "DistillationTrainer")
+
+    def configure_tokenizer(self, model: PreTrainedModel, args: DistillationConfig) -> None:
+        self.eos_token_ids = generation_tokens(model, self._tokenizer)
+
+    def configure(self, model: PreTrainedModel, args: DistillationConfig, train_dataset: Any) -> None:
+        """Refuse what the split loss cannot run; load and check the teacher."""
+        configure_streaming(train_dataset, None, args)
         if is_peft_model(model) and any(config.is_prompt_learning for config in model.peft_config.values()):
             raise ValueError(
                 "Prompt-learning PEFT methods (prompt, prefix or P-tuning) are not supported: the loss runs the "
                 "student's backbone directly, which never sees their virtual tokens. Use a weight adapter such as LoRA."
             )
         _check_splittable(model.get_base_model() if is_peft_model(model) else model, "student")
-        teacher_model = self._load_teacher(model, teacher_model, args)
+        self._teacher = self._load_teacher(model, self._teacher_source, args)
+        add_token_logprob_head(self._teacher, outputs=())
 
-        self.beta = args.beta
-        self.temperature = args.temperature
-        self.max_completion_length = args.max_completion_length
-        self.tools: list[Callable] = []  # tool calling is not supported yet (refused above)
-        self.chat_template_kwargs = args.chat_template_kwargs or {}
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=identity,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
-        if args.n_gpu > 1:
-            raise ValueError(
-                "DistillationTrainer does not support `nn.DataParallel`; launch with `accelerate launch` or `torchrun`, "
-                "or make one GPU visible with `CUDA_VISIBLE_DEVICES`."
+    def default_collator(self, args: DistillationConfig) -> Any:
+        return identity  # the rows reach `make_batch` as they are
+
+    def logprob_head(self, args: DistillationConfig) -> dict[str, Any]:
+        return {"outputs": ()}  # the loss runs the heads itself, through `head_fn`
+
+    def finish_init(self, args: DistillationConfig) -> None:
+        """The teacher placed beside the student, the completion log, the generation loop."""
+        if isinstance(self.processing_class, ProcessorMixin):
+            raise NotImplementedError(
+                "DistillationTrainer does not train vision-language models yet; pass a tokenizer, or use TRL."
             )
-        teacher_model.eval().requires_grad_(False)
+        teacher = self._teacher.eval().requires_grad_(False)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            self.teacher_model = teacher_model.to(self.accelerator.device)
+            self.teacher_model = teacher.to(self.accelerator.device)
         else:
-            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
-        if args.disable_dropout:
-            disable_dropout_in_model(model)
-
+            self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        del self._teacher
         self.log_completions = args.log_completions
         self.num_completions_to_print = args.num_completions_to_print
-        geometry = BatchGeometry.from_args(args, self.accelerator.num_processes)
-        self._logs: dict[str, deque] = {
-            "prompt": deque(maxlen=geometry.generation_batch_size),
-            "completion": deque(maxlen=geometry.generation_batch_size),
-        }
-        set_seed(args.seed, device_specific=True)
-        generator = make_generator(
-            args, self.model, processing_class, accelerator=self.accelerator, unwrap=self.unwrapped_for_generation
-        )
-        self.generation = GenerationLoop(
-            generator,
-            processing_class,
-            geometry,
-            self.accelerator.device,
-            eos_token_ids=self.eos_token_ids,
-            chat_template_kwargs=self.chat_template_kwargs,
-            pad_to_multiple_of=args.pad_to_multiple_of,
-            seed=args.seed,
-            shuffle=args.shuffle_dataset,
-        )
-
-    @property
-    def generator(self) -> Generator:
-        """The generation back end (TRL's attribute), owned by `generation`."""
-        return self.generation.generator
-
-    @generator.setter
-    def generator(self, generator: Generator) -> None:
-        self.generation.generator = generator
-
-    # ----------------------------------------------------------------------------------------------- set-up
-    @staticmethod
-    def _check_dataset(train_dataset: Any, eval_dataset: Any, args: DistillationConfig) -> None:
-        configure_streaming(train_dataset, eval_dataset, args)
-        BaseTrainer.check_train_dataset(train_dataset, "a dataset with a 'prompt' column")
-        prompt_columns(train_dataset, eval_dataset, "DistillationTrainer")
+        self.chat_template_kwargs = args.chat_template_kwargs or {}
+        self.generation = GenerationLoop.from_args(args, self, self.eos_token_ids)
+        size = self.generation.geometry.generation_batch_size
+        self._logs: dict[str, deque] = {"prompt": deque(maxlen=size), "completion": deque(maxlen=size)}
 
     @staticmethod
     def _load_teacher(
@@ -224,75 +187,12 @@ class DistillationTrainer(BaseTrainer):
         return teacher_model
 
     # ----------------------------------------------------------------------------------------------- data
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = ["prompt", "image", "images"]
-
-    def get_train_dataloader(self) -> DataLoader:
-        return self._get_dataloader(**self.generation.train_loader_kwargs(self.train_dataset, self._train_batch_size))
-
-    def _get_eval_sampler(self, eval_dataset: Dataset):
-        return self.generation.eval_sampler(eval_dataset)
-
-    def get_eval_dataloader(self, eval_dataset: str | Dataset | IterableDataset | None = None) -> DataLoader:
-        """As `Trainer.get_eval_dataloader`; a streamed dataset is read as `streaming_loader` says."""
-        dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
-        dataset = dataset if dataset is not None else self.eval_dataset
-        if not isinstance(dataset, IterableDataset):
-            return super().get_eval_dataloader(eval_dataset)
-        configure_streaming(None, dataset, self.args)
-        key = eval_dataset if isinstance(eval_dataset, str) else "eval"
-        with streaming_loader(self.args, self.accelerator):
-            stream = self.generation.eval_stream(dataset)
-            return self._get_dataloader(stream, "Evaluation", self.args.eval_batch_size, dataloader_key=key)
-
-    def min_train_rows(self) -> tuple[int, str, str]:
-        return self.generation.geometry.min_train_rows()
-
-    def _prepare_inputs(self, generation_batch: list[dict[str, Any]]) -> OnlineBatch:
-        """Training: this micro-step's slice of the generation batch (sampled every `steps_per_generation`
-        micro-steps); evaluation: the batch as is."""
-        if not self.model.training:
-            return self._make_batch(generation_batch)
-        if self.generation.needs_generation():
-            self.generation.fill(self._make_batch(generation_batch))
-        return self.generation.next_batch()
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        start = time.perf_counter()
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self._step_time += time.perf_counter() - start
-        if self.generation.step % self.current_gradient_accumulation_steps == 0:
-            self._metrics["train"]["step_time"].append(self._step_time)
-            self._step_time = 0.0
-        return loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.mean().detach(), None, None
-
-    def _save_extra_state(self, folder: str) -> None:
-        super()._save_extra_state(folder)
-        self.generation.save(folder, self.accelerator.process_index, self.accelerator.num_processes)
-
-    def _load_extra_state(self, folder: str) -> None:
-        super()._load_extra_state(folder)
-        step = self.state.global_step * self.args.gradient_accumulation_steps
-        self.generation.load(folder, self.accelerator.process_index, self.accelerator.num_processes, step)
-
-    def _make_batch(self, rows: list[dict[str, Any]]) -> OnlineBatch:
+    def make_batch(self, rows: list[dict[str, Any]]) -> OnlineBatch:
         """One student completion per prompt, padded, with the number of completion tokens across processes."""
         mode = "train" if self.model.training else "eval"
         self.generation.sync_weights(self.accelerator.unwrap_model(self.model), self.state.global_step)
         rollout = self.generation.generate([row["prompt"] for row in rows], rows)
-        tokens, metrics = self.generation.completion_metrics(rollout)
-        if mode == "train":
-            self.state.num_input_tokens_seen += tokens
-        self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
-        for name, value in metrics.items():
-            self._metrics[mode][name].append(value)
+        self.record_generation(mode, *self.generation.completion_metrics(rollout))
         batch = self.generation.pad(rollout)
         if self.log_completions:
             decode = self.processing_class.batch_decode
@@ -315,55 +215,46 @@ class DistillationTrainer(BaseTrainer):
                 self.args.steps_per_generation,
                 training=True,
             ).token_normalizer
-        student = self.accelerator.unwrap_model(model)
-        loss, entropy_sum, num_valid = _call_as_forward(model, student, self._loss, student, inputs, num_items)
+        input_ids, attention_mask, n = inputs.input_ids, inputs.attention_mask, inputs.completion_ids.size(1)
+        self.accelerator.unwrap_model(self.teacher_model).eval()
+        with torch.no_grad():
+            teacher_hidden, teacher_head = self.teacher_model(
+                input_ids=input_ids, attention_mask=attention_mask, head_fn=functools.partial(_completion_states, n)
+            )
+        divergence = functools.partial(
+            self._divergence, n, teacher_hidden, teacher_head, inputs.completion_mask, num_items
+        )
+        loss, entropy_sum, num_valid = model(input_ids=input_ids, attention_mask=attention_mask, head_fn=divergence)
         mode = "train" if self.model.training else "eval"
         num_valid = self.accelerator.gather_for_metrics(num_valid).sum()
         entropy_sum = self.accelerator.gather_for_metrics(entropy_sum).sum()
         self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
         return (loss, None) if return_outputs else loss
 
-    def _loss(self, student: PreTrainedModel, inputs: OnlineBatch, num_items: torch.Tensor | None):
-        input_ids, attention_mask = inputs.input_ids, inputs.attention_mask
-        completion_length = inputs.completion_ids.size(1)
-        student_hidden = _completion_hidden_states(student, input_ids, attention_mask, completion_length)
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        teacher.eval()
-        with torch.no_grad():
-            teacher_hidden = _call_as_forward(
-                self.teacher_model,
-                teacher,
-                _completion_hidden_states,
-                teacher,
-                input_ids,
-                attention_mask,
-                completion_length,
-            )
-        student = student.get_base_model() if is_peft_model(student) else student
-        student_head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-        device = student_head.weight.device
+    def _divergence(self, n, teacher_hidden, teacher_head, mask, num_items, hidden, head):
+        """The loss from the student's hidden states and head (run inside its forward, see `head_fn`)."""
+        student_hidden, _ = _completion_states(n, hidden, head)
+        device = head.weight.device
         if teacher_head.weight.device != device:
             raise ValueError(
                 f"The student's LM head is on {device} but the teacher's is on {teacher_head.weight.device}; place "
                 "both heads on the same device (see `device_map`)."
             )
-        student_scale, student_softcap = logit_transform(student.config)
-        teacher_scale, teacher_softcap = logit_transform(teacher.config)
         return chunked_distillation_loss(
             student_hidden.to(device),
-            student_head.weight,
+            head.weight,
             teacher_hidden.to(device),
             teacher_head.weight,
-            inputs.completion_mask.to(device),
+            mask.to(device),
             self.beta,
             self.temperature,
             num_items,
-            student_bias=student_head.bias,
+            student_bias=head.bias,
             teacher_bias=teacher_head.bias,
-            student_logit_scale=student_scale,
-            student_softcap=student_softcap,
-            teacher_logit_scale=teacher_scale,
-            teacher_softcap=teacher_softcap,
+            student_logit_scale=head.logit_scale,
+            student_softcap=head.softcap,
+            teacher_logit_scale=teacher_head.logit_scale,
+            teacher_softcap=teacher_head.softcap,
         )
 
     # ----------------------------------------------------------------------------------------------- logs
@@ -377,10 +268,6 @@ class DistillationTrainer(BaseTrainer):
             }
             save_completions_table(table, self.args, self.state.global_step, self.num_completions_to_print)
 
-    def close(self) -> None:
-        """Stop the generation back end."""
-        self.generation.close()
-
 
 def _check_splittable(model: PreTrainedModel, role: str) -> None:
     """The loss runs the backbone and projects with the LM head's weight itself: both must be plain modules."""
@@ -393,31 +280,6 @@ def _check_splittable(model: PreTrainedModel, role: str) -> None:
         )
 
 
-def _completion_hidden_states(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int
-) -> torch.Tensor:
-    """The backbone's final hidden states at the positions predicting the last `completion_length` tokens."""
-    if is_peft_model(model):
-        model = model.base_model.model
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return hidden[:, :-1][:, -completion_length:]
-
-
-def _call_as_forward(wrapper: torch.nn.Module, module: torch.nn.Module, fn: Callable, *args: Any) -> Any:
-    """`fn(*args)`, run as the forward of `wrapper` (DDP / FSDP / DeepSpeed around `module`) so its hooks fire."""
-    if wrapper is module:
-        return fn(*args)
-    had_own_forward = "forward" in module.__dict__
-    original = module.forward
-
-    def forward(*_: Any, **__: Any) -> Any:
-        return fn(*args)
-
-    module.forward = forward
-    try:
-        return wrapper()
-    finally:
-        if had_own_forward:
-            module.forward = original
-        else:
-            del module.forward
+def _completion_states(completion_length: int, hidden: torch.Tensor, head: Any) -> tuple[torch.Tensor, Any]:
+    """The final hidden states at the positions predicting the last `completion_length` tokens, and the head."""
+    return hidden[:, :-1][:, -completion_length:], head

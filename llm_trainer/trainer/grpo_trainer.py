@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -13,17 +12,25 @@ from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 
-from ..environments.tools import ToolRollout
-from ..generation.loop import OnlineBatch, RolloutFunc
+from ..environments.tools import ToolRollout, check_tool_template
+from ..generation.loop import (
+    OnlineBatch,
+    RolloutFunc,
+    completion_logps,
+    configure_streaming,
+    generation_tokens,
+)
 from ..losses import policy_gradient as pg
+from . import online_rl
+from .base_trainer import BaseTrainer, init_arguments
 from .grpo_config import GRPOConfig
-from .online_trainer import OnlineRLTrainer
 from .reward_functions import RewardFunc
+from .utils import identity
 
 ENTROPY_STATE_NAME = "entropy_ctrl_state.json"
 
 
-class GRPOTrainer(OnlineRLTrainer):
+class GRPOTrainer(BaseTrainer):
     """Train a causal LM with GRPO: sample `num_generations` completions per prompt, score them with reward functions,
     and push up the log-probability of completions better than their group's mean.
 
@@ -59,6 +66,8 @@ class GRPOTrainer(OnlineRLTrainer):
     loss_is_scaled_for_ga = True  # `compute_loss` divides by the accumulation steps (or the window's token count)
     _name = "GRPO"
     _tag_names = ["llm-trainer", "grpo"]
+    _skip_nan_metrics = True
+    dataset_description = "a dataset with a 'prompt' column"
 
     def __init__(
         self,
@@ -78,73 +87,96 @@ class GRPOTrainer(OnlineRLTrainer):
         environment_factory: Any = None,
         environment: Any = None,
     ):
-        super().__init__(
-            model,
-            reward_funcs,
-            args,
-            train_dataset,
-            eval_dataset,
-            processing_class,
-            reward_processing_classes,
-            callbacks,
-            optimizers,
-            peft_config,
-            quantization_config,
-            rollout_func,
-            tools,
-            environment_factory,
-            environment,
+        super().__init__(**init_arguments(locals()))
+
+    # ----------------------------------------------------------------------------------------------- set-up hooks
+    def set_options(self, args: GRPOConfig, *, reward_funcs=None, reward_processing_classes=None, **rollout) -> None:
+        self.rollout_func, self._reward_source = online_rl.rollout_source(args, reward_funcs, **rollout)
+        self._reward_processing_source = reward_processing_classes
+        self.beta = args.beta
+
+    def check_inputs(self, args: GRPOConfig, *, train_dataset: Any, eval_dataset: Any = None, **inputs: Any) -> None:
+        online_rl.check_online_inputs(
+            type(self).__name__, args, train_dataset, eval_dataset, self._reward_source, self.rollout_func
         )
-        args = self.args
+
+    def configure_tokenizer(self, model: PreTrainedModel, args: GRPOConfig) -> None:
+        self.eos_token_ids = generation_tokens(model, self._tokenizer)
+
+    def reference_policy(self, model, ref_model, peft_config, args):
+        return online_rl.online_reference(model, peft_config, args)
+
+    def configure(self, model: PreTrainedModel, args: GRPOConfig, train_dataset: Any) -> None:
+        """The reward functions and the rollout's tools, and the settings TRL exposes as attributes."""
+        configure_streaming(train_dataset, None, args)
+        self.reward_functions = online_rl.online_reward_functions(
+            args, self._reward_source, self._reward_processing_source, self.rollout_func, train_dataset
+        )
+        rewards = self.reward_functions  # under TRL's attribute names
+        self.reward_funcs, self.reward_func_names = rewards.funcs, rewards.names
+        self.reward_weights, self.reward_processing_classes = rewards.weights, rewards.processing_classes
+        self.tools = list(self.rollout_func.tools) if isinstance(self.rollout_func, ToolRollout) else []
+        if self.tools:
+            check_tool_template(self._tokenizer)
+        self.num_generations = args.num_generations
+        self.num_generations_eval = args.num_generations_eval or args.num_generations
+        self.num_iterations = args.num_iterations
+        self.max_completion_length = args.max_completion_length
+        self.temperature = args.temperature
+        self.chat_template_kwargs = args.chat_template_kwargs or {}
+        self.epsilon_low = args.epsilon
+        self.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+        self.use_vllm = args.use_vllm
         self.loss_type = args.loss_type
         self.scale_rewards = args.scale_rewards
         self.multi_objective_aggregation = args.multi_objective_aggregation
         self.importance_sampling_level = args.importance_sampling_level
         self.top_entropy_quantile = args.top_entropy_quantile
         self.vllm_importance_sampling_correction = args.use_vllm and args.vllm_importance_sampling_correction
-        self.needs_sampling_logps = self.vllm_importance_sampling_correction
         self.entropy_coef = args.entropy_coef
         self.use_adaptive_entropy = args.use_adaptive_entropy
         self._entropy_bonus_enabled = self.entropy_coef != 0.0 or self.use_adaptive_entropy
         self._last_world_entropy = math.inf
         self._entropy_window: torch.Tensor | None = None
 
-    # ----------------------------------------------------------------------------------------------- rollouts
-    def _generate(self, rows):
-        """The rollout; with tools, conversational completions are the assistant and tool messages (like TRL), and
-        the tool-call frequencies are logged."""
-        rollout = super()._generate(rows)
-        if not isinstance(self.rollout_func, ToolRollout):
-            return rollout
-        extra = dict(rollout.extra)
-        messages = extra.pop("completion_messages")
-        completions = rollout.completions if isinstance(rollout.completions[0], str) else messages
-        mode = "train" if self.model.training else "eval"
-        device = self.accelerator.device
-        calls = gather(torch.tensor(extra.pop("tool_call_count"), device=device, dtype=torch.float))
-        failures = gather(torch.tensor(extra.pop("tool_failure_count"), device=device, dtype=torch.float))
-        self._metrics[mode]["tools/call_frequency"].append((calls.sum() / calls.numel()).item())
-        failure_frequency = (failures.sum() / calls.sum()).item() if calls.sum() > 0 else 0.0
-        self._metrics[mode]["tools/failure_frequency"].append(failure_frequency)
-        return replace(rollout, completions=completions, extra=extra)
+    def default_collator(self, args: GRPOConfig) -> Any:
+        return identity  # the rows reach `make_batch` as they are
 
-    def _make_batch(self, rows):
-        """As `OnlineRLTrainer._make_batch`, plus the loss-token count and the vLLM importance-sampling ratio."""
-        batch = super()._make_batch(rows)
+    def logprob_head(self, args: GRPOConfig) -> dict[str, Any]:
+        fp32 = args.cast_lm_head_to_fp32
+        return {"temperature": args.temperature, "outputs": ("entropy",), "cast_lm_head_to_fp32": fp32}
+
+    def finish_init(self, args: GRPOConfig) -> None:
+        """The generation loop and the scoring collaborator (`online`)."""
+        if self.train_dataset is None:  # environments that write their prompts in `reset`
+            self.train_dataset = online_rl.placeholder_dataset(self.rollout_func, args)
+        self.online = online_rl.OnlineRL.build(self, self.vllm_importance_sampling_correction)
+        self.generation, self._logs = self.online.generation, self.online.logs
+
+    # ----------------------------------------------------------------------------------------------- rollouts
+    def make_batch(self, rows: list[dict[str, Any]]) -> OnlineBatch:
+        """Generate and score `rows`; the loss-token count, the vLLM importance-sampling ratio and the advantages."""
+        scored = self.online.generate_and_score(rows, self.model, self.state, self)
+        batch = scored.batch
         batch.num_items_in_batch = gather(batch.loss_mask.sum()).sum()
         if self.vllm_importance_sampling_correction:
             batch.importance_sampling_ratio = self._importance_sampling_ratio(batch)
-        return batch
-
-    def advantages(self, rewards_per_func, batch, num_generations):
         advantages, _, is_std_zero = pg.group_advantages(
-            rewards_per_func,
-            self.reward_functions.weights.to(rewards_per_func.device),
-            num_generations,
+            scored.rewards_per_func,
+            self.reward_functions.weights.to(scored.rewards_per_func.device),
+            scored.num_generations,
             scale_rewards=self.scale_rewards,
             aggregation=self.multi_objective_aggregation,
         )
-        return advantages, is_std_zero
+        self.record_generation(
+            scored.mode, scored.tokens, self.online.finish(scored, advantages, is_std_zero, self.state.global_step)
+        )
+        return batch
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        if self.accelerator.is_main_process and self.args.log_completions and self._logs["prompt"]:
+            self.online.save_completions(self.args, self.state.global_step)
 
     def _importance_sampling_ratio(self, batch: OnlineBatch) -> torch.Tensor:
         """The vLLM importance-sampling correction (`exp(old - sampling)`, truncated or masked); logs how far the
@@ -181,7 +213,9 @@ class GRPOTrainer(OnlineRLTrainer):
             raise ValueError("GRPOTrainer does not return model outputs from `compute_loss`.")
         mode = "train" if self.model.training else "eval"
         mask = inputs.loss_mask
-        per_token_logps, entropies, aux_loss = self._logps(model, inputs, entropy=True)
+        per_token_logps, entropies, aux_loss = completion_logps(
+            model, inputs, entropy=True, autocast=self.accelerator.autocast
+        )
         entropy_mask = None
         if self.top_entropy_quantile < 1.0:
             entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
@@ -229,9 +263,7 @@ class GRPOTrainer(OnlineRLTrainer):
             effective = mask if entropy_mask is None else mask * entropy_mask
             loss = loss - self._entropy_bonus(entropies, effective, mode, scale.accumulation_steps)
             metrics["policy_loss"].append(gather(out.policy_loss.reshape(1)).nanmean().item())
-        if aux_loss is not None and self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * aux_loss / scale.accumulation_steps
-            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        loss = self.add_router_aux_loss(loss, aux_loss, mode)
         self._log_loss_metrics(out, entropies, advantages, mask, mode)
         return loss
 

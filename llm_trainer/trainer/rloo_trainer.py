@@ -9,14 +9,16 @@ from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 
-from ..generation.loop import OnlineBatch
+from ..generation.loop import OnlineBatch, completion_logps, configure_streaming, generation_tokens
 from ..losses import policy_gradient as pg
-from .online_trainer import OnlineRLTrainer
+from . import online_rl
+from .base_trainer import BaseTrainer, init_arguments
 from .reward_functions import RewardFunc
 from .rloo_config import RLOOConfig
+from .utils import identity
 
 
-class RLOOTrainer(OnlineRLTrainer):
+class RLOOTrainer(BaseTrainer):
     """Train a causal LM with RLOO: `num_generations` completions per prompt, the advantage of each being its reward
     (minus `beta` times its KL to the reference) minus the mean reward of the other completions of its prompt, with a
     clipped sequence-level importance ratio.
@@ -29,7 +31,9 @@ class RLOOTrainer(OnlineRLTrainer):
     loss_is_scaled_for_ga = False  # `compute_loss` returns a per-batch mean; `Trainer` divides it for accumulation
     _name = "RLOO"
     _tag_names = ["llm-trainer", "rloo"]
-    needs_sampling_logps = True  # the KL penalty in the reward is measured on the sampling policy
+    _skip_nan_metrics = True
+    dataset_description = "a dataset with a 'prompt' column"
+    rollout_func = None
 
     def __init__(
         self,
@@ -45,21 +49,65 @@ class RLOOTrainer(OnlineRLTrainer):
         quantization_config: Any = None,
         peft_config: Any = None,
     ):
-        super().__init__(
-            model,
-            reward_funcs,
-            args,
-            train_dataset,
-            eval_dataset,
-            processing_class,
-            reward_processing_classes,
-            callbacks,
-            optimizers,
-            peft_config,
-            quantization_config,
+        super().__init__(**init_arguments(locals()))
+
+    # ----------------------------------------------------------------------------------------------- set-up hooks
+    def set_options(self, args: RLOOConfig, *, reward_funcs: Any, reward_processing_classes: Any = None) -> None:
+        self._reward_source, self._reward_processing_source = reward_funcs, reward_processing_classes
+        self.beta = args.beta
+
+    def check_inputs(self, args: RLOOConfig, *, train_dataset: Any, eval_dataset: Any = None, **inputs: Any) -> None:
+        online_rl.check_online_inputs("RLOOTrainer", args, train_dataset, eval_dataset, self._reward_source, None)
+
+    def configure_tokenizer(self, model: PreTrainedModel, args: RLOOConfig) -> None:
+        self.eos_token_ids = generation_tokens(model, self._tokenizer)
+
+    def reference_policy(self, model, ref_model, peft_config, args):
+        return online_rl.online_reference(model, peft_config, args)
+
+    def configure(self, model: PreTrainedModel, args: RLOOConfig, train_dataset: Any) -> None:
+        configure_streaming(train_dataset, None, args)
+        self.reward_functions = online_rl.online_reward_functions(
+            args, self._reward_source, self._reward_processing_source, None, train_dataset
         )
-        self.normalize_advantages = self.args.normalize_advantages
-        self.reward_clip_range = self.args.reward_clip_range
+        rewards = self.reward_functions  # under TRL's attribute names
+        self.reward_funcs, self.reward_func_names = rewards.funcs, rewards.names
+        self.reward_weights, self.reward_processing_classes = rewards.weights, rewards.processing_classes
+        self.num_generations = args.num_generations
+        self.num_generations_eval = args.num_generations_eval or args.num_generations
+        self.num_iterations = args.num_iterations
+        self.max_completion_length = args.max_completion_length
+        self.temperature = args.temperature
+        self.epsilon_low = args.epsilon
+        self.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+        self.normalize_advantages = args.normalize_advantages
+        self.reward_clip_range = args.reward_clip_range
+
+    def default_collator(self, args: RLOOConfig) -> Any:
+        return identity  # the rows reach `make_batch` as they are
+
+    def logprob_head(self, args: RLOOConfig) -> dict[str, Any]:
+        return {"temperature": args.temperature, "outputs": ("entropy",)}
+
+    def finish_init(self, args: RLOOConfig) -> None:
+        """The generation loop and the scoring collaborator (`online`); the sampling policy's log-probs are always
+        kept: the KL penalty in the reward is measured on them."""
+        self.online = online_rl.OnlineRL.build(self, needs_old_logps=True)
+        self.generation, self._logs = self.online.generation, self.online.logs
+
+    # ----------------------------------------------------------------------------------------------- rollouts
+    def make_batch(self, rows: list[dict[str, Any]]) -> OnlineBatch:
+        """Generate and score `rows`, and take RLOO's advantages."""
+        scored = self.online.generate_and_score(rows, self.model, self.state, self)
+        advantages, is_std_zero = self.advantages(scored.rewards_per_func, scored.batch, scored.num_generations)
+        metrics = self.online.finish(scored, advantages, is_std_zero, self.state.global_step)
+        self.record_generation(scored.mode, scored.tokens, metrics)
+        return scored.batch
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        if self.accelerator.is_main_process and self.args.log_completions and self._logs["prompt"]:
+            self.online.save_completions(self.args, self.state.global_step)
 
     def advantages(self, rewards_per_func, batch, num_generations):
         """RLOO's advantages, the KL penalty (measured on the sampling policy, summed per sequence) charged to the
@@ -87,15 +135,15 @@ class RLOOTrainer(OnlineRLTrainer):
             raise ValueError("RLOOTrainer does not return model outputs from `compute_loss`.")
         mode = "train" if self.model.training else "eval"
         mask = inputs.completion_mask
-        per_token_logps, entropies, aux_loss = self._logps(model, inputs, entropy=True)
+        per_token_logps, entropies, aux_loss = completion_logps(
+            model, inputs, entropy=True, autocast=self.accelerator.autocast
+        )
         logps = (per_token_logps * mask).sum(1)
         old_logps = (inputs.old_per_token_logps * mask).sum(1)
         advantages = inputs.advantages
         loss, coef_1 = pg.rloo_loss(logps, old_logps, advantages, self.epsilon_low, self.epsilon_high)
         metrics = self._metrics[mode]
-        if aux_loss is not None and self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * aux_loss
-            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        loss = self.add_router_aux_loss(loss, aux_loss, mode)
         local = {"entropy": pg.masked_sum_count(entropies.detach(), mask)}
         local |= pg.clip_metrics(coef_1, advantages, None, self.epsilon_low, self.epsilon_high, loss_type="grpo")
         for name, value in pg.reduce_metrics(

@@ -19,6 +19,7 @@ from ..generation.loop import tokenize_prompts
 from ..generation.transformers_backend import TransformersGenerator
 from ..modeling import create_reference_model, reference_adapter
 from ..rewards.adaptive_teaching import AdaptiveTeachingReward
+from .base_trainer import BaseTrainer, init_arguments
 from .grpo_trainer import GRPOTrainer
 from .reward_functions import RewardFunc
 from .teacher_grpo_config import TeacherGRPOConfig
@@ -103,31 +104,49 @@ class TeacherGRPOTrainer(GRPOTrainer):
         student_processing_class: PreTrainedTokenizerBase | None = None,
         correctness_fn: CorrectnessFunc | None = None,
     ):
+        BaseTrainer.__init__(self, **init_arguments(locals()))  # GRPOTrainer's `__init__` only forwards too
+
+    # ----------------------------------------------------------------------------------------------- set-up hooks
+    def set_options(
+        self,
+        args: TeacherGRPOConfig,
+        *,
+        reward_funcs: Any = None,
+        reward_processing_classes: Any = None,
+        student_model: Any = None,
+        student_processing_class: Any = None,
+        correctness_fn: CorrectnessFunc | None = None,
+    ) -> None:
         if correctness_fn is not None and not callable(correctness_fn):
             raise TypeError(
                 f"`correctness_fn` must be callable as f(response, row), got {type(correctness_fn).__name__}."
             )
         self.correctness_fn = correctness_fn or answer_in_response
-        evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
-        for name, dataset in (("train_dataset", train_dataset), *(("eval_dataset", d) for d in evals)):
-            self._check_columns(name, dataset, needs_answer=correctness_fn is None)
-        self._student_source = student_model
-        super().__init__(
-            model,
-            [AdaptiveTeachingReward()] if reward_funcs is None else reward_funcs,
+        self._needs_answer = correctness_fn is None
+        self._student_source, self._student_tokenizer_source = student_model, student_processing_class
+        super().set_options(
             args,
-            train_dataset,
-            eval_dataset,
-            processing_class,
-            reward_processing_classes,
-            callbacks,
-            optimizers,
-            quantization_config,
-            peft_config,
+            reward_funcs=[AdaptiveTeachingReward()] if reward_funcs is None else reward_funcs,
+            reward_processing_classes=reward_processing_classes,
             rollout_func=self._teaching_rollout,
         )
-        self.student_processing_class = self._student_tokenizer(student_model, student_processing_class)
-        args = self.args
+
+    def check_inputs(self, args: TeacherGRPOConfig, *, train_dataset: Any, eval_dataset: Any = None, **inputs):
+        evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+        for name, dataset in (("train_dataset", train_dataset), *(("eval_dataset", d) for d in evals)):
+            self._check_columns(name, dataset, needs_answer=self._needs_answer)
+        super().check_inputs(args, train_dataset=train_dataset, eval_dataset=eval_dataset, **inputs)
+
+    def finish_init(self, args: TeacherGRPOConfig) -> None:
+        """GRPO's set-up, then the student: placed on the device (the reference model when it is the student), its
+        tokenizer, and its answer and probe generators."""
+        super().finish_init(args)
+        if self._student_source is not None:
+            if not getattr(self.student_model, "hf_device_map", None):
+                self.student_model = self.student_model.to(self.accelerator.device)
+        if self._student_source is None and not is_peft_model(self.model) and self.beta != 0.0:
+            self.student_model = self.ref_model
+        self.student_processing_class = self._student_tokenizer(self._student_source, self._student_tokenizer_source)
         generator_model = self.student_model if self.student_model is not None else self.model
         eos = eos_token_ids(generator_model, self.student_processing_class)
         pad = self.student_processing_class.pad_token_id
@@ -159,8 +178,9 @@ class TeacherGRPOTrainer(GRPOTrainer):
                 "the student's responses with. Add one, or pass `correctness_fn=f(response, row)`."
             )
 
-    def _setup_reference(self, model: PreTrainedModel, args: Any) -> None:
-        """Set up the student next to the reference: copies of the policy are taken before its forward is patched."""
+    def reference_policy(self, model, ref_model, peft_config, args):
+        """GRPO's reference, and the student beside it: given (loaded by name), the PEFT policy's reference route,
+        the reference model (see `finish_init`), or a frozen copy of the initial policy when `beta == 0`."""
         source = self._student_source
         policy_parts = (model, model.get_base_model()) if is_peft_model(model) else (model,)
         if any(source is part for part in policy_parts):
@@ -170,17 +190,12 @@ class TeacherGRPOTrainer(GRPOTrainer):
             )
         if isinstance(source, str):
             source = self.prepare_model(source, args)
+        self.student_model = None  # the PEFT policy run with its reference adapter (see `_peft_student`)
         if source is not None:
             self.student_model = source.eval().requires_grad_(False)
-            if not getattr(source, "hf_device_map", None):
-                self.student_model = source.to(self.accelerator.device)
-        elif is_peft_model(model):
-            self.student_model = None  # the policy, run with its reference adapter (see `_peft_student`)
-        elif self.beta == 0.0:
+        elif not is_peft_model(model) and args.beta == 0.0:
             self.student_model = create_reference_model(model)
-        super()._setup_reference(model, args)
-        if source is None and not is_peft_model(model) and self.beta != 0.0:
-            self.student_model = self.ref_model
+        return super().reference_policy(model, ref_model, peft_config, args)
 
     def _student_tokenizer(
         self, student_model: str | PreTrainedModel | None, processing_class: PreTrainedTokenizerBase | None
@@ -254,9 +269,9 @@ class TeacherGRPOTrainer(GRPOTrainer):
         for name, values in (("without", correct_without), ("with", correct_with)):
             for value in values:
                 if value is not None:
-                    self.log_metric(f"student/accuracy_{name}_teaching", value)
-        self.log_extra("student_probe", [probes[k] for k in owner])
-        self.log_extra("student_answer", answers)
+                    self.online.log_metric(f"student/accuracy_{name}_teaching", value)
+        self.online.log_extra("student_probe", [probes[k] for k in owner])
+        self.online.log_extra("student_answer", answers)
         return {
             "prompt_ids": prompt_ids,
             "completion_ids": result.completion_ids,

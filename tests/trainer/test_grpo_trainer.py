@@ -342,3 +342,16 @@ def test_rollout_func_replaces_generation_and_its_extra_fields_reach_the_rewards
     assert seen["completions"][:3] == [
         tokenizer.decode(tokenizer(" beautiful is better")["input_ids"][:n]) for n in (1, 2, 3)
     ]
+
+
+def test_cast_lm_head_to_fp32_reaches_the_policy_and_reference_heads(tiny_model_path, tmp_path):
+    """`GRPOConfig.cast_lm_head_to_fp32` sets the log-prob head option of the policy and the reference (the
+    float32 projection itself is tested with `add_token_logprob_head`)."""
+    args = _config(tmp_path, cast_lm_head_to_fp32=True, beta=0.1)
+    trainer = GRPOTrainer(tiny_model_path, length_reward, args=args, train_dataset=zen_dataset("standard_prompt_only"))
+    reference = trainer.accelerator.unwrap_model(trainer.ref_model)
+    assert trainer.model.forward.options.cast_lm_head_to_fp32 and reference.forward.options.cast_lm_head_to_fp32
+    default = GRPOTrainer(
+        tiny_model_path, length_reward, args=_config(tmp_path), train_dataset=zen_dataset("standard_prompt_only")
+    )
+    assert not default.model.forward.options.cast_lm_head_to_fp32
