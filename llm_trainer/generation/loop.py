@@ -27,6 +27,7 @@ from ..data.collators import pad
 from ..data.formats import is_conversational
 from ..data.sampling import RepeatSampler, repeat_iterable_dataset
 from ..data.validation import check_text_columns
+from ..trainer.utils import shuffle_sequence_dict, split_tensor_dict
 from .base import Generator
 from .factory import eos_token_ids
 
@@ -140,37 +141,18 @@ class OnlineBatch:
     def as_dict(self) -> dict[str, torch.Tensor | None]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def split(self, num_chunks: int) -> list[OnlineBatch]:
-        """`num_chunks` equal consecutive slices of the rows (0-d tensors are shared)."""
-        size = self.prompt_ids.size(0) // num_chunks
-        return [
-            OnlineBatch(**{k: _rows(v, slice(i * size, (i + 1) * size)) for k, v in self.as_dict().items()})
-            for i in range(num_chunks)
-        ]
-
-    def shuffled(self) -> OnlineBatch:
-        """The rows in one random order (torch's global generator)."""
-        order = torch.randperm(self.prompt_ids.size(0))
-        return OnlineBatch(**{key: _rows(value, order) for key, value in self.as_dict().items()})
-
-
-def _rows(value: torch.Tensor | None, index: Any) -> torch.Tensor | None:
-    return value[index] if value is not None and value.ndim else value
-
 
 class GenerationLoop:
     """Generates, pads and buffers the completions of an on-policy trainer.
 
     Args:
         generator: the generation back end.
-        processing_class: the policy's tokenizer or processor (prompts are tokenized and completions decoded with it).
+        processing_class: the policy's tokenizer or processor (tokenizes prompts, decodes completions).
         geometry: the batch geometry.
         device: where the padded tensors go.
         eos_token_ids: the ids that end a completion (one ending otherwise was truncated).
-        chat_template_kwargs: passed to the chat template of conversational prompts.
-        pad_to_multiple_of: pad tensors' lengths to a multiple of this.
+        args: the trainer's config: `chat_template_kwargs`, `pad_to_multiple_of`, `seed`, `shuffle_dataset`.
         mask_truncated_completions: drop truncated completions from the loss.
-        seed / shuffle: the samplers' seed, and whether the training prompts are shuffled.
     """
 
     def __init__(
@@ -179,37 +161,27 @@ class GenerationLoop:
         processing_class: Any,
         geometry: BatchGeometry,
         device: torch.device,
-        *,
         eos_token_ids: list[int],
-        chat_template_kwargs: dict[str, Any] | None = None,
-        pad_to_multiple_of: int | None = None,
+        args: Any,
         mask_truncated_completions: bool = False,
-        seed: int = 0,
-        shuffle: bool = True,
     ):
-        self.generator = generator
-        self.processing_class = processing_class
+        self.generator, self.processing_class, self.geometry = generator, processing_class, geometry
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        self.geometry = geometry
-        self.device = device
-        self.eos_token_ids = eos_token_ids
-        self.chat_template_kwargs = chat_template_kwargs or {}
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self.device, self.eos_token_ids = device, eos_token_ids
+        self.chat_template_kwargs = args.chat_template_kwargs or {}
+        self.pad_to_multiple_of, self.seed, self.shuffle = args.pad_to_multiple_of, args.seed, args.shuffle_dataset
         self.mask_truncated_completions = mask_truncated_completions
-        self.seed, self.shuffle = seed, shuffle
         self.step = 0
         """Micro-steps trained so far: the one clock of the buffer (set from `global_step` on resume)."""
         self.buffer: list[OnlineBatch] | None = None
-        self._synced_at = -1
-        self._step_time = 0.0
+        self._synced_at, self._step_time = -1, 0.0
 
     @classmethod
     def from_args(
         cls, args: Any, trainer: Any, eos_token_ids: list[int], mask_truncated_completions: bool = False
     ) -> GenerationLoop:
-        """The loop of an on-policy `trainer` once `Trainer.__init__` ran: the back end `args` selects (seeded per
-        process; `transformers` generates with the trainer's model, unwrapped for generation), the batch geometry,
-        padding and sampling settings. `nn.DataParallel`, which splits a generation batch arbitrarily, is refused."""
+        """The loop of an on-policy `trainer` once `Trainer.__init__` ran, with the back end `args` selects (seeded
+        per process). `nn.DataParallel`, which splits a generation batch arbitrarily, is refused."""
         if args.n_gpu > 1:
             raise ValueError(
                 f"{type(trainer).__name__} does not support `nn.DataParallel`; launch with `accelerate launch` or "
@@ -218,20 +190,15 @@ class GenerationLoop:
         from . import make_generator
 
         set_seed(args.seed, device_specific=True)
-        accelerator, processing_class = trainer.accelerator, trainer.processing_class
+        accelerator, processing_class, unwrap = (
+            trainer.accelerator,
+            trainer.processing_class,
+            trainer.unwrapped_for_generation,
+        )
+        generator = make_generator(args, trainer.model, processing_class, accelerator=accelerator, unwrap=unwrap)
+        geometry = BatchGeometry.from_args(args, accelerator.num_processes)
         return cls(
-            make_generator(
-                args, trainer.model, processing_class, accelerator=accelerator, unwrap=trainer.unwrapped_for_generation
-            ),
-            processing_class,
-            BatchGeometry.from_args(args, accelerator.num_processes),
-            accelerator.device,
-            eos_token_ids=eos_token_ids,
-            chat_template_kwargs=args.chat_template_kwargs or {},
-            pad_to_multiple_of=args.pad_to_multiple_of,
-            mask_truncated_completions=mask_truncated_completions,
-            seed=args.seed,
-            shuffle=args.shuffle_dataset,
+            generator, processing_class, geometry, accelerator.device, eos_token_ids, args, mask_truncated_completions
         )
 
     # ----------------------------------------------------------------------------------------------- data
@@ -241,12 +208,6 @@ class GenerationLoop:
     def eval_sampler(self, dataset: Dataset) -> RepeatSampler:
         return RepeatSampler(dataset, mini_repeat_count=self.geometry.num_generations_eval, seed=self.seed)
 
-    def train_stream(self, dataset: IterableDataset) -> IterableDataset:
-        """A streamed training set, reordered (buffered shuffle) and repeated as `train_sampler` does by index."""
-        return repeat_iterable_dataset(
-            dataset, **self.geometry.repeat_counts(), seed=self.seed if self.shuffle else None
-        )
-
     def eval_stream(self, dataset: IterableDataset) -> IterableDataset:
         return repeat_iterable_dataset(dataset, self.geometry.num_generations_eval, seed=self.seed)
 
@@ -254,7 +215,9 @@ class GenerationLoop:
         """`Trainer._get_dataloader`'s arguments for training: batches of `steps_per_generation` micro-batches, one
         generation batch per refill. A stream, which a sampler cannot index, is reordered as the sampler would."""
         if isinstance(dataset, IterableDataset):
-            dataset = self.train_stream(dataset)
+            dataset = repeat_iterable_dataset(
+                dataset, **self.geometry.repeat_counts(), seed=self.seed if self.shuffle else None
+            )
         return {
             "dataset": dataset,
             "description": "Training",
@@ -270,7 +233,8 @@ class GenerationLoop:
 
     def fill(self, batch: OnlineBatch) -> None:
         """Buffer a generation batch: shuffled and cut into `steps_per_generation` micro-batches."""
-        self.buffer = batch.shuffled().split(self.geometry.steps_per_generation)
+        parts = split_tensor_dict(shuffle_sequence_dict(batch.as_dict()), self.geometry.steps_per_generation)
+        self.buffer = [OnlineBatch(**part) for part in parts]
 
     def next_batch(self) -> OnlineBatch:
         """This micro-step's slice of the buffer; advances the clock."""

@@ -97,20 +97,15 @@ class OnlineRL:
         for i, func in enumerate(rewards.funcs):
             if isinstance(func, torch.nn.Module):
                 rewards.funcs[i] = accelerator.prepare_model(func, evaluation_mode=True)
-        generation = GenerationLoop.from_args(
-            args,
-            trainer,
-            trainer.eos_token_ids,
-            mask_truncated_completions=args.mask_truncated_completions,
-        )
+        generation = GenerationLoop.from_args(args, trainer, trainer.eos_token_ids, args.mask_truncated_completions)
         return cls(args, generation, rewards, trainer.rollout_func, accelerator, trainer.reference, needs_old_logps)
 
     def log_extra(self, column: str, values: list) -> None:
-        """`log_extra(column, values)`, for reward functions: an extra column in the completions table."""
+        """For reward functions (and rollouts): an extra column in the completions table."""
         self.pending_extra_logs[column].extend(values)
 
     def log_metric(self, name: str, value: float) -> None:
-        """`log_metric(name, value)`, for reward functions: a scalar averaged into the logs."""
+        """For reward functions (and rollouts): a scalar averaged into the logs."""
         self.pending_metrics[name].append(value)
 
     # ----------------------------------------------------------------------------------------------- rollouts
@@ -138,12 +133,9 @@ class OnlineRL:
                 with self.reference.context(unwrapped):
                     batch.ref_per_token_logps = self._logps(model, batch, chunk)
         rewards_per_func = gather(self._score(prompts, rows, rollout, state))
-        mode, num_generations = (
-            ("train", geometry.num_generations) if training else ("eval", geometry.num_generations_eval)
-        )
-        return ScoredRollout(
-            mode, num_generations, prompts, batch, rollout, rewards_per_func, length_metrics | metrics, tokens
-        )
+        group = geometry.num_generations if training else geometry.num_generations_eval
+        mode = "train" if training else "eval"
+        return ScoredRollout(mode, group, prompts, batch, rollout, rewards_per_func, length_metrics | metrics, tokens)
 
     def _logps(self, model: torch.nn.Module, batch: OnlineBatch, chunk: int) -> torch.Tensor:
         return completion_logps(model, batch, chunk, autocast=self.accelerator.autocast)[0]
