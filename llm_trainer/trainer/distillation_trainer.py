@@ -202,6 +202,9 @@ class DistillationTrainer(BaseTrainer):
         return batch
 
     # ----------------------------------------------------------------------------------------------- loss
+    def training_step(self, model, inputs, num_items_in_batch=None):  # TRL's signature
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The divergence summed over the completion tokens, divided by their count in the generation batch
         (training) or in this batch (evaluation). `num_items_in_batch` from `Trainer` is ignored: it counts the

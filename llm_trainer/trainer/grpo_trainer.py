@@ -208,6 +208,9 @@ class GRPOTrainer(BaseTrainer):
         return ratio
 
     # ----------------------------------------------------------------------------------------------- loss
+    def training_step(self, model, inputs, num_items_in_batch=None):  # TRL's signature
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def compute_loss(self, model, inputs: OnlineBatch, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("GRPOTrainer does not return model outputs from `compute_loss`.")

@@ -130,6 +130,9 @@ class RLOOTrainer(BaseTrainer):
         advantages = pg.rloo_advantages(rewards, num_generations, self.normalize_advantages)
         return advantages, pg.zero_std_groups(rewards, num_generations)
 
+    def training_step(self, model, inputs, num_items_in_batch=None):  # TRL's signature
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def compute_loss(self, model, inputs: OnlineBatch, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("RLOOTrainer does not return model outputs from `compute_loss`.")
