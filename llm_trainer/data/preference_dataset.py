@@ -19,13 +19,30 @@ from .validation import check_rows_kept, check_text_columns, warn_identical_pair
 PREFERENCE_COLUMNS = ("chosen", "rejected")
 
 
+def first_row(dataset: Dataset | IterableDataset, name: str, what: str) -> dict[str, Any]:
+    """The first row of `dataset`; a `ValueError` asking for at least one `what` when it is empty."""
+    example = None if isinstance(dataset, Dataset) and len(dataset) == 0 else next(iter(dataset), None)
+    if example is None:
+        raise ValueError(f"The {name} dataset is empty: pass a dataset with at least one {what}.")
+    return example
+
+
+def filter_rows(dataset: Dataset | IterableDataset, keep: Any, name: str, reason: str, fix: str, **kwargs: Any):
+    """`dataset.filter(keep, **kwargs)`, then `check_rows_kept`: a warning for dropped rows, an error for none left."""
+    before = len(dataset) if isinstance(dataset, Dataset) else None
+    dataset = dataset.filter(keep, **kwargs)
+    check_rows_kept(before, dataset, name, reason, fix)
+    return dataset
+
+
+def prompt_fits(example: dict, max_length: int) -> bool:
+    """Whether the prompt leaves room for a completion token within `max_length`."""
+    return len(example["prompt_ids"]) < max_length
+
+
 def check_preference_dataset(dataset: Dataset | IterableDataset, name: str = "train") -> dict[str, Any]:
     """Return the first row, or raise a `ValueError` naming what an empty or non-preference dataset lacks."""
-    if isinstance(dataset, Dataset) and len(dataset) == 0:
-        raise ValueError(f"The {name} dataset is empty: pass a dataset with at least one preference pair.")
-    example = next(iter(dataset), None)
-    if example is None:
-        raise ValueError(f"The {name} dataset is empty: pass a dataset with at least one preference pair.")
+    example = first_row(dataset, name, "preference pair")
     if "chosen_ids" in example and "rejected_ids" in example:
         return example
     missing = [column for column in PREFERENCE_COLUMNS if column not in example]
@@ -64,15 +81,10 @@ def prepare_preference_dataset(
         dataset = dataset.map(_add_eos, fn_kwargs={"eos": tokenizer.eos_token}, **desc("Adding EOS to"))
     dataset = dataset.map(_tokenize_pair, fn_kwargs={"tokenizer": tokenizer}, **desc("Tokenizing"))
     if max_length is not None and truncation_mode == "keep_start":
-        before = len(dataset) if isinstance(dataset, Dataset) else None
-        dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < max_length, **desc("Filtering"))
-        check_rows_kept(
-            before,
-            dataset,
-            name,
-            f"the prompt alone fills max_length={max_length}, leaving no room for the completions",
-            "Raise `max_length`, or shorten the prompts.",
-        )
+        reason = f"the prompt alone fills max_length={max_length}, leaving no room for the completions"
+        fix = "Raise `max_length`, or shorten the prompts."
+        kwargs = {"fn_kwargs": {"max_length": max_length}, **desc("Filtering")}
+        dataset = filter_rows(dataset, prompt_fits, name, reason, fix, **kwargs)
     return dataset
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
-from .preference_dataset import check_preference_dataset, prepare_preference_dataset
+from .preference_dataset import prepare_preference_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +32,10 @@ def prepare_reference_free_dataset(
 ) -> Dataset | IterableDataset:
     """Add `prompt_ids`, `chosen_ids` and `rejected_ids`, with bos / eos and completion truncation as TRL's ORPO and
     CPO trainers do. Already tokenized datasets keep their tokens and are only truncated."""
-    first = check_preference_dataset(dataset, name)
     map_kwargs: dict[str, Any] = {"num_proc": num_proc} if isinstance(dataset, Dataset) else {}
-    if "chosen_ids" not in first:
-        dataset = prepare_preference_dataset(dataset, tokenizer, max_length=None, num_proc=num_proc, name=name)
+    raw = "chosen_ids" not in next(iter(dataset), {})
+    dataset = prepare_preference_dataset(dataset, tokenizer, max_length=None, num_proc=num_proc, name=name)  # checks
+    if raw:
         dataset = dataset.map(
             _add_special_tokens,
             fn_kwargs={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id},

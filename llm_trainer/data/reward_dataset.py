@@ -18,9 +18,9 @@ from transformers.data.data_collator import DataCollatorMixin
 
 from .collators import pad
 from .formats import get_dataset_column_names, is_conversational
-from .preference_dataset import _add_eos, check_preference_dataset
+from .preference_dataset import _add_eos, check_preference_dataset, filter_rows
 from .tokenization import template_kwargs, tokenize
-from .validation import check_numbers, check_rows_kept, check_text_columns, warn_identical_pairs
+from .validation import check_numbers, check_text_columns, warn_identical_pairs
 
 LEGACY_COLUMNS = {"chosen_input_ids": "chosen_ids", "rejected_input_ids": "rejected_ids"}
 
@@ -61,17 +61,10 @@ def prepare_reward_dataset(
             dataset = dataset.map(_add_eos, fn_kwargs={"eos": tokenizer.eos_token}, **map_kwargs("Adding EOS to"))
         dataset = dataset.map(_tokenize_pair, fn_kwargs={"tokenizer": tokenizer}, **map_kwargs("Tokenizing"))
     if max_length is not None:
-        before = len(dataset) if is_map_style else None
-        dataset = dataset.filter(
-            _fits, fn_kwargs={"max_length": max_length}, **map_kwargs(f"Filtering >{max_length} tokens from")
-        )
-        check_rows_kept(
-            before,
-            dataset,
-            name,
-            f"the chosen or rejected sequence is longer than max_length={max_length}",
-            "Raise `max_length` (pairs are dropped, not truncated, so that each sequence is scored whole).",
-        )
+        reason = f"the chosen or rejected sequence is longer than max_length={max_length}"
+        fix = "Raise `max_length` (pairs are dropped, not truncated, so that each sequence is scored whole)."
+        kwargs = map_kwargs(f"Filtering >{max_length} tokens from")
+        dataset = filter_rows(dataset, _fits, name, reason, fix, fn_kwargs={"max_length": max_length}, **kwargs)
     return dataset
 
 

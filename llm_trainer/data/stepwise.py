@@ -13,6 +13,7 @@ from typing import Any
 from datasets import Dataset, IterableDataset, features
 
 from .formats import is_conversational
+from .preference_dataset import first_row
 from .validation import check_text_columns
 
 STEPWISE_COLUMNS = ("prompt", "completions", "labels")
@@ -26,9 +27,7 @@ TOKENIZED_FEATURES = features.Features(
 
 def check_stepwise_dataset(dataset: Dataset | IterableDataset, name: str = "train") -> dict[str, Any]:
     """Return the first row, or raise a `ValueError` naming what an empty or non-stepwise dataset lacks."""
-    example = None if isinstance(dataset, Dataset) and len(dataset) == 0 else next(iter(dataset), None)
-    if example is None:
-        raise ValueError(f"The {name} dataset is empty: pass a dataset with at least one stepwise example.")
+    example = first_row(dataset, name, "stepwise example")
     if "input_ids" in example:
         return example
     missing = [column for column in STEPWISE_COLUMNS if column not in example]
@@ -97,15 +96,12 @@ def prepare_stepwise_dataset(
     dataset: Dataset | IterableDataset,
     tokenizer: Any,
     *,
-    step_separator: str = "\n",
-    max_length: int | None = None,
-    max_completion_length: int | None = None,
-    train_on_last_step_only: bool = False,
-    is_eval: bool = False,
     num_proc: int | None = None,
     name: str = "train",
+    **options: Any,
 ) -> Dataset | IterableDataset:
-    """Replace a stepwise dataset's columns by `input_ids` and `labels` (already tokenized datasets pass)."""
+    """Replace a stepwise dataset's columns by `input_ids` and `labels`, tokenized by `tokenize_stepwise` with
+    `options` (`step_separator`, `max_length`, ...); already tokenized datasets pass."""
     first = check_stepwise_dataset(dataset, name)
     if "input_ids" in first:
         return dataset
@@ -114,14 +110,7 @@ def prepare_stepwise_dataset(
     )
     return dataset.map(
         tokenize_stepwise,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "step_separator": step_separator,
-            "max_length": max_length,
-            "max_completion_length": max_completion_length,
-            "train_on_last_step_only": train_on_last_step_only,
-            "is_eval": is_eval,
-        },
+        fn_kwargs={"tokenizer": tokenizer, **options},
         remove_columns=list(first),
         features=TOKENIZED_FEATURES,  # keeps `labels` int64 rather than the source column's bool
         **map_kwargs,

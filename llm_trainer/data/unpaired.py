@@ -20,8 +20,9 @@ from .chat_template import extract_prompt
 from .collators import pad
 from .formats import is_conversational
 from .preference import unpair_preference_dataset
+from .preference_dataset import filter_rows, first_row, prompt_fits
 from .tokenization import template_kwargs, tokenize_prompt_completions
-from .validation import check_labels, check_rows_kept, check_text_columns
+from .validation import check_labels, check_text_columns
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +36,7 @@ def check_unpaired_dataset(dataset: Dataset | IterableDataset, name: str = "trai
     Accepted: unpaired (`prompt`, `completion`, `label`), paired preference (`chosen`, `rejected`, optional `prompt`;
     unpaired automatically) and already tokenized (`prompt_ids`, `completion_ids`, `label`) rows.
     """
-    example = None if isinstance(dataset, Dataset) and len(dataset) == 0 else next(iter(dataset), None)
-    if example is None:
-        raise ValueError(f"The {name} dataset is empty: pass a dataset with at least one labelled completion.")
+    example = first_row(dataset, name, "labelled completion")
     if "image" in example or "images" in example:
         raise ValueError(
             f"The {name} dataset has image columns; vision-language unpaired preference data is not supported yet. "
@@ -98,14 +97,8 @@ def prepare_unpaired_dataset(
     if max_length is not None:
         labels = list(dataset["label"]) if is_map_style else None
         reason = f"the prompt alone fills max_length={max_length}, leaving no room for the completion"
-        dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < max_length, **described("Filtering"))
-        check_rows_kept(
-            None if labels is None else len(labels),
-            dataset,
-            name,
-            reason,
-            "Raise `max_length`, or shorten the prompts.",
-        )
+        fix, kwargs = "Raise `max_length`, or shorten the prompts.", described("Filtering")
+        dataset = filter_rows(dataset, prompt_fits, name, reason, fix, fn_kwargs={"max_length": max_length}, **kwargs)
         if labels is not None and len(dataset) < len(labels):
             _warn_label_dropped(labels, list(dataset["label"]), name, reason)
     if kl_batch_size is not None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
@@ -16,6 +18,7 @@ from typing import Any, Self
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
+from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForCausalLM,
     AutoProcessor,
@@ -30,6 +33,8 @@ from transformers import (
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..generation.base import Generator
+from ..generation.loop import GenerationLoop, OnlineBatch, check_streaming, streaming_loader
 from ..modeling import add_token_logprob_head, check_causal_lm, load_model, wrap_with_peft
 from . import simple
 from .checkpointing import last_complete_checkpoint, remove_stale_staging, rotate_checkpoints, staged_folder
@@ -37,18 +42,17 @@ from .reference_policy import ReferencePolicy
 from .utils import disable_dropout_in_model
 
 logger = logging.getLogger(__name__)
+_TRAINER_PARAMETERS = inspect.signature(Trainer.__init__).parameters
 
 NUM_TOKENS_NAME = "num_tokens.json"
 """A checkpoint's running total of training tokens (the `num_tokens` metric)."""
-TRAINER_KWARGS = (
-    "compute_metrics",
-    "callbacks",
-    "optimizers",
-    "optimizer_cls_and_kwargs",
-    "preprocess_logits_for_metrics",
-)
-"""The keyword arguments `BaseTrainer.__init__` hands to `Trainer.__init__` unchanged."""
-_NOT_GIVEN = object()  # `peft_config` of a trainer still calling `Trainer.__init__`'s signature (see `__init__`)
+
+
+def init_arguments(local_variables: dict[str, Any]) -> dict[str, Any]:
+    """A trainer `__init__`'s arguments, from `locals()` taken before anything else, as the keywords it forwards to
+    `BaseTrainer.__init__`: `super().__init__(**init_arguments(locals()))` keeps TRL's signature on the trainer
+    and every step of the construction in `BaseTrainer`."""
+    return {name: value for name, value in local_variables.items() if name not in ("self", "__class__")}
 
 
 class BaseTrainer(Trainer):
@@ -71,12 +75,9 @@ class BaseTrainer(Trainer):
     loss_is_scaled_for_ga: bool | None = None
     """Whether `compute_loss` already divides by the gradient-accumulation steps (`Trainer` reads it from 5.19 on)."""
 
-    reference: ReferencePolicy | None = None
-    """The reference policy, for trainers whose `reference_policy` hook returns one (see `reference_policy.py`)."""
-    reference_columns: tuple[str, ...] = ()
-    """The dataset columns `reference_batch_logps` fills when the reference log-probs are precomputed."""
-    dataset_description = "the dataset to train on"
-    """What `train_dataset` should be, for the error raised when it is missing."""
+    reference: ReferencePolicy | None = None  # built by the `reference_policy` hook
+    reference_columns: tuple[str, ...] = ()  # filled by `reference_batch_logps` when precomputed
+    dataset_description = "the dataset to train on"  # for the error about a missing `train_dataset`
 
     def __init__(
         self,
@@ -88,39 +89,19 @@ class BaseTrainer(Trainer):
         processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
         *,
         ref_model: str | PreTrainedModel | None = None,
-        peft_config: Any = _NOT_GIVEN,
+        peft_config: Any = None,
         quantization_config: Any = None,
         model_init: Callable[[], PreTrainedModel] | None = None,
         compute_loss_func: Callable | None = None,
         **options: Any,
     ):
-        """Build the trainer once, in this order (each step a hook a trainer may override): `resolve_args` ->
-        `check_inputs` -> `load_model` (and a `ref_model` given as a name) -> `prepare_processing_class` ->
-        `configure_tokenizer` -> `prepare_peft` -> `reference_policy` -> `configure` (then dropout off with
-        `args.disable_dropout`) -> `default_collator` when none is given -> `prepare_dataset` on train and eval ->
-        `trainer_model` -> `Trainer.__init__` -> `router_aux_loss` -> `logprob_head` on the policy (and the
-        reference) -> reference placement and precomputed log-probs -> `finish_init`.
-
-        Trainers keep TRL's signature and forward every argument here by keyword. `options` holds the keyword
-        arguments `Trainer.__init__` takes (`compute_metrics`, `callbacks`, `optimizers`, ...) and the trainer's own
-        (e.g. SFT's `formatting_func`), which `set_options` receives.
-        """
+        """Build the trainer, once, through hooks a trainer overrides, in the order they run below. Trainers keep
+        TRL's signature and forward every argument here (`init_arguments`); `options` holds `Trainer.__init__`'s
+        other keywords (`callbacks`, `optimizers`, ...) and the trainer's own (`set_options`)."""
         if isinstance(model, Mapping):  # the simple API's nested-dict form: a trainer that `fit` builds
             self._pending_build = simple.pending_from_dict(type(self), model)
             return
-        if peft_config is _NOT_GIVEN:  # a trainer that has not adopted the prelude: `Trainer.__init__` as given
-            self._init_trainer(
-                model=model,
-                args=args,
-                data_collator=data_collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                compute_loss_func=compute_loss_func,
-                **options,
-            )
-            return
-        trainer_kwargs = {key: options.pop(key) for key in TRAINER_KWARGS if key in options}
+        trainer_kwargs = {key: options.pop(key) for key in list(options) if key in _TRAINER_PARAMETERS}
         self.args = args = self.resolve_args(args, model)  # hooks may read `self.args` before `Trainer.__init__`
         self.set_options(args, **options)
         self.check_inputs(
@@ -153,10 +134,10 @@ class BaseTrainer(Trainer):
         if data_collator is None:
             data_collator = self.default_collator(args)
         if train_dataset is not None:
-            train_dataset = self.prepare_dataset(train_dataset, "train", args)
+            train_dataset = self._prepare(train_dataset, "train", args)
         if eval_dataset is not None:
             eval_dataset = self.prepare_eval_dataset(eval_dataset, args)
-        self._init_trainer(
+        super().__init__(
             model=self.trainer_model(model, args),
             args=args,
             data_collator=data_collator,
@@ -166,23 +147,6 @@ class BaseTrainer(Trainer):
             compute_loss_func=compute_loss_func,
             **trainer_kwargs,
         )
-        self.router_aux_loss_coef = self.router_aux_loss(model, args)
-        self.aux_loss_enabled = bool(self.router_aux_loss_coef)  # TRL's switch: False leaves the router loss out
-        head = self.logprob_head(args)
-        if head is not None:
-            add_token_logprob_head(model.get_base_model() if is_peft_model(model) else model, **head)
-        if self.reference is not None:
-            self.reference.place(self, head, prepare=self.prepare_reference)
-            if self.reference.precompute:
-                self.train_dataset = self.precompute_reference(self.train_dataset, "train")
-                if self.eval_dataset is not None:
-                    self.eval_dataset = self.precompute_reference(self.eval_dataset, "eval")
-        self.finish_init(args)
-
-    def _init_trainer(self, **kwargs: Any) -> None:
-        """`Trainer.__init__`, then what every trainer shares: metrics, the token count, model tags, activation
-        offloading, and how the loss is scaled for gradient accumulation."""
-        super().__init__(**kwargs)
         if self.loss_is_scaled_for_ga is not None and not hasattr(Trainer, "loss_is_scaled_for_ga"):
             self.model_accepts_loss_kwargs = False  # transformers < 5.19 reads these two instead
             if self.loss_is_scaled_for_ga:
@@ -200,24 +164,35 @@ class BaseTrainer(Trainer):
             from ..models.activation_offloading import get_act_offloading_ctx_manager
 
             self.maybe_activation_offload_context = get_act_offloading_ctx_manager(model=self.model)
+        self.router_aux_loss_coef = self.router_aux_loss(model, args)
+        self.aux_loss_enabled = bool(self.router_aux_loss_coef)  # TRL's switch: False leaves the router loss out
+        head = self.logprob_head(args)
+        if head is not None:
+            add_token_logprob_head(model.get_base_model() if is_peft_model(model) else model, **head)
+        if self.reference is not None:
+            self.reference.place(self, head, prepare=self.prepare_reference)
+            if self.reference.precompute:
+                self.train_dataset = self.precompute_reference(self.train_dataset, "train")
+                if self.eval_dataset is not None:
+                    self.eval_dataset = self.precompute_reference(self.eval_dataset, "eval")
+        self.finish_init(args)
 
     # ------------------------------------------------------------------------------------- constructor hooks
     def set_options(self, args: TrainingArguments, **options: Any) -> None:
-        """Keep the trainer's own constructor arguments (beyond those `BaseTrainer.__init__` names); none here."""
+        """Keep the trainer's own constructor arguments; none here."""
         if options:
             raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(options)}.")
 
     def check_inputs(self, args: TrainingArguments, *, train_dataset: Any, **inputs: Any) -> None:
-        """Reject unusable constructor arguments before anything loads; `inputs` holds the other arguments
-        (`model`, `ref_model`, `eval_dataset`, `data_collator`, `model_init`, `compute_loss_func`). Checks only."""
+        """Reject unusable constructor arguments (`inputs`: the others, as given) before anything loads; checks only."""
         self.check_train_dataset(train_dataset, self.dataset_description)
 
     def load_model(self, model: Any, args: TrainingArguments, quantization_config: Any) -> PreTrainedModel:
-        """The policy: `model` loaded by name or path (`prepare_model`), or checked when already loaded."""
+        """The policy, loaded by name or path, or checked when loaded (`prepare_model`)."""
         return self.prepare_model(model, args, quantization_config)
 
     def configure_tokenizer(self, model: PreTrainedModel, args: TrainingArguments) -> None:
-        """Make `self._tokenizer` and `model` agree on special tokens (before PEFT wrapping); nothing here."""
+        """Make `self._tokenizer` and `model` agree on special tokens, before PEFT wrapping; nothing here."""
 
     def reference_policy(
         self, model: PreTrainedModel, ref_model: PreTrainedModel | None, peft_config: Any, args: TrainingArguments
@@ -225,13 +200,10 @@ class BaseTrainer(Trainer):
         """The trainer's reference policy (`ReferencePolicy.for_policy`), None for trainers without one."""
         return None
 
-    prepare_reference = True
-    """Whether a separate reference model is placed with `accelerator.prepare_model` (else moved to the device)."""
+    prepare_reference = True  # a separate reference model is placed by `accelerator.prepare_model`, else `.to`
 
     def configure(self, model: PreTrainedModel, args: TrainingArguments, train_dataset: Any) -> None:
-        """The trainer's own set-up from the (PEFT-wrapped) policy, the config and the raw training set, before the
-        datasets are prepared and `Trainer.__init__` (checkpointing, dtypes, options read off the data); nothing
-        here."""
+        """Own set-up from the (PEFT) policy and the raw training set, before the datasets and `Trainer.__init__`."""
 
     def default_collator(self, args: TrainingArguments) -> Any:
         """The collator used when none is passed; None lets `Trainer` pick its default."""
@@ -242,56 +214,46 @@ class BaseTrainer(Trainer):
         return model
 
     def router_aux_loss(self, model: PreTrainedModel, args: TrainingArguments) -> float:
-        """The coefficient of the MoE load-balancing loss, 0 to leave it out: from `args.router_aux_loss_coef` (see
-        `configure_router_aux_loss`) for configs with that field; else the model config's, when it already outputs
-        router logits (TRL's experimental trainers)."""
+        """The MoE load-balancing loss coefficient (0: off): `args.router_aux_loss_coef` where the config has it, else
+        the model config's when it outputs router logits (TRL's experimental trainers)."""
         if hasattr(args, "router_aux_loss_coef"):
             return self.configure_router_aux_loss(model, args.router_aux_loss_coef)
         config = model.config.get_text_config()
         return getattr(config, "router_aux_loss_coef", 0.0) if getattr(config, "output_router_logits", False) else 0.0
 
     def logprob_head(self, args: TrainingArguments) -> dict[str, Any] | None:
-        """Keyword arguments of `add_token_logprob_head` for the policy (`temperature`, per-token `outputs` the
-        metrics read), None for a trainer that does not compute token log-probs. The reference gets the same
-        temperature and no per-token outputs."""
+        """`add_token_logprob_head` keywords for the policy (the reference gets no per-token `outputs`); None: none."""
         return None
 
     def reference_batch_logps(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-        """The reference log-probs of one collated batch, by `reference_columns` name (for precomputation)."""
+        """The reference log-probs of one collated batch, by `reference_columns` name (to precompute)."""
         raise NotImplementedError(f"{type(self).__name__} does not precompute reference log-probs.")
 
     def precompute_reference(self, dataset: Any, name: str) -> Any:
-        """`dataset` (or a dict of them) with the reference log-prob columns added (`precompute_ref_log_probs`)."""
+        """`dataset` (or a dict of them) with the reference log-prob columns added."""
         return self.reference.precompute_columns(
             self, dataset, name, self.reference_columns, self.reference_batch_logps
         )
 
     def finish_init(self, args: TrainingArguments) -> None:
-        """The trainer's own set-up once everything else is built; nothing here."""
+        """The trainer's own set-up, last; nothing here."""
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
-        """TRL's attribute: the separate frozen reference model; None without one (PEFT adapter route, precomputed
-        log-probs, or no reference)."""
+        """TRL's attribute: the separate frozen reference model, if any."""
         return self.reference.model if self.reference is not None else None
-
-    @ref_model.setter
-    def ref_model(self, model: torch.nn.Module | None) -> None:
-        self.reference = ReferencePolicy(model) if self.reference is None else self.reference
-        self.reference.model = model
 
     @property
     def precompute_ref_logps(self) -> bool:
-        """TRL's attribute: whether the reference log-probs are precomputed (`precompute_ref_log_probs`)."""
+        """TRL's attribute: whether the reference log-probs are precomputed."""
         return self.reference is not None and self.reference.precompute
 
     def add_router_aux_loss(
         self, loss: torch.Tensor, aux_loss: torch.Tensor | None, mode: str, num_items_in_batch: Any = None
     ) -> torch.Tensor:
-        """`loss` plus the MoE load-balancing term `router_aux_loss_coef * aux_loss` (recorded as `aux_loss`) when
-        enabled. The term is divided by the gradient-accumulation steps iff the loss already is: so when
-        `loss_is_scaled_for_ga`, or (left to `Trainer`, None) when it is normalised by `num_items_in_batch` in
-        training. Otherwise `Trainer` divides the sum itself."""
+        """`loss` plus the MoE load-balancing term `router_aux_loss_coef * aux_loss`, recorded as `aux_loss`, divided
+        by the accumulation steps iff the loss already is (`loss_is_scaled_for_ga`; when None, iff normalised by
+        `num_items_in_batch` in training); otherwise `Trainer` divides the sum."""
         if not self.aux_loss_enabled or aux_loss is None:
             return loss
         self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
@@ -341,6 +303,8 @@ class BaseTrainer(Trainer):
     def min_train_rows(self) -> tuple[int, str, str] | None:
         """The fewest training rows that fill one batch the sampler keeps, with why and how to fix a shortfall; None
         when any non-empty dataset trains (an incomplete last batch is kept)."""
+        if self.generation is not None:
+            return self.generation.geometry.min_train_rows()
         if not self.args.dataloader_drop_last:
             return None
         needed = self.args.per_device_train_batch_size * self.args.world_size
@@ -358,8 +322,12 @@ class BaseTrainer(Trainer):
         """`prepare_dataset` applied to an eval dataset, or to each dataset of a dict of them."""
         args = args or self.args
         if isinstance(eval_dataset, dict):
-            return {name: self.prepare_dataset(dataset, name, args) for name, dataset in eval_dataset.items()}
-        return self.prepare_dataset(eval_dataset, "eval", args)
+            return {name: self._prepare(dataset, name, args) for name, dataset in eval_dataset.items()}
+        return self._prepare(eval_dataset, "eval", args)
+
+    def _prepare(self, dataset: Any, name: str, args: TrainingArguments) -> Any:
+        with args.distributed_state.local_main_process_first():  # the others then read the main's `datasets` cache
+            return self.prepare_dataset(dataset, name, args)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """As `Trainer.evaluate`, preparing (and scoring by the reference, when precomputed) a raw dataset passed
@@ -377,9 +345,16 @@ class BaseTrainer(Trainer):
         return metrics
 
     def training_step(self, *args, **kwargs):
-        """As `Trainer.training_step`, under `maybe_activation_offload_context` (see `__init__`)."""
+        """As `Trainer.training_step`, under `maybe_activation_offload_context` (see `__init__`); a trainer with a
+        `generation` loop also logs `step_time`, the seconds of an optimizer step's micro-steps."""
+        start = time.perf_counter()
         with self.maybe_activation_offload_context:
-            return super().training_step(*args, **kwargs)
+            loss = super().training_step(*args, **kwargs)
+        if self.generation is not None:
+            seconds = self.generation.time_step(time.perf_counter() - start, self.current_gradient_accumulation_steps)
+            if seconds is not None:
+                self._metrics["train"]["step_time"].append(seconds)
+        return loss
 
     @contextlib.contextmanager
     def unwrapped_for_generation(self, select: Callable[[Any], Any] | None = None) -> Iterator[Any]:
@@ -601,6 +576,8 @@ class BaseTrainer(Trainer):
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, NUM_TOKENS_NAME), "w", encoding="utf-8") as f:
                 json.dump({"num_tokens": self._total_train_tokens}, f)
+        if self.generation is not None:
+            self.generation.save(folder, self.accelerator.process_index, self.accelerator.num_processes)
 
     def _load_extra_state(self, folder: str) -> None:
         """Restore what `_save_extra_state` wrote, when training resumes from the checkpoint `folder`."""
@@ -609,6 +586,9 @@ class BaseTrainer(Trainer):
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 self._total_train_tokens = json.load(f)["num_tokens"]
+        if self.generation is not None:
+            step = self.state.global_step * self.args.gradient_accumulation_steps
+            self.generation.load(folder, self.accelerator.process_index, self.accelerator.num_processes, step)
 
     def create_model_card(
         self,
@@ -645,6 +625,85 @@ class BaseTrainer(Trainer):
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    # ---- on-policy generation (H4): trainers that own a `GenerationLoop` (GRPO, RLOO, distillation, teacher GRPO)
+    generation: GenerationLoop | None = None
+    """The generation loop of an on-policy trainer (set in `finish_init`); None for the offline trainers. With one,
+    the dataloaders yield whole generation batches of rows, `_prepare_inputs` turns them into this micro-step's
+    `OnlineBatch` (through the trainer's `make_batch`), and checkpoints carry the generation buffer."""
+
+    def make_batch(self, rows: list[dict[str, Any]]) -> OnlineBatch:
+        """An on-policy trainer's batch for its loss, generated for the dataset `rows`."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate its batches.")
+
+    @property
+    def generator(self) -> Generator | None:
+        """The generation back end (TRL's attribute), owned by `generation`."""
+        return self.generation.generator if self.generation is not None else None
+
+    @generator.setter
+    def generator(self, generator: Generator) -> None:
+        self.generation.generator = generator
+
+    def _set_signature_columns_if_needed(self):
+        if self.generation is not None and self._signature_columns is None:
+            self._signature_columns = ["prompt", "image", "images"]  # rows reach `make_batch` as they are
+        super()._set_signature_columns_if_needed()
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.generation is None:
+            return super().get_train_dataloader()
+        return self._get_dataloader(**self.generation.train_loader_kwargs(self.train_dataset, self._train_batch_size))
+
+    def _get_eval_sampler(self, eval_dataset: Dataset):
+        if self.generation is None:
+            return super()._get_eval_sampler(eval_dataset)
+        return self.generation.eval_sampler(eval_dataset)
+
+    def get_eval_dataloader(self, eval_dataset: str | Dataset | IterableDataset | None = None) -> DataLoader:
+        """As `Trainer.get_eval_dataloader`; an on-policy trainer's streamed dataset is repeated in the stream and
+        read as `streaming_loader` says."""
+        dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        dataset = dataset if dataset is not None else self.eval_dataset
+        if self.generation is None or not isinstance(dataset, IterableDataset):
+            return super().get_eval_dataloader(eval_dataset)
+        check_streaming(None, dataset, self.args)
+        key = eval_dataset if isinstance(eval_dataset, str) else "eval"
+        with streaming_loader(self.args, self.accelerator):
+            stream = self.generation.eval_stream(dataset)
+            return self._get_dataloader(stream, "Evaluation", self.args.eval_batch_size, dataloader_key=key)
+
+    def _prepare_inputs(self, inputs: Any) -> Any:
+        """On-policy training: a new generation batch every `steps_per_generation * num_iterations` micro-steps, and
+        this micro-step's slice of it; evaluation: the batch as is."""
+        if self.generation is None:
+            return super()._prepare_inputs(inputs)
+        if not self.model.training:
+            return self.make_batch(inputs)
+        if self.generation.needs_generation():
+            self.generation.fill(self.make_batch(inputs))
+        return self.generation.next_batch()
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self.generation is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.mean().detach(), None, None
+
+    def record_generation(self, mode: str, tokens: int, metrics: dict[str, float]) -> None:
+        """Add a generation batch's `tokens` to the `num_tokens` count (training) and record its `metrics`."""
+        if mode == "train":
+            self.state.num_input_tokens_seen += tokens
+        self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+
+    def close(self) -> None:
+        """Stop the generation back end (on-policy trainers)."""
+        if self.generation is not None:
+            self.generation.close()
 
     # ---- simple API: short delegations to `llm_trainer.trainer.simple`, which holds the logic (docs/simple_api.md)
     _pending_build: simple.PendingBuild | None = None  # set until `fit` builds a trainer from `from_pretrained`

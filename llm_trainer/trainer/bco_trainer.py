@@ -27,6 +27,7 @@ from ..data.collators import pad
 from ..data.formats import is_conversational
 from ..data.unpaired import DataCollatorForUnpairedPreference
 from ..losses import RunningMoments, bco_loss, density_ratio_weights
+from .base_trainer import init_arguments
 from .bco_config import BCOConfig
 from .unpaired_base import UnpairedForward, UnpairedPreferenceTrainer
 
@@ -146,25 +147,7 @@ class BCOTrainer(UnpairedPreferenceTrainer):
         embedding_func: Callable[..., torch.Tensor] | None = None,
         embedding_tokenizer: PreTrainedTokenizerBase | None = None,
     ):
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            data_collator=data_collator,
-            model_init=model_init,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            peft_config=peft_config,
-            compute_metrics=compute_metrics,
-            model_adapter_name=model_adapter_name,
-            ref_adapter_name=ref_adapter_name,
-            embedding_func=embedding_func,
-            embedding_tokenizer=embedding_tokenizer,
-        )
+        super().__init__(**init_arguments(locals()))
 
     def set_options(
         self,

@@ -20,9 +20,9 @@ from transformers import (
 from transformers.trainer_utils import EvalPrediction
 
 from ..data.collators import DataCollatorForPreference, DataCollatorForVisionPreference
-from ..data.preference_dataset import check_preference_dataset, prepare_preference_dataset
+from ..data.preference_dataset import prepare_preference_dataset
 from ..losses import dpo_loss, masked_mean_nll, preference_metrics, wpo_weights
-from .base_trainer import BaseTrainer, gather_sum
+from .base_trainer import BaseTrainer, gather_sum, init_arguments
 from .dpo_config import DPOConfig
 from .preference_forward import (
     NON_MODEL_KEYS,
@@ -80,25 +80,12 @@ class DPOTrainer(BaseTrainer):
         quantization_config: Any = None,
         peft_config: Any = None,
     ):
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        super().__init__(**init_arguments(locals()))
 
     # ----------------------------------------------------------------------------------------------- setup
     def check_inputs(self, args: DPOConfig, *, train_dataset, **inputs) -> None:
         super().check_inputs(args, train_dataset=train_dataset)
-        sample = check_preference_dataset(train_dataset, "train")
+        sample = next(iter(train_dataset), {})  # checked as a preference dataset when prepared
         if "image" in sample or "images" in sample:
             raise ValueError(
                 "Vision-language preference datasets (with 'image' / 'images' columns) are not supported yet; "
@@ -114,13 +101,7 @@ class DPOTrainer(BaseTrainer):
         configure_special_tokens(model, self._tokenizer, pad_token=args.pad_token)
 
     def reference_policy(self, model, ref_model, peft_config, args: DPOConfig) -> ReferencePolicy:
-        return ReferencePolicy.for_policy(
-            model,
-            ref_model,
-            precompute=args.precompute_ref_log_probs,
-            copy_given_adapter=peft_config is None,
-            sync=args.sync_ref_model,
-        )
+        return ReferencePolicy.for_policy(model, ref_model, args, copy_given_adapter=peft_config is None)
 
     def default_collator(self, args: DPOConfig) -> DataCollatorForPreference:
         return DataCollatorForPreference(
@@ -150,15 +131,14 @@ class DPOTrainer(BaseTrainer):
         self, dataset: Dataset | IterableDataset, name: str, args: DPOConfig
     ) -> Dataset | IterableDataset:
         """Tokenize one preference dataset into `prompt_ids` / `chosen_ids` / `rejected_ids` (idempotent)."""
-        with args.main_process_first(desc=f"preparing {name} dataset"):
-            return prepare_preference_dataset(
-                dataset,
-                self._tokenizer,
-                max_length=args.max_length,
-                truncation_mode=args.truncation_mode,
-                num_proc=args.dataset_num_proc,
-                name=name,
-            )
+        return prepare_preference_dataset(
+            dataset,
+            self._tokenizer,
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            num_proc=args.dataset_num_proc,
+            name=name,
+        )
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

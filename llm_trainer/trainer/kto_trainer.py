@@ -13,6 +13,7 @@ from transformers.trainer_utils import EvalPrediction
 from ..data.collators import DataCollatorForVisionUnpairedPreference
 from ..data.unpaired import DataCollatorForUnpairedPreference, recommend_loss_weights
 from ..losses import kto_kl, kto_loss
+from .base_trainer import init_arguments
 from .kto_config import KTOConfig
 from .unpaired_base import UnpairedForward, UnpairedPreferenceTrainer
 
@@ -55,20 +56,7 @@ class KTOTrainer(UnpairedPreferenceTrainer):
         quantization_config: Any = None,
         peft_config: Any = None,
     ):
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        super().__init__(**init_arguments(locals()))
 
     def set_options(self, args: KTOConfig) -> None:
         self.calculate_kl = args.loss_type != "apo_zero_unpaired"

@@ -45,7 +45,7 @@ from ..losses.ppo import (
     response_padding_masks,
     whiten_rewards,
 )
-from .base_trainer import BaseTrainer
+from .base_trainer import BaseTrainer, init_arguments
 from .ppo_config import PPOConfig
 from .reference_policy import ReferencePolicy
 from .utils import disable_dropout_in_model
@@ -206,20 +206,7 @@ class PPOTrainer(BaseTrainer):
         callbacks: list[TrainerCallback] | None = None,
         peft_config: Any = None,
     ) -> None:
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-            reward_model=reward_model,
-            value_model=value_model,
-        )
+        super().__init__(**init_arguments(locals()))
 
     # ----------------------------------------------------------------------------------------------- set-up
     def set_options(self, args: PPOConfig, reward_model: str | nn.Module, value_model: str | nn.Module | None) -> None:
@@ -256,8 +243,14 @@ class PPOTrainer(BaseTrainer):
         self.reward_model, self._value_model = reward_model.eval(), value_model
         return policy
 
+    def configure_tokenizer(self, model: PreTrainedModel, args: PPOConfig) -> None:
+        self.pad_token_id, self.eos_token_id = self._tokenizer.pad_token_id, self._tokenizer.eos_token_id
+        self.stop_token_id = self.eos_token_id if args.stop_token == "eos" else args.stop_token_id
+
     def reference_policy(self, model, ref_model, peft_config, args: PPOConfig) -> ReferencePolicy:
-        return ReferencePolicy.for_policy(model, ref_model, adapter_name=args.ref_adapter_name)
+        return ReferencePolicy.for_policy(
+            model, ref_model, args, adapter_name=args.ref_adapter_name, policy_adapter=args.model_adapter_name
+        )
 
     prepare_reference = False  # moved to the device, as TRL's PPO
 
@@ -294,22 +287,6 @@ class PPOTrainer(BaseTrainer):
     def is_peft_model(self) -> bool:
         return is_peft_model(self.policy_model)
 
-    @property
-    def train_dataset_len(self) -> int:
-        return len(self.train_dataset)
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._tokenizer.pad_token_id
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._tokenizer.eos_token_id
-
-    @property
-    def stop_token_id(self) -> int | None:
-        return self.eos_token_id if self.args.stop_token == "eos" else self.args.stop_token_id
-
     def finish_init(self, args: PPOConfig) -> None:
         """PPO's own training loop: its state, batch sizes, optimizer, prompt loaders and generators."""
         train_dataset, eval_dataset, data_collator = self.train_dataset, self.eval_dataset, self.data_collator
@@ -321,9 +298,9 @@ class PPOTrainer(BaseTrainer):
             ],
         )
         self._compute_batch_sizes(args, self.accelerator.num_processes)
-        if self.train_dataset_len < args.local_batch_size:
+        if len(self.train_dataset) < args.local_batch_size:
             raise ValueError(
-                f"`train_dataset` has {self.train_dataset_len} prompts, fewer than one rollout batch "
+                f"`train_dataset` has {len(self.train_dataset)} prompts, fewer than one rollout batch "
                 f"(`per_device_train_batch_size` * `gradient_accumulation_steps` = {args.local_batch_size}). Add "
                 "prompts or lower the batch size."
             )
@@ -359,7 +336,7 @@ class PPOTrainer(BaseTrainer):
         # A pad token also ends a response: everything after it is masked out (TRL's `padding_mask`), so
         # generating past it would change nothing that is trained on.
         policy = self.policy_model
-        self.generator = TransformersGenerator(
+        self.rollout_generator = TransformersGenerator(
             policy,
             SamplingConfig(max_tokens=args.response_length, temperature=args.temperature + 1e-7, top_p=1.0, top_k=0),
             pad_token_id=self.pad_token_id,
@@ -378,7 +355,7 @@ class PPOTrainer(BaseTrainer):
     def _compute_batch_sizes(self, args: PPOConfig, world_size: int) -> None:
         """Fill in TRL's derived batch-size fields of `args` (they are config fields, read by scripts)."""
         if args.total_episodes is None:
-            args.total_episodes = int(args.num_train_epochs * self.train_dataset_len)
+            args.total_episodes = int(args.num_train_epochs * len(self.train_dataset))
         args.world_size = world_size
         args.local_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
         args.micro_batch_size = args.per_device_train_batch_size * world_size
@@ -473,7 +450,7 @@ class PPOTrainer(BaseTrainer):
         """Generate responses to a batch of prompts and compute everything the PPO epochs need."""
         args = self.args
         prompts, queries = self._queries(input_ids)
-        responses = self._responses(self.generator.generate(prompts).completion_ids)
+        responses = self._responses(self.rollout_generator.generate(prompts).completion_ids)
         context_length = queries.size(1)
         query_responses = torch.cat([queries, responses], dim=1)
 
@@ -626,7 +603,7 @@ class PPOTrainer(BaseTrainer):
             self.state.episode = 0
             self.state.compute_steps(args, args.num_total_batches)
         self.state.max_steps = args.num_total_batches
-        self.state.num_train_epochs = args.total_episodes / self.train_dataset_len
+        self.state.num_train_epochs = args.total_episodes / len(self.train_dataset)
         self.state.train_batch_size = args.per_device_train_batch_size
         losses = [  # the updates before the checkpoint, if any (every update is logged)
             entry["loss/policy_avg"] + args.vf_coef * entry["loss/value_avg"]
@@ -651,7 +628,7 @@ class PPOTrainer(BaseTrainer):
             stats = self._ppo_epochs(batch)
             metrics = self._metrics_of(batch, stats, int((self.state.episode - first_episode) / (time.time() - start)))
             losses.append(metrics["loss/policy_avg"] + args.vf_coef * metrics["loss/value_avg"])
-            self.state.epoch = self.state.episode / self.train_dataset_len
+            self.state.epoch = self.state.episode / len(self.train_dataset)
             self.state.global_step += 1
             self.log(metrics)
             self.lr_scheduler.step()

@@ -20,7 +20,7 @@ from transformers import (
 from transformers.trainer_utils import EvalPrediction
 
 from ..data.stepwise import prepare_stepwise_dataset, tokenize_stepwise
-from .base_trainer import BaseTrainer
+from .base_trainer import BaseTrainer, init_arguments
 from .prm_config import PRMConfig
 
 __all__ = ["PRMTrainer", "compute_accuracy"]
@@ -75,20 +75,11 @@ class PRMTrainer(BaseTrainer):
         preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         peft_config: Any = None,
     ):
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            model_init=model_init,
-            compute_metrics=compute_metrics if compute_metrics is not None else compute_accuracy,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            peft_config=peft_config,
-        )
+        super().__init__(**init_arguments(locals()))
+
+    def finish_init(self, args: PRMConfig) -> None:
+        if self.compute_metrics is None:
+            self.compute_metrics = compute_accuracy
 
     def check_inputs(self, args: PRMConfig, *, model, model_init, train_dataset, **inputs) -> None:
         if model is None or model_init is not None:
@@ -106,18 +97,17 @@ class PRMTrainer(BaseTrainer):
 
     def prepare_dataset(self, dataset: Dataset | IterableDataset, name: str, args: PRMConfig):
         """Tokenize a stepwise dataset into `input_ids` and per-token step `labels` (see `data.stepwise`)."""
-        with args.main_process_first(desc=f"preparing {name} dataset"):
-            return prepare_stepwise_dataset(
-                dataset,
-                self._tokenizer,
-                step_separator=args.step_separator,
-                max_length=args.max_length,
-                max_completion_length=args.max_completion_length,
-                train_on_last_step_only=args.train_on_last_step_only,
-                is_eval=name != "train",
-                num_proc=args.dataset_num_proc,
-                name=name,
-            )
+        return prepare_stepwise_dataset(
+            dataset,
+            self._tokenizer,
+            step_separator=args.step_separator,
+            max_length=args.max_length,
+            max_completion_length=args.max_completion_length,
+            train_on_last_step_only=args.train_on_last_step_only,
+            is_eval=name != "train",
+            num_proc=args.dataset_num_proc,
+            name=name,
+        )
 
     @staticmethod
     def tokenize_row(

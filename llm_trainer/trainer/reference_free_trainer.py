@@ -32,7 +32,7 @@ from transformers.trainer_utils import EvalPrediction
 from ..data.collators import DataCollatorForPreference, pad
 from ..data.reference_free_dataset import prepare_reference_free_dataset
 from ..losses import masked_mean_nll, preference_metrics, sequence_logps
-from .base_trainer import BaseTrainer
+from .base_trainer import BaseTrainer, init_arguments
 from .reference_free_config import ReferenceFreeConfig
 from .utils import log_table_to_comet_experiment
 
@@ -87,20 +87,7 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
         peft_config: Any = None,
         compute_metrics: Callable[[EvalPrediction], dict] | None = None,
     ):
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            model_init=model_init,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            peft_config=peft_config,
-            compute_metrics=compute_metrics,
-        )
+        super().__init__(**init_arguments(locals()))
 
     # ----------------------------------------------------------------------------------------------- setup
     def check_inputs(self, args: ReferenceFreeConfig, *, model, model_init, train_dataset, **inputs) -> None:
@@ -170,10 +157,9 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------------------------------------- data
     def prepare_dataset(self, dataset, name: str, args: ReferenceFreeConfig):
-        with args.main_process_first(desc=f"preparing {name} dataset"):
-            return prepare_reference_free_dataset(
-                dataset, self._tokenizer, max_length=self.max_length, num_proc=args.dataset_num_proc, name=name
-            )
+        return prepare_reference_free_dataset(
+            dataset, self._tokenizer, max_length=self.max_length, num_proc=args.dataset_num_proc, name=name
+        )
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

@@ -44,16 +44,19 @@ class ReferencePolicy:
         cls,
         policy: torch.nn.Module,
         ref_model: torch.nn.Module | None = None,
+        args: Any = None,
         *,
-        precompute: bool = False,
         copy_given_adapter: bool = False,
         adapter_name: str | None = None,
-        sync: bool = False,
+        policy_adapter: str | None = None,
     ) -> ReferencePolicy:
         """The reference of `policy` (after PEFT wrapping): `ref_model` frozen when given; the PEFT `policy` itself
         (with a frozen "ref" copy of its adapter when `copy_given_adapter`, TRL's rule for a `PeftModel` passed as
-        the model); nothing to run when `precompute`d; otherwise a frozen copy of `policy`. `sync` (TR-DPO's
-        `sync_ref_model`) needs a separate model."""
+        the model); nothing to run when `args.precompute_ref_log_probs`; otherwise a frozen copy of `policy`.
+        `args.sync_ref_model` (TR-DPO) needs a separate model. With `adapter_name`, the PEFT adapter of that name is
+        the reference and `policy_adapter` (if given) the one trained, made active here."""
+        precompute = bool(getattr(args, "precompute_ref_log_probs", False))
+        sync = bool(getattr(args, "sync_ref_model", False))
         if ref_model is not None and ref_model is policy:
             raise ValueError(
                 "`model` and `ref_model` are the same object. Omit `ref_model` to use a frozen copy of the initial "
@@ -68,20 +71,18 @@ class ReferencePolicy:
             )
         if ref_model is not None:
             return cls(ref_model.eval().requires_grad_(False), adapter_name=adapter_name, precompute=precompute)
+        if peft and policy_adapter:
+            policy.set_adapter(policy_adapter)
         if peft and copy_given_adapter:
             add_reference_adapter(policy)
         if peft or precompute:
             return cls(None, adapter_name=adapter_name, precompute=precompute)
         return cls(create_reference_model(policy), adapter_name=adapter_name, precompute=precompute)
 
-    def runs_policy(self, policy: torch.nn.Module) -> bool:
-        """Whether the reference is `policy` (unwrapped) run as its PEFT reference rather than a separate model."""
-        return self.model is None and is_peft_model(policy)
-
     def context(self, policy: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Entered around a forward of the unwrapped `policy` that must compute reference log-probs: selects the
         reference adapter of a PEFT policy (see the class docstring); a no-op otherwise."""
-        if not self.runs_policy(policy):
+        if self.model is not None or not is_peft_model(policy):
             return contextlib.nullcontext()
         return use_adapter(policy, self.adapter_name) if self.adapter_name else reference_adapter(policy)
 

@@ -24,7 +24,7 @@ from transformers.trainer_utils import EvalPrediction
 from ..data.chat_template import read_chat_template
 from ..data.reward_dataset import DataCollatorForReward, prepare_reward_dataset
 from ..losses import reward_model_loss, reward_model_metrics
-from .base_trainer import BaseTrainer
+from .base_trainer import BaseTrainer, init_arguments
 from .reward_config import RewardConfig
 from .special_tokens import configure_special_tokens
 
@@ -73,21 +73,7 @@ class RewardTrainer(BaseTrainer):
         quantization_config: Any = None,
         peft_config: Any = None,
     ):
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        super().__init__(**init_arguments(locals()))
 
     def check_inputs(self, args: RewardConfig, *, model, train_dataset, **inputs) -> None:
         super().check_inputs(args, train_dataset=train_dataset)
@@ -137,10 +123,9 @@ class RewardTrainer(BaseTrainer):
         self.label_names = []
 
     def prepare_dataset(self, dataset, name: str, args: RewardConfig):
-        with args.main_process_first(desc=f"preparing {name} dataset"):
-            return prepare_reward_dataset(
-                dataset, self._tokenizer, max_length=args.max_length, num_proc=args.dataset_num_proc, name=name
-            )
+        return prepare_reward_dataset(
+            dataset, self._tokenizer, max_length=args.max_length, num_proc=args.dataset_num_proc, name=name
+        )
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

@@ -25,7 +25,7 @@ from ..data.collators import DataCollatorForLanguageModeling, DataCollatorForVis
 from ..data.formats import get_dataset_column_names, is_conversational
 from ..data.sft import check_sft_dataset, has_generation_markers, prepare_sft_dataset
 from ..models.selective_activation_checkpointing import enable_selective_activation_checkpointing
-from .base_trainer import BaseTrainer, gather_sum
+from .base_trainer import BaseTrainer, gather_sum, init_arguments
 from .sft_config import SFTConfig
 from .special_tokens import configure_special_tokens
 
@@ -70,29 +70,14 @@ class SFTTrainer(BaseTrainer):
         peft_config: Any = None,
         formatting_func: Callable[[dict], str] | None = None,
     ):
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_loss_func=compute_loss_func,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            formatting_func=formatting_func,
-        )
+        super().__init__(**init_arguments(locals()))
 
     # ----------------------------------------------------------------------------------------------- setup
     @property
     def padding_free(self) -> bool:
         """Whether batches are padding-free: `padding_free`, or packing with a best-fit-decreasing strategy."""
-        return _padding_free(self.args)
+        args = self.args
+        return args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
 
     def set_options(self, args: SFTConfig, formatting_func: Callable[[dict], str] | None = None) -> None:
         self._formatting_func = formatting_func
@@ -104,11 +89,11 @@ class SFTTrainer(BaseTrainer):
         sample = check_sft_dataset(train_dataset, args.dataset_text_field, formatted=formatted)
         if "image" in sample or "images" in sample:
             raise ValueError("Vision-language datasets (with 'image' / 'images' columns) are not supported yet.")
-        if _padding_free(args) and data_collator is not None:
+        if self.padding_free and data_collator is not None:
             raise ValueError(
                 "A custom `data_collator` cannot be used with padding-free batches (`padding_free` or bfd packing)."
             )
-        if _padding_free(args) and not args.packing and args.max_length is not None:
+        if self.padding_free and not args.packing and args.max_length is not None:
             raise ValueError(
                 "`padding_free=True` without packing does not truncate to `max_length`. Enable packing "
                 "(`packing=True`), set `max_length=None`, or pass already truncated inputs."
@@ -216,23 +201,22 @@ class SFTTrainer(BaseTrainer):
         packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
         if name != "train":  # `check_inputs` checked the training set
             check_sft_dataset(dataset, args.dataset_text_field, name, formatted=self._formatting_func is not None)
-        with args.main_process_first(desc=f"preparing {name} dataset"):
-            return prepare_sft_dataset(
-                dataset,
-                self._tokenizer,
-                text_field=args.dataset_text_field,
-                max_length=args.max_length,
-                truncation_mode=args.truncation_mode,
-                packing=packing,
-                packing_strategy=args.packing_strategy,
-                completion_only_loss=self.completion_only_loss,
-                assistant_only_loss=args.assistant_only_loss,
-                chat_template=self.chat_template,
-                formatting_func=self._formatting_func,
-                num_proc=args.dataset_num_proc,
-                shuffle_seed=args.seed if args.shuffle_dataset else None,
-                name=name,
-            )
+        return prepare_sft_dataset(
+            dataset,
+            self._tokenizer,
+            text_field=args.dataset_text_field,
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            packing=packing,
+            packing_strategy=args.packing_strategy,
+            completion_only_loss=self.completion_only_loss,
+            assistant_only_loss=args.assistant_only_loss,
+            chat_template=self.chat_template,
+            formatting_func=self._formatting_func,
+            num_proc=args.dataset_num_proc,
+            shuffle_seed=args.seed if args.shuffle_dataset else None,
+            name=name,
+        )
 
     def _check_skipped_preparation(self, datasets: dict[str, Any], data_collator: Any) -> None:
         """A skipped preparation never builds labels, so mask columns without `labels` would be silently ignored; and
@@ -311,7 +295,3 @@ class SFTTrainer(BaseTrainer):
                 return self.compute_loss(model, inputs), None, None
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         return loss, outputs.logits, inputs.get("labels")
-
-
-def _padding_free(args: SFTConfig) -> bool:
-    return args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))

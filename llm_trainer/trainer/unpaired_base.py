@@ -18,7 +18,6 @@ from transformers import PreTrainedModel
 
 from ..data.unpaired import (
     DataCollatorForUnpairedPreference,
-    check_unpaired_dataset,
     prepare_unpaired_dataset,
 )
 from ..losses import unpaired_metrics
@@ -53,15 +52,11 @@ class UnpairedPreferenceTrainer(BaseTrainer):
     _signature_extra: tuple[str, ...] = ()
     calculate_kl: bool = False
     """Whether each batch also scores mismatched (KL) completions; set by the subclass."""
+    model_adapter_name: str | None = None  # BCO's options: the PEFT adapters trained and run as the reference
     ref_adapter_name: str | None = None
-    """The PEFT adapter that runs as the reference (BCO's option); None: see `ReferencePolicy`."""
     reference_columns = ("ref_logps", "ref_KL_logps")
 
     # ----------------------------------------------------------------------------------------------- setup
-    def check_inputs(self, args: Any, *, train_dataset, **inputs) -> None:
-        super().check_inputs(args, train_dataset=train_dataset)
-        check_unpaired_dataset(train_dataset, "train")
-
     def configure_tokenizer(self, model: PreTrainedModel, args: Any) -> None:
         configure_special_tokens(model, self._tokenizer)  # the model agrees with the tokenizer on the pad token
 
@@ -69,10 +64,10 @@ class UnpairedPreferenceTrainer(BaseTrainer):
         return ReferencePolicy.for_policy(
             model,
             ref_model,
-            precompute=args.precompute_ref_log_probs,
+            args,
             copy_given_adapter=peft_config is None,
             adapter_name=self.ref_adapter_name,
-            sync=getattr(args, "sync_ref_model", False),
+            policy_adapter=self.model_adapter_name,
         )
 
     def default_collator(self, args: Any) -> DataCollatorForUnpairedPreference:
@@ -87,16 +82,15 @@ class UnpairedPreferenceTrainer(BaseTrainer):
 
     def prepare_dataset(self, dataset: Dataset | IterableDataset, name: str, args: Any) -> Dataset | IterableDataset:
         """Tokenize one dataset (KL completions in batches of `per_device_train_batch_size`, as TRL)."""
-        with args.main_process_first(desc=f"preparing {name} dataset"):
-            dataset = prepare_unpaired_dataset(
-                dataset,
-                self._tokenizer,
-                max_length=args.max_length,
-                kl_batch_size=args.per_device_train_batch_size if self.calculate_kl else None,
-                num_proc=args.dataset_num_proc,
-                name=name,
-                require_both_labels=name == "train",
-            )
+        dataset = prepare_unpaired_dataset(
+            dataset,
+            self._tokenizer,
+            max_length=args.max_length,
+            kl_batch_size=args.per_device_train_batch_size if self.calculate_kl else None,
+            num_proc=args.dataset_num_proc,
+            name=name,
+            require_both_labels=name == "train",
+        )
         if name == "train" and isinstance(dataset, Dataset):
             self._check_balance(dataset["label"], args)
         return dataset
