@@ -177,11 +177,10 @@ class GenerationLoop:
         self._synced_at, self._step_time = -1, 0.0
 
     @classmethod
-    def from_args(
-        cls, args: Any, trainer: Any, eos_token_ids: list[int], mask_truncated_completions: bool = False
-    ) -> GenerationLoop:
+    def from_args(cls, args: Any, trainer: Any, mask_truncated_completions: bool = False) -> GenerationLoop:
         """The loop of an on-policy `trainer` once `Trainer.__init__` ran, with the back end `args` selects (seeded
-        per process). `nn.DataParallel`, which splits a generation batch arbitrarily, is refused."""
+        per process); the policy gets the tokenizer's pad token. `nn.DataParallel`, which splits a generation batch
+        arbitrarily, is refused."""
         if args.n_gpu > 1:
             raise ValueError(
                 f"{type(trainer).__name__} does not support `nn.DataParallel`; launch with `accelerate launch` or "
@@ -190,16 +189,12 @@ class GenerationLoop:
         from . import make_generator
 
         set_seed(args.seed, device_specific=True)
-        accelerator, processing_class, unwrap = (
-            trainer.accelerator,
-            trainer.processing_class,
-            trainer.unwrapped_for_generation,
-        )
+        accelerator, processing_class = trainer.accelerator, trainer.processing_class
+        eos = generation_tokens(accelerator.unwrap_model(trainer.model), trainer._tokenizer)
+        unwrap = trainer.unwrapped_for_generation
         generator = make_generator(args, trainer.model, processing_class, accelerator=accelerator, unwrap=unwrap)
         geometry = BatchGeometry.from_args(args, accelerator.num_processes)
-        return cls(
-            generator, processing_class, geometry, accelerator.device, eos_token_ids, args, mask_truncated_completions
-        )
+        return cls(generator, processing_class, geometry, accelerator.device, eos, args, mask_truncated_completions)
 
     # ----------------------------------------------------------------------------------------------- data
     def train_sampler(self, dataset: Dataset) -> RepeatSampler:

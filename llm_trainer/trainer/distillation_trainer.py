@@ -24,7 +24,6 @@ from ..generation.loop import (
     OnlineBatch,
     check_streaming,
     configure_streaming,
-    generation_tokens,
     prompt_columns,
     save_completions_table,
 )
@@ -108,9 +107,6 @@ class DistillationTrainer(BaseTrainer):
         self.check_train_dataset(train_dataset, self.dataset_description)
         prompt_columns(train_dataset, eval_dataset, "DistillationTrainer")
 
-    def configure_tokenizer(self, model: PreTrainedModel, args: DistillationConfig) -> None:
-        self.eos_token_ids = generation_tokens(model, self._tokenizer)
-
     def configure(self, model: PreTrainedModel, args: DistillationConfig, train_dataset: Any) -> None:
         """Refuse what the split loss cannot run; load and check the teacher."""
         configure_streaming(train_dataset, None, args)
@@ -144,7 +140,8 @@ class DistillationTrainer(BaseTrainer):
         self.log_completions = args.log_completions
         self.num_completions_to_print = args.num_completions_to_print
         self.chat_template_kwargs = args.chat_template_kwargs or {}
-        self.generation = GenerationLoop.from_args(args, self, self.eos_token_ids)
+        self.generation = GenerationLoop.from_args(args, self)
+        self.eos_token_ids = self.generation.eos_token_ids
         size = self.generation.geometry.generation_batch_size
         self._logs: dict[str, deque] = {"prompt": deque(maxlen=size), "completion": deque(maxlen=size)}
 

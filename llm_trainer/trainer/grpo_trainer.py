@@ -18,7 +18,6 @@ from ..generation.loop import (
     RolloutFunc,
     completion_logps,
     configure_streaming,
-    generation_tokens,
 )
 from ..losses import policy_gradient as pg
 from . import online_rl
@@ -100,14 +99,14 @@ class GRPOTrainer(BaseTrainer):
             type(self).__name__, args, train_dataset, eval_dataset, self._reward_source, self.rollout_func
         )
 
-    def configure_tokenizer(self, model: PreTrainedModel, args: GRPOConfig) -> None:
-        self.eos_token_ids = generation_tokens(model, self._tokenizer)
-
     def reference_policy(self, model, ref_model, peft_config, args):
         return online_rl.online_reference(model, peft_config, args)
 
     def configure(self, model: PreTrainedModel, args: GRPOConfig, train_dataset: Any) -> None:
         """The reward functions and the rollout's tools, and the settings TRL exposes as attributes."""
+        self.tools = list(self.rollout_func.tools) if isinstance(self.rollout_func, ToolRollout) else []
+        if self.tools:
+            check_tool_template(self._tokenizer)
         configure_streaming(train_dataset, None, args)
         self.reward_functions = online_rl.online_reward_functions(
             args, self._reward_source, self._reward_processing_source, self.rollout_func, train_dataset
@@ -115,9 +114,6 @@ class GRPOTrainer(BaseTrainer):
         rewards = self.reward_functions  # under TRL's attribute names
         self.reward_funcs, self.reward_func_names = rewards.funcs, rewards.names
         self.reward_weights, self.reward_processing_classes = rewards.weights, rewards.processing_classes
-        self.tools = list(self.rollout_func.tools) if isinstance(self.rollout_func, ToolRollout) else []
-        if self.tools:
-            check_tool_template(self._tokenizer)
         self.num_generations = args.num_generations
         self.num_generations_eval = args.num_generations_eval or args.num_generations
         self.num_iterations = args.num_iterations
@@ -152,6 +148,7 @@ class GRPOTrainer(BaseTrainer):
             self.train_dataset = online_rl.placeholder_dataset(self.rollout_func, args)
         self.online = online_rl.OnlineRL.build(self, self.vllm_importance_sampling_correction)
         self.generation, self._logs = self.online.generation, self.online.logs
+        self.eos_token_ids = self.generation.eos_token_ids
 
     # ----------------------------------------------------------------------------------------------- rollouts
     def make_batch(self, rows: list[dict[str, Any]]) -> OnlineBatch:

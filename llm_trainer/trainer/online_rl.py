@@ -97,7 +97,7 @@ class OnlineRL:
         for i, func in enumerate(rewards.funcs):
             if isinstance(func, torch.nn.Module):
                 rewards.funcs[i] = accelerator.prepare_model(func, evaluation_mode=True)
-        generation = GenerationLoop.from_args(args, trainer, trainer.eos_token_ids, args.mask_truncated_completions)
+        generation = GenerationLoop.from_args(args, trainer, args.mask_truncated_completions)
         return cls(args, generation, rewards, trainer.rollout_func, accelerator, trainer.reference, needs_old_logps)
 
     def log_extra(self, column: str, values: list) -> None:

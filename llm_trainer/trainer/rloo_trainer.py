@@ -9,7 +9,7 @@ from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 
-from ..generation.loop import OnlineBatch, completion_logps, configure_streaming, generation_tokens
+from ..generation.loop import OnlineBatch, completion_logps, configure_streaming
 from ..losses import policy_gradient as pg
 from . import online_rl
 from .base_trainer import BaseTrainer, init_arguments
@@ -59,9 +59,6 @@ class RLOOTrainer(BaseTrainer):
     def check_inputs(self, args: RLOOConfig, *, train_dataset: Any, eval_dataset: Any = None, **inputs: Any) -> None:
         online_rl.check_online_inputs("RLOOTrainer", args, train_dataset, eval_dataset, self._reward_source, None)
 
-    def configure_tokenizer(self, model: PreTrainedModel, args: RLOOConfig) -> None:
-        self.eos_token_ids = generation_tokens(model, self._tokenizer)
-
     def reference_policy(self, model, ref_model, peft_config, args):
         return online_rl.online_reference(model, peft_config, args)
 
@@ -94,6 +91,7 @@ class RLOOTrainer(BaseTrainer):
         kept: the KL penalty in the reward is measured on them."""
         self.online = online_rl.OnlineRL.build(self, needs_old_logps=True)
         self.generation, self._logs = self.online.generation, self.online.logs
+        self.eos_token_ids = self.generation.eos_token_ids
 
     # ----------------------------------------------------------------------------------------------- rollouts
     def make_batch(self, rows: list[dict[str, Any]]) -> OnlineBatch:
