@@ -67,6 +67,8 @@ def test_the_dict_forms_section_is_the_registered_name():
     teacher = get_algorithm("teacher_grpo")
     pending = teacher({"policy": {"model_name_or_path": "some/model"}, "teacher_grpo": {"beta": 0.0}})
     assert type(pending) is teacher and pending.config.beta == 0.0
+    ppo = get_algorithm("ppo").from_dict({"policy": {"model": "some/model"}, "ppo": {"total_episodes": 8}})
+    assert type(ppo) is get_algorithm("ppo") and ppo.config.total_episodes == 8 and ppo.current_step == 0
 
 
 # ----------------------------------------------------------------------------------------------- imports
