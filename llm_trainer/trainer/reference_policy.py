@@ -1,15 +1,12 @@
-"""The frozen reference policy of the trainers whose loss compares against one (DPO, KTO, BCO, PPO; GRPO/RLOO's KL).
-
-One object, built once by `BaseTrainer.__init__` from the trainer's `reference_policy` hook, replaces per-trainer
-set-up: which form the reference takes, running a PEFT policy as its reference, placing a separate reference model,
-and log-probs precomputed over a dataset (`precompute_ref_log_probs`).
-"""
+"""The frozen reference policy of the trainers whose loss compares against one (DPO, KTO, BCO, PPO; GRPO/RLOO's KL):
+one object, built by `BaseTrainer.__init__` from the trainer's `reference_policy` hook."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,22 +19,15 @@ from ..modeling import add_reference_adapter, add_token_logprob_head, create_ref
 from .utils import use_adapter
 
 
+@dataclass
 class ReferencePolicy:
-    """What a loss compares the policy with, in one of three forms.
+    """What a loss compares the policy with: a separate frozen `model`; else, with a PEFT policy, the policy itself
+    run through `context(policy)`; and/or log-probs computed once per dataset before training (`precompute`)."""
 
-    - `model`: a separate frozen model (the given `ref_model`, or a frozen copy of the initial policy);
-    - `model` None with a PEFT policy: the policy itself, run through `context(policy)` with the adapter
-      `adapter_name`, else its "ref" adapter (a frozen copy of a given adapter), else with adapters disabled;
-    - `precompute`: log-probs computed once per dataset before training and stored as columns (`precompute`), by
-      `model` when given, else by the policy before any update.
-    """
-
-    def __init__(
-        self, model: torch.nn.Module | None = None, *, adapter_name: str | None = None, precompute: bool = False
-    ):
-        self.model = model
-        self.adapter_name = adapter_name
-        self.precompute = precompute
+    model: torch.nn.Module | None = None
+    adapter_name: str | None = None
+    """The PEFT adapter that runs as the reference; None: the "ref" copy of a given adapter, else adapters off."""
+    precompute: bool = False
 
     @classmethod
     def for_policy(
@@ -50,13 +40,11 @@ class ReferencePolicy:
         adapter_name: str | None = None,
         policy_adapter: str | None = None,
     ) -> ReferencePolicy:
-        """The reference of `policy` (after PEFT wrapping): `ref_model` frozen when given; the PEFT `policy` itself
-        (with a frozen "ref" copy of its adapter when `copy_given_adapter`, TRL's rule for a `PeftModel` passed as
-        the model); nothing to run when `args.precompute_ref_log_probs`; otherwise a frozen copy of `policy`.
-        `args.sync_ref_model` (TR-DPO) needs a separate model. With `adapter_name`, the PEFT adapter of that name is
-        the reference and `policy_adapter` (if given) the one trained, made active here."""
+        """The reference of `policy` (after PEFT wrapping): `ref_model` frozen when given; none to run for a PEFT
+        `policy` (given a frozen "ref" copy of its adapter when `copy_given_adapter`: TRL's rule for a `PeftModel`
+        passed as the model, with `policy_adapter` made active) or with `args.precompute_ref_log_probs`; else a frozen
+        copy of `policy`. `args.sync_ref_model` (TR-DPO) needs a separate model."""
         precompute = bool(getattr(args, "precompute_ref_log_probs", False))
-        sync = bool(getattr(args, "sync_ref_model", False))
         if ref_model is not None and ref_model is policy:
             raise ValueError(
                 "`model` and `ref_model` are the same object. Omit `ref_model` to use a frozen copy of the initial "
@@ -64,20 +52,20 @@ class ReferencePolicy:
                 "omit `ref_model` and train a PEFT adapter)."
             )
         peft = is_peft_model(policy)
-        if sync and peft:
+        if peft and getattr(args, "sync_ref_model", False):
             raise ValueError(
                 "`sync_ref_model=True` needs a separate reference model, but with PEFT the reference is the model "
                 "with its adapter disabled. Set `sync_ref_model=False`, or train without PEFT."
             )
-        if ref_model is not None:
-            return cls(ref_model.eval().requires_grad_(False), adapter_name=adapter_name, precompute=precompute)
         if peft and policy_adapter:
             policy.set_adapter(policy_adapter)
-        if peft and copy_given_adapter:
-            add_reference_adapter(policy)
-        if peft or precompute:
-            return cls(None, adapter_name=adapter_name, precompute=precompute)
-        return cls(create_reference_model(policy), adapter_name=adapter_name, precompute=precompute)
+        if ref_model is not None:
+            model = ref_model.eval().requires_grad_(False)
+        else:
+            if peft and copy_given_adapter:
+                add_reference_adapter(policy)
+            model = None if peft or precompute else create_reference_model(policy)
+        return cls(model, adapter_name, precompute)
 
     def context(self, policy: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Entered around a forward of the unwrapped `policy` that must compute reference log-probs: selects the
