@@ -23,7 +23,7 @@ from ..losses import policy_gradient as pg
 from . import online_rl
 from .base_trainer import BaseTrainer, init_arguments
 from .grpo_config import GRPOConfig
-from .reward_functions import RewardFunc
+from .reward_functions import OnlineRL, RewardFunc
 from .utils import identity
 
 ENTROPY_STATE_NAME = "entropy_ctrl_state.json"
@@ -146,7 +146,7 @@ class GRPOTrainer(BaseTrainer):
         """The generation loop and the scoring collaborator (`online`)."""
         if self.train_dataset is None:  # environments that write their prompts in `reset`
             self.train_dataset = online_rl.placeholder_dataset(self.rollout_func, args)
-        self.online = online_rl.OnlineRL.build(self, self.vllm_importance_sampling_correction)
+        self.online = OnlineRL.build(self, self.vllm_importance_sampling_correction)
         self.generation, self._logs = self.online.generation, self.online.logs
         self.eos_token_ids = self.generation.eos_token_ids
 

@@ -13,7 +13,7 @@ from ..generation.loop import OnlineBatch, completion_logps, configure_streaming
 from ..losses import policy_gradient as pg
 from . import online_rl
 from .base_trainer import BaseTrainer, init_arguments
-from .reward_functions import RewardFunc
+from .reward_functions import OnlineRL, RewardFunc
 from .rloo_config import RLOOConfig
 from .utils import identity
 
@@ -89,7 +89,7 @@ class RLOOTrainer(BaseTrainer):
     def finish_init(self, args: RLOOConfig) -> None:
         """The generation loop and the scoring collaborator (`online`); the sampling policy's log-probs are always
         kept: the KL penalty in the reward is measured on them."""
-        self.online = online_rl.OnlineRL.build(self, needs_old_logps=True)
+        self.online = OnlineRL.build(self, needs_old_logps=True)
         self.generation, self._logs = self.online.generation, self.online.logs
         self.eos_token_ids = self.generation.eos_token_ids
 
