@@ -369,13 +369,9 @@ def check_streaming(train_dataset: Any, eval_dataset: Any, args: Any) -> None:
         )
 
 
-def configure_streaming(train_dataset: Any, eval_dataset: Any, args: Any) -> None:
-    """Set what streamed prompts need (see `check_streaming`): `dispatch_batches=False`, and a single loader process
-    for a training stream (several would interleave it and split the groups of repeated prompts), with a warning
-    when `dataloader_num_workers` is changed."""
-    evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
-    if any(isinstance(dataset, IterableDataset) for dataset in (train_dataset, *evals)):
-        args.accelerator_config.dispatch_batches = False
+def configure_streaming(train_dataset: Any, args: Any) -> None:
+    """A training stream is read by a single loader process (several would interleave it and split the groups of
+    repeated prompts): set `dataloader_num_workers=0`, with a warning when that changes it."""
     if isinstance(train_dataset, IterableDataset) and args.dataloader_num_workers != 0:
         logger.warning(
             f"An `IterableDataset` is read with `dataloader_num_workers=0` (not {args.dataloader_num_workers}): "

@@ -109,7 +109,7 @@ class DistillationTrainer(BaseTrainer):
 
     def configure(self, model: PreTrainedModel, args: DistillationConfig, train_dataset: Any) -> None:
         """Refuse what the split loss cannot run; load and check the teacher."""
-        configure_streaming(train_dataset, None, args)
+        configure_streaming(train_dataset, args)
         if is_peft_model(model) and any(config.is_prompt_learning for config in model.peft_config.values()):
             raise ValueError(
                 "Prompt-learning PEFT methods (prompt, prefix or P-tuning) are not supported: the loss runs the "

@@ -107,7 +107,7 @@ class GRPOTrainer(BaseTrainer):
         self.tools = list(self.rollout_func.tools) if isinstance(self.rollout_func, ToolRollout) else []
         if self.tools:
             check_tool_template(self._tokenizer)
-        configure_streaming(train_dataset, None, args)
+        configure_streaming(train_dataset, args)
         self.reward_functions = online_rl.online_reward_functions(
             args, self._reward_source, self._reward_processing_source, self.rollout_func, train_dataset
         )

@@ -63,7 +63,7 @@ class RLOOTrainer(BaseTrainer):
         return online_rl.online_reference(model, peft_config, args)
 
     def configure(self, model: PreTrainedModel, args: RLOOConfig, train_dataset: Any) -> None:
-        configure_streaming(train_dataset, None, args)
+        configure_streaming(train_dataset, args)
         self.reward_functions = online_rl.online_reward_functions(
             args, self._reward_source, self._reward_processing_source, None, train_dataset
         )
