@@ -36,7 +36,7 @@ INERT = {
     "DistillationConfig": {"max_tool_calling_iterations"},
     "ReferenceFreeConfig": {"max_completion_length"},
     "BCOConfig": {"max_completion_length"},
-    "PPOConfig": {"sft_model_path", "reward_model_path"},
+    "PPOConfig": {"sft_model_path"},
 }
 # Settings a value of an inert field needs to pass the config's own checks.
 NEEDS = {"log_completions_hub_repo": {"log_completions": True}}

@@ -20,22 +20,25 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from transformers import (
-    AutoModelForCausalLM,
-    AutoProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     ProcessorMixin,
     Trainer,
     TrainerCallback,
     TrainingArguments,
-    set_seed,
 )
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..generation.base import Generator
 from ..generation.loop import GenerationLoop, OnlineBatch, check_streaming, streaming_loader
-from ..modeling import add_token_logprob_head, check_causal_lm, load_model, wrap_with_peft
+from ..modeling import (
+    add_token_logprob_head,
+    configure_router_aux_loss,
+    prepare_model,
+    prepare_peft,
+    prepare_processing_class,
+)
 from . import simple
 from .checkpointing import last_complete_checkpoint, remove_stale_staging, rotate_checkpoints, staged_folder
 from .reference_policy import ReferencePolicy
@@ -371,92 +374,11 @@ class BaseTrainer(Trainer):
         ) as model:
             yield select(model) if select is not None else model
 
-    @staticmethod
-    def configure_router_aux_loss(model: PreTrainedModel, coef: float | None) -> float:
-        """Enable the MoE load-balancing loss when the model has one and its coefficient is non-zero."""
-        config = model.config.get_text_config()
-        if coef and not hasattr(config, "output_router_logits"):
-            raise ValueError(
-                f"`router_aux_loss_coef={coef}`, but {type(model).__name__} is not a Mixture-of-Experts model with a "
-                "router loss; unset it."
-            )
-        coef = getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef
-        if hasattr(config, "router_aux_loss_coef"):
-            config.output_router_logits = bool(coef)
-            config.router_aux_loss_coef = coef
-        return coef if hasattr(config, "output_router_logits") else 0.0
-
-    @staticmethod
-    def prepare_model(
-        model: str | PreTrainedModel,
-        args: TrainingArguments,
-        quantization_config: Any = None,
-        auto_class: Any = None,
-    ) -> PreTrainedModel:
-        """Load `model` when it is a name or path (with `args.model_init_kwargs`), after seeding for reproducibility."""
-        set_seed(args.seed)
-        init_kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
-        model = os.fspath(model) if isinstance(model, os.PathLike) else model
-        causal = auto_class is None or auto_class is AutoModelForCausalLM
-        if not isinstance(model, str):
-            if not isinstance(model, torch.nn.Module):
-                raise TypeError(
-                    "`model` must be a model name or local path (a string), or a loaded model (`PreTrainedModel`); "
-                    f"got {type(model).__name__} {model!r:.60}."
-                )
-            if init_kwargs:
-                logger.warning("`model_init_kwargs` is ignored: the model is already instantiated.")
-            if quantization_config is not None:
-                logger.warning("`quantization_config` is ignored: the model is already instantiated.")
-            return check_causal_lm(model, "model") if causal else model
-        if quantization_config is not None:
-            if "quantization_config" in init_kwargs:
-                raise ValueError(
-                    "`quantization_config` is set both as a trainer argument and in `model_init_kwargs`; keep one."
-                )
-            init_kwargs["quantization_config"] = quantization_config
-        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-            init_kwargs["device_map"] = None
-        init_kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
-        loaded = load_model(model, auto_class, **init_kwargs)
-        return check_causal_lm(loaded, f"model {model!r}") if causal else loaded
-
-    @staticmethod
-    def prepare_processing_class(
-        model: PreTrainedModel, processing_class: PreTrainedTokenizerBase | ProcessorMixin | None, args: Any
-    ) -> PreTrainedTokenizerBase | ProcessorMixin:
-        """Load the model's processor when none is given, and make sure its tokenizer has a pad token."""
-        if processing_class is None:
-            revision = (getattr(args, "model_init_kwargs", None) or {}).get("revision")
-            processing_class = AutoProcessor.from_pretrained(
-                model.config._name_or_path,
-                revision=revision,
-                trust_remote_code=getattr(args, "trust_remote_code", False),
-            )
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        if not isinstance(tokenizer, PreTrainedTokenizerBase):
-            raise TypeError(
-                "`processing_class` must be a tokenizer (`PreTrainedTokenizerBase`) or a processor (`ProcessorMixin`), "
-                f"got {type(processing_class).__name__}."
-            )
-        if tokenizer.pad_token is None:
-            if tokenizer.eos_token is None and getattr(args, "pad_token", None) is None:
-                raise ValueError(
-                    f"The tokenizer ({type(tokenizer).__name__}) has neither a pad token nor an eos token to pad with. "
-                    "Set one before passing it as `processing_class`, e.g. `tokenizer.pad_token = tokenizer.unk_token` "
-                    "(any token of its vocabulary)."
-                )
-            tokenizer.pad_token = tokenizer.eos_token
-        return processing_class
-
-    @staticmethod
-    def prepare_peft(model: PreTrainedModel, peft_config: Any, args: TrainingArguments) -> PreTrainedModel:
-        """Wrap `model` with `peft_config` when one is given; a given PEFT model is readied for gradient checkpointing."""
-        if peft_config is not None:
-            return wrap_with_peft(model, peft_config, args.gradient_checkpointing)
-        if is_peft_model(model) and args.gradient_checkpointing:  # checkpointed layers need an input with grad
-            model.enable_input_require_grads()
-        return model
+    # Loading, shared with trainers that load further models (reward, value, teacher): see `modeling`.
+    configure_router_aux_loss = staticmethod(configure_router_aux_loss)
+    prepare_model = staticmethod(prepare_model)
+    prepare_processing_class = staticmethod(prepare_processing_class)
+    prepare_peft = staticmethod(prepare_peft)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the averaged per-step metrics of the current mode to `logs`, then log as `Trainer` does."""

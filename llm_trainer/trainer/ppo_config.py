@@ -23,7 +23,6 @@ class PPOConfig(BaseConfig):
 
     _inert_fields = {
         "sft_model_path": "TRL's example scripts read it; pass the policy to `PPOTrainer(model=...)` instead.",
-        "reward_model_path": "TRL's example scripts read it; pass the reward model to `PPOTrainer(reward_model=...)`.",
     }
 
     learning_rate: float = shared("learning_rate", 3e-6)

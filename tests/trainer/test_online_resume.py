@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from llm_trainer import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
-from llm_trainer.testing import zen_dataset
 from llm_trainer.generation.loop import GENERATION_BUFFER_NAME
+from llm_trainer.testing import zen_dataset
 
 TRAINERS = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}
 UNTIMED = {"step_time"}  # wall-clock, differs run to run
