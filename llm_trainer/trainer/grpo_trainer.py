@@ -111,17 +111,8 @@ class GRPOTrainer(BaseTrainer):
         self.reward_functions = online_rl.online_reward_functions(
             args, self._reward_source, self._reward_processing_source, self.rollout_func, train_dataset
         )
-        rewards = self.reward_functions  # under TRL's attribute names
-        self.reward_funcs, self.reward_func_names = rewards.funcs, rewards.names
-        self.reward_weights, self.reward_processing_classes = rewards.weights, rewards.processing_classes
-        self.num_generations = args.num_generations
-        self.num_generations_eval = args.num_generations_eval or args.num_generations
-        self.num_iterations = args.num_iterations
-        self.max_completion_length = args.max_completion_length
-        self.temperature = args.temperature
+        vars(self).update(online_rl.online_attributes(args, self.reward_functions))
         self.chat_template_kwargs = args.chat_template_kwargs or {}
-        self.epsilon_low = args.epsilon
-        self.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
         self.use_vllm = args.use_vllm
         self.loss_type = args.loss_type
         self.scale_rewards = args.scale_rewards

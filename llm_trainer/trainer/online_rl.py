@@ -138,3 +138,20 @@ def online_reward_functions(
         for func in rollout_func.reward_funcs():
             rewards.append(func)
     return rewards
+
+
+def online_attributes(args: Any, rewards: RewardFunctions) -> dict[str, Any]:
+    """The settings TRL's GRPO and RLOO trainers expose as attributes (`trainer.num_generations`, ...), by name."""
+    return {
+        "reward_funcs": rewards.funcs,
+        "reward_func_names": rewards.names,
+        "reward_weights": rewards.weights,
+        "reward_processing_classes": rewards.processing_classes,
+        "num_generations": args.num_generations,
+        "num_generations_eval": args.num_generations_eval or args.num_generations,
+        "num_iterations": args.num_iterations,
+        "max_completion_length": args.max_completion_length,
+        "temperature": args.temperature,
+        "epsilon_low": args.epsilon,
+        "epsilon_high": args.epsilon_high if args.epsilon_high is not None else args.epsilon,
+    }
