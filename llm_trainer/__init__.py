@@ -60,6 +60,13 @@ _EXPORTS = {
         "WeaveCallback",
     ],
     "modeling": ["create_reference_model"],
+    "judges": [
+        "AllTrueJudge",
+        "BaseBinaryJudge",
+        "BaseJudge",
+        "BasePairwiseJudge",
+        "BaseRankJudge",
+    ],
     "scripts.utils": ["DatasetMixtureConfig", "ScriptArguments", "TrlParser", "get_dataset", "init_zero_verbose"],
     "trainer.model_config": ["ModelConfig"],
     "trainer.utils": ["get_kbit_device_map", "get_peft_config", "get_quantization_config"],
