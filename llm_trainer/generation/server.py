@@ -25,6 +25,11 @@ uses, with the same request and response JSON:
                                "message", "token_ids" and "logprobs" {"content": [...]}
     POST /start_weight_update/, /finish_weight_update/   accepted; HTTP weight updates need no session
 
+The two `/v1/` generation routes are also what an OpenAI client sends (`model`, `messages`, `max_tokens` or
+`max_completion_tokens`, `temperature`, `top_p`, `n`, `stop`, `seed`), so the server can stand in for an OpenAI
+endpoint, e.g. as a local judge; any `model` name is answered by the served model. Their bad requests get HTTP 400
+with OpenAI's body, `{"error": {"message", "type": "invalid_request_error", "param": <the bad field>, "code"}}`.
+
 Only the sampled token's log-prob is reported (`logprobs=N` lists it alone); multimodal messages, streaming and
 `prompt_logprobs` are refused with HTTP 400. Weights travel over HTTP as safetensors, which works for both back
 ends; TRL's NCCL broadcast straight to the vLLM workers (`/init_weight_transfer_engine`, JSON `/update_weights`) is
@@ -141,28 +146,63 @@ NCCL_REFUSED = (
     "`llm_trainer.generation.vllm_client.VLLMClient` (its update_named_param / update_model_params send safetensors), "
     'or TRL\'s client against `vllm serve --weight-transfer-config \'{"backend": "nccl"}\'`.'
 )
-# Request fields of vLLM's OpenAI routes that are not sampling parameters.
+# Request fields of vLLM's OpenAI routes that are not back-end sampling parameters (`seed` goes to the back end).
 _OPENAI_FIELDS = {
     "model", "prompt", "messages", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
     "min_p", "repetition_penalty", "logprobs", "top_logprobs", "structured_outputs", "return_token_ids",
     "return_tokens_as_token_ids", "stream", "tools", "tool_choice", "chat_template", "chat_template_kwargs",
-    "add_generation_prompt", "continue_final_message", "user", "stop_token_ids", "prompt_logprobs", "echo",
+    "add_generation_prompt", "continue_final_message", "user", "stop_token_ids", "prompt_logprobs", "echo", "stop",
 }  # fmt: skip
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class BadRequest(ValueError):
+    """A malformed request to an OpenAI route; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def _field(request: dict, name: str, default, valid, rule: str):
+    """`request[name]` checked by `valid` (`default` when absent or null); BadRequest naming the field otherwise."""
+    value = request.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not valid(value):
+        raise BadRequest(f"`{name}` must be {rule}, got {value!r}.", name)
+    return value
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and value >= 1
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float))
+
+
+def _stop_strings(request: dict) -> list[str]:
+    stop = request.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop or []
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest(f"`stop` must be a non-empty string or a list of them, got {request['stop']!r}.", "stop")
+    return stop
 
 
 def _openai_sampling(request: dict) -> tuple[int, SamplingConfig, list[int], str | None]:
     """`(n, sampling, stop_token_ids, regex)` from an OpenAI-style request; unknown fields go to the back end."""
     for unsupported in ("stream", "prompt_logprobs", "echo"):
         if request.get(unsupported):
-            raise ValueError(f"`{unsupported}` is not supported by llm-trainer vllm-serve.")
-    n = request.get("n", 1)
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}.")
+            raise BadRequest(f"`{unsupported}` is not supported by llm-trainer vllm-serve.", unsupported)
+    n = _field(request, "n", 1, _positive_int, "a positive integer")
+    max_tokens = _field(request, "max_tokens", 16, _positive_int, "a positive integer")
+    _field(request, "seed", None, lambda v: isinstance(v, int), "an integer")
     min_p = request.get("min_p") or None  # 0 disables it, as None does here
     sampling = SamplingConfig(
-        max_tokens=request.get("max_tokens") or request.get("max_completion_tokens") or 16,
-        temperature=request.get("temperature", 1.0),
-        top_p=request.get("top_p", 1.0),
+        max_tokens=_field(request, "max_completion_tokens", max_tokens, _positive_int, "a positive integer"),
+        temperature=_field(request, "temperature", 1.0, lambda v: _number(v) and v >= 0, "a number >= 0 (0: greedy)"),
+        top_p=_field(request, "top_p", 1.0, lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
         top_k=max(request.get("top_k") or 0, 0),  # vLLM disables top-k with 0 or -1
         min_p=min_p,
         repetition_penalty=request.get("repetition_penalty", 1.0),
@@ -176,59 +216,74 @@ def _token_label(engine, token: int, as_ids: bool) -> str:
     return f"token_id:{token}" if as_ids else engine.tokenizer.decode([token])
 
 
-def _finish_reason(engine, ids: list[int], stops: list[int]) -> str:
-    return "stop" if ids and (ids[-1] in engine.eos_token_ids or ids[-1] in stops) else "length"
+def _finish(engine, ids: list[int], stops: list[int], stop_strings: list[str]) -> tuple[list[int], str, str]:
+    """`(ids, text, finish_reason)` of a completion cut at its first stop string: the text without it, the ids through
+    the token that completed it."""
+    text = _decode(engine, ids)
+    cuts = [text.find(s) for s in stop_strings if s in text]
+    if cuts:
+        kept = next(k for k in range(1, len(ids) + 1) if any(s in _decode(engine, ids[:k]) for s in stop_strings))
+        return ids[:kept], text[: min(cuts)], "stop"
+    stopped = ids and (ids[-1] in engine.eos_token_ids or ids[-1] in stops)
+    return ids, text, "stop" if stopped else "length"
+
+
+def _decode(engine, ids: list[int]) -> str:
+    return engine.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def openai_completions(engine, request: dict) -> dict:
     """Answer vLLM's `/v1/completions`: `n` completions of each prompt (text or token ids), prompt-major."""
     prompt = request.get("prompt")
+    stop_strings = _stop_strings(request)
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt:
-        raise ValueError("prompt must be a string, a list of strings, a token-id list or a list of token-id lists.")
+        raise BadRequest(
+            "`prompt` must be a string, a list of strings, a token-id list or a list of token-id lists.", "prompt"
+        )
     prompts = [engine.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompt]
     if any(not ids for ids in prompts):
-        raise ValueError("every prompt needs at least one token.")
+        raise BadRequest("every prompt needs at least one token.", "prompt")
     n, sampling, stops, regex = _openai_sampling(request)
     result = engine.generate(prompts, [n] * len(prompts), sampling, stops, regex)
     as_ids = bool(request.get("return_tokens_as_token_ids"))
     choices = []
     for index, ids in enumerate(result.completion_ids):
+        ids, text, finish_reason = _finish(engine, ids, stops, stop_strings)
         logprobs = None
         if request.get("logprobs") is not None and result.logprobs is not None:
             labels = [_token_label(engine, t, as_ids) for t in ids]
+            token_logprobs = result.logprobs[index][: len(ids)]
             logprobs = {
                 "tokens": labels,
-                "token_logprobs": result.logprobs[index],
-                "top_logprobs": [{label: lp} for label, lp in zip(labels, result.logprobs[index])],
+                "token_logprobs": token_logprobs,
+                "top_logprobs": [{label: lp} for label, lp in zip(labels, token_logprobs)],
             }
         choices.append(
             {
                 "index": index,
-                "text": engine.tokenizer.decode(ids, skip_special_tokens=True),
+                "text": text,
                 "token_ids": ids,
                 "prompt_token_ids": prompts[index // n],
                 "logprobs": logprobs,
-                "finish_reason": _finish_reason(engine, ids, stops),
+                "finish_reason": finish_reason,
             }
         )
     return _openai_reply("text_completion", engine, choices, prompts, n)
 
 
 def openai_chat_completions(engine, request: dict) -> dict:
-    """Answer vLLM's `/v1/chat/completions`: render one conversation with the chat template, then generate."""
-    messages = request.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role', 'content'} messages.")
-    flat = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):  # OpenAI content parts: text only here
-            if any(part.get("type") != "text" for part in content):
-                raise ValueError("multimodal messages (image parts) are not supported by llm-trainer vllm-serve.")
-            content = "".join(part["text"] for part in content)
-        flat.append({**message, "content": content})
+    """Answer vLLM's (and OpenAI's) `/v1/chat/completions`: render one conversation with the chat template (and the
+    generation prompt), then generate."""
+    flat = _chat_messages(request.get("messages"))
+    stop_strings = _stop_strings(request)
+    if request.get("chat_template") is None and not getattr(engine.tokenizer, "chat_template", None):
+        raise BadRequest(
+            f"the served model {engine.name} has no chat template (its tokenizer_config.json sets none): serve a chat "
+            "model, send `chat_template` with the request, or send plain text to /v1/completions.",
+            "messages",
+        )
     text = engine.tokenizer.apply_chat_template(
         flat,
         tools=request.get("tools") or None,
@@ -245,6 +300,7 @@ def openai_chat_completions(engine, request: dict) -> dict:
     as_ids = bool(request.get("return_tokens_as_token_ids"))
     choices = []
     for index, ids in enumerate(result.completion_ids):
+        ids, content, finish_reason = _finish(engine, ids, stops, stop_strings)
         logprobs = None
         if request["logprobs"] is not None and result.logprobs is not None:
             entries = []
@@ -252,19 +308,52 @@ def openai_chat_completions(engine, request: dict) -> dict:
                 label = _token_label(engine, token, as_ids)
                 entries.append({"token": label, "logprob": lp, "top_logprobs": [{"token": label, "logprob": lp}]})
             logprobs = {"content": entries}
-        content = engine.tokenizer.decode(ids, skip_special_tokens=True)
         choices.append(
             {
                 "index": index,
                 "message": {"role": "assistant", "content": content},
                 "token_ids": ids,
                 "logprobs": logprobs,
-                "finish_reason": _finish_reason(engine, ids, stops),
+                "finish_reason": finish_reason,
             }
         )
     reply = _openai_reply("chat.completion", engine, choices, [prompt_ids], n)
     reply["prompt_token_ids"] = prompt_ids
     return reply
+
+
+def _chat_messages(messages) -> list[dict]:
+    """OpenAI `messages` as chat-template messages: text content parts joined, `developer` read as `system`."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("`messages` must be a non-empty list of {'role', 'content'} messages.", "messages")
+    flat = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in _ROLES:
+            raise BadRequest(f"messages[{i}].role must be one of {', '.join(_ROLES)}, got {role!r}.", f"messages[{i}]")
+        content = message.get("content")
+        if isinstance(content, list):  # OpenAI content parts: text only here
+            if any(not isinstance(part, dict) or part.get("type") != "text" for part in content):
+                raise BadRequest(
+                    "multimodal messages (image parts) are not supported by llm-trainer vllm-serve.", f"messages[{i}]"
+                )
+            content = "".join(part.get("text", "") for part in content)
+        elif not isinstance(content, str) and not (role == "assistant" and content is None):
+            raise BadRequest(
+                f"messages[{i}].content must be a string or text parts, got {content!r}.", f"messages[{i}]"
+            )
+        flat.append({**message, "role": "system" if role == "developer" else role, "content": content})
+    return flat
+
+
+def _request_object(body: bytes) -> dict:
+    try:
+        request = json.loads(body)
+    except ValueError:
+        request = None
+    if not isinstance(request, dict):
+        raise BadRequest("the request body must be a JSON object.")
+    return request
 
 
 def _openai_reply(kind: str, engine, choices: list[dict], prompts: list[list[int]], n: int) -> dict:
@@ -323,8 +412,8 @@ def make_server(engine, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTT
                 "start_weight_update": lambda body: {"success": True},
                 "finish_weight_update": lambda body: {"success": True},
                 "init_weight_transfer_engine": self._refuse_nccl,
-                "v1/completions": lambda body: openai_completions(engine, json.loads(body)),
-                "v1/chat/completions": lambda body: openai_chat_completions(engine, json.loads(body)),
+                "v1/completions": lambda body: openai_completions(engine, _request_object(body)),
+                "v1/chat/completions": lambda body: openai_chat_completions(engine, _request_object(body)),
             }
             if route not in actions:
                 self._not_found()
@@ -334,12 +423,21 @@ def make_server(engine, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTT
                 with lock:
                     reply = actions[route](body)
             except (ValueError, TypeError, KeyError) as err:
-                self._reply({"error": f"{type(err).__name__}: {err}"}, HTTPStatus.BAD_REQUEST)
+                self._error(route, err, HTTPStatus.BAD_REQUEST)
             except Exception as err:  # report it to the client rather than drop the connection
                 logger.exception("%s failed", self.path)
-                self._reply({"error": f"{type(err).__name__}: {err}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+                self._error(route, err, HTTPStatus.INTERNAL_SERVER_ERROR)
             else:
                 self._reply(reply)
+
+        def _error(self, route: str, err: Exception, status: HTTPStatus) -> None:
+            message = str(err) if isinstance(err, BadRequest) else f"{type(err).__name__}: {err}"
+            if not route.startswith("v1/"):
+                self._reply({"error": message}, status)
+                return
+            kind = "invalid_request_error" if status == HTTPStatus.BAD_REQUEST else "server_error"
+            param = getattr(err, "param", None)
+            self._reply({"error": {"message": message, "type": kind, "param": param, "code": status.value}}, status)
 
         def _generate(self, body: bytes) -> dict:
             request = json.loads(body)
