@@ -55,9 +55,11 @@ _EXPORTS = {
     "trainer.callbacks": [
         "BEMACallback",
         "LogCompletionsCallback",
+        "MergeModelCallback",
         "RichProgressCallback",
         "SyncRefModelCallback",
         "WeaveCallback",
+        "WinRateCallback",
     ],
     "modeling": ["create_reference_model"],
     "judges": [

@@ -15,19 +15,25 @@ from transformers import TrainerCallback, TrainerState, TrainingArguments
 from .trainer.callbacks import (
     BEMACallback,
     LogCompletionsCallback,
+    MergeConfig,
+    MergeModelCallback,
     RichProgressCallback,
     SyncRefModelCallback,
     WeaveCallback,
+    WinRateCallback,
 )
 
 __all__ = [
     "BEMACallback",
     "Callback",
     "LogCompletionsCallback",
+    "MergeConfig",
+    "MergeModelCallback",
     "RichProgressCallback",
     "SyncRefModelCallback",
     "TrainingResult",
     "WeaveCallback",
+    "WinRateCallback",
 ]
 
 

@@ -32,9 +32,11 @@ _EXPORTS = {
     "callbacks": [
         "BEMACallback",
         "LogCompletionsCallback",
+        "MergeModelCallback",
         "RichProgressCallback",
         "SyncRefModelCallback",
         "WeaveCallback",
+        "WinRateCallback",
     ],
     "model_config": ["ModelConfig"],
     "utils": [

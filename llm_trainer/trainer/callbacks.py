@@ -5,8 +5,11 @@
 - `LogCompletionsCallback`: completions of the eval prompts, logged as a table to Weights & Biases and/or Comet.
 - `WeaveCallback`: the same completions (optionally scored) logged as a W&B Weave evaluation.
 - `BEMACallback`: a bias-corrected exponential moving average of the weights (BEMA), saved at the end of training.
+- `WinRateCallback`: the policy's win rate against the reference on the eval prompts, as a pairwise judge sees it.
+- `MergeModelCallback`: a merged copy of the model (PEFT adapter merged into the base, or a mergekit merge) saved
+  with the checkpoints.
 
-wandb, comet_ml and weave are imported only when used.
+wandb, comet_ml, weave and mergekit are imported only when used.
 """
 
 from __future__ import annotations
@@ -24,7 +27,16 @@ from transformers import GenerationConfig, TrainerCallback, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BEMACallback", "LogCompletionsCallback", "RichProgressCallback", "SyncRefModelCallback", "WeaveCallback"]
+__all__ = [
+    "BEMACallback",
+    "LogCompletionsCallback",
+    "MergeConfig",
+    "MergeModelCallback",
+    "RichProgressCallback",
+    "SyncRefModelCallback",
+    "WeaveCallback",
+    "WinRateCallback",
+]
 
 
 def _require(module: str, feature: str, package: str | None = None) -> None:
@@ -514,3 +526,340 @@ class BEMACallback(TrainerCallback):
             path = os.path.join(args.output_dir, "bema")
             self.running_model.save_pretrained(path)
             logger.info("Saved the BEMA model to %s", path)
+
+
+# ------------------------------------------------------------------------------------------------------ win rate
+class WinRateCallback(TrainerCallback):
+    """At every evaluation, the policy's win rate against a reference, as a pairwise judge sees it.
+
+    Before training, the reference answers the eval dataset's prompts (column `"prompt"`, plain text or
+    conversational): the trainer's `ref_model` when it has one, else the model with its PEFT adapter disabled (the
+    trainer's reference adapter when it keeps one), else the initial model itself. At each evaluation the policy
+    answers the same prompts and `judge` compares every `[reference, policy]` pair; the callback logs
+    `eval_win_rate`, the fraction of prompts where the policy's completion wins (ties, -1, count as not won).
+
+    Args:
+        judge: a `BasePairwiseJudge`.
+        trainer: the trainer it is added to (`trainer.add_callback(callback)`), with an `eval_dataset`.
+        generation_config: passed to `generate` for both models (None: the model's own).
+        num_prompts: only the first `num_prompts` eval prompts (default: all).
+        shuffle_order: passed to the judge (it shuffles each pair to cancel a position bias).
+        use_soft_judge: ask the judge for the probability that the reference wins (`return_scores=True`); also
+            logs `eval_avg_win_prob`, the policy's mean win probability, and a win is a probability below 0.5.
+
+    The completions of the last evaluation are kept in `self.prompts`, `self.ref_completions`, `self.completions`.
+    """
+
+    def __init__(
+        self,
+        judge: Any,
+        trainer: Any,
+        generation_config: GenerationConfig | None = None,
+        num_prompts: int | None = None,
+        shuffle_order: bool = True,
+        use_soft_judge: bool = False,
+    ):
+        from ..judges import BasePairwiseJudge
+
+        if not isinstance(judge, BasePairwiseJudge):
+            raise TypeError(
+                f"WinRateCallback needs a pairwise judge (a `llm_trainer.judges.BasePairwiseJudge`, e.g. PairRMJudge "
+                f"or OpenAIPairwiseJudge); got {type(judge).__name__}."
+            )
+        if num_prompts is not None and num_prompts < 1:
+            raise ValueError(f"`num_prompts` must be a positive number of prompts or None; got {num_prompts}.")
+        self.judge = judge
+        self.trainer = trainer
+        self.generation_config = generation_config
+        self.shuffle_order = shuffle_order
+        self.use_soft_judge = use_soft_judge
+        self.eval_dataset = _eval_prompts(trainer, num_prompts, "WinRateCallback")
+        self.prompts: list[str] = []
+        self.ref_completions: list[str] = []
+        self.completions: list[str] = []
+
+    def _reference_context(self) -> contextlib.AbstractContextManager:
+        """Entered around generation with the policy when the reference is the policy itself (PEFT or not)."""
+        from accelerate.utils import is_peft_model
+
+        trainer = self.trainer
+        reference = getattr(trainer, "reference", None)
+        if reference is not None and hasattr(reference, "context"):  # the preference trainers' ReferencePolicy
+            return reference.context(trainer.model)
+        if is_peft_model(trainer.model):
+            return trainer.model.disable_adapter()
+        return contextlib.nullcontext()  # before training: the initial model
+
+    def _generate(self, model: Any, args: TrainingArguments, processing_class: Any) -> tuple[list[str], list[str]]:
+        """Every process answers its share of the prompts with `model`; all get the gathered prompts and answers."""
+        from accelerate.utils import gather_object
+
+        from ..data_utils import maybe_apply_chat_template
+
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        accelerator = self.trainer.accelerator
+        with accelerator.split_between_processes(list(self.eval_dataset["prompt"])) as shard:
+            prompts = [maybe_apply_chat_template({"prompt": p}, processing_class)["prompt"] for p in shard]
+            completions = _generate_completions(
+                prompts,
+                model=model,
+                tokenizer=tokenizer,
+                accelerator=accelerator,
+                generation_config=self.generation_config,
+                batch_size=args.per_device_eval_batch_size,
+                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+            )
+        return gather_object(prompts), gather_object(completions)
+
+    def on_train_begin(self, args, state, control, processing_class=None, **kwargs):
+        processing_class = processing_class or self.trainer.processing_class
+        ref_model = getattr(self.trainer, "ref_model", None)
+        if ref_model is not None:
+            self.prompts, self.ref_completions = self._generate(ref_model, args, processing_class)
+        else:
+            with self._reference_context():
+                self.prompts, self.ref_completions = self._generate(self.trainer.model_wrapped, args, processing_class)
+
+    def on_evaluate(self, args, state, control, processing_class=None, **kwargs):
+        processing_class = processing_class or self.trainer.processing_class
+        _, self.completions = self._generate(self.trainer.model_wrapped, args, processing_class)
+        if not self.trainer.accelerator.is_main_process:
+            return
+        pairs = [[ref, policy] for ref, policy in zip(self.ref_completions, self.completions, strict=True)]
+        metrics: dict[str, float] = {}
+        if self.use_soft_judge:
+            ref_win_probs = [
+                float(p) for p in self.judge.judge(self.prompts, pairs, self.shuffle_order, return_scores=True)
+            ]
+            metrics["eval_avg_win_prob"] = 1.0 - sum(ref_win_probs) / len(ref_win_probs)
+            winners = [1 if p < 0.5 else 0 for p in ref_win_probs]
+        else:
+            winners = list(self.judge.judge(self.prompts, pairs, self.shuffle_order))
+        if len(winners) != len(pairs):
+            raise ValueError(f"The judge returned {len(winners)} decisions for {len(pairs)} pairs.")
+        metrics["eval_win_rate"] = sum(winner == 1 for winner in winners) / len(winners)
+        self._report_table(args, state, winners)
+        self.trainer.log(metrics)
+
+    def _report_table(self, args: TrainingArguments, state: Any, winners: list[int]) -> None:
+        report_to = args.report_to or []
+        if "wandb" not in report_to and "comet_ml" not in report_to:
+            return
+        import pandas as pd
+
+        table = pd.DataFrame(
+            {
+                "step": [str(state.global_step)] * len(winners),
+                "prompt": self.prompts,
+                "reference model": self.ref_completions,
+                "policy": self.completions,
+                "winner_index": winners,
+            }
+        )
+        if "wandb" in report_to:
+            _require("wandb", "Logging win-rate completions to Weights & Biases")
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"win_rate_completions": wandb.Table(dataframe=table)})
+        if "comet_ml" in report_to:
+            from .utils import log_table_to_comet_experiment
+
+            log_table_to_comet_experiment("win_rate_completions.csv", table)
+
+
+# ----------------------------------------------------------------------------------------------------- merging
+_MERGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "linear": {"policy_model_weight": 0.5, "target_model_weight": 0.5},
+    "ties": {
+        "policy_model_weight": 1.0,
+        "policy_model_density": [1.0, 0.7, 0.1],
+        "target_model_weight": 1.0,
+        "target_model_density": [1.0],
+        "normalize": 1.0,
+    },
+    "slerp": {"t_values": 0.5},
+}
+_MERGE_DEFAULTS["dare_ties"] = dict(_MERGE_DEFAULTS["ties"])
+
+
+class MergeConfig:
+    """How `MergeModelCallback` merges a full (non-PEFT) policy with a target model through `mergekit`.
+
+    `method` is `"linear"` (weighted average), `"ties"`, `"dare_ties"` (TIES / DARE-TIES with per-model densities)
+    or `"slerp"` (spherical interpolation by `t_values`). Each sets its defaults as attributes, which can be changed
+    before training: `policy_model_weight`, `target_model_weight` (linear, ties), `policy_model_density`,
+    `target_model_density`, `normalize` (ties), `t_values` (slerp), and `dtype` (`"float16"`). `policy_model_path`
+    is set by the callback to the checkpoint; `target_model_path` defaults to the model the policy was loaded from.
+    """
+
+    def __init__(self, method: str = "linear"):
+        if method not in _MERGE_DEFAULTS:
+            raise ValueError(f"Unsupported merge method {method!r}; expected one of {sorted(_MERGE_DEFAULTS)}.")
+        self.method = method
+        self.policy_model_path: str | None = None
+        self.target_model_path: str | None = None
+        self.dtype = "float16"
+        for name, value in _MERGE_DEFAULTS[method].items():
+            setattr(self, name, copy.deepcopy(value))
+
+    def _as_dict(self) -> dict[str, Any]:
+        """The mergekit configuration, as the dictionary `MergeConfiguration.model_validate` reads."""
+        if self.method == "linear":
+            return {
+                "dtype": self.dtype,
+                "merge_method": "linear",
+                "models": [
+                    {"model": self.policy_model_path, "parameters": {"weight": self.policy_model_weight}},
+                    {"model": self.target_model_path, "parameters": {"weight": self.target_model_weight}},
+                ],
+            }
+        base = {"model": {"path": self.policy_model_path, "revision": None}, "lora": None}
+        target = {"model": {"path": self.target_model_path, "revision": None}, "lora": None}
+        if self.method == "slerp":
+            models = [{"model": target, "parameters": None}]
+            parameters: dict[str, Any] = {"t": self.t_values}
+        else:
+            models = [
+                {
+                    "model": target,
+                    "parameters": {"density": self.target_model_density, "weight": self.target_model_weight},
+                },
+                {
+                    "model": base,
+                    "parameters": {"density": self.policy_model_density, "weight": self.policy_model_weight},
+                },
+            ]
+            parameters = {"normalize": self.normalize}
+        return {
+            "merge_method": self.method,
+            "models": models,
+            "parameters": parameters,
+            "base_model": base,
+            "dtype": self.dtype,
+        }
+
+    def create(self) -> Any:
+        """The `mergekit.config.MergeConfiguration` (needs `mergekit`)."""
+        _require("mergekit", "Merging full models (MergeConfig)")
+        from mergekit.config import MergeConfiguration
+
+        return MergeConfiguration.model_validate(self._as_dict())
+
+    def _create_as(self, method: str) -> Any:
+        if method != self.method:
+            raise ValueError(f"This MergeConfig is for the {self.method!r} method, not {method!r}.")
+        return self.create()
+
+    def create_merge_config_linear(self) -> Any:
+        """`create()` for a linear config (TRL's name)."""
+        return self._create_as("linear")
+
+    def create_merge_config_ties(self) -> Any:
+        """`create()` for a TIES config (TRL's name)."""
+        return self._create_as("ties")
+
+    def create_merge_config_dare_ties(self) -> Any:
+        """`create()` for a DARE-TIES config (TRL's name)."""
+        return self._create_as("dare_ties")
+
+    def create_merge_config_slerp(self) -> Any:
+        """`create()` for a SLERP config (TRL's name)."""
+        return self._create_as("slerp")
+
+
+def merge_models(config: Any, out_path: str) -> None:
+    """Run a mergekit `MergeConfiguration` and write the merged model (and the tokenizer) to `out_path`."""
+    _require("mergekit", "merge_models")
+    from mergekit.merge import MergeOptions, run_merge
+
+    run_merge(config, out_path=out_path, options=MergeOptions(cuda=torch.cuda.is_available(), copy_tokenizer=True))
+
+
+def upload_model_to_hf(folder_path: str, repo_id: str) -> None:
+    """Create the Hub model repository `repo_id` (if needed) and upload `folder_path` to it."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    repo = api.create_repo(repo_id, repo_type="model", exist_ok=True)
+    api.upload_folder(folder_path=folder_path, repo_id=repo.repo_id, repo_type="model")
+
+
+class MergeModelCallback(TrainerCallback):
+    """Save a merged copy of the trained model in `<output_dir>/checkpoint-<step>/merged`: at every checkpoint with
+    `merge_at_every_checkpoint`, otherwise once at the end of training.
+
+    - PEFT model (LoRA & co.): the adapter is merged into the base weights (`merge_and_unload` on a copy; the
+      training model keeps its adapter) and the plain `transformers` model is saved with the tokenizer, loadable by
+      `AutoModelForCausalLM.from_pretrained`. `merge_config` is not used.
+    - Full model: merged with a target model (by default the model it was loaded from) through `mergekit`, as
+      `merge_config` says (default: `MergeConfig("linear")`, the average of the two); needs `pip install mergekit`,
+      checked before training.
+
+    Args:
+        merge_config: a `MergeConfig` for the full-model merge.
+        merge_at_every_checkpoint: merge at every save instead of only at the end.
+        push_to_hub: upload each merged folder to the Hub repository `<output_dir name>_checkpoint-<step>_merged`.
+
+    Only the main process writes. Under DeepSpeed ZeRO-3 or FSDP with sharded weights the PEFT merge is not supported
+    (save the adapter, then merge it offline).
+    """
+
+    def __init__(
+        self,
+        merge_config: MergeConfig | None = None,
+        merge_at_every_checkpoint: bool = False,
+        push_to_hub: bool = False,
+    ):
+        if merge_config is not None and not isinstance(merge_config, MergeConfig):
+            raise TypeError(f"`merge_config` must be a MergeConfig or None; got {type(merge_config).__name__}.")
+        self.merge_config = merge_config
+        self.merge_at_every_checkpoint = merge_at_every_checkpoint
+        self.push_to_hub = push_to_hub
+        self.merged_paths: list[str] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from accelerate.utils import is_peft_model
+
+        if model is not None and not is_peft_model(model):
+            _require("mergekit", "MergeModelCallback with a full (non-PEFT) model")
+
+    def _merge_and_maybe_push(self, args: TrainingArguments, state: Any, model: Any, processing_class: Any) -> None:
+        from accelerate.utils import extract_model_from_parallel, is_peft_model
+
+        if not state.is_world_process_zero:
+            return
+        model = extract_model_from_parallel(model)
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        merged_path = os.path.join(checkpoint, "merged")
+        if is_peft_model(model):
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(merged_path)
+            if processing_class is not None:
+                processing_class.save_pretrained(merged_path)
+            del merged
+        else:
+            config = copy.copy(self.merge_config or MergeConfig())
+            if not os.path.isdir(checkpoint) or not os.path.exists(os.path.join(checkpoint, "config.json")):
+                model.save_pretrained(checkpoint)  # the end of training without a final checkpoint
+                if processing_class is not None:
+                    processing_class.save_pretrained(checkpoint)
+            config.policy_model_path = checkpoint
+            if config.target_model_path is None:
+                from .utils import get_config_model_id
+
+                config.target_model_path = get_config_model_id(model.config)
+            merge_models(config.create(), merged_path)
+        self.merged_paths.append(merged_path)
+        logger.info("Saved the merged model to %s", merged_path)
+        if self.push_to_hub:
+            name = os.path.basename(os.path.normpath(args.output_dir))
+            upload_model_to_hf(merged_path, f"{name}_checkpoint-{state.global_step}_merged")
+
+    def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.merge_at_every_checkpoint:
+            self._merge_and_maybe_push(args, state, model, processing_class)
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if not self.merge_at_every_checkpoint:
+            self._merge_and_maybe_push(args, state, model, processing_class)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import Dataset, IterableDataset
 from transformers import (
@@ -22,22 +21,9 @@ from transformers.trainer_utils import EvalPrediction
 from ..data.stepwise import prepare_stepwise_dataset, tokenize_stepwise
 from .base_trainer import BaseTrainer, init_arguments
 from .prm_config import PRMConfig
+from .utils import compute_accuracy
 
 __all__ = ["PRMTrainer", "compute_accuracy"]
-
-
-def compute_accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
-    """Token-classification accuracy over the labelled positions (label != -100): the PRM's default metric.
-
-    `predictions` are logits `(batch, seq_len, num_labels)` or already-argmaxed ids `(batch, seq_len)`.
-    """
-    predictions, labels = eval_pred.predictions, eval_pred.label_ids
-    predictions = np.asarray(predictions)
-    if predictions.ndim == 3:
-        predictions = predictions.argmax(-1)
-    labels = np.asarray(labels)
-    keep = labels != -100
-    return {"accuracy": float((predictions[keep] == labels[keep]).mean()) if keep.any() else 0.0}
 
 
 class PRMTrainer(BaseTrainer):

@@ -32,6 +32,7 @@ from ..data.sampling import RepeatSampler, repeat_iterable_dataset
 from ..kernels import ChunkedLogProbFunction, entropy_from_logits, selective_log_softmax
 from ..kernels import selective_log_softmax_and_entropy as _fused_logprob_entropy
 from ..losses.policy_gradient import nanmax, nanmin, nanstd
+from ..losses.unpaired import RunningMoments  # old TRL's `trl.trainer.utils.RunningMoments`
 from ..modeling import FusedCausalLMOutput
 
 if TYPE_CHECKING:
@@ -49,21 +50,26 @@ _ChunkedLogProbFunction = ChunkedLogProbFunction
 __all__ = [
     "FusedCausalLMOutput",
     "RepeatSampler",
+    "RunningMoments",
     "TListOrMapping",
     "add_fused_lm_head",
     "adjusted_mfu",
+    "compute_accuracy",
     "compute_flops_per_token",
     "compute_mfu",
     "create_model_from_path",
     "disable_dropout_in_model",
+    "empty_cache",
     "ensure_master_addr_port",
     "entropy_from_logits",
     "flush_left",
+    "freeze_model_layers",
     "generate_model_card",
     "get_callable_name",
     "get_comet_experiment_url",
     "get_config_model_id",
     "get_kbit_device_map",
+    "get_model_param_count",
     "get_peak_flops",
     "get_peak_flops_per_device",
     "get_peft_config",
@@ -79,6 +85,7 @@ __all__ = [
     "nanmin",
     "nanstd",
     "pad",
+    "peft_module_casting_to_bf16",
     "print_prompt_completions_sample",
     "remove_none_values",
     "repeat_iterable_dataset",
@@ -880,3 +887,114 @@ def adjusted_mfu(mfu: float, config: PretrainedConfig, seq_len: int) -> float:
     full = compute_flops_per_token(config, seq_len)
     masked_half = config.num_hidden_layers * 3 * 2 * config.num_attention_heads * _head_dim(config) * seq_len
     return mfu * (full - masked_half) / full
+
+
+# ------------------------------------------------------------------------------------------ training utilities
+def compute_accuracy(eval_pred: Any) -> dict[str, float]:
+    """Accuracy for `compute_metrics`, the default metric of the PRM and reward trainers.
+
+    - Token classification (PRM): `predictions` are logits `(batch, seq_len, num_labels)` or argmaxed ids
+      `(batch, seq_len)`, `label_ids` are `(batch, seq_len)`; positions labelled -100 are skipped.
+    - Pairwise rewards: `predictions` are `(batch, 2)` (chosen, rejected) rewards and `label_ids` `(batch,)` (the
+      index of the better one); pairs with equal rewards are left out, with a warning.
+    """
+    import warnings
+
+    import numpy as np
+
+    predictions, labels = eval_pred.predictions, eval_pred.label_ids
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    if labels.ndim == 1 and predictions.ndim == 2:
+        tied = predictions[:, 0] == predictions[:, 1]
+        if tied.any():
+            warnings.warn(
+                f"{int(tied.sum())} of {len(tied)} pairs have equal rewards; they are left out of the accuracy.",
+                stacklevel=2,
+            )
+        predictions, labels = predictions[~tied].argmax(-1), labels[~tied]
+        return {"accuracy": float((predictions == labels).mean()) if len(labels) else 0.0}
+    if predictions.ndim == labels.ndim + 1:
+        predictions = predictions.argmax(-1)
+    keep = labels != -100
+    return {"accuracy": float((predictions[keep] == labels[keep]).mean()) if keep.any() else 0.0}
+
+
+def empty_cache() -> None:
+    """Free the accelerator's cached memory (CUDA, XPU, MPS or NPU, whichever is present) after a garbage collection."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif hasattr(torch, "xpu") and torch.xpu.is_available():
+        torch.xpu.empty_cache()
+    elif torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+    elif hasattr(torch, "npu") and torch.npu.is_available():
+        torch.npu.empty_cache()
+
+
+def peft_module_casting_to_bf16(model: torch.nn.Module) -> None:
+    """Cast a PEFT model for bf16 training in place: normalisation layers to float32 (for stability), LoRA weights,
+    the LM head and the embeddings to bfloat16 when they are float32."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm) or "norm" in name.split(".")[-1].lower():
+            module.to(torch.float32)
+        elif any(key in name for key in ("lora_", "lm_head", "embed_tokens", "wte", "wpe")):
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dtype == torch.float32:
+                module.to(torch.bfloat16)
+
+
+def get_model_param_count(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of `model` (only those with `requires_grad` when `trainable_only`).
+
+    Under DeepSpeed ZeRO-3 each rank holds a shard and the local tensor is empty: the full size is `ds_numel`.
+    Parameters shared between modules (tied embeddings) count once.
+    """
+    return sum(
+        getattr(param, "ds_numel", None) or param.numel()
+        for param in model.parameters()
+        if param.requires_grad or not trainable_only
+    )
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The list of transformer blocks of a causal LM, PEFT-wrapped or not."""
+    base = model
+    if hasattr(base, "get_base_model"):  # PeftModel
+        base = base.get_base_model()
+    candidates = [base, getattr(base, "base_model", None), getattr(base, "model", None)]
+    candidates += [getattr(c, "model", None) for c in candidates[1:] if c is not None]
+    candidates += [getattr(base, "transformer", None)]
+    for holder in candidates:
+        if holder is None:
+            continue
+        for path in ("layers", "h", "decoder.layers", "language_model.layers"):
+            layers = holder
+            for part in path.split("."):
+                layers = getattr(layers, part, None)
+            if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+                return layers
+    raise ValueError(
+        f"Cannot find the transformer layers of {type(model).__name__}: looked for a `layers`, `h` or `decoder.layers` "
+        "module list on its base model."
+    )
+
+
+def freeze_model_layers(model: torch.nn.Module, n: int) -> torch.nn.Module:
+    """Freeze the input embeddings and the first `n` transformer layers of `model` (`requires_grad = False`); the
+    other layers, the final norm and the LM head keep their setting. Returns the model.
+
+    The layers are the model's decoder blocks (`model.layers`, `transformer.h` or `model.decoder.layers`), in order;
+    `n` must be between 0 and their number.
+    """
+    layers = _decoder_layers(model)
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= len(layers):
+        raise ValueError(f"n must be an integer between 0 and {len(layers)} (the number of layers); got {n!r}.")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:
+        embeddings.requires_grad_(False)
+    for layer in layers[:n]:
+        layer.requires_grad_(False)
+    return model
