@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -9,6 +10,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from llm_trainer.generation import SamplingConfig, TransformersGenerator
@@ -139,9 +141,22 @@ def test_a_body_that_is_not_a_json_object_is_a_400(server_url):
         assert status == 400 and "JSON object" in reply["error"]["message"]
 
 
-def test_a_model_without_a_chat_template_is_a_clear_400(tmp_path):
-    """The same tiny model with the template removed, served in-process by the same HTTP server."""
+@contextlib.contextmanager
+def serve_in_process(path: str):
+    """The same HTTP server as `llm-trainer vllm-serve --backend transformers`, on a thread, for a one-off model."""
     from llm_trainer.generation.server import TransformersEngine, make_server
+
+    server = make_server(TransformersEngine(path), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_model_without_a_chat_template_is_a_clear_400(tmp_path):
+    """The tiny model with its chat template removed."""
     from llm_trainer.testing import make_tiny_model
 
     path = make_tiny_model(tmp_path / "plain")
@@ -150,15 +165,55 @@ def test_a_model_without_a_chat_template_is_a_clear_400(tmp_path):
     tokenizer.save_pretrained(path)
     if os.path.exists(os.path.join(path, "chat_template.jinja")):
         os.remove(os.path.join(path, "chat_template.jinja"))
-    server = make_server(TransformersEngine(path), "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}"
+    with serve_in_process(path) as url:
         status, reply = chat(url, max_tokens=2)
         assert status == 400 and "has no chat template" in reply["error"]["message"]
         # a template sent with the request is used instead
         template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
         assert chat(url, max_tokens=2, chat_template=template)[0] == 200
-    finally:
-        server.shutdown()
-        server.server_close()
+
+
+PROMPTS = ["What is 2 + 2?", "Name a colour.", "Say hello."]
+PAIRS = [["4", "5"], ["blue", "seven"], ["hello", "goodbye"]]
+
+
+def test_openai_pairwise_judge_against_the_live_server(server_url, tiny_model_path):
+    """`OpenAIPairwiseJudge` (TRL's judge API) pointed at the server: its verdicts are the server's greedy replies to
+    its questions, parsed; a random tiny model's replies are rarely a digit, so the contract is checked, not a choice."""
+    from llm_trainer.judges import OpenAIPairwiseJudge, _parse_choice
+
+    judge = OpenAIPairwiseJudge(
+        model=tiny_model_path, base_url=f"{server_url}/v1", api_key="local", request_kwargs={"temperature": 0}
+    )
+    verdicts = judge.judge(PROMPTS, PAIRS, shuffle_order=False)
+    assert len(verdicts) == len(PAIRS) and set(verdicts) <= {0, 1, -1}
+    assert judge.num_requests == len(PAIRS)
+    replies = [
+        ok(server_url, messages=[{"role": "user", "content": judge.question(p, pair)}], max_tokens=1, temperature=0)
+        for p, pair in zip(PROMPTS, PAIRS)
+    ]
+    assert all(reply["usage"]["completion_tokens"] == 1 for reply in replies)
+    assert verdicts == [_parse_choice(reply["choices"][0]["message"]["content"]) for reply in replies]
+    shuffled = judge.judge(PROMPTS, PAIRS)  # the default: each pair in a random order, verdicts mapped back
+    assert len(shuffled) == len(PAIRS) and set(shuffled) <= {0, 1, -1}
+
+
+def test_openai_pairwise_judge_gets_definite_verdicts_from_a_digit_model(tmp_path):
+    """A tiny model rigged to answer only "0" or "1": every pair gets a definite verdict through the route."""
+    from llm_trainer.judges import OpenAIPairwiseJudge
+    from llm_trainer.testing import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "digits")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    zero, one = get_tokenizer().convert_tokens_to_ids(["0", "1"])
+    with torch.no_grad():  # logits = h0 * (+10 for "1", -10 for "0", 0 elsewhere): the sign of h0 picks the digit
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[one, 0], model.lm_head.weight[zero, 0] = 10.0, -10.0
+    model.save_pretrained(path)
+    with serve_in_process(path) as url:
+        judge = OpenAIPairwiseJudge(model="digits", base_url=f"{url}/v1", request_kwargs={"temperature": 0})
+        verdicts = judge.judge(PROMPTS, PAIRS)
+        assert len(verdicts) == len(PAIRS) and set(verdicts) <= {0, 1}
+        assert judge.num_requests == len(PAIRS)
