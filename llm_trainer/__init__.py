@@ -38,6 +38,8 @@ _EXPORTS = {
         "GRPOTrainer",
         "RLOOConfig",
         "RLOOTrainer",
+        "OnlineDPOConfig",
+        "OnlineDPOTrainer",
         "PPOConfig",
         "PPOTrainer",
         "TeacherGRPOConfig",

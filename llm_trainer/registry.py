@@ -73,6 +73,7 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("dpo", "DPOTrainer", SimpleSpec(defaults={"beta": 0.1})),
         Algorithm("grpo", "GRPOTrainer", _GRPO),
         Algorithm("kto", "KTOTrainer"),
+        Algorithm("online_dpo", "OnlineDPOTrainer"),
         Algorithm("orpo", "ORPOTrainer"),
         Algorithm("ppo", "PPOTrainer", _PPO),
         Algorithm("prm", "PRMTrainer"),

@@ -282,3 +282,34 @@ def wpo_weights(per_token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, m
     weights = torch.exp(aligned / mask.sum(dim=1).clamp_min(1))
     chosen_weights, rejected_weights = weights.chunk(2, dim=0)
     return chosen_weights * rejected_weights
+
+
+def online_dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> torch.Tensor:
+    """Per-pair loss of Online DPO (and of the online preference family) from summed sequence log-probs, shape [B].
+
+    With h = (log π(y_c) − log π(y_r)) − (log π_ref(y_c) − log π_ref(y_r)): 'sigmoid' is −logσ(βh), 'ipo' is
+    (h − 1/(2β))², on summed (not length-normalised) log-probs, unlike `dpo_loss`'s IPO.
+    """
+    margin = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * margin)
+    if loss_type == "ipo":
+        return (margin - 1 / (2 * beta)) ** 2
+    raise ValueError(f"Unknown Online DPO loss_type {loss_type!r}: use 'sigmoid' or 'ipo'.")
+
+
+def rank_pairs(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected row indices of a [first; second] batch of 2B completions, from one score per completion
+    (`first[i]` and `second[i]` score the two completions of prompt i; a tie chooses the first)."""
+    batch = first.size(0)
+    second_wins = (first < second).long()
+    rows = torch.arange(batch, device=first.device)
+    return rows + second_wins * batch, rows + (1 - second_wins) * batch

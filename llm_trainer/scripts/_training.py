@@ -80,6 +80,12 @@ class RLOOScriptArguments(OnlineScriptArguments):
 
 
 @dataclass
+class OnlineDPOScriptArguments(OnlineScriptArguments):
+    """Script arguments of the `online_dpo` script: `ScriptArguments` plus `reward_model_name_or_path` and
+    `reward_funcs` (optional with `--reward_model_path`)."""
+
+
+@dataclass
 class TeacherGRPOScriptArguments(OnlineScriptArguments):
     """`teacher_grpo`'s (the model is the teacher): rewards optional (`AdaptiveTeachingReward`), and the student."""
 
@@ -90,6 +96,7 @@ class TeacherGRPOScriptArguments(OnlineScriptArguments):
 
 SCRIPT_ARGUMENTS = {
     "grpo": GRPOScriptArguments,
+    "online_dpo": OnlineDPOScriptArguments,
     "rloo": RLOOScriptArguments,
     "teacher_grpo": TeacherGRPOScriptArguments,
 }
@@ -162,6 +169,9 @@ def trainer_inputs(name: str, script_args: ScriptArguments, training_args: Any, 
     raises `ScriptArgumentError` (or `RewardImportError`) before anything is loaded when one is missing."""
     if name in ("grpo", "rloo"):
         return {"reward_funcs": reward_functions(script_args)}
+    if name == "online_dpo":  # `--reward_model_path` (a config field) is a reward source too
+        rewards = reward_functions(script_args, required=training_args.reward_model_path is None)
+        return {"reward_funcs": rewards or None}
     if name == "teacher_grpo":
         rewards = reward_functions(script_args, required=False)
         return {"reward_funcs": rewards or None, "student_model": script_args.student_model_name_or_path}
