@@ -46,6 +46,8 @@ _EXPORTS = {
         "TeacherGRPOTrainer",
         "DistillationConfig",
         "DistillationTrainer",
+        "GKDConfig",
+        "GKDTrainer",
     ],
     "chat_template_utils": [
         "add_response_schema",

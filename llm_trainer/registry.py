@@ -71,6 +71,7 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("cpo", "CPOTrainer"),
         Algorithm("distillation", "DistillationTrainer"),
         Algorithm("dpo", "DPOTrainer", SimpleSpec(defaults={"beta": 0.1})),
+        Algorithm("gkd", "GKDTrainer"),
         Algorithm("grpo", "GRPOTrainer", _GRPO),
         Algorithm("kto", "KTOTrainer"),
         Algorithm("online_dpo", "OnlineDPOTrainer"),

@@ -42,7 +42,7 @@ TRAINER_MODULES = [
     ]
 ]
 # TRL's experimental modules with a twin here; TRL defines their classes in submodules of the package.
-EXPERIMENTAL_PACKAGES = ["experimental.cpo", "experimental.orpo", "experimental.kto"]
+EXPERIMENTAL_PACKAGES = ["experimental.cpo", "experimental.orpo", "experimental.kto", "experimental.gkd"]
 
 # TRL's experimental CPO/ORPO keep the tokenize-and-forward helpers of the pre-1.0 DPO trainer. Here CPO and ORPO share
 # the preference pipeline of the stable trainers (`data.preference_dataset`, `trainer.preference_forward`), whose

@@ -178,3 +178,118 @@ def chunked_distillation_loss(
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
     return loss, entropy.detach(), num_valid
+
+
+class _DivergenceGradInForward(torch.autograd.Function):
+    """The summed chunk divergences, with their gradients taken chunk by chunk during the forward (each chunk's
+    logits are built once, then dropped); the backward only scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, h_s, weight, bias, h_t, teacher: LMHead, student_options, beta, temperature, chunk_size):
+        needs = (h_s.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        grad_h = torch.zeros_like(h_s) if needs[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if needs[2] else None
+        loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        entropy = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        w = weight.detach().requires_grad_(needs[1])
+        b = None if bias is None else bias.detach().requires_grad_(needs[2])
+        student = LMHead(w, b, *student_options)
+        for start in range(0, h_s.shape[0], chunk_size):
+            end = start + chunk_size
+            with torch.enable_grad():
+                h = h_s[start:end].detach().requires_grad_(needs[0])
+                divergence, chunk_entropy = head_divergence(h, student, h_t[start:end], teacher, beta, temperature)
+                chunk_loss = divergence.sum()
+                wanted = [(x, i) for i, x in enumerate((h, w, b)) if needs[i]]
+                if wanted:
+                    grads = torch.autograd.grad(chunk_loss, [x for x, _ in wanted])
+                    for grad, (_, i) in zip(grads, wanted):
+                        if i == 0:
+                            grad_h[start:end] = grad
+                        elif i == 1:
+                            grad_w += grad
+                        else:
+                            grad_b += grad
+            loss = loss + chunk_loss.detach()
+            entropy = entropy + chunk_entropy.sum()
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(entropy)
+        return loss, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_entropy):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_loss.float()
+        grad_h = None if grad_h is None else grad_h * scale.to(grad_h.dtype)
+        grad_w = None if grad_w is None else (grad_w * scale).to(ctx.dtypes[0])
+        grad_b = None if grad_b is None else (grad_b * scale).to(ctx.dtypes[1])
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def fused_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    temperature: float = 1.0,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_logit_scale: float | None = None,
+    student_softcap: float | None = None,
+    teacher_logit_scale: float | None = None,
+    teacher_softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`chunked_distillation_loss` (same arguments and results) with each chunk's gradient taken in the forward.
+
+    Each chunk's `(chunk, vocab)` logits are built once: the gradients with respect to the student's hidden states
+    (kept, `(n, H)`) and head weight (accumulated, `(V, H)` fp32) are computed right away, so the backward only
+    scales them instead of recomputing every chunk. Worth it when the loss is backpropagated (training); the result
+    is the same as `chunked_distillation_loss`'s within float32 rounding.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}.")
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"The student head has {student_weight.shape[0]} vocabulary rows but the teacher's has "
+            f"{teacher_weight.shape[0]}; distillation needs a shared vocabulary."
+        )
+    if student_hidden.shape[:-1] != mask.shape or teacher_hidden.shape[:-1] != mask.shape:
+        raise ValueError(
+            f"expected hidden states (..., H) over the mask's shape {tuple(mask.shape)}; got student "
+            f"{tuple(student_hidden.shape)} and teacher {tuple(teacher_hidden.shape)}"
+        )
+    kept = mask.reshape(-1) != 0
+    num_valid = kept.sum()
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])[kept]
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[kept].detach()
+    chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // student_weight.shape[0])
+    teacher_bias = None if teacher_bias is None else teacher_bias.detach()
+    teacher = LMHead(teacher_weight.detach(), teacher_bias, teacher_logit_scale, teacher_softcap)
+    loss, entropy = _DivergenceGradInForward.apply(
+        h_s,
+        student_weight,
+        student_bias,
+        h_t,
+        teacher,
+        (student_logit_scale, student_softcap),
+        beta,
+        temperature,
+        chunk_size,
+    )
+    if h_s.shape[0] == 0:  # keep the graph connected to the student so backward still runs
+        loss = loss + 0.0 * student_hidden.sum()
+    if num_items_in_batch is None:
+        loss = loss / num_valid.clamp(min=1)
+    else:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss, entropy.detach(), num_valid

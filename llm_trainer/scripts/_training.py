@@ -175,9 +175,9 @@ def trainer_inputs(name: str, script_args: ScriptArguments, training_args: Any, 
     if name == "teacher_grpo":
         rewards = reward_functions(script_args, required=False)
         return {"reward_funcs": rewards or None, "student_model": script_args.student_model_name_or_path}
-    if name == "distillation" and training_args.teacher_model_name_or_path is None:
+    if name in ("distillation", "gkd") and training_args.teacher_model_name_or_path is None:
         raise ScriptArgumentError(
-            "A teacher model is required for distillation training. Set it with `--teacher_model_name_or_path`."
+            f"A teacher model is required for {name} training. Set it with `--teacher_model_name_or_path`."
         )
     if name == "ppo":  # TRL's PPO script: the reward model (and the value model's start) from `--reward_model_path`
         from transformers import AutoTokenizer
@@ -257,7 +257,7 @@ def main(
     dataset = _load_datasets(script_args, dataset_args, evaluating)
 
     init_kwargs = {"attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype}
-    if name == "distillation":  # the teacher loads like the student; its revision comes from the config
+    if name in ("distillation", "gkd"):  # the teacher loads like the student; its revision comes from the config
         training_args.teacher_model_init_kwargs = {**init_kwargs, **(training_args.teacher_model_init_kwargs or {})}
     init_kwargs["revision"] = model_args.model_revision
     quantization_config = get_quantization_config(model_args)

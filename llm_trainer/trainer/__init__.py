@@ -29,6 +29,8 @@ _EXPORTS = {
     "ppo_trainer": ["PPOTrainer"],
     "distillation_config": ["DistillationConfig"],
     "distillation_trainer": ["DistillationTrainer"],
+    "gkd_config": ["GKDConfig"],
+    "gkd_trainer": ["GKDTrainer"],
     "teacher_grpo_config": ["TeacherGRPOConfig"],
     "teacher_grpo_trainer": ["TeacherGRPOTrainer"],
     "callbacks": [
