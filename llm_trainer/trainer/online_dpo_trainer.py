@@ -41,7 +41,8 @@ class OnlineDPOTrainer(BaseTrainer):
             sequence-classification reward model or its name or path, or a list of them. None with a `judge`, or
             with `args.reward_model_path`.
         judge: a pairwise judge (`judge(prompts, [[a, b], ...]) -> [0 | 1 | -1, ...]`) ranking each pair instead of
-            rewards; pairs it cannot decide (-1) are left out of the loss.
+            rewards; pairs it cannot decide (-1) are left out of the loss (their share is logged as
+            `judge/undecided`).
         reward_processing_classes: tokenizers of the reward models (None loads each model's own).
     """
 
@@ -261,6 +262,9 @@ class OnlineDPOTrainer(BaseTrainer):
             decided = torch.ones(size, dtype=torch.bool, device=rewards.device)
         else:
             second, decided = self.judge_pairs(inputs, texts)
+            self._metrics[mode]["judge/undecided"].append(
+                self.accelerator.gather_for_metrics((~decided).float()).mean().item()
+            )
             rows = torch.arange(size, device=second.device)
             chosen, rejected = rows + second.long() * size, rows + (~second).long() * size
         seq, ref_seq = logps.sum(1), ref_logps.sum(1)

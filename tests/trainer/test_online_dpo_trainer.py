@@ -113,6 +113,44 @@ def test_a_pairwise_judge_ranks_the_pairs(tiny_model_path, tmp_path):
     assert len(prompts) == len(pairs) == 4 and all(len(pair) == 2 and isinstance(pair[0], str) for pair in pairs)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert TRL_METRICS <= set(logs[0]) and not REWARD_METRICS & set(logs[0])
+    ties = [sum(v == -1 for v in VowelJudge().judge(*call)) / len(call[1]) for call in judge.calls]
+    assert [entry["judge/undecided"] for entry in logs] == pytest.approx(ties)
+
+
+def test_lora_uses_the_adapter_free_model_as_reference(tiny_model_path, tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = OnlineDPOTrainer(
+        tiny_model_path,
+        reward_funcs=length_reward,
+        args=_config(tmp_path),
+        train_dataset=zen_dataset("standard_prompt_only"),
+        peft_config=lora,
+    )
+    assert trainer.ref_model is None
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)  # LoRA's B starts at 0: policy == reference
+    assert logs[-1]["objective/kl"] != pytest.approx(0.0, abs=1e-4)  # the adapter moved, the reference did not
+
+
+def test_given_ref_model_and_evaluation(tiny_model_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    trainer = OnlineDPOTrainer(
+        tiny_model_path,
+        ref_model=ref,
+        reward_funcs=length_reward,
+        args=_config(tmp_path, per_device_eval_batch_size=4),
+        train_dataset=zen_dataset("standard_prompt_only"),
+        eval_dataset=zen_dataset("standard_prompt_only", "test"),
+    )
+    assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference: -log σ(0)
+    assert {"eval_objective/scores", "eval_rewards/accuracies"} <= set(metrics)
 
 
 def test_online_dpo_learns_to_say_seven(tmp_path):
