@@ -40,6 +40,8 @@ _EXPORTS = {
         "RLOOTrainer",
         "OnlineDPOConfig",
         "OnlineDPOTrainer",
+        "XPOConfig",
+        "XPOTrainer",
         "PPOConfig",
         "PPOTrainer",
         "TeacherGRPOConfig",

@@ -82,6 +82,7 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("rloo", "RLOOTrainer", _RLOO),
         Algorithm("sft", "SFTTrainer", SimpleSpec(defaults={"batch_size": 8, "learning_rate": 2e-5})),
         Algorithm("teacher_grpo", "TeacherGRPOTrainer"),
+        Algorithm("xpo", "XPOTrainer"),
     ]
 }
 

@@ -13,6 +13,8 @@
 |                            | `high_entropy_mask`, `off_policy_mask`, `vespo_gamma_weights`, `entropy_bonus`  |
 | RLOOTrainer                | `rloo_sequence_kl`, `rloo_rewards`, `rloo_advantages`, `zero_std_groups`,       |
 |                            | `rloo_loss`                                                                     |
+| XPOTrainer (TRL <= 1.13)   | `xpo_loss`                                                                      |
+| NashMDTrainer (TRL <= 1.13)| `nash_md_loss`                                                                  |
 | DistillationTrainer        | `generalized_jsd`, `chunked_distillation_loss`, `transform_logits`              |
 | PPOTrainer (TRL <= 1.12)   | `kl_shaped_rewards`, `whiten_rewards`, `gae_advantages`, `ppo_policy_loss`,     |
 |                            | `ppo_value_loss`, `masked_whiten`, `response_padding_masks`                     |
@@ -23,6 +25,7 @@ Shared: `sequence_logps`, `masked_mean_nll` and the loss shapes in `common`; for
 
 from .common import Gather, masked_mean_nll, preference_metrics, sequence_logps
 from .distillation import chunked_distillation_loss, generalized_jsd, transform_logits
+from .online_preference import nash_md_loss, xpo_loss
 from .policy_gradient import (
     GRPO_LOSS_TYPES,
     PolicyLossOutput,
@@ -95,6 +98,8 @@ from .unpaired import (
 )
 
 __all__ = [
+    "nash_md_loss",
+    "xpo_loss",
     "chunked_distillation_loss",
     "generalized_jsd",
     "transform_logits",
