@@ -10,7 +10,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from llm_trainer.generation import SamplingConfig, TransformersGenerator
@@ -198,20 +197,11 @@ def test_openai_pairwise_judge_against_the_live_server(server_url, tiny_model_pa
     assert len(shuffled) == len(PAIRS) and set(shuffled) <= {0, 1, -1}
 
 
-def test_openai_pairwise_judge_gets_definite_verdicts_from_a_digit_model(tmp_path):
-    """A tiny model rigged to answer only "0" or "1": every pair gets a definite verdict through the route."""
+def test_openai_pairwise_judge_gets_definite_verdicts_from_a_digit_model(digit_model_path):
+    """A tiny model rigged to answer only "0" or "1" (conftest): every pair gets a definite verdict through the route."""
     from llm_trainer.judges import OpenAIPairwiseJudge
-    from llm_trainer.testing import make_tiny_model
 
-    path = make_tiny_model(tmp_path / "digits")
-    model = AutoModelForCausalLM.from_pretrained(path)
-    zero, one = get_tokenizer().convert_tokens_to_ids(["0", "1"])
-    with torch.no_grad():  # logits = h0 * (+10 for "1", -10 for "0", 0 elsewhere): the sign of h0 picks the digit
-        model.model.norm.weight.zero_()
-        model.model.norm.weight[0] = 1.0
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[one, 0], model.lm_head.weight[zero, 0] = 10.0, -10.0
-    model.save_pretrained(path)
+    path = digit_model_path
     with serve_in_process(path) as url:
         judge = OpenAIPairwiseJudge(model="digits", base_url=f"{url}/v1", request_kwargs={"temperature": 0})
         verdicts = judge.judge(PROMPTS, PAIRS)

@@ -42,7 +42,13 @@ TRAINER_MODULES = [
     ]
 ]
 # TRL's experimental modules with a twin here; TRL defines their classes in submodules of the package.
-EXPERIMENTAL_PACKAGES = ["experimental.cpo", "experimental.orpo", "experimental.kto", "experimental.gkd"]
+EXPERIMENTAL_PACKAGES = [
+    "experimental.cpo",
+    "experimental.orpo",
+    "experimental.kto",
+    "experimental.gkd",
+    "experimental.online_dpo",
+]
 
 # TRL's experimental CPO/ORPO keep the tokenize-and-forward helpers of the pre-1.0 DPO trainer. Here CPO and ORPO share
 # the preference pipeline of the stable trainers (`data.preference_dataset`, `trainer.preference_forward`), whose
@@ -59,6 +65,8 @@ LEGACY_PREFERENCE_HELPERS = {
 NOT_PROVIDED: dict[str, set[str]] = {
     "CPOTrainer": LEGACY_PREFERENCE_HELPERS | {"cpo_loss"},
     "ORPOTrainer": LEGACY_PREFERENCE_HELPERS | {"odds_ratio_loss"},
+    # TRL's per-row image preprocessing for vision-language policies; Online DPO here trains text-only models.
+    "OnlineDPOTrainer": {"process_vision_row"},
 }
 
 # Instance attributes TRL's `__init__` sets that are deliberately absent here, with the reason.
@@ -82,6 +90,16 @@ INSTANCE_NOT_PROVIDED: dict[str, str] = {
     "is_encoder_decoder": "encoder-decoder models are not supported by CPO/ORPO here",
     "use_dpo_data_collator": "legacy collator switch of TRL's experimental CPO/ORPO",
     "pad_token_id": "CPO/ORPO's pad id is `trainer.padding_value` (TRL's ORPO has both)",
+    # TRL's experimental Online DPO: vision-language policies and its own vLLM handles.
+    "is_vision_model": "Online DPO here trains text-only policies (no vision-language models)",
+    "image_token": "Online DPO here trains text-only policies (no vision-language models)",
+    "image_token_id": "Online DPO here trains text-only policies (no vision-language models)",
+    "vision_start_token_id": "Online DPO here trains text-only policies (no vision-language models)",
+    "vision_end_token_id": "Online DPO here trains text-only policies (no vision-language models)",
+    "llm": "TRL's colocated vLLM engine; the vLLM back end here is `trainer.generator` (needs vLLM)",
+    "vllm_client": "TRL's vLLM server client; the server back end here is `trainer.generator`",
+    "structured_outputs_regex": "read from `args.vllm_structured_outputs_regex` by the vLLM back ends of `trainer.generator`",
+    "stats": "Online DPO's metric lists live in `trainer._metrics[mode]` (as for the other trainers here), logged each step",
 }
 
 
@@ -248,6 +266,16 @@ def _build(name: str, models: dict[str, str], out: str):
         trainer, config = getattr(L, name), getattr(L, name.replace("Trainer", "Config"))
         data = zen_dataset("standard_prompt_only")
         return trainer(lm, reward_funcs=_zero_reward, args=config(**online), train_dataset=data)
+    if name == "OnlineDPOTrainer":
+        args = L.OnlineDPOConfig(**common, per_device_train_batch_size=4)
+        data = zen_dataset("standard_prompt_only")
+        return L.OnlineDPOTrainer(lm, reward_funcs=_zero_reward, args=args, train_dataset=data)
+    if name == "GKDTrainer":
+        from llm_trainer.experimental.gkd import GKDConfig, GKDTrainer
+
+        args = GKDConfig(**common, per_device_train_batch_size=4)
+        data = zen_dataset("conversational_language_modeling")
+        return GKDTrainer(lm, teacher_model=lm, args=args, train_dataset=data)
     if name == "DistillationTrainer":
         args = L.DistillationConfig(**common, per_device_train_batch_size=4)
         return L.DistillationTrainer(
@@ -267,6 +295,8 @@ TRAINERS = {
     "DistillationTrainer": "trl.trainer.distillation_trainer",
     "CPOTrainer": "trl.experimental.cpo.cpo_trainer",
     "ORPOTrainer": "trl.experimental.orpo.orpo_trainer",
+    "OnlineDPOTrainer": "trl.experimental.online_dpo.online_dpo_trainer",
+    "GKDTrainer": "trl.experimental.gkd.gkd_trainer",
 }
 
 
