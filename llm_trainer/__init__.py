@@ -42,6 +42,8 @@ _EXPORTS = {
         "OnlineDPOTrainer",
         "XPOConfig",
         "XPOTrainer",
+        "NashMDConfig",
+        "NashMDTrainer",
         "PPOConfig",
         "PPOTrainer",
         "TeacherGRPOConfig",

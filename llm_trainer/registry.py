@@ -74,6 +74,7 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("gkd", "GKDTrainer"),
         Algorithm("grpo", "GRPOTrainer", _GRPO),
         Algorithm("kto", "KTOTrainer"),
+        Algorithm("nash_md", "NashMDTrainer"),
         Algorithm("online_dpo", "OnlineDPOTrainer"),
         Algorithm("orpo", "ORPOTrainer"),
         Algorithm("ppo", "PPOTrainer", _PPO),

@@ -97,6 +97,7 @@ class TeacherGRPOScriptArguments(OnlineScriptArguments):
 SCRIPT_ARGUMENTS = {
     "grpo": GRPOScriptArguments,
     "online_dpo": OnlineDPOScriptArguments,
+    "nash_md": OnlineDPOScriptArguments,
     "xpo": OnlineDPOScriptArguments,
     "rloo": RLOOScriptArguments,
     "teacher_grpo": TeacherGRPOScriptArguments,
@@ -170,7 +171,7 @@ def trainer_inputs(name: str, script_args: ScriptArguments, training_args: Any, 
     raises `ScriptArgumentError` (or `RewardImportError`) before anything is loaded when one is missing."""
     if name in ("grpo", "rloo"):
         return {"reward_funcs": reward_functions(script_args)}
-    if name in ("online_dpo", "xpo"):  # `--reward_model_path` (a config field) is a reward source too
+    if name in ("online_dpo", "xpo", "nash_md"):  # `--reward_model_path` (a config field) is a reward source too
         rewards = reward_functions(script_args, required=training_args.reward_model_path is None)
         return {"reward_funcs": rewards or None}
     if name == "teacher_grpo":

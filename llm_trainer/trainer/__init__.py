@@ -27,6 +27,8 @@ _EXPORTS = {
     "online_dpo_trainer": ["OnlineDPOTrainer"],
     "xpo_config": ["XPOConfig"],
     "xpo_trainer": ["XPOTrainer"],
+    "nash_md_config": ["NashMDConfig"],
+    "nash_md_trainer": ["NashMDTrainer"],
     "ppo_config": ["PPOConfig"],
     "ppo_trainer": ["PPOTrainer"],
     "distillation_config": ["DistillationConfig"],

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from llm_trainer import XPOConfig, XPOTrainer
+from llm_trainer import NashMDConfig, NashMDTrainer, XPOConfig, XPOTrainer
 from llm_trainer.generation.base import GenerationResult
 from llm_trainer.judges import BasePairwiseJudge
 from llm_trainer.testing import zen_dataset
+from llm_trainer.trainer.online_pairs import GeometricMixtureLogits, reference_last_logits
 
 XPO_METRICS = {
     "loss/dpo",
@@ -205,3 +206,153 @@ def test_xpo_bad_input_is_refused_before_training(tiny_model_path, tmp_path):
             args=_config(XPOConfig, tmp_path),
             train_dataset=Dataset.from_dict({"text": ["a"]}),
         )
+
+
+# ------------------------------------------------------------------------------------------------------- Nash-MD
+NASH_MD_METRICS = {
+    "loss/score",
+    "loss/kl",
+    "logps/chosen",
+    "logps/rejected",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/probabilities",
+    "objective/entropy",
+    "rewards/margins",
+    "rewards/accuracies",
+    "val/model_contain_eos_token",
+    "val/ref_contain_eos_token",
+    "beta",
+    "mixture_coef",
+}
+
+
+def test_nash_md_trains_and_logs_trl_metrics(tiny_model_path, tmp_path):
+    trainer = NashMDTrainer(
+        tiny_model_path,
+        reward_funcs=length_reward,
+        args=_config(NashMDConfig, tmp_path),
+        train_dataset=zen_dataset("conversational_prompt_only"),
+    )
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())
+    assert all(torch.equal(p, q) for p, q in zip(before.values(), trainer.ref_model.parameters()))
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and NASH_MD_METRICS <= set(logs[0])
+    assert logs[0]["mixture_coef"] == pytest.approx(0.5) and logs[0]["beta"] == pytest.approx(0.1)
+
+
+def test_nash_md_schedules_follow_the_epoch(tiny_model_path, tmp_path):
+    args = _config(NashMDConfig, tmp_path, beta=[0.1, 0.5], mixture_coef=[0.2, 0.7], max_steps=-1, num_train_epochs=3)
+    trainer = NashMDTrainer(
+        tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS})
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "mixture_coef" in entry]
+    assert [e["mixture_coef"] for e in logs] == pytest.approx([0.2, 0.7, 0.7])
+    assert [e["beta"] for e in logs] == pytest.approx([0.1, 0.5, 0.5])
+
+
+def test_nash_md_loss_equals_a_plain_computation(tiny_model_path, tmp_path):
+    args = _config(NashMDConfig, tmp_path, beta=0.3, max_length=64)
+    trainer = NashMDTrainer(
+        tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS})
+    )
+    prompt_ids, policy, second = _fixed_batch(trainer)
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, [{"prompt": p} for p in PROMPTS[:2]]).item()
+    decode = trainer.processing_class.decode
+    expected = []
+    for ids, a, b in zip(prompt_ids, policy, second):
+        p, r = plain_logps(trainer.model, ids, a), plain_logps(trainer.ref_model, ids, a)
+        gap = len(decode(a, skip_special_tokens=True)) - len(decode(b, skip_special_tokens=True))
+        probability = 1 / (1 + torch.exp(torch.tensor(-float(gap)))).item()
+        expected.append(0.3 * ((p - r) * p).sum().item() - (probability - 0.5) * p.sum().item())
+    reference = sum(expected) / len(expected)
+    assert loss == pytest.approx(reference, rel=1e-4, abs=1e-4 * max(1.0, abs(reference)))
+
+
+def test_mixture_logits_are_the_geometric_mixture(tiny_model_path, tmp_path):
+    """The mixture sampler's next-token log-probs equal log_softmax(c * ref + (1 - c) * policy), with left padding."""
+    trainer = NashMDTrainer(
+        tiny_model_path,
+        reward_funcs=length_reward,
+        args=_config(NashMDConfig, tmp_path, mixture_coef=0.3),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    )
+    with torch.no_grad():  # make the reference differ from the policy
+        for p in trainer.ref_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sequences = [[5, 6, 7, 8], [9, 10]]
+    input_ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+    prompt_mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    mixture = GeometricMixtureLogits(reference_last_logits(trainer), prompt_mask, 0.3)
+    with torch.no_grad():
+        policy_last = torch.stack([trainer.model(input_ids=torch.tensor([s])).logits[0, -1] for s in sequences])
+        ref_last = torch.stack([trainer.ref_model(input_ids=torch.tensor([s])).logits[0, -1] for s in sequences])
+        mixed = mixture(input_ids, policy_last.clone())
+    expected = torch.log_softmax(0.3 * ref_last + 0.7 * policy_last, dim=-1)
+    torch.testing.assert_close(mixed, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_nash_md_with_a_judge(tiny_model_path, tmp_path):
+    judge = FirstJudge()
+    trainer = NashMDTrainer(
+        tiny_model_path,
+        judge=judge,
+        args=_config(NashMDConfig, tmp_path),
+        train_dataset=zen_dataset("standard_prompt_only"),
+    )
+    trainer.train()
+    assert judge.calls == 2
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs[0]["rewards/probabilities"] == pytest.approx(0.9) and "rewards/chosen" not in logs[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [({"mixture_coef": 1.5}, "mixture_coef"), ({"mixture_coef": []}, "mixture_coef"), ({"beta": 0.0}, "beta")],
+)
+def test_nash_md_bad_config_is_refused(tmp_path, kwargs, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        _config(NashMDConfig, tmp_path, **kwargs)
+
+
+def test_nash_md_bad_input_is_refused_before_training(tiny_model_path, tmp_path):
+    with pytest.raises(ValueError, match="use_vllm"):
+        NashMDTrainer(
+            tiny_model_path,
+            reward_funcs=length_reward,
+            args=_config(NashMDConfig, tmp_path, use_vllm=True),
+            train_dataset=zen_dataset("standard_prompt_only"),
+        )
+    with pytest.raises(ValueError, match="not both"):
+        NashMDTrainer(
+            tiny_model_path,
+            reward_funcs=length_reward,
+            judge=FirstJudge(),
+            args=_config(NashMDConfig, tmp_path),
+            train_dataset=zen_dataset("standard_prompt_only"),
+        )
+
+
+@pytest.mark.parametrize("trainer_class", [XPOTrainer, NashMDTrainer])
+def test_lora_uses_the_adapter_free_model_as_reference(tiny_model_path, tmp_path, trainer_class):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = trainer_class(
+        tiny_model_path,
+        reward_funcs=length_reward,
+        args=_config(trainer_class.config_class, tmp_path),
+        train_dataset=zen_dataset("standard_prompt_only"),
+        peft_config=lora,
+    )
+    assert trainer.ref_model is None
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    kl = "objective/kl" if trainer_class is XPOTrainer else "loss/kl"
+    assert logs[0][kl] == pytest.approx(0.0, abs=1e-4)  # LoRA's B starts at 0: policy == reference
+    assert logs[-1][kl] != pytest.approx(0.0, abs=1e-4)
