@@ -93,17 +93,20 @@ class TransformersGenerator(Generator):
                 model.train(was_training)
         return GenerationResult(completions, logprobs if self.return_logprobs else None)
 
-    def _generate_batch(self, model, prompts: list[list[int]], config) -> tuple[list[list[int]], list[list[float]]]:
-        device = _device_of(model)
+    def left_padded(self, prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`prompts` as left-padded `input_ids` and their `attention_mask`, on `device`."""
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, ids in enumerate(prompts):
             input_ids[row, width - len(ids) :] = torch.as_tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
-        out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
-        )
+        return input_ids.to(device), attention_mask.to(device)
+
+    def _generate_batch(self, model, prompts: list[list[int]], config) -> tuple[list[list[int]], list[list[float]]]:
+        input_ids, attention_mask = self.left_padded(prompts, _device_of(model))
+        width = input_ids.size(1)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         generated = out.sequences[:, width:]
         completions = [truncate_at_eos(row, self.eos_token_ids) for row in generated.tolist()]
         if not self.return_logprobs:

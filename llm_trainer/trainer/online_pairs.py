@@ -62,17 +62,11 @@ class MixtureGenerator(TransformersGenerator):
         self.reference, self.coef = reference, coef
 
     def _generate_batch(self, model, prompts: list[list[int]], config) -> tuple[list[list[int]], list[list[float]]]:
-        device = next(model.parameters()).device
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.as_tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids) :] = 1
-        attention_mask = attention_mask.to(device)
+        input_ids, attention_mask = self.left_padded(prompts, next(model.parameters()).device)
+        width = input_ids.size(1)
         mixture = GeometricMixtureLogits(self.reference, attention_mask, self.coef())
         out = model.generate(
-            input_ids=input_ids.to(device),
+            input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=config,
             logits_processor=LogitsProcessorList([mixture]),
