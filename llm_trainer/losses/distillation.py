@@ -97,6 +97,40 @@ def _chunk_divergence(*args) -> tuple[torch.Tensor, torch.Tensor]:
     return divergence.sum(), entropy.sum()
 
 
+def _kept_positions(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    temperature: float,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Check the distillation arguments and return the student's and (detached) teacher's hidden states at the masked
+    positions, `(n, H)` each, the number of those positions and the chunk size (rows projected at a time)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}.")
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"The student head has {student_weight.shape[0]} vocabulary rows but the teacher's has "
+            f"{teacher_weight.shape[0]}; distillation needs a shared vocabulary."
+        )
+    if student_hidden.shape[:-1] != mask.shape or teacher_hidden.shape[:-1] != mask.shape:
+        raise ValueError(
+            f"expected hidden states (..., H) over the mask's shape {tuple(mask.shape)}; got student "
+            f"{tuple(student_hidden.shape)} and teacher {tuple(teacher_hidden.shape)}"
+        )
+    kept = mask.reshape(-1) != 0
+    num_valid = kept.sum()
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])[kept]
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[kept].detach()
+    chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // student_weight.shape[0])
+    return h_s, h_t, num_valid, chunk_size
+
+
 def chunked_distillation_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -138,25 +172,9 @@ def chunked_distillation_loss(
         `(loss, entropy_sum, num_valid)`: the scalar loss, the summed student entropy (nats, no gradient) and the
         number of masked positions, so callers can reduce the entropy across processes.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}.")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}.")
-    if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(
-            f"The student head has {student_weight.shape[0]} vocabulary rows but the teacher's has "
-            f"{teacher_weight.shape[0]}; distillation needs a shared vocabulary."
-        )
-    if student_hidden.shape[:-1] != mask.shape or teacher_hidden.shape[:-1] != mask.shape:
-        raise ValueError(
-            f"expected hidden states (..., H) over the mask's shape {tuple(mask.shape)}; got student "
-            f"{tuple(student_hidden.shape)} and teacher {tuple(teacher_hidden.shape)}"
-        )
-    kept = mask.reshape(-1) != 0
-    num_valid = kept.sum()
-    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])[kept]
-    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[kept].detach()
-    chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // student_weight.shape[0])
+    h_s, h_t, num_valid, chunk_size = _kept_positions(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, beta, temperature, chunk_size
+    )
     loss = student_hidden.new_zeros((), dtype=torch.float32)
     entropy = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
     student = LMHead(student_weight, student_bias, student_logit_scale, student_softcap)
@@ -252,25 +270,9 @@ def fused_distillation_loss(
     scales them instead of recomputing every chunk. Worth it when the loss is backpropagated (training); the result
     is the same as `chunked_distillation_loss`'s within float32 rounding.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}.")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {beta}.")
-    if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(
-            f"The student head has {student_weight.shape[0]} vocabulary rows but the teacher's has "
-            f"{teacher_weight.shape[0]}; distillation needs a shared vocabulary."
-        )
-    if student_hidden.shape[:-1] != mask.shape or teacher_hidden.shape[:-1] != mask.shape:
-        raise ValueError(
-            f"expected hidden states (..., H) over the mask's shape {tuple(mask.shape)}; got student "
-            f"{tuple(student_hidden.shape)} and teacher {tuple(teacher_hidden.shape)}"
-        )
-    kept = mask.reshape(-1) != 0
-    num_valid = kept.sum()
-    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])[kept]
-    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[kept].detach()
-    chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // student_weight.shape[0])
+    h_s, h_t, num_valid, chunk_size = _kept_positions(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, mask, beta, temperature, chunk_size
+    )
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     teacher = LMHead(teacher_weight.detach(), teacher_bias, teacher_logit_scale, teacher_softcap)
     loss, entropy = _DivergenceGradInForward.apply(
