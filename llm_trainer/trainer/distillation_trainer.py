@@ -116,7 +116,7 @@ class DistillationTrainer(BaseTrainer):
                 "student's backbone directly, which never sees their virtual tokens. Use a weight adapter such as LoRA."
             )
         _check_splittable(model.get_base_model() if is_peft_model(model) else model, "student")
-        self._teacher = self._load_teacher(model, self._teacher_source, args)
+        self._teacher = load_teacher(model, self._teacher_source, args, "DistillationTrainer")
         add_token_logprob_head(self._teacher, outputs=())
 
     def default_collator(self, args: DistillationConfig) -> Any:
@@ -144,44 +144,6 @@ class DistillationTrainer(BaseTrainer):
         self.eos_token_ids = self.generation.eos_token_ids
         size = self.generation.geometry.generation_batch_size
         self._logs: dict[str, deque] = {"prompt": deque(maxlen=size), "completion": deque(maxlen=size)}
-
-    @staticmethod
-    def _load_teacher(
-        student: PreTrainedModel, teacher_model: str | PreTrainedModel | None, args: DistillationConfig
-    ) -> PreTrainedModel:
-        """The teacher as given, or loaded by name; checked to share the student's vocabulary."""
-        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher_model is None:
-            raise ValueError(
-                "DistillationTrainer needs a teacher: pass `teacher_model` (a model or its name/path) or set "
-                "`teacher_model_name_or_path` in the config."
-            )
-        if isinstance(teacher_model, str):
-            init_kwargs = dict(args.teacher_model_init_kwargs or {})
-            if args.teacher_model_revision is not None:
-                init_kwargs.setdefault("revision", args.teacher_model_revision)
-            if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-                init_kwargs["device_map"] = None
-            init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-            teacher_model = load_model(teacher_model, None, **init_kwargs)
-        elif args.teacher_model_init_kwargs is not None:
-            raise ValueError(
-                "`teacher_model_init_kwargs` is set but the teacher is already instantiated; unset it or pass the "
-                "teacher's name/path instead."
-            )
-        if teacher_model is student:
-            raise ValueError("`teacher_model` is the student itself; pass a separate (frozen) teacher model.")
-        check_causal_lm(teacher_model, "teacher model")
-        _check_splittable(teacher_model, "teacher")
-        student_vocab = student.config.get_text_config().vocab_size
-        teacher_vocab = teacher_model.config.get_text_config().vocab_size
-        if student_vocab != teacher_vocab:
-            raise ValueError(
-                f"The student's vocab_size is {student_vocab} but the teacher's is {teacher_vocab}. Distillation "
-                "matches the teacher's full next-token distribution, so both must share one vocabulary (tokenizer); "
-                "use a teacher from the student's model family."
-            )
-        return teacher_model
 
     # ----------------------------------------------------------------------------------------------- data
     def make_batch(self, rows: list[dict[str, Any]]) -> OnlineBatch:
@@ -267,6 +229,44 @@ class DistillationTrainer(BaseTrainer):
                 "completion": list(self._logs["completion"]),
             }
             save_completions_table(table, self.args, self.state.global_step, self.num_completions_to_print)
+
+
+def load_teacher(
+    student: PreTrainedModel, teacher_model: str | PreTrainedModel | None, args: Any, trainer_name: str
+) -> PreTrainedModel:
+    """The teacher as given, or loaded by name; checked to share the student's vocabulary."""
+    teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+    if teacher_model is None:
+        raise ValueError(
+            f"{trainer_name} needs a teacher: pass `teacher_model` (a model or its name/path) or set "
+            "`teacher_model_name_or_path` in the config."
+        )
+    if isinstance(teacher_model, str):
+        init_kwargs = dict(args.teacher_model_init_kwargs or {})
+        if getattr(args, "teacher_model_revision", None) is not None:  # a DistillationConfig field
+            init_kwargs.setdefault("revision", args.teacher_model_revision)
+        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+            init_kwargs["device_map"] = None
+        init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        teacher_model = load_model(teacher_model, None, **init_kwargs)
+    elif args.teacher_model_init_kwargs is not None:
+        raise ValueError(
+            "`teacher_model_init_kwargs` is set but the teacher is already instantiated; unset it or pass the "
+            "teacher's name/path instead."
+        )
+    if teacher_model is student:
+        raise ValueError("`teacher_model` is the student itself; pass a separate (frozen) teacher model.")
+    check_causal_lm(teacher_model, "teacher model")
+    _check_splittable(teacher_model, "teacher")
+    student_vocab = student.config.get_text_config().vocab_size
+    teacher_vocab = teacher_model.config.get_text_config().vocab_size
+    if student_vocab != teacher_vocab:
+        raise ValueError(
+            f"The student's vocab_size is {student_vocab} but the teacher's is {teacher_vocab}. {trainer_name} "
+            "matches the teacher's full next-token distribution, so both must share one vocabulary (tokenizer); "
+            "use a teacher from the student's model family."
+        )
+    return teacher_model
 
 
 def _check_splittable(model: PreTrainedModel, role: str) -> None:

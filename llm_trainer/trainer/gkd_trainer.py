@@ -23,9 +23,9 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from ..data.chat_template import read_chat_template
 from ..data.formats import get_dataset_column_names
 from ..losses.distillation import fused_distillation_loss, generalized_jsd
-from ..modeling import add_token_logprob_head, check_causal_lm, load_model
+from ..modeling import add_token_logprob_head
 from .base_trainer import BaseTrainer, init_arguments
-from .distillation_trainer import _check_splittable
+from .distillation_trainer import _check_splittable, load_teacher
 from .gkd_config import GKDConfig
 from .special_tokens import configure_special_tokens
 
@@ -116,7 +116,7 @@ class GKDTrainer(BaseTrainer):
 
     def configure(self, model: PreTrainedModel, args: GKDConfig, train_dataset: Any) -> None:
         _check_splittable(model.get_base_model() if is_peft_model(model) else model, "student")
-        self._teacher = _load_teacher(model, self._teacher_source, args)
+        self._teacher = load_teacher(model, self._teacher_source, args, "GKDTrainer")
         add_token_logprob_head(self._teacher, outputs=())
 
     def default_collator(self, args: GKDConfig) -> GKDCollator:
@@ -355,34 +355,3 @@ def _tokenize_conversation(example: dict[str, Any], tokenizer: Any, max_length: 
             "fills the whole window, so nothing is left to sample from. Increase `max_length`."
         )
     return {"input_ids": ids, "prompt_length": start}
-
-
-def _load_teacher(student: PreTrainedModel, teacher_model: Any, args: GKDConfig) -> PreTrainedModel:
-    """The teacher as given, or loaded by name; checked to share the student's vocabulary."""
-    teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-    if teacher_model is None:
-        raise ValueError(
-            "GKDTrainer needs a teacher: pass `teacher_model` (a model or its name/path) or set "
-            "`teacher_model_name_or_path` in the config."
-        )
-    if isinstance(teacher_model, str):
-        init_kwargs = dict(args.teacher_model_init_kwargs or {})
-        init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        teacher_model = load_model(teacher_model, None, **init_kwargs)
-    elif args.teacher_model_init_kwargs is not None:
-        raise ValueError(
-            "`teacher_model_init_kwargs` is set but the teacher is already instantiated; unset it or pass the "
-            "teacher's name/path instead."
-        )
-    if teacher_model is student:
-        raise ValueError("`teacher_model` is the student itself; pass a separate (frozen) teacher model.")
-    check_causal_lm(teacher_model, "teacher model")
-    _check_splittable(teacher_model, "teacher")
-    student_vocab = student.config.get_text_config().vocab_size
-    teacher_vocab = teacher_model.config.get_text_config().vocab_size
-    if student_vocab != teacher_vocab:
-        raise ValueError(
-            f"The student's vocab_size is {student_vocab} but the teacher's is {teacher_vocab}. GKD matches the "
-            "teacher's full next-token distribution, so both must share one vocabulary (tokenizer)."
-        )
-    return teacher_model
