@@ -5,6 +5,7 @@
     llm-trainer sft --config run.yaml --learning_rate 1e-5     # flags override the YAML
     llm-trainer grpo ... --reward_funcs think_format_reward my_rewards.length_reward  # names or import paths
     llm-trainer vllm-serve --model Qwen/Qwen2.5-0.5B           # a generation server for `vllm_mode="server"`
+    llm-trainer train-serve --model Qwen/Qwen2.5-0.5B          # a remote training service (llm_trainer.remote)
     llm-trainer run my_trl_script.py --flag value ...          # an unmodified TRL script, run on llm_trainer
     llm-trainer env                                            # versions, for bug reports
     llm-trainer demo                                           # the offline SFT demo
@@ -93,7 +94,12 @@ def env() -> str:
     return "\n".join(lines)
 
 
-_COMMANDS = {"demo": (".demo", "main"), "vllm-serve": (".scripts.vllm_serve", "cli"), "run": (".run", "run")}
+_COMMANDS = {
+    "demo": (".demo", "main"),
+    "vllm-serve": (".scripts.vllm_serve", "cli"),
+    "run": (".run", "run"),
+    "train-serve": (".scripts.train_serve", "cli"),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
