@@ -65,11 +65,13 @@ class GenerationResult:
 
     `completion_ids[i]` excludes the prompt, ends at (and includes) the first eos token when one was generated, and
     has no padding. `logprobs[i][t]` is the sampling log-probability of `completion_ids[i][t]` (after temperature and
-    logit processing), or `logprobs` is `None` when the back end does not report them.
+    logit processing), or `logprobs` is `None` when the back end does not report them. `model_version` is the
+    version of the weights that produced them when the back end reports one (a generation server), else `None`.
     """
 
     completion_ids: list[list[int]]
     logprobs: list[list[float]] | None = None
+    model_version: int | None = None
 
 
 class Generator(ABC):

@@ -5,11 +5,23 @@
 
 A standard-library HTTP server speaking JSON. Endpoints:
 
-    GET  /health/              {"status": "ok", "backend", "model"}
+    GET  /health/              {"status": "ok", "backend", "model", "model_version", "lora_adapter": bool,
+                                "requests_in_flight" (generating now), "requests_served"} (a heartbeat; never waits
+                               for the engine)
     POST /generate/            {"prompts": [[ids]], "n": int | [int per prompt], "sampling": {SamplingConfig fields},
                                 "stop_token_ids": [ids] | null, "structured_outputs_regex": str | null}
-                               -> {"completion_ids": [[ids]], "logprobs": [[float]] | null}, grouped by prompt
-    POST /update_weights/      body: tensors serialized with `safetensors.torch.save`, loaded into the model by name
+                               -> {"completion_ids": [[ids]], "logprobs": [[float]] | null, "model_version": int},
+                               grouped by prompt
+    POST /update_weights/      body: tensors serialized with `safetensors.torch.save`, loaded into the model by name.
+                               `?version=N` sets the served model version after loading. A bucketed update sends
+                               `?version=N&chunk=i&final=0` for every chunk but the last (staged on the host) and
+                               `?version=N&chunk=K-1&final=1` for the last: all chunks are loaded with it, at once.
+                               -> {"updated": int, "model_version": int} (a staged chunk: {"staged": int, ...})
+    POST /update_lora_adapter/ body: a LoRA adapter's tensors (safetensors, named as peft's
+                               `get_peft_model_state_dict`), its LoraConfig fields as JSON in the `X-LoRA-Config`
+                               header (or `?config=`), `?version=N`: served on the base model as a peft adapter
+                               (vLLM: a LoRA request, needs `--enable_lora`), replacing the previous one; no merge.
+                               A later full update removes the adapter.
     POST /reset_prefix_cache/  forget cached prefixes (after a weight update) -> {"success": true}
     POST /close_communicator/  accepted for TRL compatibility; nothing to close
 
@@ -23,12 +35,17 @@ uses, with the same request and response JSON:
                                and "logprobs" {"tokens", "token_logprobs", "top_logprobs"}
     POST /v1/chat/completions  one conversation, chat template applied here; "prompt_token_ids", choices with
                                "message", "token_ids" and "logprobs" {"content": [...]}
+                               (both replies also carry "model_version", an extra field OpenAI clients ignore)
     POST /start_weight_update/, /finish_weight_update/   accepted; HTTP weight updates need no session
 
 The two `/v1/` generation routes are also what an OpenAI client sends (`model`, `messages`, `max_tokens` or
 `max_completion_tokens`, `temperature`, `top_p`, `n`, `stop`, `seed`), so the server can stand in for an OpenAI
 endpoint, e.g. as a local judge; any `model` name is answered by the served model. Their bad requests get HTTP 400
 with OpenAI's body, `{"error": {"message", "type": "invalid_request_error", "param": <the bad field>, "code"}}`.
+
+Every request that touches the engine holds one lock from start to end, so a generation request in flight when a
+weight update arrives finishes on the old weights, and its reply's `model_version` says which ones produced it
+(replies are never produced by a mix of versions). The model version starts at 0.
 
 Only the sampled token's log-prob is reported (`logprobs=N` lists it alone); multimodal messages, streaming and
 `prompt_logprobs` are refused with HTTP 400. Weights travel over HTTP as safetensors, which works for both back
@@ -39,6 +56,7 @@ time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -48,6 +66,7 @@ import time
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import torch
 
@@ -78,6 +97,9 @@ class TransformersEngine:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self.tokenizer = tokenizer
         self.world_size = 1
+        self.lora_config: dict | None = None  # the LoRA adapter being served (peft), if any
+        self._adapter: str | None = None  # its peft adapter name
+        self._adapters = 0
 
     def generate(self, prompts, counts, sampling, stop_token_ids, structured_outputs_regex) -> GenerationResult:
         from .transformers_backend import TransformersGenerator
@@ -95,6 +117,11 @@ class TransformersEngine:
         return generator.generate([ids for ids, count in zip(prompts, counts) for _ in range(count)])
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load full weights by name; a LoRA adapter being served is removed first (the update replaces the policy)."""
+        if self._adapter is not None:
+            self.model = self.model.unload()  # the base model without LoRA layers (nothing merged)
+            self.model.eval()
+            self._adapter = self.lora_config = None
         known = self.model.state_dict().keys()
         unknown = sorted(set(tensors) - set(known))
         if unknown:
@@ -106,6 +133,43 @@ class TransformersEngine:
             self.model.load_state_dict(tensors, strict=False)
         except RuntimeError as err:  # shape mismatch
             raise ValueError(str(err)) from None
+
+    def load_lora_adapter(self, tensors: dict[str, torch.Tensor], config: dict) -> None:
+        """Serve the base model with this LoRA adapter (peft), replacing the previous adapter; nothing is merged.
+
+        `tensors` are named as `peft.get_peft_model_state_dict` names them; `config` holds `LoraConfig` fields.
+        The same config as the adapter being served reloads its tensors in place; another one is added beside it and
+        replaces it once loaded. Tensors that do not fit are refused before anything changes.
+        """
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        fresh = self.lora_config != config
+        if fresh:
+            lora = lora_config_from_dict(config)
+            self._adapters += 1
+            name = f"adapter-{self._adapters}"
+            if self._adapter is None:
+                self.model = get_peft_model(self.model, lora, adapter_name=name)
+            else:
+                self.model.add_adapter(name, lora)
+        else:
+            name = self._adapter
+        try:
+            _check_adapter_tensors(self.model, name, tensors)
+            set_peft_model_state_dict(self.model, tensors, adapter_name=name)
+        except Exception:
+            if fresh:  # back to what was served
+                if self._adapter is None:
+                    self.model = self.model.unload()
+                else:
+                    self.model.set_adapter(self._adapter)
+                    self.model.delete_adapter(name)
+            raise
+        if fresh and self._adapter is not None:
+            self.model.set_adapter(name)
+            self.model.delete_adapter(self._adapter)
+        self._adapter, self.lora_config = name, config
+        self.model.eval()
 
     def reset_prefix_cache(self) -> None:
         """There is no cache across requests."""
@@ -126,19 +190,121 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_token_ids = as_id_list(self.tokenizer.eos_token_id)
         self.world_size = engine_args.get("tensor_parallel_size", 1) * engine_args.get("data_parallel_size", 1)
+        self.lora_enabled = bool(engine_args.get("enable_lora"))
+        self.lora_config: dict | None = None
+        self._lora_request = None
+        self._lora_dir: str | None = None
+        self._lora_id = 0
 
     def generate(self, prompts, counts, sampling, stop_token_ids, structured_outputs_regex) -> GenerationResult:
         from .vllm_backend import generate_runs
 
-        return generate_runs(self.llm, prompts, counts, sampling, stop_token_ids, structured_outputs_regex)
+        llm = self.llm if self._lora_request is None else _WithLoRA(self.llm, self._lora_request)
+        return generate_runs(llm, prompts, counts, sampling, stop_token_ids, structured_outputs_regex)
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """vLLM's own `load_weights` on every worker (`collective_rpc`); a served LoRA adapter is dropped first."""
         from .vllm_backend import load_weights_into_vllm
 
+        self._drop_lora()
         load_weights_into_vllm(self.llm, list(tensors.items()))
+
+    def load_lora_adapter(self, tensors: dict[str, torch.Tensor], config: dict) -> None:
+        """Write the adapter as a peft folder and serve it as vLLM's LoRA request (vLLM loads it on first use);
+        the previous adapter is removed. Needs `--enable_lora`."""
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if not self.lora_enabled:
+            raise ValueError(
+                "this vLLM server was started without LoRA support: restart it with `--enable_lora true` (and "
+                "`--max_lora_rank` at least the adapter's r) to take adapter-only updates."
+            )
+        folder = tempfile.mkdtemp(prefix="llm-trainer-lora-")
+        save_file(
+            {name: t.contiguous() for name, t in tensors.items()}, os.path.join(folder, "adapter_model.safetensors")
+        )
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "LORA", **config}, f)
+        self._lora_id += 1
+        request = LoRARequest(f"adapter-{self._lora_id}", self._lora_id, folder)
+        previous, previous_dir = self._lora_request, self._lora_dir
+        self._lora_request, self._lora_dir, self.lora_config = request, folder, config
+        if previous is not None:
+            with contextlib.suppress(Exception):  # best effort: vLLM evicts unused adapters anyway
+                self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous_dir, ignore_errors=True)
+
+    def _drop_lora(self) -> None:
+        import shutil
+
+        if self._lora_request is not None:
+            with contextlib.suppress(Exception):
+                self.llm.llm_engine.remove_lora(self._lora_request.lora_int_id)
+            shutil.rmtree(self._lora_dir, ignore_errors=True)
+        self._lora_request = self._lora_dir = self.lora_config = None
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
+
+
+class _WithLoRA:
+    """A `vllm.LLM` whose `generate` uses one LoRA request."""
+
+    def __init__(self, llm, lora_request):
+        self.llm, self.lora_request = llm, lora_request
+
+    def generate(self, *args, **kwargs):
+        return self.llm.generate(*args, lora_request=self.lora_request, **kwargs)
+
+
+# The request header carrying an adapter's LoraConfig as JSON on POST /update_lora_adapter/.
+LORA_CONFIG_HEADER = "X-LoRA-Config"
+
+
+def lora_config_from_dict(config: dict):
+    """A `peft.LoraConfig` from JSON fields (`LoraConfig.to_dict()`'s); fields this peft does not know are logged and
+    left out, a non-LoRA `peft_type` is refused."""
+    import dataclasses as dc
+
+    from peft import LoraConfig
+
+    peft_type = str(config.get("peft_type") or "LORA").split(".")[-1].upper()
+    if peft_type != "LORA":
+        raise ValueError(
+            f"only LoRA adapters can be served as adapters, got peft_type {config.get('peft_type')!r}; send merged "
+            "weights with update_weights instead."
+        )
+    known = {f.name for f in dc.fields(LoraConfig) if f.init}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        logger.warning("LoRA config fields not known to this peft version, ignored: %s", unknown)
+    kwargs = {k: v for k, v in config.items() if k in known and k not in ("peft_type", "inference_mode")}
+    return LoraConfig(**kwargs, inference_mode=True)
+
+
+def _check_adapter_tensors(model, adapter: str, tensors: dict[str, torch.Tensor]) -> None:
+    """ValueError unless `tensors` are exactly adapter `adapter`'s tensors of the peft `model`, in shape."""
+    from peft import get_peft_model_state_dict
+
+    want = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+    unknown = sorted(set(tensors) - set(want))
+    missing = sorted(set(want) - set(tensors))
+    shapes = [
+        f"{n}: {tuple(tensors[n].shape)} != {want[n]}"
+        for n in want
+        if n in tensors and tuple(tensors[n].shape) != want[n]
+    ]
+    if unknown or missing or shapes:
+        raise ValueError(
+            f"the adapter does not fit the served model: {len(unknown)} unknown tensor(s), e.g. {unknown[:3]}; "
+            f"{len(missing)} missing, e.g. {missing[:3]}; {len(shapes)} of another shape, e.g. {shapes[:2]}. Send "
+            "the tensors of `peft.get_peft_model_state_dict(model)` with that adapter's LoraConfig, for the served "
+            "base model."
+        )
 
 
 NCCL_REFUSED = (
@@ -373,16 +539,95 @@ def _openai_reply(kind: str, engine, choices: list[dict], prompts: list[list[int
     }
 
 
-def make_server(engine, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTTPServer:
-    """An HTTP server (not yet serving) that answers the endpoints above with `engine`."""
-    lock = threading.Lock()  # one model, one request at a time
+class ServerState:
+    """What the server holds besides the engine: the served model version and the weight update in progress.
+
+    `lock` serializes every request that touches the engine, so a generation request runs start to end on one set
+    of weights and is tagged with their version. Chunks of a versioned, bucketed update (`?version=N&final=0`) are
+    staged on the host and loaded together with the final chunk, under the lock: a generation never sees half an
+    update.
+    """
+
+    def __init__(self, model_version: int = 0):
+        self.lock = threading.Lock()
+        self.model_version = model_version
+        self.in_flight = 0  # generation requests running on the engine now
+        self.served = 0  # generation requests done (answered or failed)
+        self._counter_lock = threading.Lock()
+        self._staging_lock = threading.Lock()
+        self._staged: list[dict[str, torch.Tensor]] = []
+        self._staged_version: int | None = None
+
+    @contextlib.contextmanager
+    def generating(self):
+        """Count a generation request while it runs on the engine (`in_flight`) and once it is done (`served`)."""
+        with self._counter_lock:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._counter_lock:
+                self.in_flight -= 1
+                self.served += 1
+
+    def stage(self, version: int, chunk: int, tensors: dict[str, torch.Tensor]) -> int:
+        """Keep a non-final chunk of update `version`; returns how many chunks of it are staged."""
+        with self._staging_lock:
+            if self._staged_version != version or chunk == 0:
+                if self._staged:
+                    logger.warning(
+                        "Dropping %d staged chunk(s) of weight update version %s: a new update (version %d) started "
+                        "before its final chunk arrived.",
+                        len(self._staged),
+                        self._staged_version,
+                        version,
+                    )
+                self._staged, self._staged_version = [], version
+            if chunk != len(self._staged):
+                expected = len(self._staged)
+                self._staged, self._staged_version = [], None
+                raise ValueError(
+                    f"weight update version {version}: got chunk {chunk}, expected chunk {expected} (a chunk was "
+                    "lost or the server restarted mid-update); resend the whole update."
+                )
+            self._staged.append(tensors)
+            return len(self._staged)
+
+    def take_staged(self, version: int, chunk: int) -> list[dict[str, torch.Tensor]]:
+        """The staged chunks 0..chunk-1 of update `version` (the final chunk is `chunk`); cleared."""
+        with self._staging_lock:
+            staged = self._staged if self._staged_version == version else []
+            self._staged, self._staged_version = [], None
+        if len(staged) != chunk:
+            raise ValueError(
+                f"weight update version {version}: the final chunk is chunk {chunk}, but {len(staged)} earlier "
+                "chunk(s) are staged (a chunk was lost, another update interleaved, or the server restarted); resend "
+                "the whole update."
+            )
+        return staged
+
+
+def make_server(engine, host: str = "0.0.0.0", port: int = 8000, model_version: int = 0) -> ThreadingHTTPServer:
+    """An HTTP server (not yet serving) that answers the endpoints above with `engine`, starting at `model_version`.
+
+    The returned server's `state` (a `ServerState`) holds the served model version.
+    """
+    state = ServerState(model_version)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
             replies = {
-                "health": lambda: {"status": "ok", "backend": engine.backend, "model": engine.name},
+                "health": lambda: {
+                    "status": "ok",
+                    "backend": engine.backend,
+                    "model": engine.name,
+                    "model_version": state.model_version,
+                    "lora_adapter": getattr(engine, "lora_config", None) is not None,
+                    "requests_in_flight": state.in_flight,
+                    "requests_served": state.served,
+                },
                 "v1/models": lambda: {
                     "object": "list",
                     "data": [{"id": engine.name, "object": "model", "owned_by": "llm_trainer", "root": engine.name}],
@@ -407,21 +652,23 @@ def make_server(engine, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTT
             actions = {
                 "generate": self._generate,
                 "update_weights": self._update_weights,
-                "reset_prefix_cache": self._reset_prefix_cache,
+                "update_lora_adapter": self._update_lora_adapter,
+                "reset_prefix_cache": self._locked(self._reset_prefix_cache),
                 "close_communicator": lambda body: {"success": True},
                 "start_weight_update": lambda body: {"success": True},
                 "finish_weight_update": lambda body: {"success": True},
                 "init_weight_transfer_engine": self._refuse_nccl,
-                "v1/completions": lambda body: openai_completions(engine, _request_object(body)),
-                "v1/chat/completions": lambda body: openai_chat_completions(engine, _request_object(body)),
+                "v1/completions": self._tagged(lambda body: openai_completions(engine, _request_object(body))),
+                "v1/chat/completions": self._tagged(
+                    lambda body: openai_chat_completions(engine, _request_object(body))
+                ),
             }
             if route not in actions:
                 self._not_found()
                 return
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             try:
-                with lock:
-                    reply = actions[route](body)
+                reply = actions[route](body)
             except (ValueError, TypeError, KeyError) as err:
                 self._error(route, err, HTTPStatus.BAD_REQUEST)
             except Exception as err:  # report it to the client rather than drop the connection
@@ -429,6 +676,26 @@ def make_server(engine, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTT
                 self._error(route, err, HTTPStatus.INTERNAL_SERVER_ERROR)
             else:
                 self._reply(reply)
+
+        @staticmethod
+        def _locked(action):
+            def run(body: bytes) -> dict:
+                with state.lock:
+                    return action(body)
+
+            return run
+
+        @staticmethod
+        def _tagged(action):
+            """`action` under the engine lock, its reply tagged with the version that produced it."""
+
+            def run(body: bytes) -> dict:
+                with state.lock, state.generating():
+                    reply = action(body)
+                    reply["model_version"] = state.model_version
+                return reply
+
+            return run
 
         def _error(self, route: str, err: Exception, status: HTTPStatus) -> None:
             message = str(err) if isinstance(err, BadRequest) else f"{type(err).__name__}: {err}"
@@ -449,24 +716,65 @@ def make_server(engine, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTT
                 raise ValueError("every prompt needs at least one token id.")
             sampling = SamplingConfig(**(request.get("sampling") or {}))
             stops = list(request.get("stop_token_ids") or [])
-            result = engine.generate(prompts, counts, sampling, stops, request.get("structured_outputs_regex"))
-            return {"completion_ids": result.completion_ids, "logprobs": result.logprobs}
+            with state.lock, state.generating():
+                result = engine.generate(prompts, counts, sampling, stops, request.get("structured_outputs_regex"))
+                version = state.model_version
+            return {"completion_ids": result.completion_ids, "logprobs": result.logprobs, "model_version": version}
 
         def _refuse_nccl(self, body: bytes) -> dict:
             raise ValueError(NCCL_REFUSED)
 
-        def _update_weights(self, body: bytes) -> dict:
-            from safetensors.torch import load
+        def _query(self) -> dict[str, str]:
+            query = parse_qs(urlsplit(self.path).query)
+            return {key: values[-1] for key, values in query.items()}
 
+        def _version(self, query: dict[str, str]) -> int | None:
+            if "version" not in query:
+                return None
+            try:
+                return int(query["version"])
+            except ValueError:
+                raise ValueError(f"?version= must be an integer, got {query['version']!r}.") from None
+
+        def _update_weights(self, body: bytes) -> dict:
             if (self.headers.get("Content-Type") or "").startswith("application/json"):
                 self._refuse_nccl(body)  # TRL's NCCL announcement, {"update_info": ...}
+            tensors = _load_safetensors(body)
+            query = self._query()
+            version = self._version(query)
+            chunk = int(query.get("chunk", 0))
+            if version is not None and query.get("final", "1") in ("0", "false"):
+                staged = state.stage(version, chunk, tensors)
+                return {"staged": staged, "model_version": state.model_version}
+            chunks = state.take_staged(version, chunk) if version is not None else []
+            with state.lock:
+                for part in [*chunks, tensors]:
+                    engine.load_weights(part)
+                if version is not None:
+                    state.model_version = version
+                return {"updated": sum(len(part) for part in [*chunks, tensors]), "model_version": state.model_version}
 
+        def _update_lora_adapter(self, body: bytes) -> dict:
+            tensors = _load_safetensors(body)
+            query = self._query()
+            raw = self.headers.get(LORA_CONFIG_HEADER) or query.get("config")
+            if not raw:
+                raise ValueError(
+                    f"the LoRA config is missing: send it as JSON in the {LORA_CONFIG_HEADER} header (or ?config=), "
+                    'e.g. {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}.'
+                )
             try:
-                tensors = load(body)
-            except Exception as err:
-                raise ValueError(f"the body is not a safetensors blob ({err}).") from None
-            engine.load_weights(tensors)
-            return {"updated": len(tensors)}
+                config = json.loads(raw)
+            except ValueError:
+                raise ValueError(f"the LoRA config is not JSON: {raw[:200]!r}.") from None
+            if not isinstance(config, dict) or "r" not in config:
+                raise ValueError(f"the LoRA config must be a JSON object with at least `r`, got {raw[:200]!r}.")
+            version = self._version(query)
+            with state.lock:
+                engine.load_lora_adapter(tensors, config)
+                if version is not None:
+                    state.model_version = version
+                return {"updated": len(tensors), "model_version": state.model_version}
 
         def _reset_prefix_cache(self, body: bytes) -> dict:
             engine.reset_prefix_cache()
@@ -478,7 +786,8 @@ def make_server(engine, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTT
         def _not_found(self) -> None:
             endpoints = (
                 "GET /health/, /v1/models, /get_world_size/, /server_info/; POST /generate/, /v1/completions, "
-                "/v1/chat/completions, /update_weights/, /reset_prefix_cache/, /close_communicator/"
+                "/v1/chat/completions, /update_weights/, /update_lora_adapter/, /reset_prefix_cache/, "
+                "/close_communicator/"
             )
             self._reply({"error": f"no endpoint {self.command} {self.path}; try {endpoints}"}, HTTPStatus.NOT_FOUND)
 
@@ -495,7 +804,17 @@ def make_server(engine, host: str = "0.0.0.0", port: int = 8000) -> ThreadingHTT
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
+    server.state = state
     return server
+
+
+def _load_safetensors(body: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    try:
+        return load(body)
+    except Exception as err:
+        raise ValueError(f"the body is not a safetensors blob ({err}).") from None
 
 
 def serve(

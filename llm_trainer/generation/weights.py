@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import Iterator
 
 import torch
@@ -70,3 +71,50 @@ def _gathered(params: list[torch.Tensor]):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params)
+
+
+def lora_adapter_state(model) -> tuple[dict[str, torch.Tensor], dict]:
+    """The active LoRA adapter of a peft `model` as `(tensors, config)`, for an adapter-only weight update.
+
+    `tensors` are CPU copies named as `peft.get_peft_model_state_dict` names them (without the adapter name);
+    `config` is the adapter's `LoraConfig` as JSON-ready fields. Wrappers are removed and ZeRO-3 shards gathered
+    (a collective: every process must call it). A model without a LoRA adapter is refused with the alternative.
+    """
+    from accelerate.utils import extract_model_from_parallel, is_peft_model
+
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
+    if not is_peft_model(model):
+        raise ValueError(
+            f"update_lora_adapter needs a peft model with a LoRA adapter, got {type(model).__name__}; send full "
+            "weights with update_weights(iter_named_weights(model)) instead."
+        )
+    from peft import get_peft_model_state_dict
+
+    name = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
+    peft_config = model.peft_config[name]
+    if str(getattr(peft_config.peft_type, "value", peft_config.peft_type)).upper() != "LORA":
+        raise ValueError(
+            f"update_lora_adapter serves LoRA adapters only; adapter {name!r} is {peft_config.peft_type}. Send merged "
+            "weights with update_weights(iter_named_weights(model)) instead."
+        )
+    with _gathered(list(model.parameters())):
+        tensors = {
+            key: _full(value).to("cpu", copy=True).contiguous()
+            for key, value in get_peft_model_state_dict(model, adapter_name=name).items()
+        }
+    return tensors, _json_ready(peft_config.to_dict())
+
+
+def _json_ready(value):
+    """`LoraConfig.to_dict()` values as JSON types: sets become sorted lists, enums their values."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted(_json_ready(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return _json_ready(value.value)
+    if value is None or isinstance(value, (int, float, str, bool)):
+        return value
+    return str(value)

@@ -5,7 +5,8 @@
     llm-trainer vllm-serve --config serve.yaml                                # any flag as a YAML key
 
 The server itself is `llm_trainer.generation.server`; it answers both TRL's `VLLMClient` (vLLM's OpenAI-style routes)
-and the trainers' server mode. Unlike `trl vllm-serve`, which hands its flags on to `vllm serve`, this runs our own
+and the trainers' server mode, including the asynchronous trainers' versioned weight updates (`?version=N`, bucketed),
+LoRA adapter-only updates (`/update_lora_adapter/`) and `/health/` heartbeats that report the served model version. Unlike `trl vllm-serve`, which hands its flags on to `vllm serve`, this runs our own
 server, so flags it does not know are an error instead of being forwarded.
 """
 
@@ -57,6 +58,14 @@ class ScriptArguments:
     speculative_config: str | None = field(
         default=None, metadata={"help": "vLLM speculative decoding config, as a JSON string."}
     )
+    enable_lora: bool = field(
+        default=False,
+        metadata={
+            "help": "vLLM: accept LoRA adapter-only updates (POST /update_lora_adapter/). The transformers back end "
+            "always accepts them."
+        },
+    )
+    max_lora_rank: int = field(default=16, metadata={"help": "vLLM: the largest LoRA rank r an adapter may have."})
 
 
 # Fields only the vLLM engine reads, with their defaults (a non-default value given to the transformers engine warns).
@@ -67,6 +76,8 @@ _VLLM_ENGINE_ARGS = {
     "vllm_model_impl": "vllm",
     "distributed_executor_backend": None,
     "speculative_config": None,
+    "enable_lora": False,
+    "max_lora_rank": 16,
 }
 
 
@@ -127,13 +138,30 @@ def main(script_args: ScriptArguments, extra_args: list[str] | None = None) -> N
     )
 
 
+DESCRIPTION = "Serve a model for server-mode and asynchronous generation (the trainers' vLLM server mode)."
+EPILOG = """endpoints:
+  GET  /health/                      status, model_version, lora_adapter, requests_in_flight (heartbeats)
+  POST /generate/                    token-id prompts -> completions, log-probs, model_version
+  POST /v1/completions               OpenAI/vLLM completions with per-token log-probs (+ model_version)
+  POST /v1/chat/completions          OpenAI/vLLM chat completions with per-token log-probs (+ model_version)
+  GET  /v1/models, /get_world_size/, /server_info/
+  POST /update_weights/?version=N    safetensors body; bucketed: &chunk=i&final=0 stages, the final chunk loads all
+  POST /update_lora_adapter/?version=N
+                                     LoRA adapter tensors (safetensors) + X-LoRA-Config JSON header; no merge
+  POST /reset_prefix_cache/
+
+A generation request holds the engine for its whole duration: one that is in flight during a weight update finishes
+on the old weights and its reply names that version. Client: llm_trainer.generation.GenerationClient."""
+
+
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None) -> TrlParser:
     """The `vllm-serve` parser: standalone (`prog`), or added to `subparsers` of a TRL-style CLI."""
+    text = {"description": DESCRIPTION, "epilog": EPILOG, "formatter_class": argparse.RawDescriptionHelpFormatter}
     if subparsers is not None:
         return subparsers.add_parser(
-            "vllm-serve", help="Serve a model for server-mode generation", dataclass_types=ScriptArguments
+            "vllm-serve", help="Serve a model for server-mode generation", dataclass_types=ScriptArguments, **text
         )
-    return TrlParser(ScriptArguments, prog=prog)
+    return TrlParser(ScriptArguments, prog=prog, **text)
 
 
 def cli(argv: list[str]) -> None:
