@@ -12,15 +12,23 @@ the GRPO batch preparation they share is `prepare_grpo_batch`.
 
 from .grpo import DEFAULT_IMPORTANCE_SAMPLING, importance_sampling_ratio, pad_trajectories, prepare_grpo_batch
 from .pool import GroupedTrajectoryPool, PoolClosed, TrajectoryPool
+from .rollout_worker import PromptSource, RolloutWorker, reward_scorer
+from .self_hosted import SelfHostedGrpoTrainer
+from .trainer_base import AsyncTrainer, PromptsExhausted
 from .trajectory import Trajectory
 from .weight_sync import SYNC_MODES, GenerationPublisher, WeightPublisher, WeightSnapshot, WeightSyncController
 
 __all__ = [
+    "AsyncTrainer",
     "DEFAULT_IMPORTANCE_SAMPLING",
     "SYNC_MODES",
     "GenerationPublisher",
     "GroupedTrajectoryPool",
     "PoolClosed",
+    "PromptSource",
+    "PromptsExhausted",
+    "RolloutWorker",
+    "SelfHostedGrpoTrainer",
     "Trajectory",
     "TrajectoryPool",
     "WeightPublisher",
@@ -29,4 +37,5 @@ __all__ = [
     "importance_sampling_ratio",
     "pad_trajectories",
     "prepare_grpo_batch",
+    "reward_scorer",
 ]

@@ -129,6 +129,11 @@ class TrajectoryPool:
     def _check_n(self, n: int) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"get_batch needs n >= 1 trajectories, got {n!r}.")
+        if n > self.maxsize:
+            raise ValueError(
+                f"get_batch(n={n}) asks for more than the pool holds (maxsize={self.maxsize}), so it could never be "
+                "filled: raise maxsize (queue_maxsize) to at least the batch size."
+            )
 
     def _take(self, n: int) -> list[Trajectory]:
         batch: list[Trajectory] = []
@@ -201,7 +206,8 @@ class GroupedTrajectoryPool(TrajectoryPool):
     """A pool that releases a group (the trajectories sharing a `group_id`) only once all `group_size` are in.
 
     `get_batch(n)` returns whole groups (`n` a multiple of `group_size`); a group is as stale as its oldest member,
-    and a stale group is dropped whole.
+    and a stale group is dropped whole. Incomplete groups count towards `maxsize`, so producers should put each
+    group in one call (as `RolloutWorker` does).
     """
 
     def __init__(self, group_size: int, maxsize: int = 1024, max_staleness: int | None = None) -> None:

@@ -99,27 +99,39 @@ class WeightSyncController:
     def acquire(self, num_samples: int, stop: threading.Event) -> int:
         """Block until a worker may generate `num_samples` samples (per the mode); return the weights version they
         will be generated with, or -1 as soon as `stop` is set or the controller is closed."""
-        if num_samples < 1:
-            raise ValueError(f"acquire needs num_samples >= 1, got {num_samples}.")
-        if self.mode == "sync" and (num_samples > self.samples_per_version or self.samples_per_version % num_samples):
+        return self.acquire_samples(num_samples, stop, unit=num_samples)[0]
+
+    def acquire_samples(self, num_samples: int, stop: threading.Event, unit: int = 1) -> tuple[int, int]:
+        """`acquire` that may grant fewer samples: `(version, granted)`, `granted` a positive multiple of `unit` up to
+        `num_samples` (`sync` mode grants what is left of the version's quota; the other modes grant all), or
+        `(-1, 0)` once `stop` is set or the controller is closed. Workers ask in units of one group, so a quota
+        given back by `release` can always be filled."""
+        if unit < 1 or num_samples < unit or num_samples % unit:
+            raise ValueError(f"acquire needs num_samples a positive multiple of unit={unit}, got {num_samples}.")
+        if self.mode == "sync" and self.samples_per_version % unit:
             raise ValueError(
-                f"In sync mode a worker request of {num_samples} samples must divide samples_per_version="
-                f"{self.samples_per_version} (else a version's quota can never be filled exactly): make the prompts "
-                "per request times num_generations divide the batch size."
+                f"In sync mode samples_per_version={self.samples_per_version} must be a multiple of the group size "
+                f"{unit} (else a version's quota can never be filled with whole groups): make the batch size a "
+                "multiple of num_generations."
             )
         with self._cond:
             while True:
                 if stop.is_set() or self._closed:
-                    return -1
-                if self._may_generate(num_samples):
-                    if self.mode == "sync":
-                        self._issued += num_samples
-                    return self.rollout_model_version
+                    return -1, 0
+                granted = self._grant(num_samples, unit)
+                if granted:
+                    return self.rollout_model_version, granted
                 self._cond.wait(_WAIT_SLICE_S)
 
-    def _may_generate(self, num_samples: int) -> bool:
+    def _grant(self, num_samples: int, unit: int) -> int:
         if self.mode == "sync":
-            return self._issued + num_samples <= self.samples_per_version
+            left = self.samples_per_version - self._issued
+            granted = min(num_samples, left - left % unit)
+            self._issued += granted
+            return granted
+        return num_samples if self._may_generate() else 0
+
+    def _may_generate(self) -> bool:
         if self.mode == "batch-async":
             return self.train_model_version - self.rollout_model_version <= self.staleness_threshold
         return True
@@ -155,7 +167,7 @@ class WeightSyncController:
 
     def _push(self, model: Any, version: int) -> None:
         start = time.perf_counter()
-        if self.publisher is not None and model is not None:
+        if self.publisher is not None:
             self.publisher.push(model, version)
         with self._cond:
             self._last_push_s = time.perf_counter() - start
@@ -188,6 +200,13 @@ class WeightSyncController:
                     self._push_error = err
                 return
 
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until a background push (and the snapshot queued behind it) is published; raise its error."""
+        thread = self._push_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        self._raise_push_error()
+
     def _raise_push_error(self) -> None:
         err, self._push_error = self._push_error, None
         if err is not None:
@@ -204,7 +223,8 @@ class WeightSyncController:
             }
 
     def close(self, timeout: float = 10.0) -> None:
-        """Wake every waiting worker (their `acquire` returns -1) and finish a background push in flight."""
+        """Wake every waiting worker (their `acquire` returns -1); a background push in flight finishes, a snapshot
+        queued behind it is dropped (`flush()` first to publish it)."""
         with self._cond:
             self._closed = True
             self._pending = None
