@@ -334,9 +334,12 @@ class TrainingService:
         }
         values = {}
         for name, (check, rule) in rules.items():
-            values[name] = _require(params, name, lambda v, c=check: _is_number(v) and c(v), rule, defaults[name])
-            if name in params and not (_is_number(params[name]) and check(params[name])):
-                raise BadRequest(f"adam_params.{name} must be {rule}, got {params[name]!r}.", f"adam_params.{name}")
+            value = params.get(name)
+            if value is None:
+                value = defaults[name]
+            elif not (_is_number(value) and check(value)):
+                raise BadRequest(f"adam_params.{name} must be {rule}, got {value!r}.", f"adam_params.{name}")
+            values[name] = value
         trainable = list(self._trainable().values())
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(trainable, lr=values["learning_rate"])
