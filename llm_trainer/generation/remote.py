@@ -270,6 +270,7 @@ class VLLMServerGenerator(Generator):
         port: int = 8000,
         connection_timeout: float = 240.0,
         request_timeout: float = 600.0,
+        weight_sync_timeout: float = 1800.0,
         accelerator=None,
         eos_token_id: int | list[int] | None = None,
         structured_outputs_regex: str | None = None,
@@ -280,7 +281,9 @@ class VLLMServerGenerator(Generator):
         self.structured_outputs_regex = structured_outputs_regex
         self.client = None
         if self._is_main:
-            self.client = GenerationClient(base_url, host, port, connection_timeout, request_timeout)
+            self.client = GenerationClient(
+                base_url, host, port, connection_timeout, request_timeout, weight_sync_timeout
+            )
 
     @property
     def _is_main(self) -> bool:

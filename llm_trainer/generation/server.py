@@ -231,6 +231,13 @@ class VLLMEngine:
             json.dump({"peft_type": "LORA", **config}, f)
         self._lora_id += 1
         request = LoRARequest(f"adapter-{self._lora_id}", self._lora_id, folder)
+        add_lora = getattr(self.llm.llm_engine, "add_lora", None)  # load now, so a bad adapter fails this update
+        if add_lora is not None:
+            try:
+                add_lora(request)
+            except Exception as err:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise ValueError(f"vLLM could not load the adapter ({type(err).__name__}: {err}).") from err
         previous, previous_dir = self._lora_request, self._lora_dir
         self._lora_request, self._lora_dir, self.lora_config = request, folder, config
         if previous is not None:
