@@ -235,6 +235,17 @@ def test_lora_adapter_updates_serve_the_trainers_peft_model(server, tiny_model_p
                 save({"nope.lora_A.weight": torch.zeros(2, 2)}),
                 headers={"X-LoRA-Config": json.dumps({"r": 2, "target_modules": ["q_proj"]})},
             )
+        # A refused adapter leaves the served one (and its version) as they were.
+        served = client.generate(prompts, sampling=GREEDY)
+        assert served.model_version == version
+        assert served.completion_ids == local(first, tokenizer, prompts).completion_ids
+        with pytest.raises(RuntimeError, match="send merged weights"):
+            client._request(
+                "POST",
+                "/update_lora_adapter/",
+                save({}),
+                headers={"X-LoRA-Config": json.dumps({"r": 2, "init_lora_weights": "pissa"})},
+            )
         with pytest.raises(RuntimeError, match="X-LoRA-Config"):
             client._request("POST", "/update_lora_adapter/", save({}))
         with pytest.raises(ValueError, match="needs a peft model"):

@@ -289,7 +289,14 @@ def lora_config_from_dict(config: dict):
     unknown = sorted(set(config) - known)
     if unknown:
         logger.warning("LoRA config fields not known to this peft version, ignored: %s", unknown)
-    kwargs = {k: v for k, v in config.items() if k in known and k not in ("peft_type", "inference_mode")}
+    init = config.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or init == "gaussian"):
+        raise ValueError(
+            f"an adapter initialized with init_lora_weights={init!r} changed its base weights too, so the served base "
+            "model cannot take it alone; send merged weights with update_weights instead."
+        )
+    drop = ("peft_type", "inference_mode", "init_lora_weights")  # the adapter's tensors are overwritten anyway
+    kwargs = {k: v for k, v in config.items() if k in known and k not in drop}
     return LoraConfig(**kwargs, inference_mode=True)
 
 
@@ -604,6 +611,13 @@ class ServerState:
         """The staged chunks 0..chunk-1 of update `version` (the final chunk is `chunk`); cleared."""
         with self._staging_lock:
             staged = self._staged if self._staged_version == version else []
+            if self._staged and self._staged_version != version:
+                logger.warning(
+                    "Dropping %d staged chunk(s) of weight update version %s: update version %d arrived instead.",
+                    len(self._staged),
+                    self._staged_version,
+                    version,
+                )
             self._staged, self._staged_version = [], None
         if len(staged) != chunk:
             raise ValueError(
