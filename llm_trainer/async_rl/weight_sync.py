@@ -165,6 +165,15 @@ class WeightSyncController:
             return
         self._push(model, version)
 
+    def publish(self, model: torch.nn.Module | None, version: int | None = None) -> None:
+        """Push the weights now, tagged `version` (default: the trainer's), whatever the mode: e.g. the initial
+        weights as version 0 at the start of a run, so servers that served an earlier run are reset."""
+        version = self.train_model_version if version is None else version
+        self._push(model, version)
+        with self._cond:  # servers now hold exactly `version` (which may be older: a reset)
+            self.train_model_version = max(self.train_model_version, version)
+            self.rollout_model_version = version
+
     def _push(self, model: Any, version: int) -> None:
         start = time.perf_counter()
         if self.publisher is not None:
@@ -173,7 +182,8 @@ class WeightSyncController:
             self._last_push_s = time.perf_counter() - start
             self._pushes += 1
             self.rollout_model_version = max(self.rollout_model_version, version)
-            self._issued = 0
+            if self.rollout_model_version == version:
+                self._issued = 0
             self._cond.notify_all()
 
     def _push_in_background(self, model: torch.nn.Module | None, version: int) -> None:
