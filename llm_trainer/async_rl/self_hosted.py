@@ -112,11 +112,16 @@ class SelfHostedGrpoTrainer(AsyncTrainer):
         self.max_completion_length = max_completion_length
         self.mask_truncated_completions = mask_truncated_completions
         self.autocast = autocast
-        self.ref_model = ref_model
+        self.ref_model, self._ref_context = ref_model, None
         if beta != 0.0 and ref_model is None:
-            import copy
+            from accelerate.utils import is_peft_model
 
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            if is_peft_model(model):  # the base model is the reference: no copy
+                self._ref_context = model.disable_adapter
+            else:
+                import copy
+
+                self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         if self.ref_model is not None:
             add_token_logprob_head(self.ref_model, temperature=temperature, outputs=())
         self._batch_metrics: dict[str, float] = {}
@@ -139,6 +144,7 @@ class SelfHostedGrpoTrainer(AsyncTrainer):
             scale_rewards=self.scale_rewards,
             aggregation=self.aggregation,
             ref_model=self.ref_model if self.beta != 0.0 else None,
+            ref_context=self._ref_context,
             importance_sampling=self.importance_sampling,
             current_version=self.version,
             reward_names=self.reward_names,

@@ -71,7 +71,22 @@ class AsyncTrainer(ABC):
     # ----------------------------------------------------------------------------------------------- wiring
     def set_module_references(self, pool: TrajectoryPool, weight_sync_controller: WeightSyncController) -> None:
         """The pool batches come from and the controller new versions go to."""
-        self.pool, self.weight_sync_controller = pool, weight_sync_controller
+        controller = weight_sync_controller
+        if (
+            controller.mode == "sync"
+            and controller.samples_per_version != self.batch_size * controller.weight_sync_steps
+        ):
+            raise ValueError(
+                f"In sync mode the controller's samples_per_version ({controller.samples_per_version}) must be the "
+                f"samples consumed between two pushes: batch_size x weight_sync_steps = {self.batch_size} x "
+                f"{controller.weight_sync_steps}; fewer never fill a batch, more are consumed by a later version."
+            )
+        if pool.maxsize < self.batch_size:
+            raise ValueError(
+                f"The pool holds at most {pool.maxsize} trajectories, fewer than one batch ({self.batch_size}): raise "
+                "its maxsize (queue_maxsize)."
+            )
+        self.pool, self.weight_sync_controller = pool, controller
 
     def initialize_workers(self) -> None:
         """Start the rollout workers (once)."""

@@ -154,6 +154,8 @@ class WeightSyncController:
         with self._cond:
             self.train_model_version = version
             lag = version - self.rollout_model_version
+            if self._closed:  # stopping: no more pushes
+                return
         if self.mode == "batch-async":
             due = lag > self.staleness_threshold
         else:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llm_trainer.async_rl import (
+    AsyncTrainer,
     GroupedTrajectoryPool,
     PromptSource,
     RolloutWorker,
@@ -210,3 +211,91 @@ def test_waiting_on_the_controller_is_not_a_stall(tokenizer):
     worker.check_health(stale_after_s=1e-9)
     worker.stop()
     assert not worker.alive
+
+
+class RecordingTrainer(AsyncTrainer):
+    def __init__(self, *args, fail_at=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches, self.fail_at = [], fail_at
+
+    def train(self, trajectories):
+        if self.fail_at == self.version:
+            raise FloatingPointError("the loss is nan")
+        self.batches.append(trajectories)
+        return {"loss": float(self.version)}
+
+
+def engine(tokenizer, mode="sync", generator=None, workers=1, num_epochs=None, **trainer_kwargs):
+    pool = GroupedTrajectoryPool(group_size=2, maxsize=16, max_staleness=0 if mode == "sync" else 2)
+    controller = WeightSyncController(mode, samples_per_version=4 if mode == "sync" else None)
+    source = PromptSource(dataset(8), seed=0, num_epochs=num_epochs)
+    generator = generator or FakeGenerator(tokenizer.eos_token_id)
+    rollout = [
+        make_worker(tokenizer, generator, pool=pool, controller=controller, source=source) for _ in range(workers)
+    ]
+    trainer = RecordingTrainer(4, trainer_kwargs.pop("max_steps", 5), rollout, **trainer_kwargs)
+    trainer.set_module_references(pool, controller)
+    return trainer
+
+
+def test_trainer_loop_is_on_policy_in_sync_mode(tokenizer):
+    before = set(threading.enumerate())
+    trainer = engine(tokenizer, workers=2)
+    trainer.run()
+    assert trainer.version == 5 and len(trainer.batches) == 5
+    assert trainer.consumed_versions == [[step] * 4 for step in range(5)]
+    assert [m["staleness/max"] for m in trainer.history] == [0.0] * 5
+    assert trainer.weight_sync_controller.rollout_model_version == 5
+    assert trainer.history[-1]["step"] == 5 and trainer.history[-1]["loss"] == 4.0
+    assert set(threading.enumerate()) <= before
+
+
+def test_trainer_ends_when_the_prompts_run_out(tokenizer):
+    trainer = engine(tokenizer, mode="fully-async", num_epochs=1, max_steps=100)
+    trainer.run()  # 8 prompts x 2 completions = 4 batches of 4
+    assert trainer.version == 4
+    assert all(not worker.alive for worker in trainer.workers)
+
+
+def test_trainer_surfaces_a_worker_failure_naming_the_server(tokenizer):
+    before = set(threading.enumerate())
+    failing = FakeGenerator(tokenizer.eos_token_id, fail=TimeoutError("timed out after request_timeout=5 s"))
+    trainer = engine(tokenizer, mode="batch-async", generator=failing)
+    with pytest.raises(RuntimeError, match=r"http://gen:9.*request_timeout=5"):
+        trainer.run()
+    assert isinstance(trainer.error, RuntimeError)
+    assert set(threading.enumerate()) <= before
+
+
+def test_trainer_error_stops_the_workers(tokenizer):
+    before = set(threading.enumerate())
+    trainer = engine(tokenizer, mode="fully-async", fail_at=2)
+    trainer.start()
+    with pytest.raises(FloatingPointError):
+        trainer.wait(60)
+    assert trainer.version == 2
+    assert set(threading.enumerate()) <= before
+
+
+def test_stop_ends_a_waiting_trainer_promptly(tokenizer):
+    before = set(threading.enumerate())
+    block = threading.Event()
+    trainer = engine(tokenizer, mode="fully-async", generator=FakeGenerator(tokenizer.eos_token_id, block=block))
+    trainer.start()
+    assert trainer.workers[0].generator.entered.wait(30)
+    block.set()  # the request in flight finishes; nothing else is generated
+    trainer.stop()
+    trainer.wait()
+    assert set(threading.enumerate()) <= before
+
+
+def test_engine_wiring_errors(tokenizer):
+    trainer = RecordingTrainer(4, 1)
+    with pytest.raises(RuntimeError, match="set_module_references"):
+        trainer.run()
+    with pytest.raises(ValueError, match="batch_size x weight_sync_steps"):
+        trainer.set_module_references(TrajectoryPool(), WeightSyncController("sync", samples_per_version=2))
+    with pytest.raises(ValueError, match="maxsize"):
+        trainer.set_module_references(TrajectoryPool(maxsize=2), WeightSyncController("fully-async"))
+    with pytest.raises(ValueError, match="batch_size"):
+        RecordingTrainer(0, 1)
