@@ -131,6 +131,12 @@ def test_a_versioned_bucketed_update_lands_whole_with_its_last_chunk(server, mod
         with pytest.raises(RuntimeError, match="resend the whole update"):
             client._request("POST", f"/update_weights/?version={version}&chunk=5&final=1", save(first))
         assert client.health()["model_version"] == version - 1
+        # A bucketed update with one misfit is refused whole: nothing of it is served.
+        bad = [*perturbed.named_parameters(), ("lm_head.weight", torch.zeros(2, 2))]
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            client.update_weights(bad, chunk_bytes=4096, version=version)
+        served = client.generate(prompts, sampling=GREEDY)
+        assert served.completion_ids == before and served.model_version == version - 1
 
         tensors = len(params)
         assert client.update_weights(perturbed.named_parameters(), chunk_bytes=4096, version=version) == tensors

@@ -99,6 +99,7 @@ class TransformersEngine:
         self.world_size = 1
         self.lora_config: dict | None = None  # the LoRA adapter being served (peft), if any
         self._adapter: str | None = None  # its peft adapter name
+        self._shapes = {name: t.shape for name, t in self.model.state_dict().items()}  # of the base model
         self._adapters = 0
 
     def generate(self, prompts, counts, sampling, stop_token_ids, structured_outputs_regex) -> GenerationResult:
@@ -116,23 +117,31 @@ class TransformersEngine:
         )
         return generator.generate([ids for ids, count in zip(prompts, counts) for _ in range(count)])
 
+    def check_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """ValueError unless every tensor names a weight of the served base model, with its shape; loads nothing."""
+        unknown = sorted(set(tensors) - set(self._shapes))
+        if unknown:
+            raise ValueError(
+                f"{len(unknown)} tensor name(s) are not parameters of the served model, e.g. {unknown[:3]}; it has "
+                f"e.g. {list(self._shapes)[:3]}. Serve the same architecture as the policy being trained."
+            )
+        wrong = [
+            f"{n}: {tuple(t.shape)} != {self._shapes[n]}" for n, t in tensors.items() if t.shape != self._shapes[n]
+        ]
+        if wrong:
+            raise ValueError(
+                f"size mismatch for {len(wrong)} tensor(s) (sent != served), e.g. {wrong[:2]}. Serve the same "
+                "architecture as the policy being trained."
+            )
+
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load full weights by name; a LoRA adapter being served is removed first (the update replaces the policy)."""
+        self.check_weights(tensors)
         if self._adapter is not None:
             self.model = self.model.unload()  # the base model without LoRA layers (nothing merged)
             self.model.eval()
             self._adapter = self.lora_config = None
-        known = self.model.state_dict().keys()
-        unknown = sorted(set(tensors) - set(known))
-        if unknown:
-            raise ValueError(
-                f"{len(unknown)} tensor name(s) are not parameters of the served model, e.g. {unknown[:3]}; it has "
-                f"e.g. {list(known)[:3]}. Serve the same architecture as the policy being trained."
-            )
-        try:
-            self.model.load_state_dict(tensors, strict=False)
-        except RuntimeError as err:  # shape mismatch
-            raise ValueError(str(err)) from None
+        self.model.load_state_dict(tensors, strict=False)
 
     def load_lora_adapter(self, tensors: dict[str, torch.Tensor], config: dict) -> None:
         """Serve the base model with this LoRA adapter (peft), replacing the previous adapter; nothing is merged.
@@ -763,11 +772,17 @@ def make_server(engine, host: str = "0.0.0.0", port: int = 8000, model_version: 
             tensors = _load_safetensors(body)
             query = self._query()
             version = self._version(query)
-            chunk = int(query.get("chunk", 0))
+            try:
+                chunk = int(query.get("chunk", 0))
+            except ValueError:
+                raise ValueError(f"?chunk= must be an integer, got {query['chunk']!r}.") from None
             if version is not None and query.get("final", "1") in ("0", "false"):
                 staged = state.stage(version, chunk, tensors)
                 return {"staged": staged, "model_version": state.model_version}
             chunks = state.take_staged(version, chunk) if version is not None else []
+            check = getattr(engine, "check_weights", None)
+            for part in [*chunks, tensors] if check is not None else ():
+                check(part)  # every chunk fits before any is loaded: a refused update changes nothing
             with state.lock:
                 for part in [*chunks, tensors]:
                     engine.load_weights(part)
