@@ -161,8 +161,8 @@ def test_a_request_in_flight_during_an_update_finishes_on_the_old_version(
 ):
     client = GenerationClient(server)
     start = client.health()
-    long = SamplingConfig(max_tokens=48, temperature=0)
-    batch = prompts * 4
+    long = SamplingConfig(max_tokens=32, temperature=0)
+    batch = prompts * 2
     expected = {
         start["model_version"]: local(model, tokenizer, batch, long).completion_ids,
         start["model_version"] + 1: local(perturbed, tokenizer, batch, long).completion_ids,
