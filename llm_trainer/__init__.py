@@ -36,6 +36,8 @@ _EXPORTS = {
         "PRMTrainer",
         "GRPOConfig",
         "GRPOTrainer",
+        "AsyncGRPOConfig",
+        "AsyncGRPOTrainer",
         "RLOOConfig",
         "RLOOTrainer",
         "OnlineDPOConfig",

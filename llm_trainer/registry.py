@@ -67,6 +67,7 @@ _PPO = SimpleSpec(reward_param="reward_model", init_defaults={"processing_class"
 ALGORITHMS: dict[str, Algorithm] = {
     algorithm.name: algorithm
     for algorithm in [
+        Algorithm("async_grpo", "AsyncGRPOTrainer"),
         Algorithm("bco", "BCOTrainer"),
         Algorithm("cpo", "CPOTrainer"),
         Algorithm("distillation", "DistillationTrainer"),

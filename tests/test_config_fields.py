@@ -33,6 +33,7 @@ INERT = {
     "OnPolicyConfig": {"vllm_group_port"},
     "OnlineRLConfig": {"log_multimodal", "transformers_continuous_batching_config"},
     "GRPOConfig": {"log_completions_hub_repo"},
+    "AsyncGRPOConfig": {"fork_threshold_tokens", "token_budget"},
     "DistillationConfig": {"max_tool_calling_iterations"},
     "ReferenceFreeConfig": {"max_completion_length"},
     "BCOConfig": {"max_completion_length"},
@@ -135,3 +136,23 @@ def test_deprecated_field_warns_and_moves_its_value(name, replacement, tmp_path)
 def test_the_command_line_sees_every_field(cls):
     text = HfArgumentParser(cls).format_help()
     assert [f.name for f in dataclasses.fields(cls) if f.init and f"--{f.name}" not in text] == []
+
+
+def test_async_grpo_config_has_every_trl_field_with_its_default():
+    """`AsyncGRPOConfig` has each field of TRL 1.16's `trl.experimental.async_grpo.AsyncGRPOConfig`, with TRL's default
+    (its own additions, e.g. `weight_sync_mode`, come on top)."""
+    theirs = pytest.importorskip("trl.experimental.async_grpo").AsyncGRPOConfig
+    from llm_trainer.experimental.async_grpo import AsyncGRPOConfig
+
+    def default(f):
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+    ours = {f.name: f for f in dataclasses.fields(AsyncGRPOConfig)}
+    missing = [f.name for f in dataclasses.fields(theirs) if f.name not in ours]
+    assert missing == []
+    differ = {
+        f.name: (default(ours[f.name]), default(f))
+        for f in dataclasses.fields(theirs)
+        if default(ours[f.name]) != default(f)
+    }
+    assert differ == {}

@@ -48,6 +48,7 @@ EXPERIMENTAL_PACKAGES = [
     "experimental.kto",
     "experimental.gkd",
     "experimental.online_dpo",
+    "experimental.async_grpo",
 ]
 
 # TRL's experimental CPO/ORPO keep the tokenize-and-forward helpers of the pre-1.0 DPO trainer. Here CPO and ORPO share

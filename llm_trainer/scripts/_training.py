@@ -95,6 +95,7 @@ class TeacherGRPOScriptArguments(OnlineScriptArguments):
 
 
 SCRIPT_ARGUMENTS = {
+    "async_grpo": GRPOScriptArguments,
     "grpo": GRPOScriptArguments,
     "online_dpo": OnlineDPOScriptArguments,
     "nash_md": OnlineDPOScriptArguments,
@@ -111,6 +112,7 @@ def _dataclass_types(name: str) -> tuple[type, ...]:
     if name not in TRAINERS:
         raise ValueError(f"Unknown training script {name!r}: expected one of {TRAINERS}.")
     config = ALGORITHMS[name].trainer_class().config_class
+    config = vars(config).get("script_config_class") or config  # a variant whose flags do not clash with ModelConfig's
     return (SCRIPT_ARGUMENTS.get(name, ScriptArguments), config, ModelConfig, DatasetMixtureConfig)
 
 
@@ -169,7 +171,7 @@ def reward_functions(script_args: OnlineScriptArguments, required: bool = True) 
 def trainer_inputs(name: str, script_args: ScriptArguments, training_args: Any, model_args: Any) -> dict[str, Any]:
     """What the `name` trainer takes beyond the model, config, datasets and PEFT config, from the parsed flags;
     raises `ScriptArgumentError` (or `RewardImportError`) before anything is loaded when one is missing."""
-    if name in ("grpo", "rloo"):
+    if name in ("grpo", "rloo", "async_grpo"):
         return {"reward_funcs": reward_functions(script_args)}
     if name in ("online_dpo", "xpo", "nash_md"):  # `--reward_model_path` (a config field) is a reward source too
         rewards = reward_functions(script_args, required=training_args.reward_model_path is None)

@@ -21,6 +21,8 @@ _EXPORTS = {
     "prm_trainer": ["PRMTrainer"],
     "grpo_config": ["GRPOConfig"],
     "grpo_trainer": ["GRPOTrainer"],
+    "async_grpo_config": ["AsyncGRPOConfig"],
+    "async_grpo_trainer": ["AsyncGRPOTrainer"],
     "rloo_config": ["RLOOConfig"],
     "rloo_trainer": ["RLOOTrainer"],
     "online_dpo_config": ["OnlineDPOConfig"],
