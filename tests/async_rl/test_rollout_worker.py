@@ -225,8 +225,8 @@ class RecordingTrainer(AsyncTrainer):
         return {"loss": float(self.version)}
 
 
-def engine(tokenizer, mode="sync", generator=None, workers=1, num_epochs=None, **trainer_kwargs):
-    pool = GroupedTrajectoryPool(group_size=2, maxsize=16, max_staleness=0 if mode == "sync" else 2)
+def engine(tokenizer, mode="sync", generator=None, workers=1, num_epochs=None, max_staleness=2, **trainer_kwargs):
+    pool = GroupedTrajectoryPool(group_size=2, maxsize=16, max_staleness=0 if mode == "sync" else max_staleness)
     controller = WeightSyncController(mode, samples_per_version=4 if mode == "sync" else None)
     source = PromptSource(dataset(8), seed=0, num_epochs=num_epochs)
     generator = generator or FakeGenerator(tokenizer.eos_token_id)
@@ -251,8 +251,8 @@ def test_trainer_loop_is_on_policy_in_sync_mode(tokenizer):
 
 
 def test_trainer_ends_when_the_prompts_run_out(tokenizer):
-    trainer = engine(tokenizer, mode="fully-async", num_epochs=1, max_steps=100)
-    trainer.run()  # 8 prompts x 2 completions = 4 batches of 4
+    trainer = engine(tokenizer, mode="fully-async", num_epochs=1, max_staleness=None, max_steps=100)
+    trainer.run()  # 8 prompts x 2 completions = 4 batches of 4 (none dropped as stale)
     assert trainer.version == 4
     assert all(not worker.alive for worker in trainer.workers)
 

@@ -14,7 +14,10 @@ from llm_trainer.async_rl import (
     PromptSource,
     RolloutWorker,
     SelfHostedGrpoTrainer,
+    Trajectory,
     WeightSyncController,
+    pad_trajectories,
+    prepare_grpo_batch,
     reward_scorer,
 )
 from llm_trainer.generation import GenerationClient
@@ -147,3 +150,95 @@ def test_stop_from_another_thread_leaves_no_threads(tiny_model_path, server_url)
     trainer.wait()
     assert 1 <= trainer.version < 1000
     assert set(threading.enumerate()) <= before_threads
+
+
+def test_the_server_holds_the_pushed_version(tiny_model_path, server_url):
+    trainer = build(tiny_model_path, server_url, "sync", max_steps=2)
+    trainer.run()
+    assert GenerationClient(server_url).health()["model_version"] == 2
+    assert trainer.consumed_versions == [[0] * BATCH, [1] * BATCH]  # tagged from the server's replies
+
+
+# ------------------------------------------------------------------------------------------- batch preparation
+def trajectories(num_groups=2, generations=2, logprobs=True):
+    items = []
+    for g in range(num_groups):
+        for k in range(generations):
+            completion = [5 + k, 6, 7][: 1 + (g + k) % 3]
+            items.append(
+                Trajectory(
+                    prompt_ids=[1, 2, 3][: 1 + g],
+                    completion_ids=completion,
+                    model_version=g,
+                    group_id=g,
+                    logprobs=[-1.0] * len(completion) if logprobs else None,
+                    rewards_per_func=[float(k + g), None if k else 1.0],
+                    truncated=k == 1,
+                )
+            )
+    return items
+
+
+def test_pad_trajectories_pads_like_grpo():
+    items = trajectories(logprobs=False)
+    items[0].logprobs = [-0.25]
+    batch = pad_trajectories(items, pad_token_id=0, mask_truncated_completions=True)
+    assert batch.prompt_ids.tolist() == [[0, 1], [0, 1], [1, 2], [1, 2]]
+    assert batch.prompt_mask.tolist() == [[0, 1], [0, 1], [1, 1], [1, 1]]
+    assert batch.completion_ids.tolist()[1] == [6, 6, 0]
+    assert batch.completion_mask.tolist() == [[1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 0, 0]]  # truncated rows masked
+    sampling = batch.sampling_per_token_logps
+    assert sampling[0, 0] == -0.25 and torch.isnan(sampling[1, :2]).all()  # no log-probs: NaN (ratio 1)
+    assert pad_trajectories(trajectories(logprobs=False), 0).sampling_per_token_logps is None
+
+
+def test_prepare_grpo_batch_matches_the_loss_pieces(tiny_model_path):
+    from llm_trainer.generation.loop import completion_logps
+    from llm_trainer.losses import policy_gradient as pg
+    from llm_trainer.modeling import add_token_logprob_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    add_token_logprob_head(model, outputs=())
+    items = trajectories()
+    mode = {"mode": "token_truncate", "clip_min": None, "clip_max": 2.0}
+    batch, metrics = prepare_grpo_batch(
+        items,
+        model,
+        pad_token_id=0,
+        num_generations=2,
+        reward_weights=[1.0, 0.5],
+        importance_sampling=mode,
+        current_version=2,
+        reward_names=["a", "b"],
+        ref_model=model,
+    )
+    with torch.no_grad():
+        expected_old = completion_logps(model, batch)[0]
+    torch.testing.assert_close(batch.old_per_token_logps, expected_old)
+    torch.testing.assert_close(batch.ref_per_token_logps, expected_old)
+    rewards = torch.tensor([[0.0, 1.0], [1.0, float("nan")], [1.0, 1.0], [2.0, float("nan")]])
+    advantages, total, _ = pg.group_advantages(rewards, torch.tensor([1.0, 0.5]), 2)
+    torch.testing.assert_close(batch.advantages, advantages)
+    ratio = pg.vllm_importance_sampling_ratio(
+        expected_old, batch.sampling_per_token_logps, batch.completion_mask, "token_truncate", None, 2.0
+    )
+    torch.testing.assert_close(batch.importance_sampling_ratio, ratio)
+    assert batch.num_items_in_batch.item() == batch.completion_mask.sum().item()
+    assert metrics["staleness/max"] == 2 and metrics["staleness/mean"] == 1.5
+    assert metrics["reward"] == pytest.approx(total.mean().item())
+    assert metrics["rewards/b/mean"] == pytest.approx(1.0)
+    assert metrics["completions/clipped_ratio"] == 0.5
+    assert "sampling/importance_sampling_ratio/mean" in metrics
+
+
+def test_prepare_grpo_batch_refuses_split_groups(tiny_model_path):
+    items = trajectories()
+    with pytest.raises(ValueError, match="multiple of num_generations=3"):
+        prepare_grpo_batch(items, torch.nn.Linear(1, 1), pad_token_id=0, num_generations=3, reward_weights=[1, 1])
+    items[1].group_id = 9
+    with pytest.raises(ValueError, match="one prompt's group"):
+        prepare_grpo_batch(items, torch.nn.Linear(1, 1), pad_token_id=0, num_generations=2, reward_weights=[1, 1])
+    items = trajectories()
+    items[0].rewards_per_func = None
+    with pytest.raises(ValueError, match="score them"):
+        prepare_grpo_batch(items, torch.nn.Linear(1, 1), pad_token_id=0, num_generations=2, reward_weights=[1, 1])

@@ -101,6 +101,7 @@ def test_background_push_publishes_a_snapshot():
     controller.on_train_step(model, 1)
     with torch.no_grad():
         model.weight.fill_(5.0)  # the next optimizer step must not leak into the pushed weights
+    controller.flush(30)
     controller.close()
     ((pushed, version),) = publisher.pushes
     assert version == 1 and pushed is not model
