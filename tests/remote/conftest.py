@@ -54,6 +54,12 @@ def train_server(tiny_model_path):
         yield served
 
 
+@pytest.fixture(scope="module")
+def start_train_serve_module():
+    """`train_serve`, for a module-scoped fixture serving another model."""
+    return train_serve
+
+
 @pytest.fixture
 def start_train_serve():
     """`train_serve` itself, for a test that starts its own server (with other flags)."""
