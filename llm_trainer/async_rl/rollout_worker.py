@@ -32,6 +32,7 @@ Scorer = Callable[[list[Trajectory]], Any]
 `(N, K)` tensor; None entries mean "not applicable" (NaN)."""
 
 _group_ids = itertools.count()  # unique across workers: next() on a count is atomic under the GIL
+_tokenizer_lock = threading.Lock()  # a fast tokenizer shared by worker threads can fail with "Already borrowed"
 
 
 class PromptSource:
@@ -275,7 +276,7 @@ class RolloutWorker:
         progress for `stale_after_s` seconds while generating or scoring (a hung server)."""
         if self.error is not None:
             raise RuntimeError(
-                f"Rollout worker {self.name} stopped: generation on the server at {self.server_url} failed: "
+                f"Rollout worker {self.name} (generation server at {self.server_url}) stopped on "
                 f"{type(self.error).__name__}: {self.error}"
             ) from self.error
         idle = time.monotonic() - self.last_heartbeat
@@ -336,13 +337,22 @@ class RolloutWorker:
         return False
 
     def _generate(self, rows: list[tuple[int, dict]], version: int) -> list[Trajectory]:
+        missing = [index for index, row in rows if "prompt" not in row]
+        if missing:
+            raise KeyError(f"the dataset rows {missing[:5]} have no 'prompt' column")
         prompts = [row["prompt"] for _, row in rows]
-        prompt_ids = tokenize_prompts(self.tokenizer, prompts, self.chat_template_kwargs)
+        with _tokenizer_lock:
+            prompt_ids = tokenize_prompts(self.tokenizer, prompts, self.chat_template_kwargs)
         repeated = [list(ids) for ids in prompt_ids for _ in range(self.num_generations)]
         result = self.generator.generate(repeated)
         served = getattr(result, "model_version", None)
         model_version = version if served is None else int(served)
-        texts = self.tokenizer.batch_decode(result.completion_ids, skip_special_tokens=True)
+        if len(result.completion_ids) != len(repeated):
+            raise RuntimeError(
+                f"the server returned {len(result.completion_ids)} completions for {len(repeated)} requested"
+            )
+        with _tokenizer_lock:
+            texts = self.tokenizer.batch_decode(result.completion_ids, skip_special_tokens=True)
         conversational = is_conversational({"prompt": prompts[0]})
         trajectories = []
         for p, (index, row) in enumerate(rows):
