@@ -189,3 +189,21 @@ def test_generation_publisher_timeout_names_server_and_timeout():
     client = FakeClient(raises=TimeoutError("timed out"))
     with pytest.raises(TimeoutError, match=r"http://gen:8000.*weight_sync_timeout=2\.5"):
         GenerationPublisher([client], timeout=2.5).push(torch.nn.Linear(2, 2), version=1)
+
+
+def test_generation_publisher_sends_only_a_peft_adapter(tiny_model_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    class LoraClient(FakeClient):
+        def update_lora_adapter(self, model, version=None, timeout=None):
+            self.calls.append(("update_lora_adapter", version, timeout))
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), LoraConfig(r=2, lora_alpha=4))
+    client = LoraClient()
+    GenerationPublisher(client, timeout=3.0).push(model, version=2)
+    assert client.calls == [("update_lora_adapter", 2, 3.0), ("reset",)]
+    merged = LoraClient()
+    GenerationPublisher(merged, lora_adapter_only=False).push(model, version=2)
+    assert merged.calls[0][0] == "update_weights"
+    assert not any("lora" in name for name in merged.calls[0][1])  # the adapter merged into the base weights
