@@ -169,3 +169,17 @@ def test_lora_rank_flag_and_the_process_is_gone_at_the_end(tiny_model_path, star
     assert process.poll() is not None
     with pytest.raises(ConnectionError, match=f"training service at {url} is not reachable"):
         ServiceClient(url, timeout=2).health()
+
+
+def test_cli_flags(capsys):
+    from llm_trainer.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-serve", "--model", "m", "--lora_rank", "0"])
+    assert "--lora_rank must be a positive integer, got 0" in str(exit_info.value)
+    with pytest.raises(SystemExit):
+        main(["train-serve", "--model", "m", "--nope", "1"])
+    assert "unrecognized arguments: --nope 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train-serve", "--help"])
+    assert "--lora_rank" in capsys.readouterr().out
