@@ -100,7 +100,12 @@ class SelfHostedGrpoTrainer(AsyncTrainer):
             raise ValueError("The tokenizer has no pad token: set `tokenizer.pad_token` (e.g. to its eos token).")
         self._model, self.tokenizer, self.pad_token_id = model, tokenizer, pad_token_id
         self.num_generations = num_generations
-        add_token_logprob_head(model, temperature=temperature, outputs=("entropy",))
+        from accelerate.utils import is_peft_model
+
+        peft = is_peft_model(model)
+        add_token_logprob_head(
+            model.get_base_model() if peft else model, temperature=temperature, outputs=("entropy",)
+        )
         self.optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=learning_rate)
         self.reward_weights = None if reward_weights is None else list(reward_weights)
         self.reward_names = reward_names
@@ -114,9 +119,7 @@ class SelfHostedGrpoTrainer(AsyncTrainer):
         self.autocast = autocast
         self.ref_model, self._ref_context = ref_model, None
         if beta != 0.0 and ref_model is None:
-            from accelerate.utils import is_peft_model
-
-            if is_peft_model(model):  # the base model is the reference: no copy
+            if peft:  # the base model is the reference: no copy
                 self._ref_context = model.disable_adapter
             else:
                 import copy

@@ -49,9 +49,24 @@ class FlakyReward:
         return token_sum_reward(completion_ids)
 
 
-def build(model_path, server_url, mode, *, max_steps=3, reward=token_sum_reward, max_staleness=None, workers=1):
+def build(
+    model_path,
+    server_url,
+    mode,
+    *,
+    max_steps=3,
+    reward=token_sum_reward,
+    max_staleness=None,
+    workers=1,
+    lora=False,
+    **trainer_kwargs,
+):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     pool = GroupedTrajectoryPool(group_size=NUM_GENERATIONS, maxsize=16, max_staleness=max_staleness)
     publisher = GenerationPublisher(GenerationClient(server_url, connection_timeout=30), timeout=60)
     controller = WeightSyncController(
@@ -87,6 +102,7 @@ def build(model_path, server_url, mode, *, max_steps=3, reward=token_sum_reward,
         learning_rate=1e-2,
         heartbeat_stale_after_s=120,
         batch_timeout=300,
+        **trainer_kwargs,
     )
     trainer.set_module_references(pool, controller)
     return trainer
@@ -152,11 +168,27 @@ def test_stop_from_another_thread_leaves_no_threads(tiny_model_path, server_url)
     assert set(threading.enumerate()) <= before_threads
 
 
+def test_lora_run_sends_adapters_only(tiny_model_path):
+    from conftest import serve
+
+    with serve(tiny_model_path) as url:  # its own server: it ends up serving an adapter
+        trainer = build(tiny_model_path, url, "sync", max_steps=2, lora=True)
+        initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        trainer.run()
+        health = GenerationClient(url).health()
+    assert health["model_version"] == 2 and health.get("lora_adapter") is True
+    assert trainer.consumed_versions == [[0] * BATCH, [1] * BATCH]
+    changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, initial[n])]
+    assert changed and all("lora_" in name for name in changed)
+
+
 def test_the_server_holds_the_pushed_version(tiny_model_path, server_url):
-    trainer = build(tiny_model_path, server_url, "sync", max_steps=2)
+    trainer = build(tiny_model_path, server_url, "sync", max_steps=2, beta=0.1)
     trainer.run()
     assert GenerationClient(server_url).health()["model_version"] == 2
     assert trainer.consumed_versions == [[0] * BATCH, [1] * BATCH]  # tagged from the server's replies
+    kl = [metrics["kl"] for metrics in trainer.history]
+    assert kl[0] == 0.0 and kl[1] > 0.0  # the reference is the initial policy
 
 
 # ------------------------------------------------------------------------------------------- batch preparation
