@@ -104,6 +104,10 @@ class ServiceClient:
         """A new full fine-tuning session on `base_model`; it replaces any earlier session on that server."""
         return self._create(base_model, None)
 
+    def get_server_capabilities(self) -> dict:
+        """`{"supported_models": [{"model_name": ...}]}`: the one model this server trains."""
+        return {"supported_models": [{"model_name": self.health()["model"]}]}
+
     def create_sampling_client(self, model_path: str | None = None) -> SamplingClient:
         """A client sampling the weights `model_path` names (`save_weights_for_sampler`'s path), or the current
         weights when None."""
@@ -263,6 +267,16 @@ class SamplingClient:
             )
             sequences = [SampledSequence(s["tokens"], s["logprobs"], s["stop_reason"]) for s in reply["sequences"]]
             future.set_result(SampleResponse(sequences))
+        except Exception as err:
+            future.set_exception(err)
+        return future
+
+    def compute_logprobs(self, prompt: ModelInput) -> Future[list[float | None]]:
+        """Each prompt token's log-prob given the tokens before it (None for the first); the future is done."""
+        future: Future = Future()
+        try:
+            reply = self._http.post("compute_logprobs", {"model_path": self.model_path, "prompt": prompt.to_json()})
+            future.set_result(reply["logprobs"])
         except Exception as err:
             future.set_exception(err)
         return future

@@ -19,6 +19,7 @@ and the optimizer. Routes (JSON in, JSON out; tensors as `{"data": [...], "dtype
     POST /load_state/               {"session_id", "path"} -> {"step"}
     POST /sample/                   {"model_path": path | null, "prompt": ModelInput, "num_samples",
                                      "sampling_params"} -> {"sequences": [{"tokens", "logprobs", "stop_reason"}]}
+    POST /compute_logprobs/         {"model_path", "prompt"} -> {"logprobs": [null, float, ...]} (one per token)
 
 Requests are served one at a time (a lock), so a client's calls apply in the order they arrive. A malformed request
 gets HTTP 400 with `{"error": message, "field": the offending field}`; an unknown route 404. Loss maths live in
@@ -428,9 +429,7 @@ class TrainingService:
         self.version += 1
         return {"step": self.step}
 
-    def sample(self, request: dict) -> dict:
-        from ..generation.transformers_backend import TransformersGenerator
-
+    def _prompt_ids(self, request: dict) -> list[int]:
         if self.session_id is None and request.get("model_path") is not None:
             raise BadRequest("no training session: call create_model first.", "model_path")
         prompt = request.get("prompt")
@@ -442,6 +441,21 @@ class TrainingService:
         ]
         if not prompt_ids or not all(_is_int(t) and 0 <= t < self.vocab_size for t in prompt_ids):
             raise BadRequest(f"`prompt` must hold at least one token id in [0, {self.vocab_size}).", "prompt")
+        return prompt_ids
+
+    def compute_logprobs(self, request: dict) -> dict:
+        """Log-prob of each prompt token given the ones before it (None for the first), with the weights
+        `model_path` names."""
+        prompt_ids = self._prompt_ids(request)
+        with self._sampler_weights(request.get("model_path")):
+            datum = (prompt_ids[:-1] or prompt_ids[:1], {"target_tokens": torch.tensor(prompt_ids[1:] or [0])})
+            logprobs = self._target_logprobs([datum], grad=False)[0].tolist() if len(prompt_ids) > 1 else []
+        return {"logprobs": [None, *logprobs]}
+
+    def sample(self, request: dict) -> dict:
+        from ..generation.transformers_backend import TransformersGenerator
+
+        prompt_ids = self._prompt_ids(request)
         num_samples = _require(request, "num_samples", lambda v: _is_int(v) and v >= 1, "a positive integer", 1)
         params = request.get("sampling_params") or {}
         if not isinstance(params, dict):
@@ -527,7 +541,7 @@ class TrainingService:
 
 ROUTES = (
     "create_model", "get_info", "forward", "forward_backward", "optim_step", "save_weights_for_sampler",
-    "save_state", "load_state", "sample",
+    "save_state", "load_state", "sample", "compute_logprobs",
 )  # fmt: skip
 
 
@@ -549,6 +563,7 @@ def make_server(service: TrainingService, host: str = "127.0.0.1", port: int = 8
         "save_state": service.save_state,
         "load_state": service.load_state,
         "sample": service.sample,
+        "compute_logprobs": service.compute_logprobs,
     }
 
     class Handler(BaseHTTPRequestHandler):

@@ -93,6 +93,8 @@ def test_custom_loss_path_equals_the_builtin_loss(service, tiny_model_path):
 
 
 def test_sampler_snapshots_and_state_round_trip(service, tiny_model_path):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    assert service.get_server_capabilities() == {"supported_models": [{"model_name": tiny_model_path}]}
     greedy = SamplingParams(max_tokens=6, temperature=0.0)
     prompt = ModelInput.from_ints(SEQUENCES[0])
     with service.create_training_client(tiny_model_path) as client:
@@ -110,8 +112,11 @@ def test_sampler_snapshots_and_state_round_trip(service, tiny_model_path):
             client.optim_step(AdamParams(learning_rate=0.1))
         trained = lps(client.forward(datums()).result())
         assert any((a - b).abs().max() > 1e-2 for a, b in zip(trained, start))
-        # the snapshot still samples the weights it was taken with
+        # the snapshot still samples (and scores) the weights it was taken with
         assert initial.sample(prompt, 1, greedy).result().sequences[0].tokens == first[0].tokens
+        scored = initial.compute_logprobs(ModelInput.from_ints(SEQUENCES[1])).result()
+        assert scored[0] is None
+        torch.testing.assert_close(torch.tensor(scored[1:]), local_logprobs(base, SEQUENCES[1]), rtol=1e-5, atol=1e-5)
         assert client.load_state(saved).result()["step"] == 0
         for a, b in zip(lps(client.forward(datums()).result()), start):
             torch.testing.assert_close(a, b)
