@@ -61,12 +61,14 @@ class BadRequest(ValueError):
 
 
 def _require(request: dict, name: str, check, rule: str, default: Any = ...) -> Any:
+    """`request[name]` if `check` accepts it (booleans never pass), `default` when absent or null; else BadRequest
+    naming the field and the `rule` it breaks (also when it is required: no `default`)."""
     if name not in request or request[name] is None:
         if default is ...:
             raise BadRequest(f"`{name}` is required ({rule}).", name)
         return default
     value = request[name]
-    if isinstance(value, bool) and rule != "a boolean" or not check(value):
+    if isinstance(value, bool) or not check(value):
         raise BadRequest(f"`{name}` must be {rule}, got {value!r}.", name)
     return value
 
