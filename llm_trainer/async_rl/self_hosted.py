@@ -87,6 +87,8 @@ class SelfHostedGrpoTrainer(AsyncTrainer):
             )
         pg._check_choice("loss_type", loss_type, pg.GRPO_LOSS_TYPES)
         pg._check_choice("scale_rewards", scale_rewards, pg.SCALE_REWARDS)
+        if loss_type == "dr_grpo" and not max_completion_length:
+            raise ValueError("loss_type='dr_grpo' normalizes by max_completion_length: pass max_completion_length.")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be None (the whole batch) or >= 1, got {micro_batch_size}.")
         if importance_sampling is not None:
@@ -198,6 +200,9 @@ class SelfHostedGrpoTrainer(AsyncTrainer):
                 out.coef_1, part.advantages, mask, self.epsilon_low, self.epsilon_high, self.loss_type
             ).items():
                 clip.setdefault(name, []).append(value)
+        if not math.isfinite(total_loss):  # before the step: the weights stay usable
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"The GRPO loss is {total_loss} at step {self.version}: lower the learning rate.")
         if self.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
             metrics["grad_norm"] = float(grad_norm)
@@ -211,8 +216,4 @@ class SelfHostedGrpoTrainer(AsyncTrainer):
         for name, values in clip.items():
             merged = torch.cat(values) if name.endswith(("_min", "_max")) else sum(values)
             metrics.update(pg.reduce_metrics({name: merged}))
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(
-                f"The GRPO loss is {metrics['loss']} at step {self.version}: lower the learning rate."
-            )
         return metrics

@@ -126,6 +126,7 @@ class AsyncTrainer(ABC):
             self.initialize_workers()
             while self.version < self.max_steps and not self._stop.is_set():
                 try:
+                    self.health_check()  # a failed worker ends the run even while others keep the pool full
                     batch = self.pool.get_batch(
                         self.batch_size, self.version, timeout=self.batch_timeout, health_check=self.health_check
                     )

@@ -299,3 +299,15 @@ def test_engine_wiring_errors(tokenizer):
         trainer.set_module_references(TrajectoryPool(maxsize=2), WeightSyncController("fully-async"))
     with pytest.raises(ValueError, match="batch_size"):
         RecordingTrainer(0, 1)
+
+
+def test_one_failed_worker_ends_the_run_while_another_keeps_the_pool_full(tokenizer):
+    trainer = engine(tokenizer, mode="fully-async", max_staleness=None, max_steps=10_000)
+    source, pool, controller = trainer.workers[0].source, trainer.pool, trainer.weight_sync_controller
+    failing = FakeGenerator(tokenizer.eos_token_id, fail=ConnectionError("Connection refused"))
+    broken = make_worker(tokenizer, failing, pool=pool, controller=controller, source=source)
+    broken.server_url = "http://dead:1"
+    trainer.workers.append(broken)
+    with pytest.raises(RuntimeError, match=r"http://dead:1.*Connection refused"):
+        trainer.run()
+    assert trainer.version < 10_000
