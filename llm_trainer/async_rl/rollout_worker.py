@@ -84,7 +84,7 @@ class PromptSource:
         """The `prompt_index` of the next row."""
         self._exhausted = False
         if start_index:
-            self.take(start_index)
+            self._skip(start_index)
 
     def _new_epoch(self) -> bool:
         if self.num_epochs is not None and self._epoch >= self.num_epochs:
@@ -121,6 +121,21 @@ class PromptSource:
                     return row
             if not self._new_epoch():
                 return None
+
+    def _skip(self, n: int) -> None:
+        """Advance past `n` prompts without reading them (a stream must be read)."""
+        with self._lock:
+            while n > 0:
+                if self._indexed and self._epoch and self._position < len(self._order):
+                    step = min(n, len(self._order) - self._position)
+                    self._position += step
+                elif self._next_row() is not None:
+                    step = 1
+                else:
+                    self._exhausted = True
+                    return
+                n -= step
+                self.next_index += step
 
     def take(self, k: int) -> list[tuple[int, dict]]:
         """The next `k` rows with their prompt indices; `StopIteration` when fewer than `k` are left (the tail is

@@ -107,6 +107,11 @@ def test_prompt_source_start_index_resumes():
     full = [row["answer"] for _, row in PromptSource(dataset(), seed=3).take(9)]
     resumed = PromptSource(dataset(), seed=3, start_index=4)
     assert [(i, row["answer"]) for i, row in resumed.take(5)] == list(enumerate(full))[4:]
+    full = [row["answer"] for _, row in PromptSource(dataset(), seed=3, batch_size=4).take(17)]
+    across_epochs = PromptSource(dataset(), seed=3, batch_size=4, start_index=13)  # 4 prompts per epoch
+    assert [(i, row["answer"]) for i, row in across_epochs.take(4)] == list(enumerate(full))[13:]
+    with pytest.raises(StopIteration):
+        PromptSource(dataset(), seed=3, num_epochs=1, start_index=6).take(1)
 
 
 def test_prompt_source_bad_arguments():
