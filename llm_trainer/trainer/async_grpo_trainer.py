@@ -24,7 +24,7 @@ from ..async_rl.grpo import prepare_grpo_batch
 from ..async_rl.pool import GroupedTrajectoryPool
 from ..async_rl.rollout_worker import PromptSource, RolloutWorker, reward_scorer
 from ..async_rl.weight_sync import GenerationPublisher, WeightSyncController
-from ..generation.base import SamplingConfig
+from ..generation.base import GenerationResult, Generator, SamplingConfig
 from ..generation.loop import OnlineBatch
 from .async_grpo_config import AsyncGRPOConfig
 from .base_trainer import BaseTrainer, init_arguments
@@ -246,7 +246,7 @@ class AsyncGRPOTrainer(GRPOTrainer):
     def _server_generator(self, url: str):
         from ..generation.remote import VLLMServerGenerator
 
-        return VLLMServerGenerator(
+        generator = VLLMServerGenerator(
             SamplingConfig.from_args(self.args),
             base_url=url,
             connection_timeout=self.args.vllm_server_timeout,
@@ -254,6 +254,8 @@ class AsyncGRPOTrainer(GRPOTrainer):
             eos_token_id=self.eos_token_ids,
             structured_outputs_regex=self.args.vllm_structured_outputs_regex,
         )
+        # A custom `weight_transfer` does not set the servers' version: the controller's version tags the samples.
+        return _Unversioned(generator) if self.weight_transfer is not None else generator
 
     def _stop_rollouts(self) -> None:
         """Stop the workers and join their threads, close the pool and the controller; idempotent."""
@@ -406,6 +408,21 @@ class _TransferPublisher:
             self.transfer.send_weights(_tensors(iter_named_weights(model)))
         finally:
             self.transfer.resume()
+
+
+class _Unversioned(Generator):
+    """A server generator whose replies' `model_version` is dropped (the servers' count is not the trainer's)."""
+
+    def __init__(self, generator: Generator) -> None:
+        self.generator = generator
+        self.client = getattr(generator, "client", None)
+
+    def generate(self, prompt_ids: list[list[int]]) -> GenerationResult:
+        result = self.generator.generate(prompt_ids)
+        return GenerationResult(result.completion_ids, result.logprobs)
+
+    def close(self) -> None:
+        self.generator.close()
 
 
 def _tensors(named: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
