@@ -256,6 +256,44 @@ class RemoteApiGrpoTrainer(RemoteApiTrainer):
         self.scale_rewards, self.multi_objective_aggregation = scale_rewards, multi_objective_aggregation
         self.mask_truncated_completions = mask_truncated_completions
 
+    def attach_rollouts(
+        self,
+        dataset: Any,
+        reward_funcs: Any,
+        tokenizer: Any,
+        sampling_params: SamplingParams,
+        *,
+        weight_sync_mode: str = "sync",
+        staleness_threshold: int = 1,
+        max_staleness: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 1,
+        pool_size: int = 1024,
+    ) -> None:
+        """Wire the engine around this trainer: prompts from `dataset` (GRPO's order for `seed`), `num_workers`
+        rollout workers sampling the service's newest snapshot, scored by `reward_funcs` (GRPO's reward functions:
+        callables, or reward-model names), a grouped pool (dropping samples more than `max_staleness` versions old)
+        and a weight-sync controller in `weight_sync_mode` publishing through `save_weights_for_sampler`. Then
+        `run()` (or `start()`) trains."""
+        from ..async_rl.pool import GroupedTrajectoryPool
+        from ..async_rl.rollout_worker import PromptSource, reward_scorer
+        from ..async_rl.weight_sync import WeightSyncController
+        from ..trainer.reward_functions import RewardFunctions
+
+        rewards = RewardFunctions(reward_funcs, self.reward_weights, None)
+        source = PromptSource(dataset, seed, shuffle, batch_size=self.batch_size // self.num_generations)
+        pool = GroupedTrajectoryPool(self.num_generations, pool_size, max_staleness)
+        samples = self.batch_size if weight_sync_mode == "sync" else None
+        controller = WeightSyncController(weight_sync_mode, staleness_threshold, self.publisher, samples)
+        generator = self.sampling_generator(sampling_params)
+        self.workers = [
+            RolloutWorker(f"remote-{i}", source, generator, reward_scorer(rewards), pool, controller,
+                          tokenizer=tokenizer, num_generations=self.num_generations)
+            for i in range(num_workers)
+        ]  # fmt: skip
+        self.set_module_references(pool, controller)
+
     def _grouped(self, trajectories: list[Trajectory]) -> list[Trajectory]:
         """Members of a group made consecutive (first-appearance order), each group exactly `num_generations`."""
         groups: dict[int, list[Trajectory]] = {}
