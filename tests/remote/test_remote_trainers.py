@@ -144,3 +144,20 @@ def test_publisher_names_snapshots_by_version():
     assert trainer.model is None and trainer.publisher.latest() == (None, -1)
     trainer.publisher.push(None, 3)
     assert trainer.publisher.latest() == ("llm-trainer://sampler/run-a-3", 3)
+
+
+def test_client_timeouts_and_dead_servers_are_clear_errors():
+    import socket
+
+    from llm_trainer.remote import ServiceClient
+    from llm_trainer.trainer.utils import free_port
+
+    with socket.socket() as silent:  # accepts connections (backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(TimeoutError, match=f"health at {url} did not answer within 0.5 s"):
+            ServiceClient(url, timeout=0.5).health()
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionError, match=f"training service at {dead} is not reachable.*llm-trainer train-serve"):
+        ServiceClient(dead, timeout=2).create_training_client("m")
