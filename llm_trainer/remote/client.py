@@ -125,6 +125,11 @@ class TrainingClient:
         self._http, self.session_id, self.info = http, session_id, info
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="llm-trainer-remote")
 
+    @property
+    def base_url(self) -> str:
+        """The service's URL."""
+        return self._http.base_url
+
     def __enter__(self) -> TrainingClient:
         return self
 

@@ -58,7 +58,7 @@ class SamplerPublisher:
             path = future.result(timeout=self.timeout).path
         except FutureTimeout:
             raise TimeoutError(
-                f"save_weights_for_sampler on the training service at {self.training_client._http.base_url} did "
+                f"save_weights_for_sampler on the training service at {self.training_client.base_url} did "
                 f"not finish within {self.timeout:g} s"
             ) from None
         with self._lock:
@@ -83,7 +83,7 @@ class ServiceSamplingGenerator(Generator):
 
     @property
     def base_url(self) -> str:
-        return self.publisher.training_client._http.base_url
+        return self.publisher.training_client.base_url
 
     def generate(self, prompt_ids: list[list[int]]) -> GenerationResult:
         check_prompts(prompt_ids)
@@ -169,7 +169,7 @@ class RemoteApiTrainer(AsyncTrainer):
             return future.result(timeout=self.request_timeout)
         except FutureTimeout:
             raise TimeoutError(
-                f"{what} on the training service at {self.training_client._http.base_url} did not finish within "
+                f"{what} on the training service at {self.training_client.base_url} did not finish within "
                 f"{self.request_timeout:g} s"
             ) from None
 
@@ -186,10 +186,11 @@ class RemoteApiTrainer(AsyncTrainer):
         self._batch_metrics: dict[str, float] = {}
         data = self._prepare_trajectories(trajectories)
         adam = self.adam_params_for(self.version)
-        backward = self.training_client.forward_backward(data, self.loss_fn, self.loss_fn_config)
-        step = self.training_client.optim_step(adam)
-        out = self._result(backward, "forward_backward")
-        stepped = self._result(step, "optim_step")
+        # one after the other: a failed forward_backward must not be followed by a step on no gradients
+        out = self._result(
+            self.training_client.forward_backward(data, self.loss_fn, self.loss_fn_config), "forward_backward"
+        )
+        stepped = self._result(self.training_client.optim_step(adam), "optim_step")
         return {
             "loss": out.metrics["loss:sum"],
             "grad_norm": stepped.metrics.get("grad_norm", math.nan),

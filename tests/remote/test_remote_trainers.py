@@ -30,7 +30,8 @@ class RecordingClient:
 
     def __init__(self):
         self.calls = []
-        self._http = type("Http", (), {"base_url": "http://stand-in"})()
+        self.base_url = "http://stand-in"
+        self._http = type("Http", (), {"base_url": self.base_url})()
 
     def forward(self, data):
         self.calls.append(("forward", data))
@@ -136,6 +137,24 @@ def test_cross_entropy_weights_are_the_token_mean_over_trained_tokens():
         RemoteApiCrossEntropyTrainer(client, batch_size=1, max_steps=1, dataset=[{"text": "x"}])
     with pytest.raises(ValueError, match="fit\\(\\) needs dataset="):
         trainer.fit()
+
+
+def test_cross_entropy_trainer_runs_from_a_pool_and_publishes_each_step():
+    """The engine loop (`run`) with trajectories already pooled (e.g. rejection sampling): a fully-async controller
+    publishes a sampler snapshot after every step."""
+    from llm_trainer.async_rl.pool import TrajectoryPool
+    from llm_trainer.async_rl.weight_sync import WeightSyncController
+
+    client = RecordingClient()
+    trainer = RemoteApiCrossEntropyTrainer(client, batch_size=2, max_steps=2, batch_timeout=5)
+    pool = TrajectoryPool()
+    pool.put([Trajectory([1, 2], [3, 4], model_version=0, group_id=i) for i in range(4)])
+    trainer.set_module_references(pool, WeightSyncController("fully-async", publisher=trainer.publisher))
+    trainer.run()
+    names = [call[0] for call in client.calls]
+    assert names == ["forward_backward", "optim_step", "save", "forward_backward", "optim_step", "save"]
+    assert [step["loss"] for step in trainer.history] == [1.25, 1.25]
+    assert trainer.publisher.latest() == ("llm-trainer://sampler/step-2", 2)
 
 
 def test_publisher_names_snapshots_by_version():
