@@ -333,7 +333,7 @@ def test_algorithm_registry():
     assert list_algorithms() == sorted(
         ["sft", "dpo", "grpo", "rloo", "kto", "orpo", "cpo", "bco", "reward", "prm", "ppo", "teacher_grpo"]
         + ["distillation"]
-        + ["gkd", "online_dpo", "xpo", "nash_md"]
+        + ["gkd", "online_dpo", "xpo", "nash_md", "async_grpo"]
     )
     assert get_algorithm("GRPO") is GRPOTrainer and get_algorithm("sft") is SFTTrainer
     assert get_algorithm("teacher_grpo").__name__ == "TeacherGRPOTrainer"

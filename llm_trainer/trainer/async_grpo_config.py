@@ -23,8 +23,12 @@ class AsyncGRPOConfig(GRPOConfig):
     `beta`, `scale_rewards`, `generation_kwargs`, the `vllm_importance_sampling_*` correction, which here also
     corrects for stale samples). Additions of llm_trainer: `weight_sync_mode` (`"sync"`, `"batch-async"`,
     `"fully-async"`), `staleness_threshold`, `num_rollout_workers`, and `vllm_server_base_url` as a list of URLs
-    (one worker group per server). Training lasts `max_steps` when set, else `num_train_epochs` passes over the
-    prompts. Generation always goes to a server (`use_vllm=True`, `vllm_mode="server"`).
+    (one worker group per server). Generation always goes to a server (`use_vllm=True`, `vllm_mode="server"`).
+
+    Training lasts `max_steps` when set; otherwise `num_train_epochs` passes over the prompts, counted as GRPOTrainer
+    counts them (optimizer steps = epochs x prompts / prompts per step); a prompt whose group was dropped (stale, or
+    a reward function raised) is made up for by the next prompts of the stream. Each optimizer step trains on one
+    generation batch (`per_device_train_batch_size x gradient_accumulation_steps` completions).
     """
 
     _algorithm = "AsyncGRPO"
@@ -151,6 +155,13 @@ class AsyncGRPOConfig(GRPOConfig):
                 f"steps, so they get up to {self.weight_sync_steps - 1} steps stale, more than "
                 f"`max_staleness={self.max_staleness}`: every such sample would be dropped. Raise `max_staleness` or "
                 "lower `weight_sync_steps`."
+            )
+        if self.steps_per_generation != self.gradient_accumulation_steps:
+            raise ValueError(
+                f"AsyncGRPO takes one generation batch from the pool per optimizer step, but steps_per_generation="
+                f"{self.steps_per_generation} (or generation_batch_size={self.generation_batch_size}) spreads one "
+                f"over several steps (gradient_accumulation_steps={self.gradient_accumulation_steps}): leave "
+                "`steps_per_generation` and `generation_batch_size` unset."
             )
         if self.num_iterations != 1:
             raise ValueError(

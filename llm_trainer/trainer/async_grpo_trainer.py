@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -348,10 +348,9 @@ class AsyncGRPOTrainer(GRPOTrainer):
 
     def _online_metrics(self) -> dict[str, float]:
         """What reward functions logged through `log_metric` since the last batch, averaged per name."""
-        pending = self.online.pending_metrics
-        metrics = {name: sum(values) / len(values) for name, values in list(pending.items()) if values}
-        pending.clear()
-        return metrics
+        # Swapped, not cleared: workers append through `online.log_metric`, which reads the attribute each call.
+        pending, self.online.pending_metrics = self.online.pending_metrics, defaultdict(list)
+        return {name: sum(values) / len(values) for name, values in list(pending.items()) if values}
 
     def _log_samples(self, trajectories: list, batch: OnlineBatch) -> None:
         """Keep the batch's prompts, completions, rewards and advantages for `log_completions`."""

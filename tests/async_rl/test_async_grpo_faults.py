@@ -185,6 +185,7 @@ def test_trl_weight_transfer_hook_replaces_the_http_push(tiny_model_path, shared
         ({"staleness_threshold": 3, "max_staleness": 2}, "staleness_threshold"),
         ({"weight_sync_mode": "sync", "weight_sync_steps": 3, "max_staleness": 1}, "weight_sync_steps"),
         ({"num_iterations": 2}, "num_iterations"),
+        ({"steps_per_generation": 2}, "steps_per_generation"),
         ({"max_inflight_tasks": 2}, "max_inflight_tasks"),
         ({"request_timeout": 0}, "request_timeout"),
         ({"vllm_server_base_url": " , "}, "vllm_server_base_url"),
