@@ -95,10 +95,10 @@ class ServiceClient:
         """The server's `/health/` reply (model name, LoRA rank); ConnectionError if it does not answer."""
         return self._http.get("health")
 
-    def create_lora_training_client(self, base_model: str, rank: int = 32) -> TrainingClient:
+    def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None) -> TrainingClient:
         """A new training session on `base_model` (the served model's path or name) training a LoRA adapter of
-        `rank`; it replaces any earlier session on that server."""
-        return self._create(base_model, rank)
+        `rank` (initialised from `seed` when given); it replaces any earlier session on that server."""
+        return self._create(base_model, rank, seed)
 
     def create_training_client(self, base_model: str) -> TrainingClient:
         """A new full fine-tuning session on `base_model`; it replaces any earlier session on that server."""
@@ -113,8 +113,8 @@ class ServiceClient:
         weights when None."""
         return SamplingClient(self._http, model_path)
 
-    def _create(self, base_model: str, rank: int | None) -> TrainingClient:
-        reply = self._http.post("create_model", {"base_model": base_model, "lora_rank": rank})
+    def _create(self, base_model: str, rank: int | None, seed: int | None = None) -> TrainingClient:
+        reply = self._http.post("create_model", {"base_model": base_model, "lora_rank": rank, "seed": seed})
         return TrainingClient(self._http, reply["session_id"], reply)
 
 

@@ -7,7 +7,7 @@ The training loop runs elsewhere (`llm_trainer.remote.ServiceClient`); the serve
 and the optimizer. Routes (JSON in, JSON out; tensors as `{"data": [...], "dtype", "shape"}`):
 
     GET  /health/                   {"status": "ok", "model", "lora_rank"}
-    POST /create_model/             {"base_model", "lora_rank": int | null} -> {"session_id", ...get_info}
+    POST /create_model/             {"base_model", "lora_rank": int | null, "seed": int | null} -> {"session_id", ...}
                                     starts a fresh session (base weights, new adapter, new optimizer)
     POST /get_info/                 {"session_id"} -> model name, LoRA rank, step, parameter counts, tokens
     POST /forward/                  {"session_id", "data": [Datum]} -> {"loss_fn_outputs": [{"logprobs"}], ...}
@@ -148,6 +148,7 @@ class TrainingService:
                 f"`base_model` {base_model!r} is not served here; this server hosts {self.name!r}.", "base_model"
             )
         rank = _require(request, "lora_rank", lambda v: _is_int(v) and v >= 1, "a positive integer or null", None)
+        seed = _require(request, "seed", _is_int, "an integer or null", None)
         if self.lora_rank is not None and rank != self.lora_rank:
             raise BadRequest(
                 f"`lora_rank` must be {self.lora_rank}: this server was started with --lora_rank {self.lora_rank} "
@@ -157,6 +158,9 @@ class TrainingService:
         model = self._load_base() if self.session_id is not None else self.model
         if rank is not None:
             from peft import LoraConfig, get_peft_model
+
+            if seed is not None:  # the adapter's random initialisation
+                torch.manual_seed(seed)
 
             config = LoraConfig(
                 r=rank,

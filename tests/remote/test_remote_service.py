@@ -48,6 +48,21 @@ def test_forward_gives_the_models_logprobs_and_forward_backward_their_weighted_s
     assert not [t for t in threading.enumerate() if t.name.startswith("llm-trainer-remote")]
 
 
+def lora_run(service, model_path, seed, steps=2):
+    with service.create_lora_training_client(model_path, rank=4, seed=seed) as client:
+        for _ in range(steps):
+            client.forward_backward(datums(), "cross_entropy")
+            client.optim_step(AdamParams(learning_rate=0.05))
+        return lps(client.forward(datums()).result())
+
+
+def test_lora_adapters_initialise_from_the_seed(service, tiny_model_path):
+    first, again, other = (lora_run(service, tiny_model_path, seed) for seed in (1, 1, 2))
+    for a, b, c in zip(first, again, other):
+        torch.testing.assert_close(a, b)
+        assert (a - c).abs().max() > 1e-4
+
+
 def test_lora_session_trains_only_the_adapter(service, tiny_model_path):
     with service.create_lora_training_client(tiny_model_path, rank=4) as client:
         info = client.get_info()
