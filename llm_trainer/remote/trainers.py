@@ -10,6 +10,16 @@ snapshot through `ServiceSamplingGenerator`.
   service loss equals GRPO's `dapo` loss (token sum over the batch's completion tokens).
 - `RemoteApiCrossEntropyTrainer`: SFT (prompt/completion or text rows, or trajectories from the pool), the token
   mean of the completion tokens' cross-entropy, as `SFTTrainer`.
+
+    client = ServiceClient("http://gpu-host:8100").create_lora_training_client("Qwen/Qwen2.5-0.5B", rank=16)
+    trainer = RemoteApiGrpoTrainer(client, num_generations=8, batch_size=64, max_steps=100, loss_fn="ppo",
+                                   adam_params=AdamParams(learning_rate=1e-5))
+    trainer.attach_rollouts(dataset, reward_funcs, tokenizer, SamplingParams(max_tokens=256),
+                            weight_sync_mode="batch-async", staleness_threshold=1, max_staleness=2)
+    trainer.run()        # or start() / stop()
+
+Not supported remotely: a KL penalty to a reference model (GRPO's `beta`), which would need a second model on the
+service.
 """
 
 from __future__ import annotations
