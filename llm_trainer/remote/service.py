@@ -133,9 +133,10 @@ class TrainingService:
 
     # ------------------------------------------------------------------------------------------------ model
     def _load_base(self):
-        from ..modeling import load_model
+        from ..modeling import add_token_logprob_head, load_model
 
         model = load_model(self.name, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+        add_token_logprob_head(model, outputs=())  # target log-probs without building vocabulary-sized logits
         return model.to("cuda" if torch.cuda.is_available() else "cpu")
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
@@ -267,19 +268,20 @@ class TrainingService:
         width = max(lengths)
         input_ids = torch.full((len(datums), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
-        targets = torch.zeros_like(input_ids)
+        targets = torch.full_like(input_ids, -100)
         for row, (tokens, inputs) in enumerate(datums):
             input_ids[row, : len(tokens)] = torch.tensor(tokens)
             attention_mask[row, : len(tokens)] = 1
             targets[row, : len(tokens)] = inputs["target_tokens"]
         self.model.train(grad)
         with torch.set_grad_enabled(grad):
-            logits = self.model(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
-            ).logits
-            logps = (
-                torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(self.device).unsqueeze(-1)).squeeze(-1)
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                shift_labels=targets.to(self.device),
+                token_logprobs=True,
             )
+            logps = out.log_probs.float()
         return [logps[row, :n] for row, n in enumerate(lengths)]
 
     @staticmethod
