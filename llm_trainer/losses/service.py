@@ -62,6 +62,23 @@ def ppo_loss(
     return -torch.min(ratio * advantages, clipped * advantages).sum()
 
 
+def check_loss_config(loss_fn: str, config: Mapping[str, float] | None) -> dict[str, float]:
+    """`config` with the loss's defaults filled in; ValueError for an unknown loss, key or clip range."""
+    if loss_fn not in LOSS_INPUTS:
+        raise ValueError(f"loss_fn must be one of {', '.join(SERVICE_LOSSES)}, got {loss_fn!r}")
+    config = dict(config or {})
+    allowed = PPO_DEFAULTS if loss_fn == "ppo" else {}
+    unknown = sorted(set(config) - set(allowed))
+    if unknown:
+        raise ValueError(f"loss_fn_config keys {unknown} are not options of {loss_fn!r} (it takes {sorted(allowed)})")
+    if loss_fn == "ppo":
+        config = {**PPO_DEFAULTS, **config}
+        low, high = config["clip_low_threshold"], config["clip_high_threshold"]
+        if not 0.0 <= low <= 1.0 <= high:
+            raise ValueError(f"ppo needs 0 <= clip_low_threshold <= 1 <= clip_high_threshold, got {low} and {high}")
+    return config
+
+
 def service_loss(
     loss_fn: str,
     logprobs: torch.Tensor,
@@ -72,20 +89,14 @@ def service_loss(
 
     Raises ValueError naming the loss, the missing input or the unknown config key.
     """
-    if loss_fn not in LOSS_INPUTS:
-        raise ValueError(f"loss_fn must be one of {', '.join(SERVICE_LOSSES)}, got {loss_fn!r}")
+    config = check_loss_config(loss_fn, config)
     missing = [name for name in LOSS_INPUTS[loss_fn][1:] if name not in inputs]
     if missing:
         raise ValueError(f"loss_fn {loss_fn!r} needs loss_fn_inputs {missing} (per target token)")
-    config = dict(config or {})
-    allowed = PPO_DEFAULTS if loss_fn == "ppo" else {}
-    unknown = sorted(set(config) - set(allowed))
-    if unknown:
-        raise ValueError(f"loss_fn_config keys {unknown} are not options of {loss_fn!r} (it takes {sorted(allowed)})")
     dtype = logprobs.dtype
     if loss_fn == "cross_entropy":
         return cross_entropy_loss(logprobs, inputs["weights"].to(dtype))
     sampling, advantages = inputs["logprobs"].to(dtype), inputs["advantages"].to(dtype)
     if loss_fn == "importance_sampling":
         return importance_sampling_loss(logprobs, sampling, advantages)
-    return ppo_loss(logprobs, sampling, advantages, **{**PPO_DEFAULTS, **config})
+    return ppo_loss(logprobs, sampling, advantages, **config)

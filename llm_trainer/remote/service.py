@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from ..generation.base import SamplingConfig, as_id_list
-from ..losses.service import LOSS_INPUTS, SERVICE_LOSSES, service_loss
+from ..losses.service import LOSS_INPUTS, SERVICE_LOSSES, check_loss_config, service_loss
 
 logger = logging.getLogger("llm_trainer.train_serve")
 
@@ -93,6 +93,8 @@ class TrainingService:
         state_dir: where `save_state` writes; a new temporary folder when None.
         max_sampler_snapshots: sampler snapshots kept in memory; older ones are evicted (logged, and a request for
             one gets a 400 saying so).
+        micro_batch_size: data per forward pass (a request's data are run in chunks of this many, gradients summed);
+            None runs each request's data as one batch.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class TrainingService:
         state_dir: str | None = None,
         trust_remote_code: bool = False,
         max_sampler_snapshots: int = 8,
+        micro_batch_size: int | None = None,
     ):
         from transformers import AutoTokenizer
 
@@ -114,6 +117,9 @@ class TrainingService:
         self.target_modules, self.dtype, self.trust_remote_code = target_modules, dtype, trust_remote_code
         self.state_dir = state_dir or tempfile.mkdtemp(prefix="llm-trainer-train-serve-")
         self.max_sampler_snapshots = max_sampler_snapshots
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be a positive integer or None, got {micro_batch_size}")
+        self.micro_batch_size = micro_batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
         self.model = self._load_base()
         self.device = next(self.model.parameters()).device
@@ -295,7 +301,12 @@ class TrainingService:
     def forward(self, request: dict) -> dict:
         self._check_session(request)
         datums = self._datums(request, ("target_tokens",))
-        return {"loss_fn_outputs": self._outputs(self._target_logprobs(datums, grad=False)), "metrics": {}}
+        logprobs = [lp for chunk in self._chunks(datums) for lp in self._target_logprobs(chunk, grad=False)]
+        return {"loss_fn_outputs": self._outputs(logprobs), "metrics": {}}
+
+    def _chunks(self, datums: list) -> list[list]:
+        step = self.micro_batch_size or len(datums)
+        return [datums[start : start + step] for start in range(0, len(datums), step)]
 
     def forward_backward(self, request: dict) -> dict:
         self._check_session(request)
@@ -305,16 +316,23 @@ class TrainingService:
         config = request.get("loss_fn_config") or {}
         if not isinstance(config, dict) or not all(_is_number(v) for v in config.values()):
             raise BadRequest("`loss_fn_config` must be an object of numbers.", "loss_fn_config")
-        datums = self._datums(request, LOSS_INPUTS[loss_fn])
-        logprobs = self._target_logprobs(datums, grad=True)
-        device_inputs = [{k: v.to(self.device) for k, v in inputs.items()} for _, inputs in datums]
         try:
-            losses = [service_loss(loss_fn, lp, inputs, config) for lp, inputs in zip(logprobs, device_inputs)]
+            config = check_loss_config(loss_fn, config)
         except ValueError as err:
             raise BadRequest(str(err), "loss_fn_config") from None
-        loss = torch.stack(losses).sum()
-        loss.backward()
-        metrics = {"loss:sum": loss.item(), "num_tokens:sum": float(sum(lp.numel() for lp in logprobs))}
+        datums = self._datums(request, LOSS_INPUTS[loss_fn])
+        logprobs, total = [], 0.0
+        for chunk in self._chunks(datums):  # gradients of the chunks' sums add up to the sum's
+            chunk_logprobs = self._target_logprobs(chunk, grad=True)
+            losses = [
+                service_loss(loss_fn, lp, {k: v.to(self.device) for k, v in inputs.items()}, config)
+                for lp, (_, inputs) in zip(chunk_logprobs, chunk)
+            ]
+            loss = torch.stack(losses).sum()
+            loss.backward()
+            total += loss.item()
+            logprobs += [lp.detach() for lp in chunk_logprobs]
+        metrics = {"loss:sum": total, "num_tokens:sum": float(sum(lp.numel() for lp in logprobs))}
         return {"loss_fn_outputs": self._outputs(logprobs), "metrics": metrics}
 
     def optim_step(self, request: dict) -> dict:

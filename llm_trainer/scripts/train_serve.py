@@ -37,6 +37,9 @@ class ScriptArguments:
     max_sampler_snapshots: int = field(
         default=8, metadata={"help": "save_weights_for_sampler snapshots kept in memory (the oldest is evicted)."}
     )
+    micro_batch_size: int | None = field(
+        default=None, metadata={"help": "Data per forward pass (a request runs in chunks of this many; default: all)."}
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model repository's own code."})
     log_level: str = field(
         default="info",
@@ -52,6 +55,8 @@ def main(script_args: ScriptArguments) -> None:
         raise SystemExit(
             f"llm-trainer train-serve: --lora_rank must be a positive integer, got {script_args.lora_rank}."
         )
+    if script_args.micro_batch_size is not None and script_args.micro_batch_size < 1:
+        raise SystemExit("llm-trainer train-serve: --micro_batch_size must be at least 1.")
     if script_args.max_sampler_snapshots < 1:
         raise SystemExit("llm-trainer train-serve: --max_sampler_snapshots must be at least 1.")
     serve(
@@ -65,6 +70,7 @@ def main(script_args: ScriptArguments) -> None:
         state_dir=script_args.state_dir,
         trust_remote_code=script_args.trust_remote_code,
         max_sampler_snapshots=script_args.max_sampler_snapshots,
+        micro_batch_size=script_args.micro_batch_size,
     )
 
 

@@ -178,14 +178,18 @@ def test_bad_requests_name_the_field(service, tiny_model_path, train_server):
         service._http.post("nope", {})
 
 
-def test_lora_rank_flag_and_the_process_is_gone_at_the_end(tiny_model_path, start_train_serve):
-    with start_train_serve(tiny_model_path, "--lora_rank", "2") as (url, process):
-        service = ServiceClient(url)
-        assert service.health()["lora_rank"] == 2
-        with pytest.raises(ValueError, match="`lora_rank` must be 2: this server was started with --lora_rank 2"):
-            service.create_training_client(tiny_model_path)
-        with service.create_lora_training_client(tiny_model_path, rank=2) as client:
-            assert client.info["is_lora"]
+def test_lora_rank_and_micro_batch_flags_and_the_process_is_gone_at_the_end(
+    tiny_model_path, start_train_serve, service
+):
+    """`--micro_batch_size 1` runs each datum alone and sums the gradients: the same steps as one batch."""
+    expected = lora_run(service, tiny_model_path, seed=3)
+    with start_train_serve(tiny_model_path, "--lora_rank", "4", "--micro_batch_size", "1") as (url, process):
+        chunked = ServiceClient(url)
+        assert chunked.health()["lora_rank"] == 4
+        with pytest.raises(ValueError, match="`lora_rank` must be 4: this server was started with --lora_rank 4"):
+            chunked.create_training_client(tiny_model_path)
+        for a, b in zip(lora_run(chunked, tiny_model_path, seed=3), expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert process.poll() is not None
     with pytest.raises(ConnectionError, match=f"training service at {url} is not reachable"):
         ServiceClient(url, timeout=2).health()
