@@ -162,7 +162,13 @@ class TrainingService:
                 f"(got {rank!r}); restart it without --lora_rank to choose per session.",
                 "lora_rank",
             )
-        model = self._load_base() if self.session_id is not None else self.model
+        if self.session_id is not None:  # a fresh base model; the old session's is freed first (peak memory)
+            self.session_id, self.optimizer, self.model = None, None, None
+            self.snapshots.clear()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.model = self._load_base()
+        model = self.model
         if rank is not None:
             from peft import LoraConfig, get_peft_model
 
