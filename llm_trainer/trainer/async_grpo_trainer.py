@@ -11,7 +11,6 @@ optimizer step, `WeightSyncController.on_train_step` publishes the weights as it
 from __future__ import annotations
 
 import logging
-import time
 from collections import defaultdict, deque
 from collections.abc import Iterator
 from typing import Any
@@ -159,9 +158,12 @@ class AsyncGRPOTrainer(GRPOTrainer):
         """As `GRPOTrainer.train`; the rollout workers start at the first step and are stopped (threads joined)
         when training returns or raises."""
         try:
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
-        finally:
-            self._stop_rollouts()
+            result = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        except BaseException:
+            self._stop_rollouts(raise_errors=False)  # the training error is the one to report
+            raise
+        self._stop_rollouts()
+        return result
 
     def _start_rollouts(self) -> None:
         """Push the current weights to every server (this run's version 0, or the resumed step), then start the
@@ -194,8 +196,10 @@ class AsyncGRPOTrainer(GRPOTrainer):
             publisher=publisher,
             samples_per_version=args.generation_batch_size * args.weight_sync_steps,
             weight_sync_steps=args.weight_sync_steps,
+            background_push=args.weight_sync_mode == "fully-async",
         )
         self._push(version)
+        self._pushes_logged = 0.0
         self._controller.train_model_version = self._controller.rollout_model_version = version
         source = PromptSource(
             self.train_dataset,
@@ -257,18 +261,25 @@ class AsyncGRPOTrainer(GRPOTrainer):
         # A custom `weight_transfer` does not set the servers' version: the controller's version tags the samples.
         return _Unversioned(generator) if self.weight_transfer is not None else generator
 
-    def _stop_rollouts(self) -> None:
-        """Stop the workers and join their threads, close the pool and the controller; idempotent."""
-        if self._controller is not None:
-            self._controller.close()
-        if self._pool is not None:
-            self._pool.close()
-        for worker in self._workers:
-            worker.stop(STOP_TIMEOUT_S)
-        self._workers = []
+    def _stop_rollouts(self, raise_errors: bool = True) -> None:
+        """Stop the workers and join their threads, close the pool and the controller (finishing a background
+        push); idempotent. Everything is stopped even when a step fails; the first error is raised after, or only
+        logged when `raise_errors` is False."""
+        errors: list[BaseException] = []
+        steps = [self._controller.close] if self._controller is not None else []
+        steps += [self._pool.close] if self._pool is not None else []
+        steps += [lambda worker=worker: worker.stop(STOP_TIMEOUT_S) for worker in self._workers]
         if self._transfer_started:
-            self._transfer_started = False
-            self.weight_transfer.destroy()
+            steps.append(self.weight_transfer.destroy)
+        self._workers, self._transfer_started = [], False
+        for step in steps:
+            try:
+                step()
+            except Exception as err:  # noqa: PERF203 - each step must run
+                errors.append(err)
+                logger.error("Stopping the rollouts: %s: %s", type(err).__name__, err)
+        if errors and raise_errors:
+            raise errors[0]
 
     def _check_rollout_health(self) -> None:
         """Raise when a worker stopped on an error or stalled (named server), or when every worker has ended."""
@@ -361,13 +372,12 @@ class AsyncGRPOTrainer(GRPOTrainer):
 
     # ----------------------------------------------------------------------------------------------- weights
     def _after_optimizer_step(self) -> None:
-        """Tell the controller about the new version; it pushes the weights when its mode says so."""
+        """Tell the controller about the new version; it pushes the weights when its mode says so ('fully-async'
+        pushes from a background thread, so the next step does not wait)."""
         if self._controller is None:
             return
         version = self.state.global_step
         self.model_version = version
-        pushes = self._controller.stats()["weight_sync/pushes"]
-        start = time.perf_counter()
         try:
             self._controller.on_train_step(self.accelerator.unwrap_model(self.model), version)
         except (OSError, RuntimeError) as err:
@@ -378,8 +388,9 @@ class AsyncGRPOTrainer(GRPOTrainer):
             ) from err
         stats = self._controller.stats()
         metrics = self._metrics["train"]
-        if stats["weight_sync/pushes"] > pushes:
-            metrics["perf/weight_sync_s"].append(time.perf_counter() - start)
+        if stats["weight_sync/pushes"] > self._pushes_logged:  # the last push's duration, once per push
+            self._pushes_logged = stats["weight_sync/pushes"]
+            metrics["perf/weight_sync_s"].append(stats["perf/weight_sync_s"])
         metrics["weight_sync/rollout_model_version"].append(stats["weight_sync/rollout_model_version"])
 
 
