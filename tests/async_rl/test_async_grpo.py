@@ -108,6 +108,8 @@ def test_sync_mode_reproduces_grpo_losses(tiny_model_path, tmp_path):
         assert scale > 1e-3, name  # the KL term makes the loss move: not a comparison of float noise around 0
         # The same float32 forward and backward of the same batch: equal up to summation order, ~1e-6 of the scale.
         assert all(abs(a - b) <= 1e-5 * scale for a, b in zip(ours, theirs)), (name, ours, theirs)
+    # Each step's weights reached the server before it generated: its log-probs are the trainer's own.
+    assert max(e["sampling/sampling_logp_difference/max"] for e in got) < 1e-4
     # The staleness bound of 'sync' mode, from every consumed sample's version: 0 (on-policy).
     assert [step for step, _ in trainer.consumed_versions] == list(range(steps))
     assert all(v == step for step, versions in trainer.consumed_versions for v in versions)
@@ -233,3 +235,52 @@ def test_cli_async_grpo_trains(tiny_model_path, shared_server, tmp_path):
         main(command)
     left.assert_clean()
     assert (out / "model.safetensors").exists()
+
+
+def test_lora_policy_sends_only_its_adapter(tiny_model_path, tmp_path):
+    """A PEFT policy's adapter goes to the server each step (no merge, no full sync): the server's log-probs stay
+    the trainer's while the adapter moves the policy away from the base model."""
+    peft = pytest.importorskip("peft")
+    from llm_trainer import AsyncGRPOConfig, AsyncGRPOTrainer
+    from llm_trainer.generation import GenerationClient
+
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    with serve(tiny_model_path) as url:
+        args = AsyncGRPOConfig(
+            output_dir=str(tmp_path),
+            max_steps=3,
+            weight_sync_mode="sync",
+            max_staleness=0,
+            vllm_server_base_url=url,
+            **{**COMMON, "generation_kwargs": None},
+        )
+        trainer = AsyncGRPOTrainer(
+            tiny_model_path,
+            length_reward,
+            args=args,
+            train_dataset=zen_dataset("standard_prompt_only"),
+            peft_config=lora,
+        )
+        trainer.train()
+        health = GenerationClient(url).health()
+    assert health["lora_adapter"] and health["model_version"] == 3  # served as an adapter, at the last version
+    logs = step_logs(trainer)
+    assert len(logs) == 3
+    assert max(e["sampling/sampling_logp_difference/max"] for e in logs) < 1e-4
+    lora_b = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
+    assert lora_b and any(p.abs().max() > 0 for p in lora_b)  # the adapter trained (B starts at 0)
+
+
+def test_trl_instance_attributes_exist(tiny_model_path, shared_server, tmp_path):
+    """The public attributes TRL's AsyncGRPOTrainer sets in `__init__` exist here (or on `args`)."""
+    trl_module = pytest.importorskip("trl.experimental.async_grpo")
+    from test_trl_surface import INSTANCE_NOT_PROVIDED, _init_attributes
+
+    from llm_trainer.experimental.async_grpo import AsyncGRPOConfig, AsyncGRPOTrainer
+
+    args = AsyncGRPOConfig(output_dir=str(tmp_path), max_steps=1, vllm_server_base_url=shared_server, **COMMON)
+    trainer = AsyncGRPOTrainer(
+        tiny_model_path, length_reward, args=args, train_dataset=zen_dataset("standard_prompt_only")
+    )
+    expected = _init_attributes(trl_module.AsyncGRPOTrainer) - INSTANCE_NOT_PROVIDED.keys()
+    assert sorted(a for a in expected if not hasattr(trainer, a) and not hasattr(trainer.args, a)) == []
