@@ -72,7 +72,7 @@ def test_sync_mode_reproduces_grpo_losses(tiny_model_path, tmp_path):
 
     steps = 3
     data = zen_dataset("standard_prompt_only")
-    common = {**COMMON, "beta": 0.1}
+    common = {**COMMON, "beta": 0.1, "gradient_accumulation_steps": 2}  # 2 prompts a step, in 2 micro-batches
     with serve(tiny_model_path) as url:
         args = GRPOConfig(
             output_dir=str(tmp_path / "grpo"),
