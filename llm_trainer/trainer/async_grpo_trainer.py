@@ -32,6 +32,10 @@ from .reward_functions import RewardFunc
 
 logger = logging.getLogger(__name__)
 
+SERVED_WEIGHTS_GAP = 0.1
+"""Mean |trainer - generator| log-prob (nats per token) on on-policy samples above which the servers are taken to
+serve other weights than the trainer's (bf16 vs float32 stays well below it)."""
+
 STOP_TIMEOUT_S = 30.0
 """How long `train()` waits for each rollout worker to finish its request in flight when it stops them."""
 
@@ -146,6 +150,7 @@ class AsyncGRPOTrainer(GRPOTrainer):
         self._controller: WeightSyncController | None = None
         self._workers: list[RolloutWorker] = []
         self._transfer_started = False
+        self._warned_weights = False
         self.add_callback(_WeightSyncCallback(self))
 
     @property
@@ -351,11 +356,30 @@ class AsyncGRPOTrainer(GRPOTrainer):
         for name in ("rollout/generated", "rollout/dropped_reward_errors"):
             metrics[name] = sum(counter[name] for counter in counters)
         metrics |= self._online_metrics()
+        self._check_served_weights(trajectories, version, metrics)
         if args.log_completions:
             self._log_samples(trajectories, batch)
         tokens = sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajectories)
         self.record_generation("train", tokens, metrics)
         return batch
+
+    def _check_served_weights(self, trajectories: list, version: int, metrics: dict[str, float]) -> None:
+        """Warn, once, when on-policy samples' generator log-probs are far from the trainer's: the servers do not
+        serve the policy's weights (another checkpoint, another dtype, or, for a LoRA policy, another base model)."""
+        gap = metrics.get("sampling/sampling_logp_difference/mean")
+        if self._warned_weights or gap is None or any(t.model_version != version for t in trajectories):
+            return
+        if gap > SERVED_WEIGHTS_GAP:
+            self._warned_weights = True
+            logger.warning(
+                "The generation servers' log-probs differ from the trainer's by %.3g nats per token on average on "
+                "samples of the current weights (version %d): the servers %s do not serve the policy as trained "
+                "here. Start them on the same checkpoint and in the same dtype (`vllm-serve --dtype`, the config's "
+                "`dtype`); a LoRA policy sends only its adapter, so the servers must hold its base model.",
+                gap,
+                version,
+                self.server_urls,
+            )
 
     def _online_metrics(self) -> dict[str, float]:
         """What reward functions logged through `log_metric` since the last batch, averaged per name."""

@@ -213,3 +213,33 @@ def test_unsupported_arguments_are_refused_before_loading(argument, message, tmp
         AsyncGRPOTrainer(
             "no/such-model", length_reward, args=args, train_dataset=zen_dataset("standard_prompt_only"), **argument
         )
+
+
+def test_a_server_holding_other_weights_is_reported(tiny_model_path, shared_server, tmp_path, caplog):
+    """A LoRA policy sends only its adapter: when the server's base weights are not the policy's (here perturbed),
+    the first on-policy batch's log-prob gap names the servers in a warning."""
+    peft = pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llm_trainer import AsyncGRPOTrainer
+    from llm_trainer.generation import GenerationClient
+
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(torch.randn_like(param), alpha=0.5)
+    GenerationClient(shared_server).update_weights(other.named_parameters())
+    args = config(tmp_path, shared_server, max_steps=1, weight_sync_mode="sync", max_staleness=0)
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    trainer = AsyncGRPOTrainer(
+        tiny_model_path, length_reward, args=args, train_dataset=zen_dataset("standard_prompt_only"), peft_config=lora
+    )
+    try:
+        with caplog.at_level("WARNING", logger="llm_trainer.trainer.async_grpo_trainer"):
+            trainer.train()
+    finally:
+        GenerationClient(shared_server).update_weights(
+            AutoModelForCausalLM.from_pretrained(tiny_model_path).named_parameters()
+        )
+    assert any("do not serve the policy" in r.message and shared_server in r.message for r in caplog.records)
