@@ -39,7 +39,7 @@ from ..modeling import (
     prepare_peft,
     prepare_processing_class,
 )
-from . import simple
+from . import reference_cache, simple
 from .checkpointing import last_complete_checkpoint, remove_stale_staging, rotate_checkpoints, staged_folder
 from .reference_policy import ReferencePolicy
 from .utils import disable_dropout_in_model
@@ -232,11 +232,30 @@ class BaseTrainer(Trainer):
         """The reference log-probs of one collated batch, by `reference_columns` name (to precompute)."""
         raise NotImplementedError(f"{type(self).__name__} does not precompute reference log-probs.")
 
+    cache_reference_logps = True
+    """Whether `precompute_reference` caches the columns on disk (`reference_cache`; `LLM_TRAINER_REF_CACHE=0` too)."""
+
     def precompute_reference(self, dataset: Any, name: str) -> Any:
-        """`dataset` (or a dict of them) with the reference log-prob columns added."""
-        return self.reference.precompute_columns(
-            self, dataset, name, self.reference_columns, self.reference_batch_logps
-        )
+        """`dataset` (or a dict of them) with the reference log-prob columns added: loaded from the on-disk cache
+        when an earlier run computed them for the same reference, data, tokenizer and config, else computed
+        (`ReferencePolicy.precompute_columns`) and cached (`reference_cache.cached_reference_columns`)."""
+        if isinstance(dataset, dict):
+            return {key: self.precompute_reference(part, key) for key, part in dataset.items()}
+
+        def compute(data: Any) -> Any:
+            return self.reference.precompute_columns(
+                self, data, name, self.reference_columns, self.reference_batch_logps
+            )
+
+        columns = self.reference_columns
+        if (
+            not reference_cache.cache_enabled(self)
+            or not isinstance(dataset, Dataset)
+            or (columns and columns[0] in dataset.column_names)
+        ):
+            return compute(dataset)  # also raises the clear errors (a stream, `evaluate` after training started)
+        model = self.ref_model if self.ref_model is not None else self.model
+        return reference_cache.cached_reference_columns(self, dataset, name, columns, compute, model)
 
     def finish_init(self, args: TrainingArguments) -> None:
         """The trainer's own set-up, last; nothing here."""
