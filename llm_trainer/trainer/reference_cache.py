@@ -294,7 +294,7 @@ def cached_reference_columns(
         return dataset
     result = compute(dataset)
     if accelerator.is_local_main_process:
-        computed = {column: result[column] for column in columns if column in result.column_names}
+        computed = {column: list(result[column]) for column in columns if column in result.column_names}
         try:
             save_columns(path, key, computed)
             logger.info("Cached the reference log-probs of the %s dataset at %s", name, path)

@@ -79,7 +79,7 @@ def _build(algo, model, tmp_path, dataset=None, eval_dataset=None, ref_model=Non
 
 def _columns(trainer, dataset=None) -> dict[str, list[float]]:
     dataset = trainer.train_dataset if dataset is None else dataset
-    return {c: dataset[c] for c in trainer.reference_columns if c in dataset.column_names}
+    return {c: list(dataset[c]) for c in trainer.reference_columns if c in dataset.column_names}
 
 
 def _losses(trainer) -> list[float]:
