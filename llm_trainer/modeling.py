@@ -173,14 +173,76 @@ def logit_transform(config: Any) -> tuple[float | None, float | None]:
     return scale, getattr(text_config, "final_logit_softcapping", None)
 
 
+def _unsharded_type(module: torch.nn.Module) -> type:
+    """`module`'s class, seen through FSDP2's `fully_shard`, which swaps it for a subclass `FSDP<Name>`."""
+    cls = type(module)
+    fsdp_module = _fsdp_module_class()
+    if fsdp_module is not None and issubclass(cls, fsdp_module):
+        bases = [base for base in cls.__bases__ if base is not fsdp_module]
+        if len(bases) == 1:
+            return bases[0]
+    return cls
+
+
+@functools.cache
+def _fsdp_module_class() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed
+        return None
+    return FSDPModule
+
+
 def _splittable(model: PreTrainedModel) -> bool:
-    """Whether the forward can be run as backbone + a plain linear head."""
+    """Whether the forward can be run as backbone + a plain linear head (FSDP2-sharded or not)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return (
         isinstance(head, torch.nn.Linear)
         and getattr(model, "base_model", model) is not model
-        and type(head) is torch.nn.Linear  # an adapter-wrapped head would be bypassed
+        and _unsharded_type(head) is torch.nn.Linear  # an adapter-wrapped head would be bypassed
     )
+
+
+def run_in_head(model: PreTrainedModel, compute: Callable[[torch.Tensor, kernels.LMHead], Any], hidden: torch.Tensor):
+    """`compute(hidden, lm_head_of(model))`, run as the forward of `model`'s LM head module, so that the hooks a
+    sharding wrapper put on that module run around it, exactly as for `lm_head(hidden)`.
+
+    Under FSDP2 the head's parameters are sharded DTensors between forwards: the head module's pre-forward hook
+    all-gathers its FSDP group (with Accelerate's wrapping, the final norm and `lm_head`, plus the input embeddings
+    when they are tied: one layer, never the whole model), `compute` sees plain full tensors, the post-forward hook
+    reshards when the group is set to, and the backward re-gathers the group and reduce-scatters its gradients. Under
+    DeepSpeed ZeRO-3 the head's hooks fetch and release its partitioned weight the same way. Unwrapped, it is a
+    plain call.
+    """
+    module = model.get_output_embeddings()
+
+    def forward(states: torch.Tensor) -> Any:
+        head = lm_head_of(model)
+        if _is_dtensor(head.weight):
+            raise RuntimeError(
+                f"{type(model).__name__}'s LM head weight is still a sharded DTensor inside the head's forward: its "
+                "FSDP2 group does not include the head module. Shard the head with `fully_shard(lm_head)` (or in one "
+                "group with the modules sharing its weight), as Accelerate's FSDP2 preparation does."
+            )
+        return compute(states, head)
+
+    installed = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        return module(hidden)
+    finally:
+        if installed is None:
+            del module.forward
+        else:
+            module.forward = installed
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def lm_head_of(model: PreTrainedModel) -> kernels.LMHead:
@@ -235,7 +297,7 @@ class TokenLogprobForward:
                     "`target_modules`."
                 )
             kwargs["use_cache"] = False
-            return head_fn(model.base_model(*args, **kwargs).last_hidden_state, lm_head_of(model))
+            return run_in_head(model, head_fn, model.base_model(*args, **kwargs).last_hidden_state)
         if not (token_logprobs or fused_lm_head):
             passed = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             kwargs.update({key: value for key, value in passed.items() if value is not None})
@@ -267,28 +329,32 @@ class TokenLogprobForward:
             log_probs, fields = _stats_from_logits(logits, targets.to(logits.device), options.temperature)
             return log_probs, {name: fields[name] for name in wanted}, getattr(out, "aux_loss", None)
         out = model.base_model(*args, **kwargs)
-        head = lm_head_of(model)
-        hidden = (out.last_hidden_state[:, :-1] if drop_last else out.last_hidden_state).to(head.weight.device)
-        context = contextlib.nullcontext()
-        if options.cast_lm_head_to_fp32:
-            hidden = hidden.float()
-            context = torch.autocast(hidden.device.type, enabled=False)
-        with context:
-            log_probs, *extras = _as_tuple(
-                kernels.token_logprobs(
-                    hidden,
-                    head.weight,
-                    targets.to(head.weight.device),
-                    temperature=options.temperature,
-                    bias=head.bias,
-                    logit_scale=head.logit_scale,
-                    softcap=head.softcap,
-                    return_entropy="entropy" in wanted,
-                    return_accuracy="is_top1" in wanted,
-                    return_mean_logits="mean_logits" in wanted,
-                    return_log_sum_sq_probs="log_sum_sq_probs" in wanted,
+        hidden = out.last_hidden_state[:, :-1] if drop_last else out.last_hidden_state
+
+        def project(states: torch.Tensor, head: kernels.LMHead) -> tuple[torch.Tensor, ...]:
+            states = states.to(head.weight.device)
+            context = contextlib.nullcontext()
+            if options.cast_lm_head_to_fp32:
+                states = states.float()
+                context = torch.autocast(states.device.type, enabled=False)
+            with context:
+                return _as_tuple(
+                    kernels.token_logprobs(
+                        states,
+                        head.weight,
+                        targets.to(head.weight.device),
+                        temperature=options.temperature,
+                        bias=head.bias,
+                        logit_scale=head.logit_scale,
+                        softcap=head.softcap,
+                        return_entropy="entropy" in wanted,
+                        return_accuracy="is_top1" in wanted,
+                        return_mean_logits="mean_logits" in wanted,
+                        return_log_sum_sq_probs="log_sum_sq_probs" in wanted,
+                    )
                 )
-            )
+
+        log_probs, *extras = run_in_head(model, project, hidden)
         return log_probs, dict(zip(wanted, extras)), _router_aux_loss(model.config, out, kwargs.get("attention_mask"))
 
 
@@ -313,8 +379,10 @@ def add_token_logprob_head(
 
     The routes are keywords of `forward` itself (rather than calls of submodules) so that `wrapped(...,
     token_logprobs=True)` keeps DDP, FSDP and DeepSpeed wrappers, and PEFT models around the patched one, in the
-    loop. Install it on the causal LM before wrapping (on a PEFT model's `get_base_model()`). Models whose head is
-    not a plain linear layer fall back to the logits with a one-line warning.
+    loop. Install it on the causal LM before wrapping (on a PEFT model's `get_base_model()`). The projection runs as
+    the forward of the LM head module (`run_in_head`), so FSDP2 gathers only the head's group for it (the final norm
+    and `lm_head`; not the model) and ZeRO-3 fetches only the head. Models whose head is not a plain linear layer fall
+    back to the logits with a one-line warning.
     """
     unknown = set(outputs) - set(TOKEN_OUTPUTS)
     if unknown:

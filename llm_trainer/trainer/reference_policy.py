@@ -76,13 +76,16 @@ class ReferencePolicy:
 
     def place(self, trainer: Any, head: dict[str, Any] | None, prepare: bool = True) -> None:
         """Once `Trainer.__init__` has set up the accelerator: the log-prob head (the policy's `head` options without
-        per-token outputs), then the device (through `accelerator.prepare_model` unless `prepare` is False or
-        DeepSpeed/FSDP shard the policy) and TR-DPO's `SyncRefModelCallback` with `sync_ref_model`."""
+        per-token outputs), then the placement (`shard_reference`: sharded like the policy under FSDP2 and DeepSpeed
+        ZeRO-3; else through `accelerator.prepare_model`, or only moved to the device when `prepare` is False) and
+        TR-DPO's `SyncRefModelCallback` with `sync_ref_model`."""
         if self.model is None:
             return
         if head is not None:
             add_token_logprob_head(self.model, **{**head, "outputs": ()})
-        if not prepare or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+            self.model = shard_reference(self.model, trainer.accelerator)
+        elif not prepare:
             self.model = self.model.to(trainer.accelerator.device)
         else:
             self.model = trainer.accelerator.prepare_model(self.model, evaluation_mode=True)
@@ -143,6 +146,33 @@ class ReferencePolicy:
         for column, parts in found.items():
             dataset = dataset.add_column(column, torch.cat(parts).tolist())
         return dataset
+
+
+def shard_reference(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
+    """A frozen model (reference, teacher) placed the way the policy is sharded, in eval mode.
+
+    - FSDP2: `fully_shard` with Accelerate's own preparation of the policy (same plugin: per decoder layer, the
+      embeddings, and the final norm with the LM head), so each process holds 1/world of every weight and a forward
+      gathers one layer at a time; every group then frees its gathered weights after its forward (no backward
+      follows). Its forward is a collective: every process must run it, for every batch.
+    - DeepSpeed: `prepare_deepspeed` (partitioned under ZeRO-3, replicated otherwise).
+    - FSDP v1: replicated on every device (FSDP1 wrapping of a frozen model is not supported here).
+    """
+    from accelerate.utils import DistributedType
+
+    model = model.eval().requires_grad_(False)
+    state = accelerator.state
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        from ..models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(model, accelerator)
+    if state.distributed_type == DistributedType.FSDP and getattr(state.fsdp_plugin, "fsdp_version", 1) == 2:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        model = fsdp2_prepare_model(accelerator, model.to(accelerator.device))
+        model.set_reshard_after_forward(True)  # Accelerate keeps the head group gathered for a backward; none here
+        return model.eval()
+    return model.to(accelerator.device)
 
 
 def loss_prediction_step(self: Any, model, inputs, prediction_loss_only, ignore_keys=None):

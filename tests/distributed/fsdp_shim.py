@@ -21,8 +21,8 @@ import torch
 _ENABLED = False
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+def _wants_fsdp(plugin) -> bool:
+    return plugin is not None or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
 
 
 def enable_cpu_fsdp2() -> None:
@@ -37,14 +37,23 @@ def enable_cpu_fsdp2() -> None:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
+    original_partial_init = PartialState.__init__
+
+    def partial_init(self, cpu: bool = False, **kwargs):
+        # On a machine without CUDA, an FSDP request under a launcher would otherwise give DistributedType.NO
+        # (`use_cpu=False`: no accelerator found, so no process group at all)
+        if _wants_fsdp(None) and not torch.cuda.is_available():
+            cpu = True
+        original_partial_init(self, cpu, **kwargs)
+
+    PartialState.__init__ = partial_init
     original_init = AcceleratorState.__init__
 
     signature = inspect.signature(original_init)
 
     def init(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs).arguments
-        wants_fsdp = bound.get("fsdp_plugin") is not None or _env_flag("ACCELERATE_USE_FSDP")
-        if wants_fsdp and not torch.cuda.is_available():
+        if _wants_fsdp(bound.get("fsdp_plugin")) and not torch.cuda.is_available():
             if not PartialState._shared_state:  # a bare `Accelerator()`: set up the CPU process group first
                 PartialState(True, **bound.get("kwargs", {}))
             shared = PartialState._shared_state
@@ -68,9 +77,10 @@ def sharded_parameters(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def assert_sharded(model: torch.nn.Module) -> None:
-    """Assert that this rank holds every parameter as a DTensor, and every parameter with more elements than ranks
-    as a local shard smaller than the full tensor (so the model is sharded, not replicated as under DDP)."""
-    from torch.distributed.tensor import DTensor
+    """Assert that this rank holds every parameter of `model` as a DTensor sharded (`Shard`) over all the ranks, with
+    a local shard smaller than the full parameter wherever its first dimension (FSDP2 shards dim 0) has at least one
+    row per rank, so that the model is sharded, not replicated as under DDP."""
+    from torch.distributed.tensor import DTensor, Shard
 
     world = torch.distributed.get_world_size()
     assert world > 1, "assert_sharded needs more than one process"
@@ -78,7 +88,15 @@ def assert_sharded(model: torch.nn.Module) -> None:
     assert params, "the model has no parameters"
     plain = [name for name, param in params.items() if not isinstance(param, DTensor)]
     assert not plain, f"parameters are plain tensors, not FSDP2 DTensors (DDP fallback?): {plain[:5]}"
-    whole = [
-        name for name, param in params.items() if param.numel() >= world and param.to_local().numel() >= param.numel()
+    replicated = [
+        name
+        for name, param in params.items()
+        if param.device_mesh.size() != world or not any(isinstance(p, Shard) for p in param.placements)
     ]
-    assert not whole, f"parameters are not sharded over {world} ranks: {whole[:5]}"
+    assert not replicated, f"parameters are not sharded over the {world} ranks: {replicated[:5]}"
+    whole = [
+        name
+        for name, param in params.items()
+        if param.dim() and param.shape[0] >= world and param.to_local().numel() >= param.numel()
+    ]
+    assert not whole, f"parameters are held whole on this rank: {whole[:5]}"
