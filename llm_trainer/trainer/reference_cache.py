@@ -108,9 +108,9 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return flat.cpu().contiguous().view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
-def model_fingerprint(model: torch.nn.Module, gather: Callable[[list[str]], list[str]] | None = None) -> str:
-    """A hex digest of `model`'s identity and weights (see the module docstring); `gather` combines the ranks'
-    digests (list in, list over all ranks out) when the tensors may differ between processes (sharding)."""
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hex digest of `model`'s identity and of the weights this process holds (see the module docstring; a
+    sharded model's digest differs between ranks, and `cached_reference_columns` combines them)."""
     tensors = [(f"param:{n}", _local_tensor(p)) for n, p in model.named_parameters(remove_duplicate=False)]
     tensors += [(f"buffer:{n}", _local_tensor(b)) for n, b in model.named_buffers(remove_duplicate=False)]
     total = sum(t.numel() * t.element_size() for _, t in tensors)
@@ -124,16 +124,16 @@ def model_fingerprint(model: torch.nn.Module, gather: Callable[[list[str]], list
         shape = tuple(getattr(tensor, "ds_shape", None) or tensor.shape)
         hasher.update(f"{name}|{shape}|{tuple(tensor.shape)}|{tensor.dtype}\0".encode())
         with torch.no_grad():
-            if full or tensor.numel() <= SAMPLED_ELEMENTS:
+            if tensor.is_meta:  # not materialised on this rank (e.g. loaded on the main process only)
+                hasher.update(b"meta")
+            elif full or tensor.numel() <= SAMPLED_ELEMENTS:
                 hasher.update(_tensor_bytes(tensor))
             else:
                 flat = tensor.detach().reshape(-1)
-                index = torch.linspace(0, flat.numel() - 1, SAMPLED_ELEMENTS, device=flat.device).round().long()
+                steps = torch.arange(SAMPLED_ELEMENTS, device=flat.device, dtype=torch.int64)
+                index = steps * (flat.numel() - 1) // (SAMPLED_ELEMENTS - 1)  # exact integers, ends included
                 hasher.update(_tensor_bytes(flat[index]))
-    digest = hasher.hexdigest()
-    if gather is not None:
-        digest = hashlib.sha256("|".join(gather([digest])).encode()).hexdigest()
-    return digest
+    return hasher.hexdigest()
 
 
 def dataset_fingerprint(dataset: Any) -> str:
@@ -253,18 +253,58 @@ def cached_reference_columns(
     """
     accelerator = trainer.accelerator
     distributed = accelerator.num_processes > 1
-    gather = None
     if distributed:
         from accelerate.utils import gather_object
+    try:
+        local_key, error = _local_key(trainer, dataset, name, columns, model), None
+    except Exception as exc:  # an unhashable model or dataset: run without the cache, on every rank alike
+        local_key, error = None, exc
+    keys = gather_object([local_key]) if distributed else [local_key]
+    if any(k is None for k in keys):
+        if error is not None:
+            warnings.warn(
+                f"Not caching the reference log-probs of the {name} dataset: its cache key could not be computed "
+                f"({type(error).__name__}: {error}).",
+                stacklevel=2,
+            )
+        return compute(dataset)
+    key = keys[0] if len(set(keys)) == 1 else cache_key({"ranks": keys})  # sharded weights: one key from all
+    path = cache_dir(dataset) / f"{key}.safetensors"
+    found = load_columns(path, key, len(dataset))
+    hit = found is not None
+    if distributed:
+        hit = all(gather_object([hit]))
+    if hit:
+        logger.info("Loaded the reference log-probs of the %s dataset from %s", name, path)
+        for column in columns:  # in the order the computation adds them
+            if column in found and column not in dataset.column_names:
+                dataset = dataset.add_column(column, found[column])
+        return dataset
+    result = compute(dataset)
+    if accelerator.is_local_main_process:
+        computed = {column: list(result[column]) for column in columns if column in result.column_names}
+        try:
+            save_columns(path, key, computed)
+            logger.info("Cached the reference log-probs of the %s dataset at %s", name, path)
+        except Exception as error:  # a read-only or full disk must not stop training
+            warnings.warn(
+                f"Could not cache the reference log-probs at {path} ({error}); they are recomputed next run. Set "
+                "`LLM_TRAINER_CACHE` to a writable directory, or `LLM_TRAINER_REF_CACHE=0` to silence this.",
+                stacklevel=2,
+            )
+    if distributed:
+        accelerator.wait_for_everyone()
+    return result
 
-        gather = gather_object
-    args = trainer.args
+
+def _local_key(trainer: Any, dataset: Any, name: str, columns: tuple[str, ...], model: Any) -> str:
+    """This process's cache key (the model part from the weights it holds)."""
+    accelerator, args, reference = trainer.accelerator, trainer.args, trainer.reference
     batch_size = getattr(args, "precompute_ref_batch_size", None) or (
         args.per_device_train_batch_size if name == "train" else args.per_device_eval_batch_size
     )
-    reference = trainer.reference
     parts = {
-        "model": model_fingerprint(accelerator.unwrap_model(model), gather) if model is not None else None,
+        "model": model_fingerprint(accelerator.unwrap_model(model)) if model is not None else None,
         "separate_reference": reference.model is not None,
         "adapter": reference.adapter_name,
         "dataset": dataset_fingerprint(dataset),
@@ -280,33 +320,7 @@ def cached_reference_columns(
         "mixed_precision": str(accelerator.mixed_precision),
         "version": _version(),
     }
-    key = cache_key(parts)
-    path = cache_dir(dataset) / f"{key}.safetensors"
-    found = load_columns(path, key, len(dataset))
-    hit = found is not None
-    if distributed:
-        hit = all(gather([hit]))
-    if hit:
-        logger.info("Loaded the reference log-probs of the %s dataset from %s", name, path)
-        for column in columns:  # in the order the computation adds them
-            if column in found and column not in dataset.column_names:
-                dataset = dataset.add_column(column, found[column])
-        return dataset
-    result = compute(dataset)
-    if accelerator.is_local_main_process:
-        computed = {column: list(result[column]) for column in columns if column in result.column_names}
-        try:
-            save_columns(path, key, computed)
-            logger.info("Cached the reference log-probs of the %s dataset at %s", name, path)
-        except OSError as error:
-            warnings.warn(
-                f"Could not cache the reference log-probs at {path} ({error}); they are recomputed next run. Set "
-                "`LLM_TRAINER_CACHE` to a writable directory, or `LLM_TRAINER_REF_CACHE=0` to silence this.",
-                stacklevel=2,
-            )
-    if distributed:
-        accelerator.wait_for_everyone()
-    return result
+    return cache_key(parts)
 
 
 def _version() -> str:
