@@ -29,6 +29,7 @@ __all__ = [
     "prepare_fsdp",
     "remove_hooks",
     "unwrap_model_for_generation",
+    "zero3_layerwise_gathered",
 ]
 
 _DEEPSPEED_HINT = "DeepSpeed is not installed; install it with `pip install deepspeed` (it needs a CUDA toolkit)."
@@ -92,6 +93,63 @@ def add_hooks(model: Any) -> None:
     if coordinator is not None and not coordinator.is_invalid_trace():
         coordinator._invalidate_trace()
     offload._register_deepspeed_module(offload.module)
+
+
+def _is_partitioned(param: nn.Parameter) -> bool:
+    return hasattr(param, "ds_id") and hasattr(param, "ds_status")
+
+
+def _engine_hooked(model: nn.Module) -> bool:
+    """Whether a DeepSpeed engine registered its ZeRO-3 fetch hooks on `model` (it numbers every module it hooks)."""
+    return isinstance(getattr(model, "ds_id", None), int)
+
+
+@contextlib.contextmanager
+def zero3_layerwise_gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """Let forwards run on a ZeRO-3-partitioned model that no DeepSpeed engine wraps yet (loaded under
+    `zero.Init`, e.g. the policy while `precompute_ref_log_probs=True` scores the dataset in `__init__`, before
+    `accelerator.prepare`): without the engine's hooks its weights are empty shards and a forward fails with
+    "'weight' must be 2-D".
+
+    Inside the context each module gathers its own parameters just before its forward and releases them just after,
+    so at most one module's weights are whole at a time, as under the engine. For forwards without backward
+    (`torch.no_grad`). Every process must run the same forwards (the gathers are collectives). A no-op for a model
+    with no partitioned parameters or one an engine already hooks.
+    """
+    if _engine_hooked(model) or not any(_is_partitioned(p) for p in model.parameters()):
+        yield model
+        return
+    deepspeed = _import_deepspeed()
+    open_contexts: dict[int, list[Any]] = {}
+    handles = []
+
+    def before(module: nn.Module, *_: Any) -> None:
+        own = [
+            p
+            for p in module.parameters(recurse=False)
+            if _is_partitioned(p) and p.ds_status.name == "NOT_AVAILABLE"  # not gathered by an outer module
+        ]
+        if own:
+            context = deepspeed.zero.GatheredParameters(own)
+            context.__enter__()
+            open_contexts.setdefault(id(module), []).append(context)
+
+    def after(module: nn.Module, *_: Any) -> None:
+        stack = open_contexts.get(id(module))
+        if stack:
+            stack.pop().__exit__(None, None, None)
+
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(before))
+        handles.append(module.register_forward_hook(after, always_call=True))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for stack in open_contexts.values():
+            while stack:
+                stack.pop().__exit__(None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------- generation
@@ -175,33 +233,61 @@ def prepare_deepspeed(model: nn.Module, accelerator: Accelerator) -> nn.Module:
     """Wrap a frozen model (reference, teacher, reward) in a DeepSpeed inference engine, in eval mode.
 
     Uses the accelerator's DeepSpeed config without its optimizer, scheduler and optimizer offload (nothing is trained
-    here). Under ZeRO-3 the model is sharded like the policy, with bucket sizes fitted to its hidden size; under any
-    other stage it is replicated whole on every device (ZeRO disabled).
+    here). Under ZeRO-3 the model is partitioned like the policy, with bucket sizes fitted to its hidden size, and its
+    forwards gather one module at a time (every process must run them); under any other stage it is replicated whole
+    on every device (ZeRO disabled). Values still `"auto"` (the trainer fills them only when it builds the policy's
+    engine, after `__init__`) are resolved here: batch sizes from the accelerator, precision from its mixed-precision
+    setting, the rest left to DeepSpeed's defaults.
     """
     deepspeed = _import_deepspeed()
     config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    zero = config["zero_optimization"]
-    stage = zero["stage"]
-    if model is not None and stage == 3:
-        model_config = model.config
+    for training_only in ("optimizer", "scheduler"):
+        config.pop(training_only, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    stage = zero.get("stage", 0)
+    if stage == 3:
+        model_config = getattr(model, "config", None)
         hidden_sizes = getattr(model_config, "hidden_sizes", None)
         hidden = max(hidden_sizes) if hidden_sizes else getattr(model_config, "hidden_size", None)
         if hidden is not None:
-            config.update(
-                {
-                    "zero_optimization.reduce_bucket_size": hidden * hidden,
-                    "zero_optimization.stage3_param_persistence_threshold": 10 * hidden,
-                    "zero_optimization.stage3_prefetch_bucket_size": 0.9 * hidden * hidden,
-                }
-            )
-    for training_only in ("optimizer", "scheduler"):
-        config.pop(training_only, None)
-    zero.pop("offload_optimizer", None)
-    if stage != 3:
+            fitted = {
+                "reduce_bucket_size": hidden * hidden,
+                "stage3_param_persistence_threshold": 10 * hidden,
+                "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            }
+            zero.update({key: value for key, value in fitted.items() if zero.get(key, "auto") == "auto"})
+    else:
         zero["stage"] = 0
+    _resolve_auto(config, accelerator)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
+
+
+def _resolve_auto(config: dict, accelerator: Accelerator) -> None:
+    """Replace the `"auto"` values of a DeepSpeed config in place (see `prepare_deepspeed`)."""
+    micro = config.get("train_micro_batch_size_per_gpu", "auto")
+    if micro == "auto":
+        micro = config["train_micro_batch_size_per_gpu"] = 1
+    accumulation = config.get("gradient_accumulation_steps", "auto")
+    if accumulation == "auto":
+        accumulation = config["gradient_accumulation_steps"] = 1
+    if config.get("train_batch_size", "auto") == "auto":
+        config["train_batch_size"] = micro * accumulation * accelerator.num_processes
+    precision = str(getattr(accelerator.state, "mixed_precision", "no"))
+    for key, wanted in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        if isinstance(config.get(key), dict) and config[key].get("enabled") == "auto":
+            config[key]["enabled"] = wanted
+
+    def drop_auto(section: dict) -> None:
+        for key in [key for key, value in section.items() if value == "auto"]:
+            del section[key]
+        for value in section.values():
+            if isinstance(value, dict):
+                drop_auto(value)
+
+    drop_auto(config)
 
 
 def prepare_fsdp(model: nn.Module, accelerator: Accelerator) -> nn.Module:
