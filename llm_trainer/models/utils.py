@@ -32,7 +32,10 @@ __all__ = [
     "zero3_layerwise_gathered",
 ]
 
-_DEEPSPEED_HINT = "DeepSpeed is not installed; install it with `pip install deepspeed` (it needs a CUDA toolkit)."
+_DEEPSPEED_HINT = (
+    "DeepSpeed is not installed; install it with `pip install llm-trainer[deepspeed]` (or `pip install deepspeed`). "
+    "Without a GPU, DeepSpeed runs on CPU with `DS_ACCELERATOR=cpu` and `ddp_backend='gloo'`."
+)
 
 
 def _import_deepspeed():
@@ -100,8 +103,9 @@ def _is_partitioned(param: nn.Parameter) -> bool:
 
 
 def _engine_hooked(model: nn.Module) -> bool:
-    """Whether a DeepSpeed engine registered its ZeRO-3 fetch hooks on `model` (it numbers every module it hooks)."""
-    return isinstance(getattr(model, "ds_id", None), int)
+    """Whether a DeepSpeed engine registered its ZeRO-3 fetch hooks on `model` or on a module inside it (the engine
+    itself, or its `module`): it numbers every module it hooks."""
+    return any(isinstance(getattr(module, "ds_id", None), int) for module in model.modules())
 
 
 @contextlib.contextmanager
