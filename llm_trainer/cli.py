@@ -3,6 +3,7 @@
     llm-trainer ALGORITHMS --model_name_or_path ... --dataset_name ... --output_dir out
     llm-trainer sft --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name trl-lib/Capybara --output_dir out
     llm-trainer sft --config run.yaml --learning_rate 1e-5     # flags override the YAML
+    llm-trainer sft --accelerate_config fsdp2 --num_processes 8 ...  # relaunched under `accelerate launch`
     llm-trainer grpo ... --reward_funcs think_format_reward my_rewards.length_reward  # names or import paths
     llm-trainer vllm-serve --model Qwen/Qwen2.5-0.5B           # a generation server for `vllm_mode="server"`
     llm-trainer train-serve --model Qwen/Qwen2.5-0.5B          # a remote training service (llm_trainer.remote)
@@ -31,18 +32,24 @@ def train(name: str, argv: list[str]) -> None:
     """Run the `name` trainer with arguments parsed from `argv`, as TRL's script of that name does.
 
     Parsing is stricter than the scripts' own `__main__`: unknown flags and unknown keys of the `--config` YAML are
-    usage errors (with a did-you-mean hint), and bad input is a one-line message instead of a traceback.
+    usage errors (with a did-you-mean hint), and bad input is a one-line message instead of a traceback. With launch
+    flags (`--accelerate_config NAME|PATH`, `--num_processes`, `--num_machines`, `--machine_rank`,
+    `--main_process_ip`, `--main_process_port`; also as `--config` keys) the arguments are checked here, then the
+    command runs again under `accelerate launch` with them, as `trl <name> --accelerate_config ...` does.
     """
     parser = _training.make_parser(
         name,
         prog=f"llm-trainer {name}",
         usage=f"llm-trainer {name} [--config run.yaml] [--flag value ...]  (`llm-trainer {name} --help` lists the flags)",
+        epilog=LAUNCH_HELP,
     )
     try:
+        launch, argv = _training.split_launch_arguments(argv)
         *parsed, config_unknown, unknown = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
-    except (OSError, TypeError, ValueError) as error:  # the --config file, or a value a config rejects
+        config_launch, config_unknown = _training.split_launch_arguments(config_unknown)
+    except (OSError, TypeError, ValueError) as error:  # a launch flag, the --config file, a value a config rejects
         parser.error(str(error))
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{_did_you_mean(parser, unknown)}")
@@ -50,11 +57,24 @@ def train(name: str, argv: list[str]) -> None:
         keys = ", ".join(key.removeprefix("--") for key in config_unknown[::2])
         parser.error(f"unknown keys in the --config file: {keys}{_did_you_mean(parser, config_unknown[::2])}")
     try:
+        if not _training.launched():  # in a launched process, the YAML's launch keys were used by its launcher
+            launch = {**config_launch, **launch}
+        if launch:
+            _training.relaunch(name, launch, argv)
         _training.main(name, *parsed)
     except _training.ScriptArgumentError as error:
         raise SystemExit(f"llm-trainer {name}: {error}") from None
     except _training.RewardImportError as error:
         raise SystemExit(str(error)) from None
+
+
+LAUNCH_HELP = (
+    "launch on several processes or machines: --accelerate_config NAME|PATH runs this command again under "
+    "`accelerate launch --config_file` (shipped presets: single_gpu, multi_gpu, fsdp1, fsdp2, zero1, zero2, zero3; "
+    "or your own accelerate config file), with --num_processes N (total over machines; default for a preset: the "
+    "visible GPUs), --num_machines M, --machine_rank R, --main_process_ip IP, --main_process_port P passed on. "
+    "These may also be keys of the --config YAML. See docs/scaling_out.md."
+)
 
 
 def _did_you_mean(parser: TrlParser, unknown: list[str]) -> str:

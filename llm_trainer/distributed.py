@@ -123,6 +123,7 @@ def sharding_fallback(accelerator: Any, args: Any = None) -> str | None:
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     on_gpu = torch.cuda.is_available()
     use_cpu = bool(getattr(args, "use_cpu", False)) or _env_flag("ACCELERATE_USE_CPU")
+    problems = []
     if world_size > 1 and num_processes == 1:
         why = (
             "no GPU was found and the processes were not told to use the CPU (set ACCELERATE_USE_CPU=true or "
@@ -130,30 +131,31 @@ def sharding_fallback(accelerator: Any, args: Any = None) -> str | None:
             if not on_gpu and not use_cpu
             else "Accelerate did not join the launched process group"
         )
-        return (
+        problems.append(
             f"This run was launched as {world_size} processes, but each one trains ALONE on the whole dataset "
             f"(Accelerate: {distributed_type}, 1 process): {why}."
         )
     asked = requested_sharding(args)
-    if not asked or distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return None
-    if distributed_type == DistributedType.NO:
-        instead = "a single unsharded process"
-    elif distributed_type == DistributedType.MULTI_CPU:
-        instead = f"plain DDP over gloo on {num_processes} CPU processes, each holding the whole model"
-    else:
-        instead = f"{distributed_type} on {num_processes} processes, each holding the whole model"
-    if not on_gpu or use_cpu:
-        why = (
-            "the run is on CPU (" + ("use_cpu is set" if use_cpu and on_gpu else "no GPU") + "): Accelerate "
-            "applies FSDP and DeepSpeed only on accelerators and falls back to DDP without a word"
+    if asked and distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        if distributed_type == DistributedType.NO:
+            instead = "a single unsharded process"
+        elif distributed_type == DistributedType.MULTI_CPU:
+            instead = f"plain DDP over gloo on {num_processes} CPU processes, each holding the whole model"
+        else:
+            instead = f"{distributed_type} on {num_processes} processes, each holding the whole model"
+        if not on_gpu or use_cpu:
+            why = (
+                "the run is on CPU (" + ("use_cpu is set" if use_cpu and on_gpu else "no GPU") + "): Accelerate "
+                "applies FSDP and DeepSpeed only on accelerators and falls back to DDP without a word"
+            )
+        else:
+            why = "Accelerate did not enable the requested plugin (check the accelerate config and launcher)"
+        problems.append(
+            f"{' and '.join(asked)} was requested, but this run is NOT sharded: it trains with {instead}. Why: {why}. "
+            "Memory per process is that of an unsharded run; run on GPUs to shard, or drop the FSDP/DeepSpeed "
+            "request."
         )
-    else:
-        why = "Accelerate did not enable the requested plugin (check the accelerate config and launcher)"
-    return (
-        f"{' and '.join(asked)} was requested, but this run is NOT sharded: it trains with {instead}. Why: {why}. "
-        "Memory per process is that of an unsharded run; run on GPUs to shard, or drop the FSDP/DeepSpeed request."
-    )
+    return " ".join(problems) or None
 
 
 def warn_if_not_sharded(accelerator: Any, args: Any = None) -> str | None:

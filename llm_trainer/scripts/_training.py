@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..trainer.model_config import ModelConfig
 
 __all__ = [
+    "LAUNCH_FLAGS",
     "TRAINERS",
     "GRPOScriptArguments",
     "OnlineScriptArguments",
@@ -34,9 +35,14 @@ __all__ = [
     "RewardImportError",
     "ScriptArgumentError",
     "TeacherGRPOScriptArguments",
+    "launch_arguments",
+    "launched",
     "main",
     "make_parser",
+    "relaunch",
+    "resolve_accelerate_config",
     "reward_functions",
+    "split_launch_arguments",
     "trainer_inputs",
 ]
 
@@ -245,6 +251,7 @@ def main(
 
     import llm_trainer
 
+    from ..distributed import warn_if_not_sharded
     from ..trainer.utils import get_kbit_device_map, get_peft_config, get_quantization_config
 
     dataset_args = dataset_args if dataset_args is not None else DatasetMixtureConfig()
@@ -283,6 +290,8 @@ def main(
         eval_dataset=splits[1],
         peft_config=get_peft_config(model_args),
     )
+    if getattr(trainer, "accelerator", None) is not None:  # once per process: the trainer may have warned already
+        warn_if_not_sharded(trainer.accelerator, training_args)
     if script_args.ignore_bias_buffers:  # DDP cannot broadcast boolean buffers
         trainer.model._ddp_params_and_buffers_to_ignore = [
             buffer_name for buffer_name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
@@ -326,3 +335,164 @@ def run_script(name: str) -> None:
     """`python -m llm_trainer.scripts.<name>`: parse the command line (unknown YAML keys ignored, as TRL) and train."""
     main_function, parser_function = script_entry_points(name)
     main_function(*parser_function().parse_args_and_config(fail_with_unknown_args=False))
+
+
+# ------------------------------------------------------------------------------------------ accelerate launch
+LAUNCH_FLAGS: dict[str, type] = {
+    "accelerate_config": str,
+    "num_processes": int,
+    "num_machines": int,
+    "machine_rank": int,
+    "main_process_ip": str,
+    "main_process_port": int,
+}
+"""The `llm-trainer <algorithm>` flags that go to `accelerate launch` instead of the trainer (also as `--config`
+YAML keys): a preset name or config file, and the process / machine layout."""
+
+
+def split_launch_arguments(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """`argv` split into the launch flags (`LAUNCH_FLAGS`, as `--flag value` or `--flag=value`, converted to their
+    type) and everything else, in order. A launch flag without a value or with a bad value raises
+    `ScriptArgumentError` naming it."""
+    launch: dict[str, Any] = {}
+    rest: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        flag, has_value, value = token.partition("=")
+        name = flag[2:] if flag.startswith("--") else None
+        if name not in LAUNCH_FLAGS:
+            rest.append(token)
+            index += 1
+            continue
+        if not has_value:
+            if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
+                raise ScriptArgumentError(f"--{name} needs a value.")
+            value = argv[index + 1]
+            index += 1
+        launch[name] = _launch_value(name, value)
+        index += 1
+    return launch, rest
+
+
+def _launch_value(name: str, value: Any) -> Any:
+    try:
+        return LAUNCH_FLAGS[name](value)
+    except (TypeError, ValueError):
+        raise ScriptArgumentError(f"--{name} expects an integer, got {value!r}.") from None
+
+
+def resolve_accelerate_config(value: str) -> str:
+    """The config file `--accelerate_config value` names: an existing file path, or a shipped preset's name (with or
+    without `.yaml`). Raises `ScriptArgumentError` listing the presets for an unknown name, or naming a missing file."""
+    from ..accelerate_configs import PRESETS, preset_path
+
+    if os.path.isfile(value):
+        return value
+    name = value.removesuffix(".yaml").removesuffix(".yml")
+    if name in PRESETS and os.sep not in value:
+        return str(preset_path(name))
+    if os.sep in value or value.endswith((".yaml", ".yml", ".json")):
+        raise ScriptArgumentError(
+            f"--accelerate_config {value}: no such file. Pass an existing accelerate config file or one of the "
+            f"shipped presets: {', '.join(PRESETS)}."
+        )
+    raise ScriptArgumentError(
+        f"--accelerate_config {value}: not a shipped preset nor a file. The shipped presets are: "
+        f"{', '.join(PRESETS)} (or pass the path of your own accelerate config file)."
+    )
+
+
+def visible_gpus() -> int:
+    """How many CUDA devices this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def launch_arguments(launch: dict[str, Any]) -> tuple[list[str], dict[str, str], list[str]]:
+    """`(accelerate launch arguments, environment variables to set, notes)` for the launch flags `launch`.
+
+    The shipped presets are written for one node of 8 GPUs: without `--num_processes`, the visible GPU count (times
+    `--num_machines`) is used instead. On a machine without a GPU the processes are told to use the CPU
+    (`ACCELERATE_USE_CPU=true`: gloo; without it, Accelerate leaves every launched process training alone), mixed
+    precision is turned off (the presets' bf16 autocast on CPU is slow and changes the numbers) and a DeepSpeed
+    preset is refused; `notes` says what was changed.
+    """
+    import yaml
+
+    from ..accelerate_configs import PRESETS
+
+    value = launch.get("accelerate_config")
+    config_file = resolve_accelerate_config(value) if value is not None else None
+    config: dict[str, Any] = {}
+    if config_file is not None:
+        with open(config_file) as f:
+            config = yaml.safe_load(f) or {}
+    shipped = value is not None and value.removesuffix(".yaml") in PRESETS and not os.path.isfile(value)
+    gpus = visible_gpus()
+    notes: list[str] = []
+    env: dict[str, str] = {}
+    layout = dict(launch)
+    layout.pop("accelerate_config", None)
+    if shipped and "num_processes" not in layout:
+        machines = layout.get("num_machines", config.get("num_machines", 1))
+        layout["num_processes"] = max(gpus, 1) * machines
+        what = f"{gpus} visible GPU(s)" if gpus else "no GPU: one CPU process; pass --num_processes N for N"
+        notes.append(f"--num_processes {layout['num_processes']} ({what})")
+    if not gpus:
+        if config.get("distributed_type") == "DEEPSPEED":
+            raise ScriptArgumentError(
+                f"--accelerate_config {value}: DeepSpeed needs a GPU, and none is visible here. Use the multi_gpu "
+                "or fsdp2 preset on this machine (they run as DDP over gloo on CPU), or run on GPUs."
+            )
+        env["ACCELERATE_USE_CPU"] = "true"
+        notes.append("no GPU: the processes train on CPU (ACCELERATE_USE_CPU=true, gloo)")
+        if config.get("mixed_precision", "no") != "no":
+            notes.append(f"--mixed_precision no (the config's {config['mixed_precision']} autocast is GPU-only here)")
+            layout["mixed_precision"] = "no"
+        if config.get("distributed_type") in ("FSDP", "MEGATRON_LM"):
+            notes.append(
+                f"Accelerate will NOT apply {config['distributed_type']} on CPU: the run is plain DDP (the trainer "
+                "warns again)"
+            )
+    elif config.get("distributed_type") == "DEEPSPEED":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ScriptArgumentError(
+                f"--accelerate_config {value} uses DeepSpeed, which is not installed: pip install "
+                "'llm-trainer[deepspeed]' (or pip install deepspeed)."
+            )
+    arguments = ["--config_file", config_file] if config_file is not None else []
+    for name, setting in layout.items():
+        arguments += [f"--{name}", str(setting)]
+    return arguments, env, notes
+
+
+def launched() -> bool:
+    """Whether this process was started by a launcher (`accelerate launch`, `torchrun`, or `relaunch`)."""
+    return "LOCAL_RANK" in os.environ or "LLM_TRAINER_LAUNCHED" in os.environ
+
+
+def relaunch(name: str, launch: dict[str, Any], argv: list[str]) -> None:
+    """Run `llm-trainer name argv` again under `accelerate launch` with the launch flags `launch` (`launch_arguments`):
+    one process per device, on this and (with `--num_machines`) the other machines. Raises `SystemExit` with the
+    launch's exit status."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    if launched():
+        raise ScriptArgumentError(
+            f"--{next(iter(launch))} relaunches llm-trainer under `accelerate launch`, but this process was already "
+            "launched (LOCAL_RANK is set). Drop the launch flags, or run `llm-trainer` directly instead of through "
+            "accelerate launch / torchrun."
+        )
+    arguments, env, notes = launch_arguments(launch)
+    os.environ.update(env)
+    os.environ["LLM_TRAINER_LAUNCHED"] = "1"  # a nested `--accelerate_config` in the children is an error
+    command = [*arguments, "--module", "llm_trainer.cli", name, *argv]
+    print(f"llm-trainer {name}: accelerate launch {' '.join(command)}", file=sys.stderr, flush=True)
+    for note in notes:
+        print(f"llm-trainer {name}: {note}", file=sys.stderr, flush=True)
+    launch_command(launch_command_parser().parse_args(command))
+    raise SystemExit(0)
