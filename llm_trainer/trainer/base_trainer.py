@@ -30,6 +30,7 @@ from transformers import (
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..distributed import warn_if_not_sharded
 from ..generation.base import Generator
 from ..generation.loop import GenerationLoop, OnlineBatch, check_streaming, streaming_loader
 from ..modeling import (
@@ -150,6 +151,7 @@ class BaseTrainer(Trainer):
             compute_loss_func=compute_loss_func,
             **trainer_kwargs,
         )
+        warn_if_not_sharded(self.accelerator, args)  # FSDP/ZeRO asked but not happening (e.g. CPU: DDP instead)
         if self.loss_is_scaled_for_ga is not None and not hasattr(Trainer, "loss_is_scaled_for_ga"):
             self.model_accepts_loss_kwargs = False  # transformers < 5.19 reads these two instead
             if self.loss_is_scaled_for_ga:
