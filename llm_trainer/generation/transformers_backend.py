@@ -20,6 +20,13 @@ class TransformersGenerator(Generator):
     unwraps DDP, gathers ZeRO-3 parameters and pauses gradient checkpointing). `batch_size` caps the prompts per
     `generate` call (default: all at once). With `return_logprobs=True` the result carries each sampled token's
     log-probability after temperature and logit processing, as vLLM's `processed_logprobs` do.
+
+    With sharded parameters (FSDP2 DTensors, DeepSpeed ZeRO-3) across several processes, every forward is a
+    collective, so all processes generate in lockstep: each makes as many `generate` calls as the busiest one (a
+    process with fewer prompts, or none, runs stand-in calls whose output it drops), and within a call keeps
+    stepping until every process's sequences are done (`synced_gpus`). Without that, a process whose completions
+    end early would leave the others waiting forever in an all-gather. Under FSDP2 the shards stay gathered for
+    the whole `generate` call (one all-gather per module per call, not per token), then are freed.
     """
 
     def __init__(
@@ -74,10 +81,14 @@ class TransformersGenerator(Generator):
 
     def generate(self, prompt_ids: list[list[int]]) -> GenerationResult:
         check_prompts(prompt_ids)
-        if not prompt_ids:
+        lockstep = needs_lockstep(self.model)
+        if not prompt_ids and not lockstep:
             return GenerationResult([], [] if self.return_logprobs else None)
         config = self.generation_config()
-        step = self.batch_size or len(prompt_ids)
+        step = self.batch_size or len(prompt_ids) or 1
+        calls = -(-len(prompt_ids) // step)
+        if lockstep:
+            calls = _max_over_processes(calls, self.model)
         completions: list[list[int]] = []
         logprobs: list[list[float]] = []
         with self.unwrap() if self.unwrap is not None else contextlib.nullcontext(self.model) as model:
@@ -85,13 +96,21 @@ class TransformersGenerator(Generator):
             model.eval()
             try:
                 with torch.no_grad():
-                    for start in range(0, len(prompt_ids), step):
-                        ids, lps = self._generate_batch(model, prompt_ids[start : start + step], config)
-                        completions += ids
-                        logprobs += lps
+                    for call in range(calls):
+                        batch = prompt_ids[call * step : (call + 1) * step]
+                        with _fsdp2_gathered(model) if lockstep else contextlib.nullcontext():
+                            prompts = batch or self._stand_in(prompt_ids)
+                            ids, lps = self._generate_batch(model, prompts, config, synced=lockstep)
+                        if batch:  # a stand-in call only keeps the other processes' collectives company
+                            completions += ids
+                            logprobs += lps
             finally:
                 model.train(was_training)
         return GenerationResult(completions, logprobs if self.return_logprobs else None)
+
+    def _stand_in(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """A one-prompt batch for a lockstep call this process has no prompts for."""
+        return prompt_ids[:1] or [[self.pad_token_id]]
 
     def left_padded(self, prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """`prompts` as left-padded `input_ids` and their `attention_mask`, on `device`."""
@@ -103,10 +122,14 @@ class TransformersGenerator(Generator):
             attention_mask[row, width - len(ids) :] = 1
         return input_ids.to(device), attention_mask.to(device)
 
-    def _generate_batch(self, model, prompts: list[list[int]], config) -> tuple[list[list[int]], list[list[float]]]:
+    def _generate_batch(
+        self, model, prompts: list[list[int]], config, synced: bool = False
+    ) -> tuple[list[list[int]], list[list[float]]]:
         input_ids, attention_mask = self.left_padded(prompts, _device_of(model))
         width = input_ids.size(1)
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=synced or None
+        )
         generated = out.sequences[:, width:]
         completions = [truncate_at_eos(row, self.eos_token_ids) for row in generated.tolist()]
         if not self.return_logprobs:
@@ -124,3 +147,68 @@ def _device_of(model) -> torch.device:
     if isinstance(device, torch.device):
         return device
     return next(model.parameters()).device
+
+
+def needs_lockstep(model) -> bool:
+    """Whether `generate` with `model` must run in lockstep over the processes (`synced_gpus=True`, the same number
+    of calls everywhere): its parameters are sharded over several processes, so every forward is a collective."""
+    return _world_size() > 1 and _is_sharded(model)
+
+
+def _is_sharded(model) -> bool:
+    """Whether `model`'s parameters are sharded over processes (FSDP2 DTensors or DeepSpeed ZeRO-3 partitions), so
+    that every forward is a collective."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _world_size() -> int:
+    distributed = torch.distributed
+    return distributed.get_world_size() if distributed.is_available() and distributed.is_initialized() else 1
+
+
+def _max_over_processes(value: int, model) -> int:
+    """The largest `value` over every process (an all-reduce, on the model's device)."""
+    tensor = torch.tensor([value], dtype=torch.long, device=_device_of(model))
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+@contextlib.contextmanager
+def _fsdp2_gathered(model):
+    """Keep FSDP2 modules' parameters gathered from their first forward to the end of the block, then free them:
+    `generate`'s many forwards then all-gather each module once, not once per token. Memory: the whole model on
+    every process during the block (as ZeRO-3's gather for generation). A no-op without FSDP2 modules."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - older torch
+        yield
+        return
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not modules:
+        yield
+        return
+    outermost = modules[0]._get_fsdp_state()
+    if getattr(outermost, "_is_root", False) is None:
+        outermost._lazy_init()  # as its first forward would: fixes which module is the root before we read settings
+    groups = [(m, g) for m in modules for g in _param_groups(m)]
+    saved = [g.post_forward_mesh_info for _, g in groups]
+    for _, group in groups:
+        group.post_forward_mesh_info = None  # no reshard after forward
+    try:
+        yield
+    finally:
+        for (_, group), info in zip(groups, saved):
+            group.post_forward_mesh_info = info
+        for module in modules:
+            module.reshard()
+
+
+def _param_groups(module) -> list:
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [group] if group is not None else []
+    return list(groups)

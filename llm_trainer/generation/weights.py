@@ -31,9 +31,23 @@ def iter_named_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         if is_peft_model(model):
             yield from _merged_peft_weights(model)
         else:
-            for name, param in model.named_parameters():
-                with _gathered([param]):
-                    yield _clean(name), _full(param)
+            yield from _module_by_module(model)
+
+
+def _module_by_module(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter once (a tied weight under its first name, as `named_parameters` gives it), gathered once:
+    ZeRO-3 partitions one module at a time (its own parameters in one `GatheredParameters`, released before the
+    next module), FSDP2 DTensors one `full_tensor()` all-gather each. Every process visits the same parameters in
+    the same order, so the collectives match."""
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        own = [(name, p) for name, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        if not own:
+            continue
+        seen.update(id(p) for _, p in own)
+        with _gathered([p for _, p in own]):
+            for name, param in own:
+                yield _clean(f"{prefix}.{name}" if prefix else name), _full(param)
 
 
 def _merged_peft_weights(model) -> Iterator[tuple[str, torch.Tensor]]:

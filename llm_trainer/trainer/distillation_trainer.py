@@ -9,6 +9,7 @@ trainer's `GenerationLoop`, as for the online RL trainers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import deque
 from collections.abc import Callable
@@ -131,11 +132,7 @@ class DistillationTrainer(BaseTrainer):
             raise NotImplementedError(
                 "DistillationTrainer does not train vision-language models yet; pass a tokenizer, or use TRL."
             )
-        teacher = self._teacher.eval().requires_grad_(False)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            self.teacher_model = teacher.to(self.accelerator.device)
-        else:
-            self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self.teacher_model = place_teacher(self, self._teacher)
         del self._teacher
         self.log_completions = args.log_completions
         self.num_completions_to_print = args.num_completions_to_print
@@ -181,7 +178,9 @@ class DistillationTrainer(BaseTrainer):
         self.accelerator.unwrap_model(self.teacher_model).eval()
         with torch.no_grad():
             teacher_hidden, teacher_head = self.teacher_model(
-                input_ids=input_ids, attention_mask=attention_mask, head_fn=functools.partial(_completion_states, n)
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                head_fn=keep_head(self.teacher_model, functools.partial(_completion_states, n)),
             )
         divergence = functools.partial(
             self._divergence, n, teacher_hidden, teacher_head, inputs.completion_mask, num_items
@@ -278,6 +277,42 @@ def _check_splittable(model: PreTrainedModel, role: str) -> None:
             f"{type(model).__name__} with head {type(head).__name__}. An adapter on `lm_head` is not supported: "
             "remove 'lm_head' from the PEFT `target_modules`."
         )
+
+
+def place_teacher(trainer: Any, teacher: PreTrainedModel) -> torch.nn.Module:
+    """The frozen teacher on the trainer's devices, in eval mode: sharded like the student under FSDP2
+    (`prepare_fsdp`: `fully_shard` over the same processes) and DeepSpeed (`prepare_deepspeed`: partitioned under
+    ZeRO-3, else replicated), replicated under FSDP v1, else placed by `accelerator.prepare_model`. A sharded
+    teacher's forward is a collective: every process runs it for every batch (the loss does)."""
+    from ..models.utils import prepare_deepspeed, prepare_fsdp
+
+    teacher = teacher.eval().requires_grad_(False)
+    accelerator = trainer.accelerator
+    if trainer.is_deepspeed_enabled:
+        return prepare_deepspeed(teacher, accelerator)
+    if trainer.is_fsdp_enabled:
+        teacher = teacher.to(accelerator.device)
+        if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2:
+            teacher = prepare_fsdp(teacher, accelerator)
+        return teacher
+    return accelerator.prepare_model(teacher, evaluation_mode=True)
+
+
+def keep_head(teacher: torch.nn.Module, head_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`head_fn` for a teacher forward whose returned head is used after the forward. A sharded teacher (FSDP2)
+    frees its gathered weights when the forward ends, so its LM head (that one layer, `vocab x hidden`) is copied
+    whole first; an unsharded teacher's head is returned as is."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in teacher.parameters()):
+        return head_fn
+
+    def with_kept_head(hidden: torch.Tensor, head: Any) -> Any:
+        states, head = head_fn(hidden, head)
+        bias = head.bias.detach().clone() if head.bias is not None else None
+        return states, dataclasses.replace(head, weight=head.weight.detach().clone(), bias=bias)
+
+    return with_kept_head
 
 
 def _completion_states(completion_length: int, hidden: torch.Tensor, head: Any) -> tuple[torch.Tensor, Any]:

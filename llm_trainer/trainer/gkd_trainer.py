@@ -22,10 +22,11 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from ..data.chat_template import read_chat_template
 from ..data.formats import get_dataset_column_names
+from ..generation.transformers_backend import needs_lockstep
 from ..losses.distillation import fused_distillation_loss, generalized_jsd
 from ..modeling import add_token_logprob_head
 from .base_trainer import BaseTrainer, init_arguments
-from .distillation_trainer import _check_splittable, load_teacher
+from .distillation_trainer import _check_splittable, keep_head, load_teacher, place_teacher
 from .gkd_config import GKDConfig
 from .special_tokens import configure_special_tokens
 
@@ -135,11 +136,7 @@ class GKDTrainer(BaseTrainer):
         return {"outputs": ()}  # the loss runs the heads itself, through `head_fn`
 
     def finish_init(self, args: GKDConfig) -> None:
-        teacher = self._teacher.eval().requires_grad_(False)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            self.teacher_model = teacher.to(self.accelerator.device)
-        else:
-            self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self.teacher_model = place_teacher(self, self._teacher)
         del self._teacher
         self.generation_config = GenerationConfig(
             max_new_tokens=args.max_new_tokens,
@@ -183,7 +180,12 @@ class GKDTrainer(BaseTrainer):
         """Sample completions of the (left-padded) `inputs["prompts"]`: the prompts followed by the completions, their
         attention mask (completions end at their first stop token, included) and labels (-100 but on completions)."""
         prompts, prompt_mask = inputs["prompts"], inputs["prompt_attention_mask"]
-        sequences = model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=generation_config)
+        sequences = model.generate(
+            input_ids=prompts,
+            attention_mask=prompt_mask,
+            generation_config=generation_config,
+            synced_gpus=True if needs_lockstep(model) else None,  # sharded: stop together, or the others hang
+        )
         completions = sequences[:, prompts.shape[1] :]
         completion_mask = torch.ones_like(completions)
         eos = generation_config.eos_token_id
@@ -238,7 +240,10 @@ class GKDTrainer(BaseTrainer):
         self.accelerator.unwrap_model(self.teacher_model).eval()
         with torch.no_grad():
             teacher_hidden, teacher_head = self.teacher_model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, head_fn=_predicting_states
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                head_fn=keep_head(self.teacher_model, _predicting_states),
             )
         divergence = functools.partial(self._divergence, teacher_hidden, teacher_head, mask, num_items_in_batch)
         loss, _, _ = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, head_fn=divergence)

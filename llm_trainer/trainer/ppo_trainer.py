@@ -386,8 +386,33 @@ class PPOTrainer(BaseTrainer):
     def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader | None:
         return self.eval_dataloader
 
-    def _unwrapped_policy(self):
-        return self.unwrapped_for_generation(lambda model: model.policy)
+    @contextlib.contextmanager
+    def _unwrapped_policy(self) -> Iterator[nn.Module]:
+        with self._policy_alone(), self.unwrapped_for_generation(lambda model: model.policy) as policy:
+            yield policy
+
+    @contextlib.contextmanager
+    def _policy_alone(self) -> Iterator[None]:
+        """Around a call of the policy that bypasses the policy-and-value wrapper's forward (generation, the PEFT
+        reference). Under FSDP2 the wrapper is the root FSDP module: its own parameters (those no inner FSDP module
+        holds: the embeddings, final norms and heads) are gathered only by its forward, so they are gathered here for
+        the block and freed after; the inner modules (decoder layers) gather their own. Else nothing."""
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # pragma: no cover - older torch
+            FSDPModule = ()  # noqa: N806
+        root = self.model_wrapped
+        if not isinstance(root, FSDPModule):
+            yield
+            return
+        state = root._get_fsdp_state()
+        if state._is_root is None:
+            state._lazy_init()  # as the wrapper's first forward would: it, not a decoder layer, is the root
+        root.unshard()
+        try:
+            yield
+        finally:
+            root.reshard()
 
     def null_ref_context(self) -> contextlib.AbstractContextManager:
         """Run the PEFT policy as the reference: the `ref_adapter_name` adapter if set, else adapters disabled."""
@@ -464,7 +489,7 @@ class PPOTrainer(BaseTrainer):
             if self.ref_model is not None:
                 ref_output, _ = self._policy_forward(self.ref_model, chunk, context_length)
             else:
-                with self.null_ref_context():
+                with self._policy_alone(), self.null_ref_context():
                     ref_output, _ = self._policy_forward(self.policy_model, chunk, context_length)
             ref_logprobs.append(ref_output.log_probs[:, context_length - 1 :])
             scores.append(self._score(chunk, context_length))

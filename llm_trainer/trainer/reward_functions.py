@@ -393,7 +393,7 @@ class OnlineRL:
         training, geometry = policy.training, self.generation.geometry
         unwrapped = self.accelerator.unwrap_model(policy)
         if self.rollout_func is None or self.args.use_vllm:
-            self.generation.sync_weights(unwrapped, state.global_step)
+            self.generation.sync_weights(policy, state.global_step)  # FSDP1: its wrapper summons the full weights
         prompts = [row["prompt"] for row in rows]
         rollout = self.generation.generate(prompts, rows, self.rollout_func, trainer)
         rollout, metrics = self._tool_metrics(rollout)
