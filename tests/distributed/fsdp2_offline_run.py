@@ -118,6 +118,8 @@ def build(package, job: dict, models: dict, out: str):
     config_name, trainer_name = CLASSES[algorithm]
     config_cls, trainer_cls = getattr(package, config_name), getattr(package, trainer_name)
     options = {**COMMON, "per_device_train_batch_size": job["batch"], "max_steps": job["steps"]}
+    if job.get("fsdp_config"):  # FSDP asked through TrainingArguments instead of the launcher's config
+        options.update(fsdp=True, fsdp_config=job["fsdp_config"], use_cpu=True)
     if job.get("save_steps"):
         options.update(save_strategy="steps", save_steps=job["save_steps"], save_only_model=False)
     if algorithm in ("dpo", "kto", "bco", "orpo", "cpo"):
@@ -161,7 +163,7 @@ def sharded(model) -> str:
 
 def run_job(package, job: dict, models: dict, out: str, spy: HeadSpy | None) -> dict:
     algorithm = job["algorithm"]
-    job_out = os.path.join(out, job.get("name", algorithm))
+    job_out = os.path.join(out, job.get("dir", job.get("name", algorithm)))
     trainer = build(package, job, models, job_out)
     ref = getattr(trainer, "ref_model", None)
     if spy is not None:
