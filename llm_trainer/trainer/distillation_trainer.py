@@ -280,22 +280,16 @@ def _check_splittable(model: PreTrainedModel, role: str) -> None:
 
 
 def place_teacher(trainer: Any, teacher: PreTrainedModel) -> torch.nn.Module:
-    """The frozen teacher on the trainer's devices, in eval mode: sharded like the student under FSDP2
-    (`prepare_fsdp`: `fully_shard` over the same processes) and DeepSpeed (`prepare_deepspeed`: partitioned under
-    ZeRO-3, else replicated), replicated under FSDP v1, else placed by `accelerator.prepare_model`. A sharded
-    teacher's forward is a collective: every process runs it for every batch (the loss does)."""
-    from ..models.utils import prepare_deepspeed, prepare_fsdp
+    """The frozen teacher on the trainer's devices, in eval mode: sharded like the student under FSDP2 and DeepSpeed
+    ZeRO-3 (`reference_policy.shard_reference`: one decoder layer gathered at a time, freed after its forward),
+    replicated under FSDP v1 and other ZeRO stages, else placed by `accelerator.prepare_model`. A sharded teacher's
+    forward is a collective: every process runs it for every batch (the loss does)."""
+    from .reference_policy import shard_reference
 
     teacher = teacher.eval().requires_grad_(False)
-    accelerator = trainer.accelerator
-    if trainer.is_deepspeed_enabled:
-        return prepare_deepspeed(teacher, accelerator)
-    if trainer.is_fsdp_enabled:
-        teacher = teacher.to(accelerator.device)
-        if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2:
-            teacher = prepare_fsdp(teacher, accelerator)
-        return teacher
-    return accelerator.prepare_model(teacher, evaluation_mode=True)
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return shard_reference(teacher, trainer.accelerator)
+    return trainer.accelerator.prepare_model(teacher, evaluation_mode=True)
 
 
 def keep_head(teacher: torch.nn.Module, head_fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -6,7 +6,7 @@ alone would pass under a silent DDP fallback).
   policy's own greedy completions, generated sharded, cut to lengths set by each row's place in its group); and, slow,
   as TRL's GRPOTrainer under the same launch.
 - RLOO, distillation (the teacher sharded too) and PPO (policy and value model in one sharded wrapper) train, and
-  every parameter moves.
+  every parameter moves; the KL references (GRPO, RLOO, PPO) are sharded as well.
 - Sharded generation never hangs: one rank's completions end at their first token while the other's run to the
   limit, one rank has more prompts than the other (and then none): outputs equal unsharded generation.
 - GRPO's weight sync from FSDP2 ranks to a real `llm-trainer vllm-serve --backend transformers` server delivers the
@@ -113,6 +113,7 @@ def _assert_same_grpo_logs(ours: list[dict], theirs: list[dict]) -> None:
 def test_grpo_fsdp2_matches_one_process_with_twice_the_batch(runs):
     sharded, single = runs["fsdp"]["grpo"], runs["single"]["grpo"][0]
     _assert_trained_sharded(sharded)
+    assert all(result["reference_sharded"] for result in sharded)  # the KL reference is sharded too
     assert single["world_size"] == 1 and not single["sharded"]
     main = sharded[0]
     assert main["completions"] == single["completions"]  # the same rows, the same greedy completions
@@ -125,6 +126,8 @@ def test_grpo_fsdp2_matches_one_process_with_twice_the_batch(runs):
 def test_online_trainers_train_sharded(runs, trainer):
     ranks = runs["fsdp"][trainer]
     _assert_trained_sharded(ranks)
+    if trainer in ("rloo", "ppo"):  # the KL reference is sharded like the policy
+        assert all(result["reference_sharded"] for result in ranks)
     if trainer == "distill":
         assert all(result["teacher_sharded"] for result in ranks)
     if trainer == "ppo":  # the policy and the value model are one sharded wrapper: both move
