@@ -12,8 +12,9 @@ The key hashes:
   sample of `SAMPLED_ELEMENTS` elements per tensor (a full hash of a multi-GB model would cost seconds of transfers
   and hashing per run; a trained or different checkpoint changes nearly every element, so a sample tells them
   apart; a sparse hand edit of a large model is the case it misses: change its path or disable the cache).
-  Sharded tensors (FSDP2 DTensors, ZeRO-3 partitions) are hashed by their local shard, and the ranks' digests are
-  combined, so every rank holds the same key;
+  Sharded tensors (FSDP2 DTensors, ZeRO-3 partitions) are hashed by their local shard, and the ranks' keys are
+  combined, so every rank holds the same key. A PEFT policy that is its own reference is hashed without the
+  adapters the reference does not run (with adapters disabled: none of them), so a new LoRA rank or seed still hits;
 - the prepared dataset's content (its Arrow buffers and index mapping): exactly the token ids the reference reads,
   so the raw data, the tokenizer, the chat template and the dataset-side truncation are covered. (`datasets`'
   `_fingerprint` of a tokenized dataset is random in each process when a map function cannot be hashed
@@ -108,11 +109,16 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return flat.cpu().contiguous().view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
+def model_fingerprint(model: torch.nn.Module, skip_adapters: frozenset[str] = frozenset()) -> str:
     """A hex digest of `model`'s identity and of the weights this process holds (see the module docstring; a
-    sharded model's digest differs between ranks, and `cached_reference_columns` combines them)."""
-    tensors = [(f"param:{n}", _local_tensor(p)) for n, p in model.named_parameters(remove_duplicate=False)]
-    tensors += [(f"buffer:{n}", _local_tensor(b)) for n, b in model.named_buffers(remove_duplicate=False)]
+    sharded model's digest differs between ranks, and `cached_reference_columns` combines them). Tensors of the
+    PEFT adapters named in `skip_adapters` (the ones the reference does not run) are left out."""
+
+    def kept(name: str) -> bool:
+        return not skip_adapters or skip_adapters.isdisjoint(name.split("."))
+
+    tensors = [(f"param:{n}", _local_tensor(p)) for n, p in model.named_parameters(remove_duplicate=False) if kept(n)]
+    tensors += [(f"buffer:{n}", _local_tensor(b)) for n, b in model.named_buffers(remove_duplicate=False) if kept(n)]
     total = sum(t.numel() * t.element_size() for _, t in tensors)
     full = total <= FULL_HASH_BYTES
     hasher = hashlib.sha256()
@@ -303,10 +309,17 @@ def _local_key(trainer: Any, dataset: Any, name: str, columns: tuple[str, ...], 
     batch_size = getattr(args, "precompute_ref_batch_size", None) or (
         args.per_device_train_batch_size if name == "train" else args.per_device_eval_batch_size
     )
+    model = accelerator.unwrap_model(model) if model is not None else None
+    adapters = dict(getattr(model, "peft_config", None) or {})
+    active = None  # the PEFT adapter the reference runs (None: adapters disabled); see `ReferencePolicy.context`
+    if reference.model is None and adapters:
+        active = reference.adapter_name or ("ref" if "ref" in adapters else None)
+    skip = frozenset(adapters) - {active} if reference.model is None else frozenset()
     parts = {
-        "model": model_fingerprint(accelerator.unwrap_model(model)) if model is not None else None,
+        "model": model_fingerprint(model, skip) if model is not None else None,
         "separate_reference": reference.model is not None,
-        "adapter": reference.adapter_name,
+        "adapter": active,
+        "adapter_config": repr(adapters.get(active)) if active else None,
         "dataset": dataset_fingerprint(dataset),
         "rows": len(dataset),
         "tokenizer": tokenizer_fingerprint(getattr(trainer, "_tokenizer", None)),

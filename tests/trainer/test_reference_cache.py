@@ -186,3 +186,25 @@ def test_model_fingerprint_full_and_sampled(tiny_model_path, monkeypatch):
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.add_(1e-3)  # a trained checkpoint moves every element
     assert reference_cache.model_fingerprint(model) != sampled
+
+
+def test_peft_policy_as_its_reference_is_keyed_by_the_base_weights(tiny_model_path, tmp_path, forwards):
+    peft = pytest.importorskip("peft")
+    lora = dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"])
+    trainer_cls, config_cls, config, defaults = TRAINERS["dpo"]
+    args = config_cls(output_dir=str(tmp_path / "out"), **{**COMMON, **defaults})
+
+    def build(**options):
+        return trainer_cls(
+            model=tiny_model_path,
+            args=args,
+            train_dataset=zen_dataset(config),
+            peft_config=peft.LoraConfig(**lora, **options),
+        )
+
+    first = build(r=4)
+    assert forwards.pop("dpo") > 0
+    # Adapters disabled: the reference is the base model, whatever the (fresh) adapter's rank or initialisation.
+    second = build(r=8, lora_alpha=32)
+    assert forwards.get("dpo", 0) == 0
+    assert _columns(second) == _columns(first)
