@@ -410,15 +410,20 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def launch_arguments(launch: dict[str, Any]) -> tuple[list[str], dict[str, str], list[str]]:
-    """`(accelerate launch arguments, environment variables to set, notes)` for the launch flags `launch`.
+def launch_arguments(launch: dict[str, Any]) -> tuple[list[str], dict[str, str], list[str], list[str]]:
+    """`(accelerate launch arguments, environment variables to set, training flags to add, notes)` for the launch
+    flags `launch`; `notes` says, in words, everything changed from what was asked.
 
     The shipped presets are written for one node of 8 GPUs: without `--num_processes`, the visible GPU count (times
-    `--num_machines`) is used instead. On a machine without a GPU the processes are told to use the CPU
-    (`ACCELERATE_USE_CPU=true`: gloo; without it, Accelerate leaves every launched process training alone), mixed
-    precision is turned off (the presets' bf16 autocast on CPU is slow and changes the numbers) and a DeepSpeed
-    preset is refused; `notes` says what was changed.
+    `--num_machines`) is used instead. On a machine without a GPU, mixed precision is turned off (the presets' bf16
+    autocast is slow on CPU and changes the numbers), and the processes are told to use the CPU: for DDP and FSDP
+    presets with `ACCELERATE_USE_CPU=true` (gloo; without it Accelerate leaves every launched process training
+    alone, and it trains FSDP presets as DDP), for DeepSpeed ones with `DS_ACCELERATOR=cpu` and `--ddp_backend gloo`
+    (DeepSpeed's CPU accelerator; `use_cpu` would turn DeepSpeed off). A DeepSpeed preset without DeepSpeed installed
+    is an error naming the install.
     """
+    import importlib.util
+
     import yaml
 
     from ..accelerate_configs import PRESETS
@@ -429,10 +434,17 @@ def launch_arguments(launch: dict[str, Any]) -> tuple[list[str], dict[str, str],
     if config_file is not None:
         with open(config_file) as f:
             config = yaml.safe_load(f) or {}
+    kind = config.get("distributed_type")
+    if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise ScriptArgumentError(
+            f"--accelerate_config {value} uses DeepSpeed, which is not installed: pip install "
+            "'llm-trainer[deepspeed]' (or pip install deepspeed)."
+        )
     shipped = value is not None and value.removesuffix(".yaml") in PRESETS and not os.path.isfile(value)
     gpus = visible_gpus()
     notes: list[str] = []
     env: dict[str, str] = {}
+    training_flags: list[str] = []
     layout = dict(launch)
     layout.pop("accelerate_config", None)
     if shipped and "num_processes" not in layout:
@@ -441,33 +453,28 @@ def launch_arguments(launch: dict[str, Any]) -> tuple[list[str], dict[str, str],
         what = f"{gpus} visible GPU(s)" if gpus else "no GPU: one CPU process; pass --num_processes N for N"
         notes.append(f"--num_processes {layout['num_processes']} ({what})")
     if not gpus:
-        if config.get("distributed_type") == "DEEPSPEED":
-            raise ScriptArgumentError(
-                f"--accelerate_config {value}: DeepSpeed needs a GPU, and none is visible here. Use the multi_gpu "
-                "or fsdp2 preset on this machine (they run as DDP over gloo on CPU), or run on GPUs."
+        if kind == "DEEPSPEED":
+            env["DS_ACCELERATOR"] = "cpu"
+            training_flags = ["--ddp_backend", "gloo"]
+            notes.append(
+                "no GPU: DeepSpeed runs on its CPU accelerator (DS_ACCELERATOR=cpu, --ddp_backend gloo unless given); "
+                "its first launch on a machine compiles a comm op (minutes)"
             )
-        env["ACCELERATE_USE_CPU"] = "true"
-        notes.append("no GPU: the processes train on CPU (ACCELERATE_USE_CPU=true, gloo)")
-        if config.get("mixed_precision", "no") != "no":
+        else:
+            env["ACCELERATE_USE_CPU"] = "true"
+            notes.append("no GPU: the processes train on CPU (ACCELERATE_USE_CPU=true, gloo)")
+        if config.get("mixed_precision", "no") != "no" and "mixed_precision" not in layout:
             notes.append(f"--mixed_precision no (the config's {config['mixed_precision']} autocast is GPU-only here)")
             layout["mixed_precision"] = "no"
-        if config.get("distributed_type") in ("FSDP", "MEGATRON_LM"):
+        if kind in ("FSDP", "MEGATRON_LM"):
             notes.append(
-                f"Accelerate will NOT apply {config['distributed_type']} on CPU: the run is plain DDP (the trainer "
-                "warns again)"
-            )
-    elif config.get("distributed_type") == "DEEPSPEED":
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ScriptArgumentError(
-                f"--accelerate_config {value} uses DeepSpeed, which is not installed: pip install "
-                "'llm-trainer[deepspeed]' (or pip install deepspeed)."
+                f"Accelerate does NOT apply {kind} on CPU: this run is plain DDP, every process holding the whole "
+                "model (the trainer warns too)"
             )
     arguments = ["--config_file", config_file] if config_file is not None else []
     for name, setting in layout.items():
         arguments += [f"--{name}", str(setting)]
-    return arguments, env, notes
+    return arguments, env, training_flags, notes
 
 
 def launched() -> bool:
@@ -484,10 +491,13 @@ def relaunch(name: str, launch: dict[str, Any], argv: list[str]) -> None:
     if launched():
         raise ScriptArgumentError(
             f"--{next(iter(launch))} relaunches llm-trainer under `accelerate launch`, but this process was already "
-            "launched (LOCAL_RANK is set). Drop the launch flags, or run `llm-trainer` directly instead of through "
+            "launched (LOCAL_RANK or LLM_TRAINER_LAUNCHED is set). Drop the launch flags, or run `llm-trainer` directly instead of through "
             "accelerate launch / torchrun."
         )
-    arguments, env, notes = launch_arguments(launch)
+    arguments, env, training_flags, notes = launch_arguments(launch)
+    for flag, setting in zip(training_flags[::2], training_flags[1::2]):
+        if not any(arg == flag or arg.startswith(f"{flag}=") for arg in argv):
+            argv = [*argv, flag, setting]
     os.environ.update(env)
     os.environ["LLM_TRAINER_LAUNCHED"] = "1"  # a nested `--accelerate_config` in the children is an error
     command = [*arguments, "--module", "llm_trainer.cli", name, *argv]

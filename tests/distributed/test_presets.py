@@ -9,6 +9,7 @@ with a `ShardingFallbackWarning`, which plain DDP (the multi_gpu preset) does no
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -124,7 +125,8 @@ def _run_and_compare(algorithm, preset, tiny_model_path, data, tmp_path, monkeyp
     _assert_same_steps(algorithm, ours, reference)
     assert f"--config_file {preset_path(preset)} --num_processes 2" in output  # the command it ran, printed
     if not torch.cuda.is_available():
-        assert "no GPU: the processes train on CPU (ACCELERATE_USE_CPU=true, gloo)" in output
+        on_cpu = "DeepSpeed runs on its CPU accelerator" if preset.startswith("zero") else "ACCELERATE_USE_CPU=true"
+        assert on_cpu in output
     return output
 
 
@@ -137,7 +139,19 @@ def test_sft_fsdp2_preset_on_cpu_warns_and_matches_one_process(tiny_model_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("algorithm", "preset"), [("sft", "multi_gpu"), ("dpo", "fsdp2"), ("grpo", "multi_gpu")])
+@pytest.mark.parametrize(
+    ("algorithm", "preset"),
+    [
+        ("sft", "multi_gpu"),
+        ("dpo", "fsdp2"),
+        ("grpo", "multi_gpu"),
+        pytest.param(  # on CPU: DeepSpeed's CPU accelerator (the CLI sets DS_ACCELERATOR=cpu, --ddp_backend gloo)
+            "sft",
+            "zero3",
+            marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="no DeepSpeed"),
+        ),
+    ],
+)
 def test_presets_match_one_process(algorithm, preset, tiny_model_path, data, tmp_path, monkeypatch):
     output = _run_and_compare(algorithm, preset, tiny_model_path, data, tmp_path, monkeypatch)
     assert ("ShardingFallbackWarning" in output) == (preset == "fsdp2" and not torch.cuda.is_available())
@@ -200,27 +214,41 @@ def _gpus(monkeypatch, count: int) -> None:
 
 def test_launch_arguments_on_a_cpu_only_machine(monkeypatch):
     _gpus(monkeypatch, 0)
-    arguments, env, notes = _training.launch_arguments({"accelerate_config": "fsdp2"})
+    arguments, env, training, notes = _training.launch_arguments({"accelerate_config": "fsdp2"})
     assert arguments[:2] == ["--config_file", str(preset_path("fsdp2"))]
     assert arguments[2:] == ["--num_processes", "1", "--mixed_precision", "no"]
-    assert env == {"ACCELERATE_USE_CPU": "true"}  # else every launched process trains alone (DistributedType.NO)
-    assert any("Accelerate will NOT apply FSDP on CPU" in note for note in notes)
-    with pytest.raises(ValueError, match="DeepSpeed needs a GPU"):
-        _training.launch_arguments({"accelerate_config": "zero3", "num_processes": 2})
+    assert env == {"ACCELERATE_USE_CPU": "true"} and training == []  # else each process trains alone
+    assert any("Accelerate does NOT apply FSDP on CPU" in note for note in notes)
+
+
+def test_deepspeed_presets_on_a_cpu_only_machine(monkeypatch):
+    _gpus(monkeypatch, 0)
+    installed = importlib.util.find_spec("deepspeed") is not None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "deepspeed" else object())
+    with pytest.raises(
+        ValueError, match=r"zero3 uses DeepSpeed, which is not installed: pip install 'llm-trainer\[deepspeed\]'"
+    ):
+        _training.launch_arguments({"accelerate_config": "zero3"})
+    monkeypatch.undo()
+    _gpus(monkeypatch, 0)
+    if installed:  # DeepSpeed's CPU accelerator with gloo; `use_cpu` would turn DeepSpeed off
+        arguments, env, training, _ = _training.launch_arguments({"accelerate_config": "zero2", "num_processes": 2})
+        assert env == {"DS_ACCELERATOR": "cpu"} and training == ["--ddp_backend", "gloo"]
+        assert arguments[2:] == ["--num_processes", "2", "--mixed_precision", "no"]
 
 
 def test_launch_arguments_with_gpus_and_two_machines(monkeypatch, tmp_path):
     _gpus(monkeypatch, 4)
     layout = {"num_machines": 2, "machine_rank": 1, "main_process_ip": "10.0.0.1", "main_process_port": 29555}
-    arguments, env, _ = _training.launch_arguments({"accelerate_config": "multi_gpu", **layout})
-    assert env == {} and "--mixed_precision" not in arguments
+    arguments, env, training, _ = _training.launch_arguments({"accelerate_config": "multi_gpu", **layout})
+    assert env == {} and training == [] and "--mixed_precision" not in arguments
     assert arguments == [
         "--config_file", str(preset_path("multi_gpu")), "--num_machines", "2", "--machine_rank", "1",
         "--main_process_ip", "10.0.0.1", "--main_process_port", "29555", "--num_processes", "8",
     ]  # fmt: skip
     own = tmp_path / "mine.yaml"  # a user's file keeps its own process count
     own.write_text(yaml.safe_dump({"distributed_type": "MULTI_GPU", "num_processes": 3, "mixed_precision": "no"}))
-    arguments, _, notes = _training.launch_arguments({"accelerate_config": str(own)})
+    arguments, _, _, notes = _training.launch_arguments({"accelerate_config": str(own)})
     assert arguments == ["--config_file", str(own)] and notes == []
 
 
