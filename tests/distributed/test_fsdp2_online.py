@@ -156,3 +156,43 @@ def test_grpo_fsdp2_matches_trl(runs, models, tmp_path):
     ours = runs["fsdp"]["grpo"][0]
     assert ours["completions"] == theirs[0]["completions"]
     _assert_same_grpo_logs(ours["logs"], theirs[0]["logs"])
+
+
+def test_weight_sync_gathers_each_zero3_parameter_once_per_module(tiny_model_path, monkeypatch):
+    """ZeRO-3 weight sync (DeepSpeed is not installable here, so its `GatheredParameters` is a recording stand-in):
+    one gather per module holding parameters, each parameter in exactly one gather, a tied weight once, and the
+    tensors are read while their module's gather is open."""
+    import contextlib
+    import types
+
+    from transformers import AutoModelForCausalLM
+
+    from llm_trainer.generation.weights import iter_named_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, tie_word_embeddings=True)
+    for index, param in enumerate(model.parameters()):
+        param.ds_id = index  # what marks a ZeRO-3 partitioned parameter
+    gathers: list[list[int]] = []
+    open_ids: set[int] = set()
+
+    @contextlib.contextmanager
+    def gathered_parameters(params):
+        params = list(params)
+        gathers.append([p.ds_id for p in params])
+        open_ids.update(p.ds_id for p in params)
+        yield
+        open_ids.difference_update(p.ds_id for p in params)
+
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(GatheredParameters=gathered_parameters)
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    monkeypatch.setattr("accelerate.utils.other.is_deepspeed_available", lambda: False)  # no engine to unwrap
+    by_name = dict(model.named_parameters())
+    names = []
+    for name, _ in iter_named_weights(model):
+        assert by_name[name].ds_id in open_ids, name  # read inside its gather
+        names.append(name)
+    assert names == list(by_name)  # every parameter once, the tied head under its first name
+    flat = [ds_id for group in gathers for ds_id in group]
+    assert sorted(flat) == sorted(p.ds_id for p in model.parameters())  # each gathered exactly once
+    assert len(gathers) == len({name.rsplit(".", 1)[0] for name in names})  # one gather per module
