@@ -251,7 +251,6 @@ def main(
 
     import llm_trainer
 
-    from ..distributed import warn_if_not_sharded
     from ..trainer.utils import get_kbit_device_map, get_peft_config, get_quantization_config
 
     dataset_args = dataset_args if dataset_args is not None else DatasetMixtureConfig()
@@ -290,8 +289,6 @@ def main(
         eval_dataset=splits[1],
         peft_config=get_peft_config(model_args),
     )
-    if getattr(trainer, "accelerator", None) is not None:  # once per process: the trainer may have warned already
-        warn_if_not_sharded(trainer.accelerator, training_args)
     if script_args.ignore_bias_buffers:  # DDP cannot broadcast boolean buffers
         trainer.model._ddp_params_and_buffers_to_ignore = [
             buffer_name for buffer_name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
