@@ -138,13 +138,17 @@ def test_resume_from_full_state_dict_checkpoint(fsdp_results):
 
 
 @pytest.mark.slow
-def test_sharded_state_dict_checkpoint_resumes(models, tmp_path):
+def test_sharded_state_dict_checkpoint_resumes(models, fsdp_results, tmp_path):
     """FSDP2 asked through `fsdp_config` in the training arguments (plain `torchrun`), with sharded checkpoints
-    (`torch.distributed.checkpoint` shards per rank): resuming continues with the uninterrupted run's loss."""
+    (`torch.distributed.checkpoint` shards per rank): resuming continues with the uninterrupted run's loss. DPO with
+    precomputed reference log-probs under the same launch gives the losses of DPO with a sharded reference model."""
     fsdp_config = {"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT"}
     job = {"algorithm": "sft", "batch": 2, "steps": 3, "save_steps": 2, "dir": "sft", "fsdp_config": fsdp_config}
     jobs = [{**job, "name": "straight"}, {**job, "name": "resumed", "resume": "checkpoint-2"}]
-    results = _launch("llm_trainer", jobs, models, tmp_path)
+    # and DPO with reference log-probs computed before training (no reference model kept)
+    precomputed = {"algorithm": "dpo", "batch": 2, "steps": 2, "precompute": True, "fsdp_config": fsdp_config}
+    jobs.append({**precomputed, "name": "dpo_precomputed"})
+    results = _launch("llm_trainer", jobs, models, tmp_path, env={"LLM_TRAINER_CACHE": str(tmp_path / "cache")})
     checkpoint = tmp_path / "sft" / "checkpoint-2"
     assert (checkpoint / "pytorch_model_fsdp_0" / ".metadata").exists()  # sharded, not one full file
     assert not (checkpoint / "pytorch_model_fsdp.bin").exists()
@@ -153,6 +157,8 @@ def test_sharded_state_dict_checkpoint_resumes(models, tmp_path):
         assert straight["sharded"] == resumed["sharded"] == "yes"
         assert [entry["step"] for entry in resumed["logs"]] == [1, 2, 3]
         _assert_same_losses(_losses(resumed), _losses(straight), rtol=1e-6)
+        assert results_of_rank["dpo_precomputed"]["ref_sharded"] is None  # no reference model to shard
+        _assert_same_losses(_losses(results_of_rank["dpo_precomputed"]), _losses(fsdp_results[0]["dpo"])[:2])
 
 
 @pytest.mark.slow
