@@ -175,6 +175,56 @@ def distill(models, options, out):
     return result
 
 
+def gkd(models, options, out):
+    """GKD with on-policy student samples every step (`lmbda=1`: sharded `generate`) and a sharded teacher."""
+    from llm_trainer import GKDConfig, GKDTrainer
+
+    args = GKDConfig(output_dir=out, max_new_tokens=6, per_device_train_batch_size=2, lmbda=1.0, **COMMON, **FSDP2)
+    trainer = GKDTrainer(
+        model=models["policy"],
+        teacher_model=models["teacher"],
+        args=args,
+        train_dataset=zen_dataset("conversational_language_modeling"),
+    )
+    result = train(trainer)
+    assert_sharded(trainer.teacher_model)
+    result["teacher_sharded"] = True
+    return result
+
+
+def teacher_grpo(models, options, out):
+    """TeacherGRPO whose student is the sharded KL reference (generating with it is a collective)."""
+    from datasets import Dataset
+
+    from llm_trainer import TeacherGRPOConfig, TeacherGRPOTrainer
+
+    problems = [f"What is {i} plus {i + 1}?" for i in range(8)]
+    dataset = Dataset.from_dict({"prompt": problems, "answer": [str(2 * i + 1) for i in range(8)]})
+    args = TeacherGRPOConfig(
+        output_dir=out,
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=6,
+        max_student_tokens=4,
+        max_probe_tokens=4,
+        beta=0.04,  # a KL reference, which is then the student
+        student_temperature=1.0,  # a random greedy student would ignore the teaching: no reward spread
+        **COMMON,
+        **FSDP2,
+    )
+    trainer = TeacherGRPOTrainer(
+        models["policy"],
+        args=args,
+        train_dataset=dataset,
+        correctness_fn=lambda response, row: min(1.0, len(response) / 30),
+    )
+    result = train(trainer)
+    assert trainer.student_model is trainer.ref_model
+    assert_sharded(trainer.student_model)  # the student generated sharded, in lockstep
+    result["student_sharded"] = True
+    return result
+
+
 def ppo(models, options, out):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -286,7 +336,16 @@ def sync(models, options, out):
     return result
 
 
-SCENARIOS = {"grpo": grpo, "rloo": rloo, "distill": distill, "ppo": ppo, "lockstep": lockstep, "sync": sync}
+SCENARIOS = {
+    "grpo": grpo,
+    "rloo": rloo,
+    "distill": distill,
+    "gkd": gkd,
+    "teacher_grpo": teacher_grpo,
+    "ppo": ppo,
+    "lockstep": lockstep,
+    "sync": sync,
+}
 
 
 def main(scenarios: str, models: str, out: str, options: str = "{}") -> None:

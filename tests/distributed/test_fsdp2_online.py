@@ -9,6 +9,7 @@ alone would pass under a silent DDP fallback).
   every parameter moves; the KL references (GRPO, RLOO, PPO) are sharded as well.
 - Sharded generation never hangs: one rank's completions end at their first token while the other's run to the
   limit, one rank has more prompts than the other (and then none): outputs equal unsharded generation.
+- Slow: GKD (on-policy student samples, sharded teacher) and TeacherGRPO (the student is the sharded reference).
 - GRPO's weight sync from FSDP2 ranks to a real `llm-trainer vllm-serve --backend transformers` server delivers the
   full trained weights: the server's greedy output equals the trainer's (and differs from the initial model's).
 
@@ -196,3 +197,15 @@ def test_weight_sync_gathers_each_zero3_parameter_once_per_module(tiny_model_pat
     flat = [ds_id for group in gathers for ds_id in group]
     assert sorted(flat) == sorted(p.ds_id for p in model.parameters())  # each gathered exactly once
     assert len(gathers) == len({name.rsplit(".", 1)[0] for name in names})  # one gather per module
+
+
+@pytest.mark.slow
+def test_gkd_and_teacher_grpo_train_sharded(models, tmp_path):
+    """GKD (on-policy student samples every step, sharded teacher) and TeacherGRPO (the student is the sharded KL
+    reference, generating in lockstep) under FSDP2."""
+    process = _launch("gkd,teacher_grpo", models, tmp_path, {"fsdp": True}, nproc=2)
+    results = _results(process, "gkd,teacher_grpo", tmp_path, 2)
+    _assert_trained_sharded(results["gkd"])
+    assert all(result["teacher_sharded"] for result in results["gkd"])
+    _assert_trained_sharded(results["teacher_grpo"])
+    assert all(result["student_sharded"] and result["reference_sharded"] for result in results["teacher_grpo"])
