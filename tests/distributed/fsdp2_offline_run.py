@@ -118,6 +118,7 @@ def build(package, job: dict, models: dict, out: str):
     config_name, trainer_name = CLASSES[algorithm]
     config_cls, trainer_cls = getattr(package, config_name), getattr(package, trainer_name)
     options = {**COMMON, "per_device_train_batch_size": job["batch"], "max_steps": job["steps"]}
+    options.update(job.get("options", {}))
     if job.get("precompute"):
         options.update(precompute_ref_log_probs=True)
     if job.get("fsdp_config"):  # FSDP asked through TrainingArguments instead of the launcher's config

@@ -30,10 +30,12 @@ LOSS_RTOL = 1e-5
 
 
 def _jobs(batch: int, steps: int = 3) -> list[dict]:
-    """SFT, DPO (saving at step 2) and, under FSDP2, DPO resumed from that checkpoint and the other offline trainers."""
+    """SFT, DPO (saving at step 2) and TR-DPO (`sync_ref_model`)."""
+    sync = {"sync_ref_model": True, "ref_model_sync_steps": 1}  # TR-DPO: the sharded reference mixes in the policy
     return [
         {"algorithm": "sft", "batch": batch, "steps": 2},
         {"algorithm": "dpo", "batch": batch, "steps": steps, "save_steps": 2, "name": "dpo", "dir": "dpo"},
+        {"algorithm": "dpo", "batch": batch, "steps": 2, "options": sync, "name": "dpo_sync", "dir": "dpo_sync"},
     ]
 
 
@@ -86,16 +88,16 @@ def _assert_same_losses(ours: list[float], theirs: list[float], rtol: float = LO
 def test_every_trainer_is_sharded_on_every_rank(fsdp_results):
     assert len(fsdp_results) == 2
     for rank, results in enumerate(fsdp_results):
-        assert set(results) == {"sft", "dpo", "dpo_resumed", *UNPAIRED_AND_REWARD}
+        assert set(results) == {"sft", "dpo", "dpo_sync", "dpo_resumed", *UNPAIRED_AND_REWARD}
         for name, result in results.items():
             where = f"rank {rank}, {name}"
             assert result["distributed_type"] == "DistributedType.FSDP", where
             assert result["world_size"] == 2, where
             assert result["sharded"] == "yes", f"{where}: {result['sharded']}"
-            if name in ("dpo", "dpo_resumed", "kto", "bco"):
+            if name in ("dpo", "dpo_sync", "dpo_resumed", "kto", "bco"):
                 assert result["ref_sharded"] == "yes", f"{where}: reference {result['ref_sharded']}"
             assert result["compared"] > 0 and result["changed"] == result["compared"], where
-            assert len(result["logs"]) == (3 if name.startswith("dpo") else 2), where
+            assert len(result["logs"]) == (3 if name in ("dpo", "dpo_resumed") else 2), where
             assert all(math.isfinite(loss) for loss in _losses(result)), where
     # the ranks log the same (gathered) metrics
     for name in fsdp_results[0]:
@@ -122,11 +124,13 @@ def test_fused_head_gathers_only_the_head(fsdp_results, models):
 
 def test_sft_and_dpo_match_one_process_with_twice_the_batch(fsdp_results, single_results):
     assert single_results["sft"]["world_size"] == 1
-    for name in ("sft", "dpo"):
+    for name in ("sft", "dpo", "dpo_sync"):
         _assert_same_losses(_losses(fsdp_results[0][name]), _losses(single_results[name]))
         ours = [entry["grad_norm"] for entry in fsdp_results[0][name]["logs"]]
         theirs = [entry["grad_norm"] for entry in single_results[name]["logs"]]
         _assert_same_losses(ours, theirs, rtol=1e-4)
+    # the synced reference moved after step 1: TR-DPO's step-2 loss is not plain DPO's
+    assert not math.isclose(_losses(fsdp_results[0]["dpo_sync"])[1], _losses(fsdp_results[0]["dpo"])[1], rel_tol=1e-3)
 
 
 def test_resume_from_full_state_dict_checkpoint(fsdp_results):
@@ -164,7 +168,7 @@ def test_sharded_state_dict_checkpoint_resumes(models, fsdp_results, tmp_path):
 @pytest.mark.slow
 def test_sft_and_dpo_match_trl_under_the_same_launch(models, fsdp_results, tmp_path):
     pytest.importorskip("trl")
-    theirs = _launch("trl", _jobs(batch=2), models, tmp_path, accelerate_config=fsdp2_config(tmp_path))
+    theirs = _launch("trl", _jobs(batch=2)[:2], models, tmp_path, accelerate_config=fsdp2_config(tmp_path))
     for rank, results in enumerate(theirs):
         for name in ("sft", "dpo"):
             assert results[name]["sharded"] == "yes", f"TRL rank {rank}, {name}: {results[name]['sharded']}"
