@@ -1,5 +1,6 @@
-"""The reference log-prob cache across two processes (`torchrun`, gloo on CPU): DPO with
-`precompute_ref_log_probs=True` under DDP and under FSDP2 (the test-only shim, parameters asserted sharded). The
+"""The reference log-prob cache across two processes (gloo on CPU): DPO with `precompute_ref_log_probs=True` under
+DDP, under FSDP2 (the test-only shim, parameters asserted sharded) and under DeepSpeed ZeRO-3 (the shipped preset,
+`DS_ACCELERATOR=cpu`: the policy is partitioned at load, so the reference pass itself is collective). The
 first run computes on every rank and writes one file; the second run makes no reference forward on any rank, and
 every rank holds the first run's columns and trains with its per-step losses.
 
@@ -9,6 +10,7 @@ run: it counts the reference batches (`DPOTrainer.reference_batch_logps`) and re
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -53,7 +55,10 @@ def launched(mode: str, model: str, out: str) -> None:
         return original(self, batch)
 
     DPOTrainer.reference_batch_logps = counted
-    args = DPOConfig(output_dir=out, **COMMON, **(FSDP2 if mode == "fsdp2" else {}))
+    extra = FSDP2 if mode == "fsdp2" else {}
+    if mode == "zero3":  # launched by `accelerate launch` with the zero3 preset: DeepSpeed on CPU over gloo
+        extra = {"use_cpu": False, "ddp_backend": "gloo"}
+    args = DPOConfig(output_dir=out, **{**COMMON, **extra})
     trainer = DPOTrainer(model, args=args, train_dataset=zen_dataset("standard_preference"))
     columns = {c: list(trainer.train_dataset[c]) for c in trainer.reference_columns}
     trainer.train()
@@ -61,6 +66,11 @@ def launched(mode: str, model: str, out: str) -> None:
     if mode == "fsdp2":
         shim.assert_sharded(trainer.model_wrapped)
         sharded = True
+    if mode == "zero3":  # every parameter partitioned: this rank holds a part of each larger one
+        params = list(trainer.model.parameters())
+        sharded = trainer.model_wrapped.zero_optimization_stage() == 3 and all(
+            p.ds_tensor.numel() < p.ds_numel for p in params if p.ds_numel > 64
+        )
     fsdp_run.write_result(
         {
             "rank": dist.get_rank(),
@@ -82,28 +92,58 @@ if __name__ == "__main__":
 import pytest  # noqa: E402
 
 
+def _zero3_preset(tmp_path: Path) -> str:
+    """The shipped zero3 preset in fp32 (gloo on CPU)."""
+    preset = HERE.parent.parent / "llm_trainer" / "accelerate_configs" / "zero3.yaml"
+    path = tmp_path / "zero3.yaml"
+    path.write_text(preset.read_text().replace("mixed_precision: bf16", "mixed_precision: 'no'"))
+    return str(path)
+
+
 def _two_runs(mode: str, model: str, tmp_path: Path) -> tuple[list[dict], list[dict]]:
     run_torchrun = importlib.import_module("fsdp_run").run_torchrun
     env = {"LLM_TRAINER_CACHE": str(tmp_path / "cache")}
-    first = run_torchrun(__file__, [mode, model, str(tmp_path / "first")], env=env)
+    launch = {}
+    if mode == "zero3":
+        env["DS_ACCELERATOR"] = "cpu"
+        launch = {"accelerate_config": _zero3_preset(tmp_path), "timeout": 600}
+    first = run_torchrun(__file__, [mode, model, str(tmp_path / "first")], env=env, **launch)
     files = list((tmp_path / "cache").rglob("*.safetensors"))
     assert len(files) == 1, files  # one file, written by the main process only
-    second = run_torchrun(__file__, [mode, model, str(tmp_path / "second")], env=env)
+    second = run_torchrun(__file__, [mode, model, str(tmp_path / "second")], env=env, **launch)
     return first, second
 
 
 @pytest.mark.parametrize(
     "mode",
-    ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)],
+    [
+        "ddp",
+        pytest.param("fsdp2", marks=pytest.mark.slow),
+        pytest.param(
+            "zero3",
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.xfail(
+                    reason="the reference pass itself fails under ZeRO-3 today, cache or not: the policy, partitioned "
+                    "at load (zero.Init), runs its forward ungathered ('weight' must be 2-D in the embedding); "
+                    "reference_policy.precompute_columns has to gather it layer by layer (models.utils)",
+                    strict=False,
+                ),
+            ],
+        ),
+    ],
 )
 def test_second_distributed_run_makes_no_reference_forward(mode, tiny_model_path, tmp_path):
     if mode == "fsdp2" and not (HERE / "fsdp_shim.py").exists():
         pytest.skip("tests/distributed/fsdp_shim.py (the FSDP2-on-CPU shim) is not there")
+    if mode == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed (`pip install deepspeed`)")
     first, second = _two_runs(mode, tiny_model_path, tmp_path)
     for run in (first, second):
         assert [r["rank"] for r in run] == [0, 1] and all(r["world_size"] == 2 for r in run)
-        if mode == "fsdp2":
-            assert all(r["distributed_type"] == "FSDP" and r["sharded"] for r in run)
+        if mode != "ddp":
+            expected = {"fsdp2": "FSDP", "zero3": "DEEPSPEED"}[mode]
+            assert all(r["distributed_type"] == expected and r["sharded"] for r in run), run
     assert all(r["forwards"] > 0 for r in first)  # the first run computes on every rank (a collective pass)
     assert [r["forwards"] for r in second] == [0, 0]  # the second computes on none
     reference = first[0]["columns"]
