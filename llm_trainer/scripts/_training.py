@@ -429,8 +429,17 @@ def launch_arguments(launch: dict[str, Any]) -> tuple[list[str], dict[str, str],
     config_file = resolve_accelerate_config(value) if value is not None else None
     config: dict[str, Any] = {}
     if config_file is not None:
-        with open(config_file) as f:
-            config = yaml.safe_load(f) or {}
+        try:
+            with open(config_file) as f:
+                config = yaml.safe_load(f)
+        except yaml.YAMLError as error:
+            raise ScriptArgumentError(f"--accelerate_config {value} is not valid YAML: {error}") from None
+        if not isinstance(config, dict) or "distributed_type" not in config:
+            raise ScriptArgumentError(
+                f"--accelerate_config {value} is not an Accelerate config (it has no `distributed_type`): write one "
+                "with `accelerate config`, or copy a shipped preset (`llm_trainer.accelerate_configs.preset_path`). "
+                "Training settings go in --config."
+            )
     kind = config.get("distributed_type")
     if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         raise ScriptArgumentError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -193,17 +194,28 @@ def test_split_launch_arguments():
 
 
 @pytest.mark.parametrize(
-    ("value", "message"),
+    ("value", "text", "message"),
     [
-        ("zero4", "not a shipped preset nor a file. The shipped presets are: single_gpu, multi_gpu, fsdp1, fsdp2"),
-        ("configs/missing.yaml", "no such file"),
+        (
+            "zero4",
+            None,
+            "not a shipped preset nor a file. The shipped presets are: single_gpu, multi_gpu, fsdp1, fsdp2",
+        ),
+        ("configs/missing.yaml", None, "no such file"),
+        ("bad.yaml", "a: [1,", "is not valid YAML"),
+        ("train.yaml", "learning_rate: 1.0e-5\n", "is not an Accelerate config (it has no `distributed_type`)"),
     ],
 )
-def test_bad_accelerate_config_is_an_error_before_launching(value, message, monkeypatch, tiny_model_path, tmp_path):
+def test_bad_accelerate_config_is_an_error_before_launching(
+    value, text, message, monkeypatch, tiny_model_path, tmp_path
+):
+    monkeypatch.chdir(tmp_path)
+    if text is not None:
+        (tmp_path / value).write_text(text)
     launches = []
     monkeypatch.setattr("accelerate.commands.launch.launch_command", launches.append)
     flags = ["--model_name_or_path", tiny_model_path, "--dataset_name", "d", "--output_dir", str(tmp_path)]
-    with pytest.raises(SystemExit, match=f"llm-trainer sft: --accelerate_config {value}: {message}"):
+    with pytest.raises(SystemExit, match=f"llm-trainer sft: --accelerate_config {value}:? {re.escape(message)}"):
         main(["sft", "--accelerate_config", value, *flags])
     assert not launches
 
