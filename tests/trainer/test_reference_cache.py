@@ -208,3 +208,12 @@ def test_peft_policy_as_its_reference_is_keyed_by_the_base_weights(tiny_model_pa
     second = build(r=8, lora_alpha=32)
     assert forwards.get("dpo", 0) == 0
     assert _columns(second) == _columns(first)
+
+
+def test_unwritable_cache_only_warns(tiny_model_path, tmp_path, forwards, monkeypatch):
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("")
+    monkeypatch.setenv("LLM_TRAINER_CACHE", str(blocker))  # the cache folder cannot be created under a file
+    with pytest.warns(UserWarning, match="Could not cache the reference log-probs"):
+        trainer = _build("dpo", tiny_model_path, tmp_path)
+    assert forwards["dpo"] > 0 and set(trainer.reference_columns) <= set(trainer.train_dataset.column_names)
