@@ -29,6 +29,7 @@ __all__ = [
     "prepare_fsdp",
     "remove_hooks",
     "unwrap_model_for_generation",
+    "zero3_copy",
     "zero3_layerwise_gathered",
 ]
 
@@ -154,6 +155,63 @@ def zero3_layerwise_gathered(model: nn.Module) -> Iterator[nn.Module]:
         for stack in open_contexts.values():
             while stack:
                 stack.pop().__exit__(None, None, None)
+
+
+_ZERO3_BUILD_CONFIG = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+
+
+def zero3_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy (eval mode, no gradients) of a ZeRO-3-partitioned model, itself partitioned: the reference
+    model of DPO, KTO or GRPO's KL term when the policy was loaded under `zero.Init`.
+
+    `copy.deepcopy` (what `create_reference_model` does) copies only each process's empty shard views and DeepSpeed's
+    bookkeeping, and the copy then fails inside DeepSpeed (`param.ds_status == AVAILABLE` asserts). Here the copy is
+    built from the config under `zero.Init` (partitioned from the start) and filled one module at a time, each
+    module's weights gathered from the source and into the copy, so never more than one layer is whole. A collective:
+    every process must call it. A model with no partitioned parameters is deep-copied.
+    """
+    if not any(_is_partitioned(p) for p in model.parameters()):
+        return create_reference_model(model)
+    import torch
+
+    deepspeed = _import_deepspeed()
+    if hasattr(model, "get_base_model"):
+        raise ValueError(
+            "zero3_copy copies a plain transformers model; for a PEFT policy use its adapter-disabled base as the "
+            "reference instead (no copy needed)."
+        )
+    dtype = next(p for p in model.parameters() if _is_partitioned(p)).ds_tensor.dtype
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    # transformers builds the model under `zero.Init` (and initialises the partitioned weights) when ZeRO-3 is on,
+    # as it is inside a trainer; outside one, say so for the duration of the build.
+    zero3_on = None if is_deepspeed_zero3_enabled() else HfDeepSpeedConfig(_ZERO3_BUILD_CONFIG)
+    try:
+        copy_model = type(model)._from_config(copy.deepcopy(model.config), dtype=dtype)
+    finally:
+        del zero3_on
+    copy_modules = dict(copy_model.named_modules())
+    done: set[int] = set()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            target = copy_modules[name]
+            pairs = [
+                (source, getattr(target, key))
+                for key, source in module.named_parameters(recurse=False)
+                if id(source) not in done
+            ]
+            done.update(id(source) for source, _ in pairs)
+            for key, buffer in module.named_buffers(recurse=False):  # not partitioned: plain copies
+                target_buffer = getattr(target, key, None)
+                if isinstance(target_buffer, torch.Tensor) and target_buffer.shape == buffer.shape:
+                    target_buffer.copy_(buffer)
+            if pairs:
+                with deepspeed.zero.GatheredParameters([p for pair in pairs for p in pair], modifier_rank=0):
+                    for source, destination in pairs:
+                        destination.data.copy_(source.data)
+    if getattr(model, "generation_config", None) is not None:
+        copy_model.generation_config = copy.deepcopy(model.generation_config)
+    return copy_model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------- generation

@@ -50,7 +50,12 @@ def zero3_checks(model_path: str) -> dict:
     from transformers.integrations import HfDeepSpeedConfig
 
     from llm_trainer.generation.weights import iter_named_weights
-    from llm_trainer.models.utils import prepare_deepspeed, unwrap_model_for_generation, zero3_layerwise_gathered
+    from llm_trainer.models.utils import (
+        prepare_deepspeed,
+        unwrap_model_for_generation,
+        zero3_copy,
+        zero3_layerwise_gathered,
+    )
 
     torch.manual_seed(0)
     plain = AutoModelForCausalLM.from_pretrained(model_path).eval()
@@ -89,6 +94,18 @@ def zero3_checks(model_path: str) -> dict:
     result["layerwise_gathered_numel"] = gathered_inside
     result["layerwise_full_numel"] = probe.weight.ds_numel
     result["layerwise_status_after"] = sorted(_status(loaded))
+
+    # 1b. Its frozen copy (the reference when no `ref_model` is given): partitioned too, same outputs, independent.
+    copied = zero3_copy(loaded)
+    result["copy_partitioned"] = all(_partitioned(p) for p in copied.parameters() if p.ds_numel > 64)
+    result["copy_frozen"] = not copied.training and not any(p.requires_grad for p in copied.parameters())
+    with torch.no_grad(), deepspeed.zero.GatheredParameters([probe.weight], modifier_rank=0):
+        probe.weight.add_(1.0)  # change the source: the copy must not follow
+    with torch.no_grad(), zero3_layerwise_gathered(copied) as model:
+        logits = model(ids).logits
+    result["copy_logits_max_diff"] = (logits - expected_logits).abs().max().item()
+    with torch.no_grad(), zero3_layerwise_gathered(loaded) as model:
+        result["source_changed_by"] = (model(ids).logits - expected_logits).abs().max().item()
 
     # 2. A frozen reference model through prepare_deepspeed: partitioned, eval mode, no optimizer state.
     reference = AutoModelForCausalLM.from_pretrained(model_path)
@@ -252,8 +269,10 @@ def test_zero3_reference_generation_weight_sync(tiny_model):
         assert rank["loaded_partitioned"]
         assert rank["bare_forward_error"] and "2-D" in rank["bare_forward_error"]
         assert rank["layerwise_logits_max_diff"] < 1e-4
-        assert rank["layerwise_gathered_numel"] == [rank["layerwise_full_numel"]]  # whole inside its forward
+        assert set(rank["layerwise_gathered_numel"]) == {rank["layerwise_full_numel"]}  # whole inside its forward
         assert rank["layerwise_status_after"] == ["NOT_AVAILABLE"]  # and released after
+        assert rank["copy_partitioned"] and rank["copy_frozen"] and rank["copy_logits_max_diff"] < 1e-4
+        assert rank["source_changed_by"] > 1e-3
         # Reference model: sharded, frozen in eval mode, same outputs.
         assert rank["reference_partitioned"] and not rank["reference_training_mode"]
         assert rank["reference_zero_stage"] == 3
