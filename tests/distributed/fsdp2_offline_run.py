@@ -132,20 +132,29 @@ def build(package, job: dict, models: dict, out: str):
     args = config_cls(output_dir=out, **options)
     dataset = zen_dataset(DATASETS[algorithm])
     model = models["reward"] if algorithm == "reward" else models["causal"]
-    return trainer_cls(model, args=args, train_dataset=dataset)
+    extra = {}
+    if job.get("lora"):
+        from peft import LoraConfig
+
+        extra["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    return trainer_cls(model, args=args, train_dataset=dataset, **extra)
 
 
-def changed_parameters(model: torch.nn.Module, initial: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(parameters whose full value differs from `initial`, parameters compared); a collective under FSDP2."""
+def changed_parameters(model: torch.nn.Module, initial: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """(parameters of the base model whose full value differs from `initial`, parameters compared, LoRA B matrices
+    that left their zero initialisation); a collective under FSDP2."""
     from torch.distributed.tensor import DTensor
 
-    changed = total = 0
+    changed = total = adapters = 0
     for name, param in model.named_parameters():
-        full = param.full_tensor() if isinstance(param, DTensor) else param
+        full = (param.full_tensor() if isinstance(param, DTensor) else param).detach().cpu()
+        if "lora_B" in name:
+            adapters += bool(full.abs().sum() > 0)
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
         if name in initial:
             total += 1
-            changed += not torch.equal(full.detach().cpu(), initial[name])
-    return changed, total
+            changed += not torch.equal(full, initial[name])
+    return changed, total, adapters
 
 
 def initial_weights(path: str, algorithm: str) -> dict[str, torch.Tensor]:
@@ -175,7 +184,7 @@ def run_job(package, job: dict, models: dict, out: str, spy: HeadSpy | None) -> 
     trainer.train(resume_from_checkpoint=os.path.join(job_out, resume) if resume else None)
     world = trainer.accelerator.num_processes
     initial = initial_weights(models["reward"] if algorithm == "reward" else models["causal"], algorithm)
-    changed, total = changed_parameters(trainer.model, initial)
+    changed, total, adapters = changed_parameters(trainer.model, initial)
     result = {
         "algorithm": algorithm,
         "world_size": world,
@@ -185,6 +194,7 @@ def run_job(package, job: dict, models: dict, out: str, spy: HeadSpy | None) -> 
         "ref_sharded": (sharded(ref) if world > 1 else "single process") if ref is not None else None,
         "changed": changed,
         "compared": total,
+        "adapters_trained": adapters,
         "checkpoints": sorted(name for name in os.listdir(job_out) if name.startswith("checkpoint-"))
         if os.path.isdir(job_out)
         else [],

@@ -173,3 +173,21 @@ def test_sft_and_dpo_match_trl_under_the_same_launch(models, fsdp_results, tmp_p
         for name in ("sft", "dpo"):
             assert results[name]["sharded"] == "yes", f"TRL rank {rank}, {name}: {results[name]['sharded']}"
             _assert_same_losses(_losses(fsdp_results[rank][name]), _losses(results[name]))
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp2_matches_one_process(models, tmp_path):
+    """SFT and DPO with a LoRA adapter (the reference: the policy with its adapter off): the frozen base stays put,
+    the adapters train, and the losses match one process with twice the batch."""
+    pytest.importorskip("peft")
+    jobs = [{"algorithm": algorithm, "batch": 2, "steps": 2, "lora": True} for algorithm in ("sft", "dpo")]
+    sharded = _launch("llm_trainer", jobs, models, tmp_path / "fsdp2", accelerate_config=fsdp2_config(tmp_path))
+    single = _launch("llm_trainer", [{**job, "batch": 4} for job in jobs], models, tmp_path / "one", nproc=1)[0]
+    for rank, results in enumerate(sharded):
+        for name in ("sft", "dpo"):
+            result, where = results[name], f"rank {rank}, {name}"
+            assert result["distributed_type"] == "DistributedType.FSDP" and result["sharded"] == "yes", where
+            assert result["compared"] > 0 and result["changed"] == 0, f"{where}: the frozen base model changed"
+            assert result["adapters_trained"] > 0, where
+            assert result["head"]["weight_dtensor"] == 0 and result["head"]["calls"] > 0, where
+            _assert_same_losses(_losses(result), _losses(single[name]))
