@@ -1,5 +1,6 @@
 """The reference log-prob cache across two processes (gloo on CPU): DPO with `precompute_ref_log_probs=True` under
-DDP, under FSDP2 (the test-only shim, parameters asserted sharded) and under DeepSpeed ZeRO-3 (the shipped preset,
+DDP, under FSDP2 (the test-only shim; a separate reference model, its parameters and the policy's asserted
+sharded, so the reference pass is collective) and under DeepSpeed ZeRO-3 (the shipped preset,
 `DS_ACCELERATOR=cpu`: the policy is partitioned at load, so the reference pass itself is collective). The
 first run computes on every rank and writes one file; the second run makes no reference forward on any rank, and
 every rank holds the first run's columns and trains with its per-step losses.
@@ -59,7 +60,12 @@ def launched(mode: str, model: str, out: str) -> None:
     if mode == "zero3":  # launched by `accelerate launch` with the zero3 preset: DeepSpeed on CPU over gloo
         extra = {"use_cpu": False, "ddp_backend": "gloo"}
     args = DPOConfig(output_dir=out, **{**COMMON, **extra})
-    trainer = DPOTrainer(model, args=args, train_dataset=zen_dataset("standard_preference"))
+    # Under FSDP2 a separate reference, sharded like the policy: its pass is a collective over DTensor weights, and
+    # each rank hashes its own shards (the ranks' keys are combined into one).
+    ref_model = model if mode == "fsdp2" else None
+    trainer = DPOTrainer(model, ref_model=ref_model, args=args, train_dataset=zen_dataset("standard_preference"))
+    if mode == "fsdp2":
+        shim.assert_sharded(trainer.ref_model)
     columns = {c: list(trainer.train_dataset[c]) for c in trainer.reference_columns}
     trainer.train()
     sharded = None
