@@ -17,8 +17,8 @@ The key hashes:
   adapters the reference does not run (with adapters disabled: none of them), so a new LoRA rank or seed still hits;
 - the prepared dataset's content (its Arrow buffers and index mapping): exactly the token ids the reference reads,
   so the raw data, the tokenizer, the chat template and the dataset-side truncation are covered. (`datasets`'
-  `_fingerprint` of a tokenized dataset is random in each process when a map function cannot be hashed
-  deterministically, as happens with a tokenizer argument, so it cannot serve as a key);
+  `_fingerprint` cannot serve: a DPO-prepared dataset gets a new one in every process, its map functions not
+  being hashed deterministically, so a second run would never hit);
 - the tokenizer (name, vocabulary size, special tokens) and the collation/forward fields of the config that
   change the values (`CONFIG_FIELDS`), the batch size of the reference pass, the trainer class, its reference
   columns and reference adapter, the process count, device type, mixed precision and the library version.
