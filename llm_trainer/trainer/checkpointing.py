@@ -52,6 +52,27 @@ def staged_folder(final: str, accelerator: Any, is_writer: bool) -> Iterator[str
     accelerator.wait_for_everyone()
 
 
+@contextlib.contextmanager
+def full_model_save(trainer: Any, internal_call: bool = False) -> Iterator[None]:
+    """Around `Trainer.save_model`: under FSDP with sharded state dicts (`fsdp_state_dict_type: SHARDED_STATE_DICT`),
+    transformers' `save_model` writes no model at all, silently (checkpoints get the per-rank shards elsewhere). For
+    a `save_model()` outside checkpoints (`internal_call` False), the plugin is switched to full state dicts for the
+    call, so the gathered weights are written as a `from_pretrained`-loadable model on the main process (every
+    process must call it: the gather is a collective); the setting is restored after. Elsewhere a no-op."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
+    if internal_call or plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        yield
+        return
+    from torch.distributed.fsdp import StateDictType
+
+    sharded = plugin.state_dict_type
+    plugin.state_dict_type = StateDictType.FULL_STATE_DICT
+    try:
+        yield
+    finally:
+        plugin.state_dict_type = sharded
+
+
 def commit_folder(staged: str, final: str) -> None:
     """Move the complete folder `staged` to `final`, replacing what is there.
 

@@ -164,6 +164,21 @@ def initial_weights(path: str, algorithm: str) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in auto.from_pretrained(path).named_parameters()}
 
 
+def saved_model_matches(trainer, path: str, algorithm: str, job_save: bool | str = True) -> bool:
+    """`trainer.save_model(path)`, then whether `from_pretrained(path)` holds the trained (gathered) weights."""
+    if job_save == "helper":  # until BaseTrainer.save_model uses `full_model_save` itself
+        from llm_trainer.trainer.checkpointing import full_model_save
+
+        with full_model_save(trainer):
+            trainer.save_model(path)
+    else:
+        trainer.save_model(path)
+    trainer.accelerator.wait_for_everyone()
+    saved = initial_weights(path, algorithm)
+    changed, total, _ = changed_parameters(trainer.model, saved)
+    return total == len(saved) > 0 and changed == 0
+
+
 def sharded(model) -> str:
     """ "yes" when `assert_sharded` passes on this rank, else its message."""
     try:
@@ -183,6 +198,9 @@ def run_job(package, job: dict, models: dict, out: str, spy: HeadSpy | None) -> 
     resume = job.get("resume")
     trainer.train(resume_from_checkpoint=os.path.join(job_out, resume) if resume else None)
     world = trainer.accelerator.num_processes
+    saved = None
+    if job.get("save_model"):
+        saved = saved_model_matches(trainer, os.path.join(job_out, "final"), algorithm, job["save_model"])
     initial = initial_weights(models["reward"] if algorithm == "reward" else models["causal"], algorithm)
     changed, total, adapters = changed_parameters(trainer.model, initial)
     result = {
@@ -195,6 +213,7 @@ def run_job(package, job: dict, models: dict, out: str, spy: HeadSpy | None) -> 
         "changed": changed,
         "compared": total,
         "adapters_trained": adapters,
+        "saved_model_matches": saved,
         "checkpoints": sorted(name for name in os.listdir(job_out) if name.startswith("checkpoint-"))
         if os.path.isdir(job_out)
         else [],

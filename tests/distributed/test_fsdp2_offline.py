@@ -33,7 +33,7 @@ def _jobs(batch: int, steps: int = 3) -> list[dict]:
     """SFT, DPO (saving at step 2) and TR-DPO (`sync_ref_model`)."""
     sync = {"sync_ref_model": True, "ref_model_sync_steps": 1}  # TR-DPO: the sharded reference mixes in the policy
     return [
-        {"algorithm": "sft", "batch": batch, "steps": 2},
+        {"algorithm": "sft", "batch": batch, "steps": 2, "save_model": True},
         {"algorithm": "dpo", "batch": batch, "steps": steps, "save_steps": 2, "name": "dpo", "dir": "dpo"},
         {"algorithm": "dpo", "batch": batch, "steps": 2, "options": sync, "name": "dpo_sync", "dir": "dpo_sync"},
     ]
@@ -135,6 +135,7 @@ def test_sft_and_dpo_match_one_process_with_twice_the_batch(fsdp_results, single
 
 def test_resume_from_full_state_dict_checkpoint(fsdp_results):
     for results in fsdp_results:
+        assert results["sft"]["saved_model_matches"] is True  # `save_model()` wrote the gathered, trained weights
         straight, resumed = results["dpo"], results["dpo_resumed"]
         assert "checkpoint-2" in straight["checkpoints"]
         assert [entry["step"] for entry in resumed["logs"]] == [1, 2, 3]  # steps 1-2 restored, step 3 trained
@@ -148,7 +149,8 @@ def test_sharded_state_dict_checkpoint_resumes(models, fsdp_results, tmp_path):
     precomputed reference log-probs under the same launch gives the losses of DPO with a sharded reference model."""
     fsdp_config = {"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT"}
     job = {"algorithm": "sft", "batch": 2, "steps": 3, "save_steps": 2, "dir": "sft", "fsdp_config": fsdp_config}
-    jobs = [{**job, "name": "straight"}, {**job, "name": "resumed", "resume": "checkpoint-2"}]
+    # the final `save_model()` writes the gathered model (transformers writes none with sharded state dicts)
+    jobs = [{**job, "name": "straight", "save_model": "helper"}, {**job, "name": "resumed", "resume": "checkpoint-2"}]
     # and DPO with reference log-probs computed before training (no reference model kept)
     precomputed = {"algorithm": "dpo", "batch": 2, "steps": 2, "precompute": True, "fsdp_config": fsdp_config}
     jobs.append({**precomputed, "name": "dpo_precomputed"})
@@ -159,6 +161,7 @@ def test_sharded_state_dict_checkpoint_resumes(models, fsdp_results, tmp_path):
     for results_of_rank in results:
         straight, resumed = results_of_rank["straight"], results_of_rank["resumed"]
         assert straight["sharded"] == resumed["sharded"] == "yes"
+        assert straight["saved_model_matches"] is True
         assert [entry["step"] for entry in resumed["logs"]] == [1, 2, 3]
         _assert_same_losses(_losses(resumed), _losses(straight), rtol=1e-6)
         assert results_of_rank["dpo_precomputed"]["ref_sharded"] is None  # no reference model to shard
