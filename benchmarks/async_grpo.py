@@ -2,6 +2,7 @@
 
     python benchmarks/async_grpo.py [--steps 120] [--batch 16] [--completion-length 48]
                                     [--mode batch-async] [--max-staleness 1] [--runners on-policy,async]
+                                    [--max-inflight-tasks -1] [--queue-maxsize 1024]
 
 The generation server is a real `llm-trainer vllm-serve --backend transformers` process pinned to core 1
 (`taskset -c 1`, `OMP_NUM_THREADS=1`); the trainer is a separate process pinned to core 0
@@ -197,6 +198,8 @@ def run_async(args: argparse.Namespace) -> tuple[object, dict]:
         max_staleness=args.max_staleness,
         weight_sync_mode=args.mode,
         weight_sync_steps=1,
+        max_inflight_tasks=args.max_inflight_tasks,
+        queue_maxsize=args.queue_maxsize,
     )
     trainer = AsyncGRPOTrainer(
         model=args.model_path,
@@ -265,7 +268,8 @@ def _run(name: str, args: argparse.Namespace, model_path: str) -> dict:
         command = [sys.executable, __file__, "--child", name, "--model-path", model_path, "--url", server.url]
         command += ["--steps", str(args.steps), "--batch", str(args.batch)]
         command += ["--completion-length", str(args.completion_length), "--mode", args.mode]
-        command += ["--max-staleness", str(args.max_staleness)]
+        command += ["--max-staleness", str(args.max_staleness), "--max-inflight-tasks", str(args.max_inflight_tasks)]
+        command += ["--queue-maxsize", str(args.queue_maxsize)]
         done = subprocess.run(command, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"})
     finally:
         server.stop()
@@ -305,6 +309,8 @@ def main() -> None:
     parser.add_argument("--completion-length", type=int, default=48, help="max_completion_length")
     parser.add_argument("--mode", default="batch-async", choices=("sync", "fully-async", "batch-async"))
     parser.add_argument("--max-staleness", type=int, default=1)
+    parser.add_argument("--max-inflight-tasks", type=int, default=-1, help="async: completions in flight (-1: auto)")
+    parser.add_argument("--queue-maxsize", type=int, default=1024, help="async: completions buffered in the pool")
     parser.add_argument("--runners", default="on-policy,async", help="comma-separated: on-policy, async")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -345,6 +351,8 @@ def main() -> None:
         "task": "fraction of completion characters that are digits",
         "weight_sync_mode": args.mode,
         "max_staleness": args.max_staleness,
+        "max_inflight_tasks": args.max_inflight_tasks,
+        "queue_maxsize": args.queue_maxsize,
         "pinning": "server: taskset -c 1, OMP_NUM_THREADS=1; trainer: sched_setaffinity({0}), 1 torch thread",
     }
     print(table(results))
@@ -365,8 +373,11 @@ def main() -> None:
             f"last-quarter reward {reward:.2f}x of on-policy (goal within 10%: "
             f"{'met' if reward >= 0.9 else 'MISSED'})"
         )
-    suffix = (f"_{args.mode}" if args.mode != "batch-async" else "") + (
-        f"_s{args.max_staleness}" if args.max_staleness != 1 else ""
+    suffix = (
+        (f"_{args.mode}" if args.mode != "batch-async" else "")
+        + (f"_s{args.max_staleness}" if args.max_staleness != 1 else "")
+        + (f"_inflight{args.max_inflight_tasks}" if args.max_inflight_tasks != -1 else "")
+        + (f"_q{args.queue_maxsize}" if args.queue_maxsize != 1024 else "")
     )
     RESULTS.mkdir(exist_ok=True)
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
