@@ -4,6 +4,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -12,6 +13,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Cached reference log-probs (precompute_ref_log_probs=True) go to a throw-away folder, not ~/.cache.
+os.environ.setdefault("LLM_TRAINER_CACHE", tempfile.mkdtemp(prefix="llm_trainer_cache_"))
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,9 @@ class TrajectoryPool:
         self._held = 0  # every trajectory held, ready or not
         self._closed = False
         self._dropped_stale = 0
+        self.on_drop: Callable[[int], None] | None = None
+        """Called with the number of trajectories each time some are dropped as stale (e.g. the weight-sync
+        controller's `forget`, so generation replaces them)."""
         self._staleness_mean = 0.0
         self._staleness_max = 0.0
 
@@ -161,6 +164,8 @@ class TrajectoryPool:
             self._held -= dropped
             self._dropped_stale += dropped
             self._cond.notify_all()
+            if self.on_drop is not None:
+                self.on_drop(dropped)
             logger.warning(
                 "Dropped %d trajectories older than max_staleness=%d (trainer version %d); %d dropped so far.",
                 dropped,

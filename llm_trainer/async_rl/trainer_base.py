@@ -86,6 +86,7 @@ class AsyncTrainer(ABC):
                 f"The pool holds at most {pool.maxsize} trajectories, fewer than one batch ({self.batch_size}): raise "
                 "its maxsize (queue_maxsize)."
             )
+        pool.on_drop = controller.forget  # a sample dropped as stale frees its place in generation's run-ahead
         self.pool, self.weight_sync_controller = pool, controller
 
     def initialize_workers(self) -> None:

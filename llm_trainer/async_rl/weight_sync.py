@@ -10,6 +10,14 @@ Three modes (NexRL's names):
 - `fully-async`: workers never wait; the trainer pushes every `weight_sync_steps` steps (optionally from a
   background thread, on a CPU snapshot, so the trainer does not wait either).
 
+In the two asynchronous modes, a controller given `max_staleness` and `samples_per_step` also bounds how far
+generation runs ahead: the i-th sample (counting from 0, in the order they are granted) may start with weights
+version v only if `i < (v - v0 + max_staleness + 1) * samples_per_step`, v0 the trainer's version when generation
+starts. Samples are consumed in that order,
+`samples_per_step` per optimizer step, so every sample is at most `max_staleness` versions old when consumed and
+none is generated only to be dropped as stale; samples that never reach the trainer (`release`, `forget`) give
+their place back.
+
 Versions count optimizer steps: 0 is the initial weights, which the servers are assumed to serve at the start.
 """
 
@@ -51,6 +59,8 @@ class WeightSyncController:
         background_push: `fully-async` only: snapshot the weights to CPU and push from a background thread, so the
             trainer's next step overlaps the transfer (the snapshot costs one CPU copy of the weights). A push error
             is raised at the next `on_train_step` or `close`.
+        max_staleness / samples_per_step: `batch-async`/`fully-async`: bound generation's run-ahead (module
+            docstring); both or neither. `samples_per_step` is the samples one optimizer step consumes.
     """
 
     def __init__(
@@ -62,6 +72,8 @@ class WeightSyncController:
         weight_sync_steps: int = 1,
         *,
         background_push: bool = False,
+        max_staleness: int | None = None,
+        samples_per_step: int | None = None,
     ) -> None:
         if mode not in SYNC_MODES:
             raise ValueError(f"weight_sync_mode must be one of {', '.join(map(repr, SYNC_MODES))}, got {mode!r}.")
@@ -79,6 +91,16 @@ class WeightSyncController:
                 f"background_push only applies to weight_sync_mode='fully-async' (got mode {mode!r}): the other modes "
                 "wait for the new weights anyway."
             )
+        if (max_staleness is None) != (samples_per_step is None):
+            raise ValueError(
+                "Bounding generation's run-ahead needs both max_staleness and samples_per_step (or neither); got "
+                f"max_staleness={max_staleness!r}, samples_per_step={samples_per_step!r}."
+            )
+        if max_staleness is not None and (not isinstance(max_staleness, int) or max_staleness < 0):
+            raise ValueError(f"max_staleness must be an integer >= 0, got {max_staleness!r}.")
+        if samples_per_step is not None and (not isinstance(samples_per_step, int) or samples_per_step < 1):
+            raise ValueError(f"samples_per_step must be a positive integer, got {samples_per_step!r}.")
+        self.max_staleness, self.samples_per_step = max_staleness, samples_per_step
         self.mode, self.staleness_threshold, self.publisher = mode, staleness_threshold, publisher
         self.samples_per_version, self.weight_sync_steps = samples_per_version, weight_sync_steps
         self.background_push = background_push
@@ -88,6 +110,8 @@ class WeightSyncController:
         """The version the generation servers hold."""
         self._cond = threading.Condition()
         self._issued = 0  # samples issued with rollout_model_version (sync mode)
+        self._started = 0  # samples granted in all, less those given back (run-ahead bound of the async modes)
+        self._first_step: int | None = None  # the trainer's version at the first grant: the step of the first batch
         self._closed = False
         self._pushes = 0
         self._last_push_s = 0.0
@@ -129,7 +153,17 @@ class WeightSyncController:
             granted = min(num_samples, left - left % unit)
             self._issued += granted
             return granted
-        return num_samples if self._may_generate() else 0
+        if not self._may_generate():
+            return 0
+        if self.max_staleness is None:
+            return num_samples
+        if self._first_step is None:  # a resumed run's first batch is consumed at the step it resumes from
+            self._first_step = self.train_model_version
+        steps_ahead = self.rollout_model_version - self._first_step + self.max_staleness + 1
+        room = steps_ahead * self.samples_per_step - self._started
+        granted = min(num_samples, max(0, room - room % unit))
+        self._started += granted
+        return granted
 
     def _may_generate(self) -> bool:
         if self.mode == "batch-async":
@@ -138,13 +172,24 @@ class WeightSyncController:
 
     def release(self, num_samples: int, version: int) -> None:
         """Give back the quota of `num_samples` samples acquired at `version` that never reach the pool (dropped, e.g.
-        because a reward function raised), so `sync` mode can regenerate them for the same version."""
+        because a reward function raised), so `sync` mode can regenerate them for the same version (and the async
+        modes' run-ahead bound lets others take their place)."""
         if self.mode != "sync":
+            self.forget(num_samples)
             return
         with self._cond:
             if version == self.rollout_model_version:
                 self._issued = max(0, self._issued - num_samples)
                 self._cond.notify_all()
+
+    def forget(self, num_samples: int) -> None:
+        """`num_samples` granted samples will never be consumed (e.g. the pool dropped them as stale): in the async
+        modes with a run-ahead bound, their places go to new samples. Wire it as the pool's `on_drop`."""
+        if self.mode == "sync" or self.max_staleness is None:
+            return
+        with self._cond:
+            self._started = max(0, self._started - num_samples)
+            self._cond.notify_all()
 
     # ----------------------------------------------------------------------------------------------- trainer
     def on_train_step(self, model: torch.nn.Module | None, version: int) -> None:

@@ -323,7 +323,12 @@ class VLLMServerGenerator(Generator):
             for _ in weights:  # take part in the gathers of sharded weights
                 pass
             return
-        self.client.update_weights(weights)
+        try:
+            self.client.update_weights(weights)
+        except BaseException:
+            for _ in weights:  # the other processes are still gathering: finish the collectives, then fail
+                pass
+            raise
         self.client.reset_prefix_cache()
 
     def close(self) -> None:

@@ -296,7 +296,10 @@ class RemoteApiGrpoTrainer(RemoteApiTrainer):
         source = PromptSource(dataset, seed, shuffle, batch_size=self.batch_size // self.num_generations)
         pool = GroupedTrajectoryPool(self.num_generations, pool_size, max_staleness)
         samples = self.batch_size if weight_sync_mode == "sync" else None
-        controller = WeightSyncController(weight_sync_mode, staleness_threshold, self.publisher, samples)
+        run_ahead = {}  # generation runs at most max_staleness steps ahead (no sample generated only to be dropped)
+        if weight_sync_mode != "sync" and max_staleness is not None:
+            run_ahead = {"max_staleness": max_staleness, "samples_per_step": self.batch_size}
+        controller = WeightSyncController(weight_sync_mode, staleness_threshold, self.publisher, samples, **run_ahead)
         generator = self.sampling_generator(sampling_params)
         self.workers = [
             RolloutWorker(f"remote-{i}", source, generator, reward_scorer(rewards), pool, controller,

@@ -195,6 +195,8 @@ class AsyncGRPOTrainer(GRPOTrainer):
         self._pool = GroupedTrajectoryPool(
             num_generations, maxsize=args.queue_maxsize, max_staleness=args.max_staleness
         )
+        # Generation runs at most max_staleness steps ahead, so no sample is generated only to be dropped as stale.
+        run_ahead = {"max_staleness": args.max_staleness, "samples_per_step": args.generation_batch_size}
         self._controller = WeightSyncController(
             args.weight_sync_mode,
             staleness_threshold=args.staleness_threshold,
@@ -202,7 +204,9 @@ class AsyncGRPOTrainer(GRPOTrainer):
             samples_per_version=args.generation_batch_size * args.weight_sync_steps,
             weight_sync_steps=args.weight_sync_steps,
             background_push=args.weight_sync_mode == "fully-async",
+            **({} if args.weight_sync_mode == "sync" else run_ahead),
         )
+        self._pool.on_drop = self._controller.forget
         self._push(version)
         self._pushes_logged = 0.0
         self._controller.train_model_version = self._controller.rollout_model_version = version

@@ -41,7 +41,13 @@ from ..modeling import (
     prepare_processing_class,
 )
 from . import reference_cache, simple
-from .checkpointing import last_complete_checkpoint, remove_stale_staging, rotate_checkpoints, staged_folder
+from .checkpointing import (
+    full_model_save,
+    last_complete_checkpoint,
+    remove_stale_staging,
+    rotate_checkpoints,
+    staged_folder,
+)
 from .reference_policy import ReferencePolicy
 from .utils import disable_dropout_in_model
 
@@ -470,6 +476,12 @@ class BaseTrainer(Trainer):
             )
             return num_train_epochs, 0  # no epoch left to run
         return epochs_trained, steps_trained
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As `Trainer.save_model`; under FSDP with sharded state dicts a user's call still writes the gathered,
+        `from_pretrained`-loadable model (transformers would silently write none)."""
+        with full_model_save(self, _internal_call):
+            super().save_model(output_dir, _internal_call)
 
     def _save_checkpoint(self, model, trial):
         """As `Trainer._save_checkpoint`, but written into a staging folder and renamed into place when complete, so

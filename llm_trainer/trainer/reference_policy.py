@@ -15,7 +15,8 @@ from datasets import IterableDataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..modeling import add_reference_adapter, add_token_logprob_head, create_reference_model, reference_adapter
+from ..modeling import add_reference_adapter, add_token_logprob_head, reference_adapter
+from ..models.utils import zero3_copy, zero3_layerwise_gathered
 from .utils import use_adapter
 
 
@@ -64,7 +65,7 @@ class ReferencePolicy:
         else:
             if peft and copy_given_adapter:
                 add_reference_adapter(policy)
-            model = None if peft or precompute else create_reference_model(policy)
+            model = None if peft or precompute else zero3_copy(policy)
         return cls(model, adapter_name, precompute)
 
     def context(self, policy: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -139,10 +140,13 @@ class ReferencePolicy:
         )
         found: dict[str, list[torch.Tensor]] = {}
         disable = not trainer.is_local_process_zero() or bool(os.environ.get("TQDM_DISABLE"))
-        for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset", disable=disable):
-            for column, logps in batch_logps(batch).items():
-                if logps is not None:
-                    found.setdefault(column, []).append(trainer.accelerator.gather_for_metrics(logps).float().cpu())
+        scorer = self.model if self.model is not None else trainer.model
+        with zero3_layerwise_gathered(scorer):  # a policy partitioned at load time has no engine hooks yet
+            for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset", disable=disable):
+                for column, logps in batch_logps(batch).items():
+                    if logps is not None:
+                        logps = trainer.accelerator.gather_for_metrics(logps)
+                        found.setdefault(column, []).append(logps.float().cpu())
         for column, parts in found.items():
             dataset = dataset.add_column(column, torch.cat(parts).tolist())
         return dataset

@@ -207,3 +207,33 @@ def test_generation_publisher_sends_only_a_peft_adapter(tiny_model_path):
     GenerationPublisher(merged, lora_adapter_only=False).push(model, version=2)
     assert merged.calls[0][0] == "update_weights"
     assert not any("lora" in name for name in merged.calls[0][1])  # the adapter merged into the base weights
+
+
+@pytest.mark.parametrize("mode", ["fully-async", "batch-async"])
+def test_run_ahead_bounded_by_max_staleness(mode):
+    """With max_staleness=1 and 4 samples per step, generation may start 2 steps' samples with version 0 and no
+    more; each new version (and each forgotten sample) makes room, so no sample is older than 1 when consumed."""
+    controller = WeightSyncController(mode, staleness_threshold=0, max_staleness=1, samples_per_step=4)
+    stop = threading.Event()
+    assert controller.acquire_samples(8, stop, unit=4) == (0, 8)
+    thread, result = in_thread(lambda: controller.acquire_samples(4, stop, unit=4))
+    thread.join(0.3)
+    assert thread.is_alive()  # a third step's samples at version 0 would be 2 versions old when consumed
+    controller.on_train_step(None, 1)  # pushed: version 1 may fill step 2
+    thread.join(10)
+    assert result["value"] == (1, 4)
+    controller.forget(4)  # dropped somewhere: its place is free again
+    assert controller.acquire_samples(4, stop, unit=4) == (1, 4)
+    thread, result = in_thread(lambda: controller.acquire_samples(4, stop, unit=4))
+    thread.join(0.3)
+    assert thread.is_alive()
+    stop.set()
+    thread.join(10)
+    assert result["value"] == (-1, 0)
+
+
+def test_run_ahead_needs_both_settings():
+    with pytest.raises(ValueError, match="both max_staleness and samples_per_step"):
+        WeightSyncController("fully-async", max_staleness=1)
+    with pytest.raises(ValueError, match="max_staleness must be an integer >= 0"):
+        WeightSyncController("fully-async", max_staleness=-1, samples_per_step=4)

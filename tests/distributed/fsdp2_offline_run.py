@@ -164,15 +164,9 @@ def initial_weights(path: str, algorithm: str) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in auto.from_pretrained(path).named_parameters()}
 
 
-def saved_model_matches(trainer, path: str, algorithm: str, job_save: bool | str = True) -> bool:
+def saved_model_matches(trainer, path: str, algorithm: str) -> bool:
     """`trainer.save_model(path)`, then whether `from_pretrained(path)` holds the trained (gathered) weights."""
-    if job_save == "helper":  # until BaseTrainer.save_model uses `full_model_save` itself
-        from llm_trainer.trainer.checkpointing import full_model_save
-
-        with full_model_save(trainer):
-            trainer.save_model(path)
-    else:
-        trainer.save_model(path)
+    trainer.save_model(path)
     trainer.accelerator.wait_for_everyone()
     saved = initial_weights(path, algorithm)
     changed, total, _ = changed_parameters(trainer.model, saved)
@@ -200,7 +194,7 @@ def run_job(package, job: dict, models: dict, out: str, spy: HeadSpy | None) -> 
     world = trainer.accelerator.num_processes
     saved = None
     if job.get("save_model"):
-        saved = saved_model_matches(trainer, os.path.join(job_out, "final"), algorithm, job["save_model"])
+        saved = saved_model_matches(trainer, os.path.join(job_out, "final"), algorithm)
     initial = initial_weights(models["reward"] if algorithm == "reward" else models["causal"], algorithm)
     changed, total, adapters = changed_parameters(trainer.model, initial)
     result = {

@@ -315,26 +315,11 @@ def test_zero_losses_match_one_process(tiny_model, tmp_path, preset, algorithm):
     assert not single["deepspeed"] and len(single["losses"]) == 2
 
 
-def _reference_policy_zero3_ready() -> bool:
-    """Whether the trainers' reference policy uses the ZeRO-3 helpers: `zero3_copy` for the reference copy of a
-    partitioned policy and `zero3_layerwise_gathered` around `precompute_ref_log_probs`. Without them DPO/GRPO under
-    ZeRO-3 fail (deepcopy of a partitioned model: DeepSpeed's `ds_status == AVAILABLE` assertion; precompute before
-    the engine exists: "'weight' must be 2-D")."""
-    import inspect
-
-    from llm_trainer.trainer import reference_policy
-
-    source = inspect.getsource(reference_policy)
-    return "zero3_copy" in source and "zero3_layerwise_gathered" in source
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["dpo", "dpo_reference", "grpo"])
 def test_zero3_reference_trainers(tiny_model, tmp_path, algorithm):
     """DPO with precomputed reference log-probs, DPO with a (partitioned) reference model, and GRPO (generation and
     the KL reference) under ZeRO-3: partitioned, and DPO's losses equal the 1-process run's."""
-    if not _reference_policy_zero3_ready():
-        pytest.skip("llm_trainer/trainer/reference_policy.py does not use zero3_copy / zero3_layerwise_gathered yet")
     results = _launch("zero3", algorithm, tiny_model, "2", str(tmp_path / "ds"))
     for rank in results:
         assert rank["deepspeed"] and rank["zero_stage"] == 3 and rank["params_partitioned"]

@@ -150,7 +150,7 @@ def test_sharded_state_dict_checkpoint_resumes(models, fsdp_results, tmp_path):
     fsdp_config = {"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT"}
     job = {"algorithm": "sft", "batch": 2, "steps": 3, "save_steps": 2, "dir": "sft", "fsdp_config": fsdp_config}
     # the final `save_model()` writes the gathered model (transformers writes none with sharded state dicts)
-    jobs = [{**job, "name": "straight", "save_model": "helper"}, {**job, "name": "resumed", "resume": "checkpoint-2"}]
+    jobs = [{**job, "name": "straight", "save_model": True}, {**job, "name": "resumed", "resume": "checkpoint-2"}]
     # and DPO with reference log-probs computed before training (no reference model kept)
     precomputed = {"algorithm": "dpo", "batch": 2, "steps": 2, "precompute": True, "fsdp_config": fsdp_config}
     jobs.append({**precomputed, "name": "dpo_precomputed"})

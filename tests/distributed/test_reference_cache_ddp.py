@@ -125,23 +125,10 @@ def _two_runs(mode: str, model: str, tmp_path: Path) -> tuple[list[dict], list[d
     [
         "ddp",
         pytest.param("fsdp2", marks=pytest.mark.slow),
-        pytest.param(
-            "zero3",
-            marks=[
-                pytest.mark.slow,
-                pytest.mark.xfail(
-                    reason="the reference pass itself fails under ZeRO-3 today, cache or not: the policy, partitioned "
-                    "at load (zero.Init), runs its forward ungathered ('weight' must be 2-D in the embedding); "
-                    "reference_policy.precompute_columns has to gather it layer by layer (models.utils)",
-                    strict=False,
-                ),
-            ],
-        ),
+        pytest.param("zero3", marks=pytest.mark.slow),
     ],
 )
 def test_second_distributed_run_makes_no_reference_forward(mode, tiny_model_path, tmp_path):
-    if mode == "fsdp2" and not (HERE / "fsdp_shim.py").exists():
-        pytest.skip("tests/distributed/fsdp_shim.py (the FSDP2-on-CPU shim) is not there")
     if mode == "zero3" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("DeepSpeed is not installed (`pip install deepspeed`)")
     first, second = _two_runs(mode, tiny_model_path, tmp_path)
