@@ -65,12 +65,13 @@ import threading
 import time
 import uuid
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import torch
 
 from .base import GenerationResult, SamplingConfig, as_id_list
+from .http_json import JSONRequestHandler
 
 logger = logging.getLogger("llm_trainer.vllm_serve")
 
@@ -644,7 +645,9 @@ def make_server(engine, host: str = "0.0.0.0", port: int = 8000, model_version: 
     """
     state = ServerState(model_version)
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JSONRequestHandler):
+        logger = logger
+
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
@@ -826,17 +829,6 @@ def make_server(engine, host: str = "0.0.0.0", port: int = 8000, model_version: 
                 "/close_communicator/"
             )
             self._reply({"error": f"no endpoint {self.command} {self.path}; try {endpoints}"}, HTTPStatus.NOT_FOUND)
-
-        def _reply(self, payload: dict, status: HTTPStatus = HTTPStatus.OK) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args) -> None:
-            logger.debug("%s - %s", self.address_string(), format % args)
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True

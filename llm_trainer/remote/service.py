@@ -38,12 +38,13 @@ import threading
 import uuid
 from collections import OrderedDict
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import torch
 
 from ..generation.base import SamplingConfig, as_id_list
+from ..generation.http_json import JSONRequestHandler
 from ..losses.service import LOSS_INPUTS, SERVICE_LOSSES, check_loss_config, service_loss
 
 logger = logging.getLogger("llm_trainer.train_serve")
@@ -598,7 +599,9 @@ def make_server(service: TrainingService, host: str = "127.0.0.1", port: int = 8
         "compute_logprobs": service.compute_logprobs,
     }
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JSONRequestHandler):
+        logger = logger
+
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
@@ -639,17 +642,6 @@ def make_server(service: TrainingService, host: str = "127.0.0.1", port: int = 8
                 {"error": f"no endpoint {self.command} {self.path}; GET /health/, POST {routes}", "field": None},
                 HTTPStatus.NOT_FOUND,
             )
-
-        def _reply(self, payload: dict, status: HTTPStatus = HTTPStatus.OK) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args) -> None:
-            logger.debug("%s - %s", self.address_string(), format % args)
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
