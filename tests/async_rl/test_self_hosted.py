@@ -25,6 +25,7 @@ from llm_trainer.generation.base import SamplingConfig
 from llm_trainer.generation.remote import VLLMServerGenerator
 from llm_trainer.trainer.reward_functions import RewardFunctions
 from llm_trainer.trainer.utils import free_port
+from tests.conftest import serve
 
 NUM_GENERATIONS, BATCH = 2, 4
 PROMPTS = [{"prompt": f"Count to {i}:", "answer": i} for i in range(16)]
@@ -169,8 +170,6 @@ def test_stop_from_another_thread_leaves_no_threads(tiny_model_path, server_url)
 
 
 def test_lora_run_sends_adapters_only(tiny_model_path):
-    from conftest import serve
-
     with serve(tiny_model_path) as url:  # its own server: it ends up serving an adapter
         trainer = build(tiny_model_path, url, "sync", max_steps=2, lora=True)
         initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
