@@ -481,7 +481,7 @@ class BaseTrainer(Trainer):
         """As `Trainer.save_model`; under FSDP with sharded state dicts a user's call still writes the gathered,
         `from_pretrained`-loadable model (transformers would silently write none)."""
         with full_model_save(self, _internal_call):
-            super().save_model(output_dir, _internal_call)
+            super().save_model(output_dir, _internal_call=_internal_call)
 
     def _save_checkpoint(self, model, trial):
         """As `Trainer._save_checkpoint`, but written into a staging folder and renamed into place when complete, so
