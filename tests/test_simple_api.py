@@ -239,7 +239,7 @@ def test_five_line_example_script(tiny_model_path, in_tmp, capsys):
 # ----------------------------------------------------------------------------------------------- errors
 def test_documented_errors(tiny_model_path, in_tmp):
     prompts = zen_dataset("standard_prompt_only")
-    with pytest.raises(ValueError, match=r"Unknown algorithm 'ppx'; choose one of \['bco'"):
+    with pytest.raises(ValueError, match=r"Unknown algorithm 'ppx'; choose one of \['async_grpo', 'bco'"):
         train(tiny_model_path, prompts, reward_len, algorithm="ppx")
     with pytest.raises(ValueError, match="GRPOTrainer needs a dataset"):
         train(tiny_model_path, reward_fn=reward_len)
