@@ -61,7 +61,9 @@ class MixtureGenerator(TransformersGenerator):
         super().__init__(*args, **kwargs)
         self.reference, self.coef = reference, coef
 
-    def _generate_batch(self, model, prompts: list[list[int]], config) -> tuple[list[list[int]], list[list[float]]]:
+    def _generate_batch(
+        self, model, prompts: list[list[int]], config, synced: bool = False
+    ) -> tuple[list[list[int]], list[list[float]]]:
         input_ids, attention_mask = self.left_padded(prompts, next(model.parameters()).device)
         width = input_ids.size(1)
         mixture = GeometricMixtureLogits(self.reference, attention_mask, self.coef())
@@ -70,6 +72,7 @@ class MixtureGenerator(TransformersGenerator):
             attention_mask=attention_mask,
             generation_config=config,
             logits_processor=LogitsProcessorList([mixture]),
+            synced_gpus=synced or None,  # sharded policies step in lockstep (see TransformersGenerator)
         )
         generated = out.sequences[:, width:]
         return [truncate_at_eos(row, self.eos_token_ids) for row in generated.tolist()], []
