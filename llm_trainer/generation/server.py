@@ -71,7 +71,7 @@ from urllib.parse import parse_qs, urlsplit
 import torch
 
 from .base import GenerationResult, SamplingConfig, as_id_list
-from .http_json import JSONRequestHandler
+from .http_json import JSONRequestHandler, serve_until_interrupted
 
 logger = logging.getLogger("llm_trainer.vllm_serve")
 
@@ -882,12 +882,7 @@ def serve(
         raise ValueError(f"backend must be 'vllm' or 'transformers', got {backend!r}.")
     server = make_server(engine, host, port)
     logger.info("Serving %s (%s back end) on http://%s:%d", model, backend, host, server.server_port)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_until_interrupted(server)
 
 
 def _torch_dtype(name: str):

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from ..generation.base import SamplingConfig, as_id_list
-from ..generation.http_json import JSONRequestHandler
+from ..generation.http_json import JSONRequestHandler, serve_until_interrupted
 from ..losses.service import LOSS_INPUTS, SERVICE_LOSSES, check_loss_config, service_loss
 
 logger = logging.getLogger("llm_trainer.train_serve")
@@ -665,9 +665,4 @@ def serve(
     logger.info(
         "Training service for %s on http://%s:%d (state in %s)", model, host, server.server_port, service.state_dir
     )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_until_interrupted(server)

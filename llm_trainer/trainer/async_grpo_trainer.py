@@ -10,6 +10,7 @@ optimizer step, `WeightSyncController.on_train_step` publishes the weights as it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict, deque
 from collections.abc import Iterator
@@ -302,9 +303,14 @@ class AsyncGRPOTrainer(GRPOTrainer):
 
     def _push(self, version: int) -> None:
         """Publish the policy's weights as `version` (errors name the server)."""
-        model = self.accelerator.unwrap_model(self.model)
+        with self._naming_servers(version):
+            self._publisher.push(self.accelerator.unwrap_model(self.model), version)
+
+    @contextlib.contextmanager
+    def _naming_servers(self, version: int) -> Iterator[None]:
+        """Around a weight push: an error that does not name a server is re-raised naming them all."""
         try:
-            self._publisher.push(model, version)
+            yield
         except (OSError, RuntimeError) as err:
             if any(url in str(err) for url in self.server_urls):
                 raise
@@ -406,14 +412,8 @@ class AsyncGRPOTrainer(GRPOTrainer):
             return
         version = self.state.global_step
         self.model_version = version
-        try:
+        with self._naming_servers(version):
             self._controller.on_train_step(self.accelerator.unwrap_model(self.model), version)
-        except (OSError, RuntimeError) as err:
-            if any(url in str(err) for url in self.server_urls):
-                raise
-            raise RuntimeError(
-                f"Pushing weights version {version} to the generation servers {self.server_urls} failed: {err}"
-            ) from err
         stats = self._controller.stats()
         metrics = self._metrics["train"]
         if stats["weight_sync/pushes"] > self._pushes_logged:  # the last push's duration, once per push
