@@ -402,6 +402,10 @@ def _router_aux_loss(config: Any, backbone_out: Any, attention_mask: torch.Tenso
         return None
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+    from .models.packed_attention import is_placeholder_mask
+
+    if is_placeholder_mask(attention_mask):  # a packed row: every token is real
+        attention_mask = None
     text_config = config.get_text_config()
     num_experts = getattr(text_config, "num_experts", None) or getattr(text_config, "num_local_experts", None)
     return load_balancing_loss_func(router_logits, num_experts, text_config.num_experts_per_tok, attention_mask)
