@@ -53,6 +53,13 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
         "fixed-order ('sequential') batch.",
         "choices": ["random", "sequential", "group_by_length"],
     },
+    "packed_forward": {
+        "help": "Run training forwards on packed rows: padding stripped, sequences concatenated with their own "
+        "positions and no attention across them (a shared prompt computed once for its completions). None: wherever "
+        "the model's attention supports it (plain causal attention, no sliding window), else padded. True: required "
+        "(an error names why a model cannot). False: padded batches, the TRL-identical layout. Same losses either "
+        "way, up to summation order."
+    },
     "precompute_ref_log_probs": {
         "help": "Compute the reference log-probs of the whole dataset before training, so no reference model is kept "
         "in memory."

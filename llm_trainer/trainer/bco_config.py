@@ -23,6 +23,7 @@ class BCOConfig(OfflineConfig):
     learning_rate: float = shared("learning_rate", 5e-7)
     train_sampling_strategy: str = shared("train_sampling_strategy", "sequential")
     max_completion_length: int | None = shared("max_completion_length", None)
+    packed_forward: bool | None = shared("packed_forward", None)
     beta: float = option(0.1, "Strength of the tie to the reference model: higher β means less deviation from it.")
     disable_dropout: bool = shared("disable_dropout", True)
     generate_during_eval: bool = shared("generate_during_eval", False)

@@ -49,6 +49,19 @@ class OnPolicyConfig(BaseConfig):
         1.0, "Penalty on tokens already in the prompt or completion; >1 discourages repeats."
     )
     cache_implementation: str | None = option(None, "KV-cache implementation for `generate` (without vLLM).")
+    fast_generation: bool = option(
+        True,
+        "Without vLLM, sample with llm_trainer's decode loop instead of `model.generate`: each distinct prompt is "
+        "prefilled once for all its completions, and each step runs only the model and the sampler. Same tokens as "
+        "`generate` for the same seed; options it does not cover fall back to `generate`, with a logged reason.",
+    )
+    generation_compact_finished: bool = option(
+        False,
+        "With `fast_generation`, drop finished completions from the decode batch so they stop costing compute. The "
+        "sampled distribution is unchanged, but the random draws (so the exact tokens for a seed) can differ from "
+        "`generate`'s.",
+    )
+    packed_forward: bool | None = shared("packed_forward", None)
 
     # vLLM
     use_vllm: bool = option(False, 'Generate with vLLM instead of `generate` (`pip install "llm-trainer[vllm]"`).')
@@ -152,6 +165,12 @@ class OnlineRLConfig(OnPolicyConfig):
     sync_ref_model: bool = shared("sync_ref_model", False)
     ref_model_mixup_alpha: float = shared("ref_model_mixup_alpha", 0.6)
     ref_model_sync_steps: int = shared("ref_model_sync_steps", 512)
+    max_tokens_per_batch: int | None = option(
+        None,
+        "Token budget of one forward/backward: each micro-batch is split into chunks of at most this many packed "
+        "tokens, run one after another, so peak activation memory follows the budget, not the longest batch. Same "
+        "loss and gradients. None: one forward per micro-batch.",
+    )
 
     # Logging
     log_multimodal: bool = option(True, "Log images and other media along with the completions.")
@@ -179,6 +198,12 @@ class OnlineRLConfig(OnPolicyConfig):
             exclusive=True,
         )
         check_number(self, "num_iterations", 1, "It is the number of passes over each generation batch: use 1.")
+        check_number(
+            self,
+            "max_tokens_per_batch",
+            1,
+            "It is the most tokens one forward may hold; None runs whole micro-batches.",
+        )
         check_number(
             self,
             "beta",

@@ -23,6 +23,7 @@ class ReferenceModelConfig(OfflineConfig):
         "`per_device_eval_batch_size` (evaluation).",
     )
     activation_offloading: bool = shared("activation_offloading", False)
+    packed_forward: bool | None = shared("packed_forward", None)
     sync_ref_model: bool = shared("sync_ref_model", False)
     ref_model_mixup_alpha: float = shared("ref_model_mixup_alpha", 0.6)
     ref_model_sync_steps: int = shared("ref_model_sync_steps", 512)

@@ -21,6 +21,7 @@ class ReferenceFreeConfig(OfflineConfig):
 
     learning_rate: float = shared("learning_rate", 1e-6)
     max_completion_length: int | None = shared("max_completion_length", None)
+    packed_forward: bool | None = shared("packed_forward", None)
     beta: float = option(
         0.1,
         "Weight of the preference term: ORPO's λ (the odds-ratio term against the NLL term; `alpha` in the paper's "

@@ -26,6 +26,7 @@ class RewardConfig(OfflineConfig):
     # Dataset preparation
     eos_token: str | None = shared("eos_token", None)
     pad_to_multiple_of: int | str | None = shared("pad_to_multiple_of", "auto")
+    packed_forward: bool | None = shared("packed_forward", None)
 
     # Training
     center_rewards_coefficient: float | None = option(
