@@ -141,6 +141,17 @@ class OnlineBatch:
     def as_dict(self) -> dict[str, torch.Tensor | None]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def select(self, rows: torch.Tensor) -> OnlineBatch:
+        """The batch of `rows` (indices); per-batch scalars (`num_items_in_batch`) are kept as they are."""
+        size = self.prompt_ids.size(0)
+
+        def pick(value: torch.Tensor | None) -> torch.Tensor | None:
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == size:
+                return value[rows]
+            return value
+
+        return OnlineBatch(**{name: pick(value) for name, value in self.as_dict().items()})
+
 
 class GenerationLoop:
     """Generates, pads and buffers the completions of an on-policy trainer.
@@ -506,9 +517,21 @@ def completion_logps(
     batch_size: int | None = None,
     entropy: bool = False,
     autocast: Callable[[], Any] = contextlib.nullcontext,
+    packed_forward: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Log-probs (and entropies, and the MoE aux loss) of `batch`'s completion tokens under `model`, in chunks of
-    `batch_size` rows, through the fused log-prob head: the vocabulary-sized logits are never built."""
+    """Log-probs (and entropies, and the MoE aux loss) of `batch`'s completion tokens under `model`, `[B, C]` (0
+    outside the completion mask), through the fused log-prob head: the vocabulary-sized logits are never built.
+
+    `packed_forward` (the configs' field; None: wherever the model's attention supports it, True: required, False:
+    never) runs the batch packed, without padding and with each group of rows sharing a prompt computing it once
+    (`llm_trainer.trainer.packed_rl`), in chunks of whole groups of at most `batch_size` rows; otherwise the padded
+    rows are forwarded as they are, `batch_size` at a time. Both give the same values up to summation order."""
+    from ..trainer import packed_rl
+
+    if packed_rl.use_packed(model, packed_forward):
+        groups = packed_rl.prompt_groups(batch)
+        if groups:  # None: masks only the padded layout reproduces; []: no completion token at all
+            return packed_rl.packed_completion_logps(model, batch, groups, batch_size, entropy, autocast)
     input_ids, attention_mask = batch.input_ids, batch.attention_mask
     completion_length = batch.completion_ids.size(1)
     batch_size = batch_size or input_ids.size(0)

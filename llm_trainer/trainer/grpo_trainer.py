@@ -13,14 +13,9 @@ from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 
 from ..environments.tools import ToolRollout, check_tool_template
-from ..generation.loop import (
-    OnlineBatch,
-    RolloutFunc,
-    completion_logps,
-    configure_streaming,
-)
+from ..generation.loop import OnlineBatch, RolloutFunc, configure_streaming
 from ..losses import policy_gradient as pg
-from . import online_rl
+from . import online_rl, packed_rl
 from .base_trainer import BaseTrainer, init_arguments
 from .grpo_config import GRPOConfig
 from .reward_functions import OnlineRL, RewardFunc
@@ -200,16 +195,13 @@ class GRPOTrainer(BaseTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs: OnlineBatch, return_outputs=False, num_items_in_batch=None):
+        """GRPO's loss on a micro-batch (see `pg.grpo_loss`), minus the entropy bonus, plus the MoE aux loss; the
+        forward runs packed where the model allows it and, with `max_tokens_per_batch`, in token-budget chunks that
+        are backpropagated here (`packed_rl.TokenBudget`)."""
         if return_outputs:
             raise ValueError("GRPOTrainer does not return model outputs from `compute_loss`.")
         mode = "train" if self.model.training else "eval"
         mask = inputs.loss_mask
-        per_token_logps, entropies, aux_loss = completion_logps(
-            model, inputs, entropy=True, autocast=self.accelerator.autocast
-        )
-        entropy_mask = None
-        if self.top_entropy_quantile < 1.0:
-            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
         advantages = inputs.advantages
         advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
         training = mode == "train"
@@ -221,42 +213,71 @@ class GRPOTrainer(BaseTrainer):
             training,
         )
         args = self.args
-        out = pg.grpo_loss(
-            per_token_logps,
-            inputs.old_per_token_logps,
-            advantages,
-            mask,
-            loss_type=self.loss_type,
-            epsilon_low=self.epsilon_low,
-            epsilon_high=self.epsilon_high,
-            delta=args.delta,
-            importance_sampling_level=self.importance_sampling_level,
-            beta=self.beta,
-            ref_per_token_logps=inputs.ref_per_token_logps,
-            use_bias_correction_kl=args.use_bias_correction_kl,
-            sapo_temperature_pos=args.sapo_temperature_pos,
-            sapo_temperature_neg=args.sapo_temperature_neg,
-            vespo_k_pos=args.vespo_k_pos,
-            vespo_lambda_pos=args.vespo_lambda_pos,
-            vespo_k_neg=args.vespo_k_neg,
-            vespo_lambda_neg=args.vespo_lambda_neg,
-            importance_sampling_ratio=inputs.importance_sampling_ratio,
-            off_policy_mask_threshold=args.off_policy_mask_threshold,
-            sampling_per_token_logps=inputs.sampling_per_token_logps,
-            entropy_mask=entropy_mask,
-            max_completion_length=self.max_completion_length,
-            accumulation_steps=scale.accumulation_steps,
-            token_normalizer=scale.token_normalizer,
+        coef = self._entropy_coef_now() if self._entropy_bonus_enabled else 0.0  # before this batch's update
+        aux_weight = self.router_aux_loss_coef / scale.accumulation_steps if self.aux_loss_enabled else 0.0
+        entropy_mask, out = None, None
+
+        def set_entropy_mask(entropies: torch.Tensor) -> None:
+            nonlocal entropy_mask
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+
+        def objective(per_token_logps, entropies, aux_loss):
+            nonlocal out
+            out = pg.grpo_loss(
+                per_token_logps,
+                inputs.old_per_token_logps,
+                advantages,
+                mask,
+                loss_type=self.loss_type,
+                epsilon_low=self.epsilon_low,
+                epsilon_high=self.epsilon_high,
+                delta=args.delta,
+                importance_sampling_level=self.importance_sampling_level,
+                beta=self.beta,
+                ref_per_token_logps=inputs.ref_per_token_logps,
+                use_bias_correction_kl=args.use_bias_correction_kl,
+                sapo_temperature_pos=args.sapo_temperature_pos,
+                sapo_temperature_neg=args.sapo_temperature_neg,
+                vespo_k_pos=args.vespo_k_pos,
+                vespo_lambda_pos=args.vespo_lambda_pos,
+                vespo_k_neg=args.vespo_k_neg,
+                vespo_lambda_neg=args.vespo_lambda_neg,
+                importance_sampling_ratio=inputs.importance_sampling_ratio,
+                off_policy_mask_threshold=args.off_policy_mask_threshold,
+                sampling_per_token_logps=inputs.sampling_per_token_logps,
+                entropy_mask=entropy_mask,
+                max_completion_length=self.max_completion_length,
+                accumulation_steps=scale.accumulation_steps,
+                token_normalizer=scale.token_normalizer,
+            )
+            loss = out.loss
+            if self._entropy_bonus_enabled:
+                bonus = pg.entropy_bonus(entropies, mask, entropy_mask, accumulation_steps=scale.accumulation_steps)
+                loss = loss - coef * bonus
+            return loss + aux_weight * aux_loss if aux_weight and aux_loss is not None else loss
+
+        forward = packed_rl.trainer_token_budget(self, model).run(
+            model,
+            inputs,
+            objective,
+            entropy=True,
+            autocast=self.accelerator.autocast,
+            prepare=set_entropy_mask if self.top_entropy_quantile < 1.0 else None,
         )
-        loss = out.loss
+        entropies = forward.entropies.detach()  # `out` is the last `objective`: the whole micro-batch's
         metrics = self._metrics[mode]
         if self._entropy_bonus_enabled:
             effective = mask if entropy_mask is None else mask * entropy_mask
-            loss = loss - self._entropy_bonus(entropies, effective, mode, scale.accumulation_steps)
+            if self.use_adaptive_entropy and training:
+                self._update_entropy_coef(entropies, effective)
+            if training and self.accelerator.sync_gradients:
+                metrics["entropy_coef"].append(self.entropy_coef)
             metrics["policy_loss"].append(gather(out.policy_loss.reshape(1)).nanmean().item())
-        loss = self.add_router_aux_loss(loss, aux_loss, mode)
+        if aux_weight and forward.aux_loss is not None:
+            aux = self.accelerator.gather_for_metrics(forward.aux_loss.detach()).mean().item()
+            metrics["aux_loss"].append(aux)
         self._log_loss_metrics(out, entropies, advantages, mask, mode)
-        return loss
+        return forward.loss
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
         """Bool `(B, T)` mask of the tokens whose entropy reaches the `threshold` quantile (in [0, 1]) of every
@@ -300,21 +321,14 @@ class GRPOTrainer(BaseTrainer):
             advantages, log_ratio_per_token, mask, importance_sampling_ratio, k_pos, lambda_pos, k_neg, lambda_neg
         )
 
-    def _entropy_bonus(
-        self, entropies: torch.Tensor, mask: torch.Tensor, mode: str, accumulation: float
-    ) -> torch.Tensor:
-        """`coef * mean entropy`, to subtract from the loss. With `use_adaptive_entropy`, the coefficient steps by
+    def _entropy_coef_now(self) -> float:
+        """The entropy-bonus coefficient of this micro-batch. With `use_adaptive_entropy`, the coefficient steps by
         `entropy_coef_delta` towards keeping the window's entropy above `entropy_target` (updated at each optimizer
-        step, applied from the next)."""
-        args = self.args
-        coef = self.entropy_coef
+        step by `_update_entropy_coef`, applied from the next), and the bonus is on only while the last window's
+        entropy is at most the target."""
         if self.use_adaptive_entropy:
-            coef = self.entropy_coef if self._last_world_entropy <= args.entropy_target else 0.0
-            if mode == "train":
-                self._update_entropy_coef(entropies, mask)
-        if mode == "train" and self.accelerator.sync_gradients:
-            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        return coef * pg.entropy_bonus(entropies, mask, accumulation_steps=accumulation)
+            return self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+        return self.entropy_coef
 
     def _update_entropy_coef(self, entropies: torch.Tensor, mask: torch.Tensor) -> None:
         args = self.args

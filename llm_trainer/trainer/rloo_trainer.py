@@ -9,9 +9,9 @@ from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
 
-from ..generation.loop import OnlineBatch, completion_logps, configure_streaming
+from ..generation.loop import OnlineBatch, configure_streaming
 from ..losses import policy_gradient as pg
-from . import online_rl
+from . import online_rl, packed_rl
 from .base_trainer import BaseTrainer, init_arguments
 from .reward_functions import OnlineRL, RewardFunc
 from .rloo_config import RLOOConfig
@@ -123,23 +123,33 @@ class RLOOTrainer(BaseTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs: OnlineBatch, return_outputs=False, num_items_in_batch=None):
+        """RLOO's clipped sequence-level loss plus the MoE aux loss; the forward runs packed where the model allows
+        it and, with `max_tokens_per_batch`, in token-budget chunks backpropagated here (`packed_rl.TokenBudget`)."""
         if return_outputs:
             raise ValueError("RLOOTrainer does not return model outputs from `compute_loss`.")
         mode = "train" if self.model.training else "eval"
         mask = inputs.completion_mask
-        per_token_logps, entropies, aux_loss = completion_logps(
-            model, inputs, entropy=True, autocast=self.accelerator.autocast
-        )
-        logps = (per_token_logps * mask).sum(1)
         old_logps = (inputs.old_per_token_logps * mask).sum(1)
         advantages = inputs.advantages
-        loss, coef_1 = pg.rloo_loss(logps, old_logps, advantages, self.epsilon_low, self.epsilon_high)
-        metrics = self._metrics[mode]
-        loss = self.add_router_aux_loss(loss, aux_loss, mode)
-        local = {"entropy": pg.masked_sum_count(entropies.detach(), mask)}
+        aux_weight = self.router_aux_loss_coef if self.aux_loss_enabled else 0.0  # `Trainer` divides for accumulation
+        coef_1 = None
+
+        def objective(per_token_logps, entropies, aux_loss):
+            nonlocal coef_1
+            logps = (per_token_logps * mask).sum(1)
+            loss, coef_1 = pg.rloo_loss(logps, old_logps, advantages, self.epsilon_low, self.epsilon_high)
+            return loss + aux_weight * aux_loss if aux_weight and aux_loss is not None else loss
+
+        forward = packed_rl.trainer_token_budget(self, model).run(
+            model, inputs, objective, entropy=True, autocast=self.accelerator.autocast
+        )
+        metrics = self._metrics[mode]  # `coef_1` is the last `objective`'s: the whole micro-batch's
+        if aux_weight and forward.aux_loss is not None:
+            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(forward.aux_loss.detach()).mean().item())
+        local = {"entropy": pg.masked_sum_count(forward.entropies.detach(), mask)}
         local |= pg.clip_metrics(coef_1, advantages, None, self.epsilon_low, self.epsilon_high, loss_type="grpo")
         for name, value in pg.reduce_metrics(
             local, lambda t: self.accelerator.reduce(t, reduction="sum"), gather
         ).items():
             metrics[name].append(value)
-        return loss
+        return forward.loss
