@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -114,12 +115,14 @@ class NashMDTrainer(OnlineDPOTrainer):
         contains_eos = (torch.isin(batch.completion_ids, eos) & batch.completion_mask.bool()).any(dim=1)
         policy_batch = first_half(batch)
         mask = policy_batch.completion_mask
-        logps = completion_logps(model, policy_batch, autocast=self.accelerator.autocast)[0] * mask
+        packed = getattr(self.args, "packed_forward", None)
+        logps_of = functools.partial(completion_logps, autocast=self.accelerator.autocast, packed_forward=packed)
+        logps = logps_of(model, policy_batch)[0] * mask
         with torch.no_grad():
             unwrapped = self.accelerator.unwrap_model(model)
             reference = self.reference.model if self.reference.model is not None else model
             with self.reference.context(unwrapped):
-                ref_logps = completion_logps(reference, policy_batch, autocast=self.accelerator.autocast)[0] * mask
+                ref_logps = logps_of(reference, policy_batch)[0] * mask
         rewards = self.pair_scores(inputs, texts, batch, contains_eos)
         if rewards is not None:
             policy_scores, mixture_scores = rewards.split(size)

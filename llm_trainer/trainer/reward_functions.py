@@ -414,7 +414,8 @@ class OnlineRL:
         return ScoredRollout(mode, group, prompts, batch, rollout, rewards_per_func, length_metrics | metrics, tokens)
 
     def _logps(self, model: torch.nn.Module, batch: OnlineBatch, chunk: int) -> torch.Tensor:
-        return completion_logps(model, batch, chunk, autocast=self.accelerator.autocast)[0]
+        packed = getattr(self.args, "packed_forward", None)
+        return completion_logps(model, batch, chunk, autocast=self.accelerator.autocast, packed_forward=packed)[0]
 
     def _tool_metrics(self, rollout: Rollout) -> tuple[Rollout, dict[str, float]]:
         """With tools: conversational completions become the assistant and tool messages (like TRL), and the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -85,12 +86,14 @@ class XPOTrainer(OnlineDPOTrainer):
         mask = batch.completion_mask
         eos = torch.tensor(self.eos_token_ids, device=batch.completion_ids.device)
         contains_eos = (torch.isin(batch.completion_ids, eos) & mask.bool()).any(dim=1)
-        logps = completion_logps(model, batch, autocast=self.accelerator.autocast)[0] * mask
+        packed = getattr(self.args, "packed_forward", None)
+        logps_of = functools.partial(completion_logps, autocast=self.accelerator.autocast, packed_forward=packed)
+        logps = logps_of(model, batch)[0] * mask
         with torch.no_grad():
             unwrapped = self.accelerator.unwrap_model(model)
             reference = self.reference.model if self.reference.model is not None else model
             with self.reference.context(unwrapped):
-                ref_logps = completion_logps(reference, batch, autocast=self.accelerator.autocast)[0] * mask
+                ref_logps = logps_of(reference, batch)[0] * mask
         rewards = self.pair_scores(inputs, texts, batch, contains_eos)
         if rewards is not None:
             policy_scores, ref_scores = rewards.split(size)
