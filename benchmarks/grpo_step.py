@@ -1,7 +1,7 @@
 """GRPO step time and peak RSS: llm_trainer vs TRL 1.16 vs a minimal PyTorch loop, side by side in one run.
 
-    python benchmarks/grpo_step.py [--steps 10] [--warmup 3] [--batch 8] [--beta 0.0] [--gradient-checkpointing]
-                                   [--threads N]
+    python benchmarks/grpo_step.py [--case default|long-prompt] [--steps 10] [--warmup 3] [--batch N] [--beta 0.0]
+                                   [--gradient-checkpointing] [--threads N]
 
 Same model as `dpo_step.py` (Llama-style, vocab 32000, hidden 256, 4 layers, fp32, CPU, the shipped tokenizer),
 saved once and loaded by every runner; same 16 prompts of 32 single-token words (so every prompt is exactly 32
@@ -20,6 +20,11 @@ A random-init model almost never samples eos, so completions run to 64 tokens in
 length is printed so the comparison can be checked fair. Each runner is a fresh subprocess, so its peak RSS
 (`ru_maxrss`) is its own. Prints two tables, writes `results/grpo_step.json` (`_b<N>`, `_beta<β>`, `_gc`, `_t<N>`
 suffixes for the non-default settings).
+
+`--case long-prompt`: the same, with 512-token prompts (512 single-token words), 2 groups a step (`--batch`
+default 16) and the model's `max_position_embeddings` raised to 1024 (the weights are the same: RoPE has no learned
+positions); writes `results/grpo_step_long-prompt.json`. Here the prompt is 8x the completion, so the cost is in
+prefilling and scoring the prompt once per completion, which is what sharing the prompt of a group saves.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ from dpo_step import build_model
 from step_report import ENV, RUNNERS, emit, report, rss_mb, run_child, step_timer
 
 SHAPE = {"vocab_size": 32000, "hidden_size": 256, "num_hidden_layers": 4, "n_prompts": 16, "prompt_len": 32}
+# What each `--case` changes: the prompt length, the default completions a step and the model's position limit.
+CASES = {
+    "default": {"prompt_len": 32, "batch": 8, "max_positions": 256},
+    "long-prompt": {"prompt_len": 512, "batch": 16, "max_positions": 1024},
+}
 NUM_GENERATIONS = 8
 MAX_COMPLETION_LENGTH = 64
 LEARNING_RATE = 1e-6
@@ -44,16 +54,16 @@ def letter_fraction(completions: list[str], **kwargs) -> list[float]:
     return [sum(c.isalpha() for c in text) / max(len(text), 1) for text in completions]
 
 
-def _prompts(tokenizer) -> list[str]:
+def _prompts(tokenizer, prompt_len: int) -> list[str]:
     """`n_prompts` random strings of `prompt_len` single-token words (fixed seed), each exactly `prompt_len` tokens."""
     import random
 
     words = [t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha()]
     words = sorted(w for w in words if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1)
     rng = random.Random(0)
-    prompts = ["".join(" " + rng.choice(words) for _ in range(SHAPE["prompt_len"])) for _ in range(SHAPE["n_prompts"])]
+    prompts = ["".join(" " + rng.choice(words) for _ in range(prompt_len)) for _ in range(SHAPE["n_prompts"])]
     lengths = {len(ids) for ids in tokenizer(prompts)["input_ids"]}
-    assert lengths == {SHAPE["prompt_len"]}, lengths
+    assert lengths == {prompt_len}, lengths
     return prompts
 
 
@@ -70,7 +80,9 @@ def _timed(fn, sink: list[float]):
     return wrapper
 
 
-def run_minimal(model_path: str, steps: int, warmup: int, checkpointing: bool, beta: float, batch: int) -> dict:
+def run_minimal(
+    model_path: str, steps: int, warmup: int, checkpointing: bool, beta: float, batch: int, prompt_len: int
+) -> dict:
     import copy
 
     import torch
@@ -83,9 +95,9 @@ def run_minimal(model_path: str, steps: int, warmup: int, checkpointing: bool, b
         model.gradient_checkpointing_enable()
     model.train()
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if beta else None
-    prompt_ids = tokenizer(_prompts(tokenizer))["input_ids"]
+    prompt_ids = tokenizer(_prompts(tokenizer, prompt_len))["input_ids"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
-    eos, groups, width = tokenizer.eos_token_id, batch // NUM_GENERATIONS, SHAPE["prompt_len"]
+    eos, groups, width = tokenizer.eos_token_id, batch // NUM_GENERATIONS, prompt_len
     base = rss_mb()
 
     def token_logps(m, sequences, attention_mask):
@@ -144,7 +156,14 @@ def run_minimal(model_path: str, steps: int, warmup: int, checkpointing: bool, b
 
 
 def run_trainer(
-    library: str, model_path: str, steps: int, warmup: int, checkpointing: bool, beta: float, batch: int
+    library: str,
+    model_path: str,
+    steps: int,
+    warmup: int,
+    checkpointing: bool,
+    beta: float,
+    batch: int,
+    prompt_len: int,
 ) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -155,7 +174,7 @@ def run_trainer(
         from llm_trainer import GRPOConfig, GRPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    dataset = Dataset.from_dict({"prompt": _prompts(tokenizer)})
+    dataset = Dataset.from_dict({"prompt": _prompts(tokenizer, prompt_len)})
     step_times: list[float] = []
     generation_times: list[float] = []
 
@@ -210,7 +229,16 @@ def child(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    settings = (args.model_path, args.steps, args.warmup, args.gradient_checkpointing, args.beta, args.batch)
+    prompt_len = CASES[args.case]["prompt_len"]
+    settings = (
+        args.model_path,
+        args.steps,
+        args.warmup,
+        args.gradient_checkpointing,
+        args.beta,
+        args.batch,
+        prompt_len,
+    )
     if args.child == "minimal loop":
         result = run_minimal(*settings)
     else:
@@ -250,9 +278,17 @@ def split_times(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--case",
+        choices=sorted(CASES),
+        default="default",
+        help="default: 32-token prompts; long-prompt: 512-token prompts, 2 groups a step",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=NUM_GENERATIONS, help="completions a step (a multiple of 8)")
+    parser.add_argument(
+        "--batch", type=int, help="completions a step, a multiple of 8 (default: 8, or 16 for long-prompt)"
+    )
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient; > 0 adds a reference model")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="turn it on in every runner")
     parser.add_argument("--threads", type=int, help="torch intra-op threads per runner (default: torch's choice)")
@@ -260,22 +296,28 @@ def main() -> None:
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--build-model", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    case = CASES[args.case]
+    if args.batch is None:
+        args.batch = case["batch"]
     if args.batch < NUM_GENERATIONS or args.batch % NUM_GENERATIONS:
         parser.error(f"--batch must be a positive multiple of num_generations ({NUM_GENERATIONS}), got {args.batch}.")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be at least 1 and --warmup at least 0.")
     if args.build_model:
-        return build_model(args.build_model)
+        return build_model(args.build_model, max_positions=case["max_positions"])
     if args.child:
         return child(args)
 
     results = {}
     with tempfile.TemporaryDirectory() as model_path:
         subprocess.run(
-            [sys.executable, __file__, "--build-model", model_path], env=ENV, check=True, capture_output=True
+            [sys.executable, __file__, "--case", args.case, "--build-model", model_path],
+            env=ENV,
+            check=True,
+            capture_output=True,
         )
         for name in RUNNERS:
-            command = [sys.executable, __file__, "--child", name, "--model-path", model_path]
+            command = [sys.executable, __file__, "--case", args.case, "--child", name, "--model-path", model_path]
             command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
             command += ["--batch", str(args.batch), "--beta", str(args.beta)]
             command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
@@ -283,7 +325,8 @@ def main() -> None:
             results[name] = run_child(command)
     split = split_times(results)
     settings = {
-        "shape": SHAPE,
+        "case": args.case,
+        "shape": {**SHAPE, "prompt_len": case["prompt_len"], "max_position_embeddings": case["max_positions"]},
         "num_generations": NUM_GENERATIONS,
         "max_completion_length": MAX_COMPLETION_LENGTH,
         "batch": args.batch,
@@ -292,12 +335,13 @@ def main() -> None:
         "threads": args.threads,
     }
     suffix = (
-        (f"_b{args.batch}" if args.batch != NUM_GENERATIONS else "")
+        (f"_{args.case}" if args.case != "default" else "")
+        + (f"_b{args.batch}" if args.batch != case["batch"] else "")
         + (f"_beta{args.beta:g}" if args.beta else "")
         + ("_gc" if args.gradient_checkpointing else "")
         + (f"_t{args.threads}" if args.threads else "")
     )
-    report("grpo_step", "GRPO step, fp32, CPU", results, settings, suffix)
+    report("grpo_step", f"GRPO step ({args.case}), fp32, CPU", results, settings, suffix)
     print(split)
 
 

@@ -9,9 +9,11 @@ import resource
 import subprocess
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+# where `report` writes; BENCHMARK_RESULTS_DIR moves it (smoke runs that must not overwrite the recorded figures)
+RESULTS = Path(os.environ.get("BENCHMARK_RESULTS_DIR") or Path(__file__).parent / "results")
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 RUNNERS = ("minimal loop", "llm_trainer", "trl 1.16")
+LOAD_AT_START = os.getloadavg()  # the machine's 1/5/15-minute load when the benchmark (the parent process) started
 
 
 def rss_mb() -> float:
@@ -84,6 +86,18 @@ def report(benchmark: str, title: str, results: dict, settings: dict, suffix: st
         print(f"loss parity llm_trainer vs TRL over {len(ours)} steps: max relative difference {worst:.2e}")
         results["loss_max_rel_diff_vs_trl"] = worst
     RESULTS.mkdir(exist_ok=True)
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    machine = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_avg_start": LOAD_AT_START,
+        "load_avg_end": os.getloadavg(),
+    }
+    print(
+        "machine load (1/5/15 min): at start "
+        + "/".join(f"{x:.2f}" for x in LOAD_AT_START)
+        + ", at end "
+        + "/".join(f"{x:.2f}" for x in machine["load_avg_end"])
+    )
     payload = {"benchmark": benchmark, **settings, "machine": machine, "results": results}
     (RESULTS / f"{benchmark}{suffix}.json").write_text(json.dumps(payload, indent=2))
