@@ -53,6 +53,8 @@ def make_generator(
             eos_token_id=eos,
             cache_implementation=getattr(args, "cache_implementation", None),
             unwrap=unwrap,
+            fast=getattr(args, "fast_generation", True),
+            compact_finished=getattr(args, "generation_compact_finished", False),
         )
     mode = getattr(args, "vllm_mode", "colocate")
     regex = getattr(args, "vllm_structured_outputs_regex", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -10,9 +11,11 @@ import torch
 
 from .base import GenerationResult, Generator, SamplingConfig, as_id_list, check_prompts, truncate_at_eos
 
+logger = logging.getLogger(__name__)
+
 
 class TransformersGenerator(Generator):
-    """Batched `model.generate` with left padding and a KV cache.
+    """Batched generation with the policy: `decode.decode` (`fast=True`, the default) or `model.generate`.
 
     Samples unless `sampling.temperature == 0` (greedy) and stops each completion at the first of `eos_token_id`.
     Generation runs under `torch.no_grad()` with the model in eval mode; its training mode is restored afterwards.
@@ -27,6 +30,14 @@ class TransformersGenerator(Generator):
     stepping until every process's sequences are done (`synced_gpus`). Without that, a process whose completions
     end early would leave the others waiting forever in an all-gather. Under FSDP2 the shards stay gathered for
     the whole `generate` call (one all-gather per module per call, not per token), then are freed.
+
+    `fast=True` runs the lean loop of `llm_trainer.generation.decode` instead of `model.generate`: each distinct
+    prompt prefilled once and its KV cache shared by its repeats, a preallocated cache, nothing per step but the
+    model call, the logits processors and the sampler. It samples the same tokens as `generate` under the same seed
+    (see that module), and hands a call to `generate` (saying why, once per reason) for what it does not implement:
+    `generation_kwargs` beyond the sampling ones, a `cache_implementation`, lockstep (sharded) generation,
+    encoder-decoders, caches that are not plain `DynamicCache` layers. `compact_finished=True` also drops finished
+    rows from the batch; the draws stay those of the full batch, so the tokens do not change either.
     """
 
     def __init__(
@@ -40,6 +51,8 @@ class TransformersGenerator(Generator):
         cache_implementation: str | None = None,
         unwrap: Callable[[], AbstractContextManager] | None = None,
         return_logprobs: bool = False,
+        fast: bool = True,
+        compact_finished: bool = False,
     ):
         if pad_token_id is None:
             raise ValueError("pad_token_id is None; pass the tokenizer's pad token id (or its eos id if it has none).")
@@ -55,6 +68,11 @@ class TransformersGenerator(Generator):
         self.cache_implementation = cache_implementation
         self.unwrap = unwrap
         self.return_logprobs = return_logprobs
+        self.fast = fast
+        self.compact_finished = compact_finished
+        self.fallback_reason: str | None = None  # why the last call used `generate` although `fast` is set
+        self._reasons_logged: set[str] = set()
+        self.forward_rows = 0  # rows the fast loop ran through the model (prefill + decode steps), for diagnostics
 
     def generation_config(self):
         """The `GenerationConfig` every `generate` call uses; explicit values win over the model's defaults."""
@@ -123,6 +141,39 @@ class TransformersGenerator(Generator):
         return input_ids.to(device), attention_mask.to(device)
 
     def _generate_batch(
+        self, model, prompts: list[list[int]], config, synced: bool = False
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        if self.fast:
+            from . import decode
+
+            reason = decode.unsupported_reason(
+                model, config, lockstep=synced, extra_kwargs=(self.sampling.generation_kwargs or {}).keys()
+            )
+            if reason is None:
+                try:
+                    completions, logprobs, rows = decode.decode(
+                        model,
+                        prompts,
+                        decode.plan_from(model, config),
+                        compact_finished=self.compact_finished,
+                        return_logprobs=self.return_logprobs,
+                    )
+                except decode.CacheUnsupported as error:  # raised before anything is sampled
+                    reason = str(error)
+                else:
+                    self.fallback_reason = None
+                    self.forward_rows += rows
+                    return [truncate_at_eos(ids, self.eos_token_ids) for ids in completions], logprobs
+            self._note_fallback(reason)
+        return self._generate_with_generate(model, prompts, config, synced)
+
+    def _note_fallback(self, reason: str) -> None:
+        self.fallback_reason = reason
+        if reason not in self._reasons_logged:
+            self._reasons_logged.add(reason)
+            logger.warning("Fast generation does not support this setup (%s); using `model.generate`.", reason)
+
+    def _generate_with_generate(
         self, model, prompts: list[list[int]], config, synced: bool = False
     ) -> tuple[list[list[int]], list[list[float]]]:
         input_ids, attention_mask = self.left_padded(prompts, _device_of(model))
