@@ -130,6 +130,7 @@ class GRPOTrainer(BaseTrainer):
 
     def finish_init(self, args: GRPOConfig) -> None:
         """The generation loop and the scoring collaborator (`online`)."""
+        packed_rl.check_trainer(self)
         if self.train_dataset is None:  # environments that write their prompts in `reset`
             self.train_dataset = online_rl.placeholder_dataset(self.rollout_func, args)
         self.online = OnlineRL.build(self, self.vllm_importance_sampling_correction)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import is_peft_model
 from transformers.utils import logging
 
 from ..models import packed_attention
@@ -177,15 +178,51 @@ class PackedRows:
             return model(input_ids=self.input_ids, shift_labels=self.targets, token_logprobs=True, **kwargs)
 
 
-def use_packed(model: torch.nn.Module, setting: bool | None) -> bool:
-    """Whether `completion_logps` runs `model` packed: `setting` as `packed_forward` reads (None: where its attention
-    supports it; True: required, else a ValueError naming why; False: never). Enables the packed attention on the
-    model the first time."""
-    if not packed_attention.resolve(model, setting, "packed_forward"):
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why `model` cannot run packed RL batches, or None: `packed_attention.unsupported_reason`, and prompt-learning
+    adapters (prompt / prefix tuning), which prepend virtual tokens to every row."""
+    inner = getattr(model, "module", model)
+    if is_peft_model(inner):
+        config = inner.peft_config.get(inner.active_adapter)
+        if getattr(config, "is_prompt_learning", False):
+            return f"the PEFT adapter is {type(config).__name__} (virtual tokens prepended to every row)"
+    return packed_attention.unsupported_reason(model)
+
+
+def use_packed(model: torch.nn.Module, setting: bool | None, where: str = "packed_forward") -> bool:
+    """Whether `completion_logps` runs `model` packed: `setting` as `packed_forward` reads (None: where the model
+    supports it; True: required, else a ValueError naming why, `where` naming the option; False: never). Enables
+    the packed attention on the model the first time."""
+    if setting is False:
+        return False
+    reason = unsupported_reason(model)
+    if reason is not None:
+        if setting:
+            raise ValueError(
+                f"{where}=True needs packed sequences, but {reason}. Set {where}=False (or leave it None) to train on "
+                "padded batches."
+            )
         return False
     if not packed_attention.is_enabled(model):
         packed_attention.enable(model)
     return True
+
+
+def check_trainer(trainer: Any) -> None:
+    """An on-policy trainer's set-up: its policy runs packed as `packed_forward` says (a clear error now when it is
+    True and the model cannot; the packed attention installed before the model is wrapped), and a
+    `max_tokens_per_batch` is refused under DeepSpeed, whose `backward` also steps the optimizer at accumulation
+    boundaries (a budget backpropagates each micro-batch in several chunks)."""
+    from accelerate.utils import DistributedType
+
+    args = trainer.args
+    use_packed(trainer.model, getattr(args, "packed_forward", None), f"{type(args).__name__}.packed_forward")
+    max_tokens = getattr(args, "max_tokens_per_batch", None)
+    if max_tokens is not None and trainer.accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError(
+            f"max_tokens_per_batch={max_tokens} backpropagates each micro-batch in several chunks, which DeepSpeed's "
+            "engine does not allow: unset it under DeepSpeed and bound memory with `per_device_train_batch_size`."
+        )
 
 
 def packed_completion_logps(
@@ -384,24 +421,16 @@ class TokenBudget:
 
 
 def trainer_token_budget(trainer: Any, model: torch.nn.Module) -> TokenBudget:
-    """The `TokenBudget` of an on-policy trainer's config (`max_tokens_per_batch`, `packed_forward`): chunks are
-    backpropagated as `Trainer.training_step` backpropagates `compute_loss`'s result (divided by the accumulation
-    steps unless the trainer's loss already is), outside DDP's gradient synchronisation. DeepSpeed, whose `backward`
-    also steps the optimizer at an accumulation boundary, is refused with a budget set."""
-    from accelerate.utils import DistributedType
-
+    """The `TokenBudget` of an on-policy trainer's config (`max_tokens_per_batch`, `packed_forward`; see
+    `check_trainer`): chunks are backpropagated as `Trainer.training_step` backpropagates `compute_loss`'s result
+    (divided by the accumulation steps unless the trainer's loss already is), outside DDP's gradient
+    synchronisation."""
     args, accelerator = trainer.args, trainer.accelerator
-    max_tokens = getattr(args, "max_tokens_per_batch", None)
-    if max_tokens is not None and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ValueError(
-            f"max_tokens_per_batch={max_tokens} backpropagates each micro-batch in several chunks, which DeepSpeed's "
-            "engine does not allow (its backward also steps at accumulation boundaries): unset it under DeepSpeed "
-            "and bound memory with `per_device_train_batch_size` instead."
-        )
 
     def backward(loss: torch.Tensor) -> None:
         if not trainer.loss_is_scaled_for_ga:
             loss = loss / trainer.current_gradient_accumulation_steps
         accelerator.backward(loss)
 
-    return TokenBudget(max_tokens, getattr(args, "packed_forward", None), backward, lambda: accelerator.no_sync(model))
+    max_tokens, packed = getattr(args, "max_tokens_per_batch", None), getattr(args, "packed_forward", None)
+    return TokenBudget(max_tokens, packed, backward, lambda: accelerator.no_sync(model))

@@ -80,6 +80,7 @@ class RLOOTrainer(BaseTrainer):
     def finish_init(self, args: RLOOConfig) -> None:
         """The generation loop and the scoring collaborator (`online`); the sampling policy's log-probs are always
         kept: the KL penalty in the reward is measured on them."""
+        packed_rl.check_trainer(self)
         self.online = OnlineRL.build(self, needs_old_logps=True)
         self.generation, self._logs = self.online.generation, self.online.logs
         self.eos_token_ids = self.generation.eos_token_ids

@@ -296,3 +296,60 @@ def test_models_that_cannot_run_packed_fall_back_or_are_refused(tmp_path):
     assert torch.equal(auto, padded) and not packed_attention.is_enabled(model)
     with pytest.raises(ValueError, match="packed_forward=True needs packed sequences.*sliding-window"):
         completion_logps(model, batch, packed_forward=True)
+
+
+def test_trainer_set_up_refuses_packed_forward_true_on_an_unsupported_model(tmp_path):
+    path = make_tiny_model(tmp_path / "sw", "qwen2", use_sliding_window=True, sliding_window=4)
+    with pytest.raises(ValueError, match=r"GRPOConfig.packed_forward=True needs packed sequences.*sliding-window"):
+        _trainer(GRPOTrainer, GRPOConfig, path, tmp_path, packed_forward=True)
+    trainer = _trainer(RLOOTrainer, RLOOConfig, path, tmp_path)  # auto: padded
+    assert not packed_attention.is_enabled(trainer.model)
+
+
+def test_prompt_learning_adapters_run_padded(llama_path):
+    from peft import PromptTuningConfig, get_peft_model
+
+    model = get_peft_model(_model(llama_path), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    assert "PromptTuningConfig" in packed_rl.unsupported_reason(model)
+    assert not packed_rl.use_packed(model, None)
+    with pytest.raises(ValueError, match="packed_forward=True needs packed sequences.*virtual tokens"):
+        packed_rl.use_packed(model, True)
+
+
+def test_grpo_training_with_a_token_budget_matches_unsplit_training(tiny_model_path, tmp_path):
+    """Through `Trainer.training_step` (gradient accumulation, gradient checkpointing): the same losses and weights."""
+    runs = []
+    for budget in (None, 24):
+        config = GRPOConfig(
+            output_dir=str(tmp_path / str(budget)),
+            report_to="none",
+            max_steps=2,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            num_generations=4,
+            max_completion_length=8,
+            learning_rate=1e-2,
+            logging_steps=1,
+            bf16=False,
+            save_strategy="no",
+            disable_tqdm=True,
+            dataloader_pin_memory=False,
+            gradient_checkpointing=True,
+            loss_type="grpo",
+            seed=5,
+            max_tokens_per_batch=budget,
+        )
+        dataset = Dataset.from_dict({"prompt": ["one two three", "four five", "six", "seven eight nine ten"]})
+        trainer = GRPOTrainer(
+            model=tiny_model_path,
+            reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+            args=config,
+            train_dataset=dataset,
+        )
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        runs.append((torch.tensor(losses), {n: p.detach().clone() for n, p in trainer.model.named_parameters()}))
+    (losses, weights), (budget_losses, budget_weights) = runs
+    _close(budget_losses, losses, "losses")
+    for name, value in weights.items():
+        _close(budget_weights[name], value, name)
