@@ -30,6 +30,7 @@ from .preference_forward import (
     PairedLogps,
     concatenated_forward,
     paired_token_metrics,
+    resolve_packed_forward,
 )
 from .reference_policy import ReferencePolicy, loss_prediction_step
 from .special_tokens import configure_special_tokens
@@ -51,6 +52,10 @@ class DPOTrainer(BaseTrainer):
     TR-DPO (`sync_ref_model`). The log-probs come from `llm_trainer.kernels`, so the logits are never built. Logged
     metrics: `rewards/{chosen,rejected,accuracies,margins}`, `logps/{chosen,rejected}`, `logits/{chosen,rejected}`,
     `entropy`, `mean_token_accuracy`, `num_tokens`.
+
+    With `packed_forward` (on by default where the model's attention supports it; `padding_free=True` requires it),
+    the policy and reference passes run on packed rows: no padding, and each pair's prompt computed once for its
+    chosen and rejected continuations (see `preference_forward.pack_rows`). Same losses and metrics as padded.
 
     >>> from llm_trainer import DPOConfig, DPOTrainer
     >>> trainer = DPOTrainer(model="path/to/model", args=DPOConfig("out"), train_dataset=dataset)
@@ -91,10 +96,10 @@ class DPOTrainer(BaseTrainer):
                 "Vision-language preference datasets (with 'image' / 'images' columns) are not supported yet; "
                 "remove those columns to train on the text alone."
             )
-        if args.padding_free:
-            logger.warning(
-                "`padding_free=True` is temporarily unavailable for DPO (as in TRL 1.16): falling back to padded "
-                "batches. Set `padding_free=False` to silence this warning."
+        if args.padding_free and getattr(args, "packed_forward", None) is False:
+            raise ValueError(
+                "`padding_free=True` asks for packed batches, but `packed_forward=False` asks for padded ones. Set "
+                "one of them: `padding_free=True` alone means `packed_forward=True`."
             )
 
     def configure_tokenizer(self, model: PreTrainedModel, args: DPOConfig) -> None:
@@ -102,6 +107,11 @@ class DPOTrainer(BaseTrainer):
 
     def reference_policy(self, model, ref_model, peft_config, args: DPOConfig) -> ReferencePolicy:
         return ReferencePolicy.for_policy(model, ref_model, args, copy_given_adapter=peft_config is None)
+
+    def configure(self, model: PreTrainedModel, args: DPOConfig, train_dataset: Any) -> None:
+        setting = True if args.padding_free else getattr(args, "packed_forward", None)
+        where = "DPOConfig.padding_free" if args.padding_free else "DPOConfig.packed_forward"
+        self._packed = resolve_packed_forward((model, self.reference.model), setting, where)
 
     def default_collator(self, args: DPOConfig) -> DataCollatorForPreference:
         return DataCollatorForPreference(
@@ -115,8 +125,12 @@ class DPOTrainer(BaseTrainer):
         """The per-token outputs the metrics (and WPO) read."""
         return {"outputs": POLICY_OUTPUTS + (("log_sum_sq_probs",) if args.use_weighting else ())}
 
-    padding_free = False
-    """TRL's attribute: DPO batches are always padded (`padding_free=True` falls back, with a warning)."""
+    _packed = False
+
+    @property
+    def padding_free(self) -> bool:
+        """TRL's attribute: whether the forwards run on packed rows (`packed_forward`, `padding_free`)."""
+        return self._packed
 
     @property
     def beta(self) -> float:
@@ -163,7 +177,7 @@ class DPOTrainer(BaseTrainer):
         """
         context = self.reference.context(self.accelerator.unwrap_model(model))
         with torch.no_grad(), context, self.accelerator.autocast():
-            forward = concatenated_forward(model, inputs, ld_alpha=self.args.ld_alpha)
+            forward = concatenated_forward(model, inputs, ld_alpha=self.args.ld_alpha, packed=self._packed)
         return forward.chosen_logps, forward.rejected_logps
 
     prediction_step = loss_prediction_step
@@ -173,7 +187,7 @@ class DPOTrainer(BaseTrainer):
         mode = "train" if self.model.training else "eval"
         args = self.args
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        policy = concatenated_forward(model, inputs, ld_alpha=args.ld_alpha, **extra)
+        policy = concatenated_forward(model, inputs, ld_alpha=args.ld_alpha, packed=self._packed, **extra)
         if "ref_chosen_logps" in inputs:
             ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:

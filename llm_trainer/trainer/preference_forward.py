@@ -4,19 +4,39 @@ Used by `DPOTrainer` (policy and reference passes, precomputed reference log-pro
 by `DataCollatorForPreference` (ORPO, CPO): a batch holds 2B rows, the B chosen sequences first, then the B rejected
 ones, with a `completion_mask` marking the completion tokens. The model must be patched by
 `modeling.add_token_logprob_head`, so the `(2B, T, vocab)` logits are never built.
+
+It also holds the packed forward of every preference trainer (`pack_rows`, `packed_token_outputs`): the padding of
+the collated rows is stripped and every sequence concatenated into one row (`models.packed_attention`), a chosen and
+a rejected row sharing their prompt once (each continuation attends to it), and the per-token outputs are scattered
+back to the padded layout, so the losses and metrics read the same tensors as from a padded forward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
+from accelerate.utils import is_peft_model
 
 from ..losses import dpo_sequence_logps, sequence_logps
-from ..modeling import completion_labels
+from ..modeling import TokenLogprobOutput, completion_labels
+from ..models import packed_attention
+from ..models.packed_attention import PackedLayout, Segment
 
-__all__ = ["NON_MODEL_KEYS", "POLICY_OUTPUTS", "PairedLogps", "concatenated_forward", "paired_token_metrics"]
+__all__ = [
+    "NON_MODEL_KEYS",
+    "POLICY_OUTPUTS",
+    "PackedRows",
+    "PairedLogps",
+    "concatenated_forward",
+    "pack_rows",
+    "packed_token_outputs",
+    "paired_token_metrics",
+    "resolve_packed_forward",
+]
 
 NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
 """Batch keys that are not model inputs (everything else in the batch is passed to the model, as TRL does)."""
@@ -46,6 +66,7 @@ def concatenated_forward(
     *,
     ld_alpha: float | None = None,
     average: bool = False,
+    packed: bool = False,
     **forward_kwargs: Any,
 ) -> PairedLogps:
     """Run a collated preference batch through `model` once and reduce the completion log-probs per sequence.
@@ -54,14 +75,27 @@ def concatenated_forward(
     sum over the completion tokens, the LD-DPO sum when `ld_alpha` is set (see `losses.dpo_sequence_logps`), or the
     per-token average when `average` (ORPO, SimPO). `forward_kwargs` go to the model (e.g.
     `output_router_logits=True`).
+
+    `packed` runs the rows as one packed row (`pack_rows`; `packed_attention.enable` must have run on `model`), each
+    pair's prompt once, unless router logits are asked for (the MoE load-balancing loss counts every row's prompt).
+    The outputs are the padded layout's, up to summation order. A batch with other model inputs than `input_ids` and
+    `attention_mask`, or not right-padded, runs padded.
     """
     if average and ld_alpha is not None:
         raise ValueError("`average=True` and `ld_alpha` are exclusive: LD-DPO weights a summed log-prob.")
     completion_mask = batch["completion_mask"]
     model_inputs = {key: value for key, value in batch.items() if key not in NON_MODEL_KEYS}
     labels = completion_labels(batch["input_ids"], completion_mask, batch.get("attention_mask"))
-    outputs = model(**model_inputs, labels=labels, token_logprobs=True, **forward_kwargs)
     mask = completion_mask[:, 1:]
+    rows = None
+    if packed and set(model_inputs) <= {"input_ids", "attention_mask"}:
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # the label each token predicts
+        share = not forward_kwargs.get("output_router_logits", False)
+        rows = pack_rows(batch["input_ids"], batch.get("attention_mask"), targets, share_pairs=share)
+    if rows is not None:
+        outputs = packed_token_outputs(model, rows, targets, next_token_layout=True, **forward_kwargs)
+    else:
+        outputs = model(**model_inputs, labels=labels, token_logprobs=True, **forward_kwargs)
     # Prompt-learning PEFT prepends virtual tokens to the outputs: keep the positions of the real tokens.
     per_token_logps = outputs.log_probs[:, -mask.size(1) :]
     if average:
@@ -102,3 +136,178 @@ def paired_token_metrics(
         "logits/rejected": ratio(rejected_logits[rejected_mask].sum(), rejected_mask.sum()),
         "mean_token_accuracy": ratio((chosen_top1 & chosen_mask).sum(), chosen_mask.sum()),
     }
+
+
+# ------------------------------------------------------------------------------------------------------ packing
+_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Right-padded rows laid out as one packed row.
+
+    `input_ids` (`[total]`) and `layout` are what runs through the model; `index[r, j]` is the packed position of
+    token `j` of row `r` (`total`, an always-zero slot, past the row's end). Rows that share a prefix map its tokens
+    to the same positions.
+    """
+
+    layout: PackedLayout
+    input_ids: torch.Tensor
+    index: torch.Tensor
+    lengths: torch.Tensor
+    """Real tokens per row, `[rows]`."""
+
+    @property
+    def total(self) -> int:
+        return self.layout.total
+
+    def pack(self, values: torch.Tensor, fill: int | float) -> torch.Tensor:
+        """`[rows, T]` per-token values → `[total]` (rows sharing a position must agree on its value)."""
+        out = values.new_full((self.total + 1,), fill)
+        out[self.index] = values
+        return out[: self.total]
+
+    def unpack(self, values: torch.Tensor) -> torch.Tensor:
+        """`[1, total]` per-position outputs → the padded `[rows, T]`, zero past each row's end (differentiable: a
+        shared position's gradient is the sum over the rows reading it)."""
+        flat = values.reshape(-1)
+        return torch.cat([flat, flat.new_zeros(1)])[self.index]
+
+
+def pack_rows(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    targets: torch.Tensor | None = None,
+    *,
+    share_pairs: bool = False,
+) -> PackedRows | None:
+    """The packed layout of a right-padded batch, or None when `attention_mask` is not right padding.
+
+    With `share_pairs`, the batch holds B pairs (row `i` and row `B + i`, chosen then rejected): the longest prefix
+    the two rows share, in tokens and in `targets` (`[rows, T]`, what each token's output scores; None: tokens only),
+    is packed once, except its last token, which starts each row's own segment (its output scores the row's next
+    token). The segments of a pair sharing fewer than 2 tokens are independent.
+    """
+    num_rows, width = input_ids.shape
+    columns = torch.arange(width, device=input_ids.device)
+    if attention_mask is None:
+        lengths = torch.full((num_rows,), width, device=input_ids.device)
+    else:
+        lengths = attention_mask.sum(dim=1)
+        if not torch.equal(attention_mask.bool(), columns < lengths[:, None]):
+            return None
+    num_pairs = num_rows // 2 if share_pairs and num_rows % 2 == 0 else 0
+    shared = [0] * num_pairs
+    if num_pairs:
+        shared = _shared_prefix_lengths(input_ids, lengths, targets, num_pairs).tolist()
+    row_lengths = lengths.tolist()
+    starts: list[list[tuple[int, int, int]]] = [[] for _ in range(num_rows)]  # (first token, last + 1, position)
+    segments: list[Segment] = []
+
+    def add(length: int, prefix: tuple[int, int] = (0, 0)) -> int:
+        start = segments[-1].end if segments else 0
+        segments.append(Segment(start, start + length, *prefix))
+        return start
+
+    for unit in _units(num_rows, num_pairs):
+        if len(unit) == 2 and shared[unit[0]] >= 2:
+            prefix_length = shared[unit[0]] - 1  # the shared tokens but the last
+            prefix = add(prefix_length)
+            for row in unit:
+                starts[row].append((0, prefix_length, prefix))
+                own = add(row_lengths[row] - prefix_length, (prefix, prefix + prefix_length))
+                starts[row].append((prefix_length, row_lengths[row], own))
+        else:
+            for row in unit:
+                if row_lengths[row]:
+                    starts[row].append((0, row_lengths[row], add(row_lengths[row])))
+    layout = PackedLayout(tuple(segments))
+    index = torch.full((num_rows, width), layout.total, dtype=torch.long)
+    for row, spans in enumerate(starts):
+        for first, end, position in spans:
+            index[row, first:end] = torch.arange(position, position + end - first)
+    index = index.to(input_ids.device)
+    rows = PackedRows(layout, input_ids.new_zeros(0), index, lengths)
+    return PackedRows(layout, rows.pack(input_ids, 0), index, lengths)
+
+
+def _units(num_rows: int, num_pairs: int) -> Iterable[tuple[int, ...]]:
+    """The rows in packing order: each pair together, then any row in no pair."""
+    for pair in range(num_pairs):
+        yield (pair, num_pairs + pair)
+    for row in range(2 * num_pairs, num_rows):
+        yield (row,)
+
+
+def _shared_prefix_lengths(
+    input_ids: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor | None, num_pairs: int
+) -> torch.Tensor:
+    """Per pair, the number of leading tokens both rows hold, with the same targets on all of them but the last."""
+    columns = torch.arange(input_ids.size(1), device=input_ids.device)
+    within = columns < torch.minimum(lengths[:num_pairs], lengths[num_pairs:])[:, None]
+    same_tokens = (input_ids[:num_pairs] == input_ids[num_pairs:]) & within
+    shared = same_tokens.long().cumprod(dim=1).sum(dim=1)
+    if targets is not None:
+        same_targets = (targets[:num_pairs] == targets[num_pairs:]) & within
+        shared = torch.minimum(shared, same_targets.long().cumprod(dim=1).sum(dim=1) + 1)
+    return shared
+
+
+def packed_token_outputs(
+    model: torch.nn.Module,
+    rows: PackedRows,
+    targets: torch.Tensor,
+    *,
+    next_token_layout: bool = False,
+    **forward_kwargs: Any,
+) -> TokenLogprobOutput:
+    """One packed forward through a model given `add_token_logprob_head` (and `packed_attention.enable`):
+    `targets[r, j]` is the label token `j` of row `r` scores (-100: none); the per-token outputs come back in the
+    padded `[rows, T]` layout, 0 past each row's end, or without the last column with `next_token_layout` (the
+    `[rows, T - 1]` layout of a padded forward given `labels`). `forward_kwargs` go to the model."""
+    device = rows.input_ids.device
+    outputs = model(
+        input_ids=rows.input_ids[None],
+        **packed_attention.forward_kwargs(rows.layout, device),
+        shift_labels=rows.pack(targets, -100)[None],
+        token_logprobs=True,
+        **forward_kwargs,
+    )
+    fields = {name: getattr(outputs, name) for name in _TOKEN_FIELDS}
+    end = -1 if next_token_layout else None
+    fields = {name: None if value is None else rows.unpack(value)[:, :end] for name, value in fields.items()}
+    return TokenLogprobOutput(**fields, aux_loss=outputs.aux_loss)
+
+
+def resolve_packed_forward(
+    models: Iterable[torch.nn.Module | None], setting: bool | None, where: str, reason: str | None = None
+) -> bool:
+    """Whether a trainer runs its forwards packed: `setting` (`packed_forward`) None means where every one of
+    `models` (None entries skipped) supports it, True requires it (ValueError naming why not), False never. `reason`
+    is the trainer's own reason not to (checked first). When packed, installs `packed_attention.enable` on each."""
+    models = [model for model in models if model is not None]
+    if setting is False:
+        return False
+    reason = reason or next((why for why in map(_prompt_learning_reason, models) if why), None)
+    if reason is not None:
+        if setting:
+            raise ValueError(
+                f"{where}=True needs packed sequences, but {reason}. Set {where}=False (or leave it None) to train on "
+                "padded batches."
+            )
+        return False
+    if not all([packed_attention.resolve(model, setting, where) for model in models]):
+        return False
+    for model in models:
+        packed_attention.enable(model)
+    return True
+
+
+def _prompt_learning_reason(model: torch.nn.Module) -> str | None:
+    """Prompt-learning adapters (prompt / prefix tuning) prepend virtual tokens to every row: no packing."""
+    if not is_peft_model(model):
+        return None
+    config = model.peft_config.get(model.active_adapter)
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        return f"the PEFT adapter is {type(config).__name__} (virtual tokens prepended to every row)"
+    return None

@@ -33,6 +33,7 @@ from ..data.collators import DataCollatorForPreference, pad
 from ..data.reference_free_dataset import prepare_reference_free_dataset
 from ..losses import masked_mean_nll, preference_metrics, sequence_logps
 from .base_trainer import BaseTrainer, init_arguments
+from .preference_forward import pack_rows, packed_token_outputs, resolve_packed_forward
 from .reference_free_config import ReferenceFreeConfig
 from .utils import log_table_to_comet_experiment
 
@@ -52,7 +53,7 @@ class PairedForward(NamedTuple):
     """Token-mean NLL of the chosen sequences (see `nll_tokens`); 0 when the trainer needs none."""
     chosen_mean_logits: torch.Tensor
     """Detached mean logit of the chosen rows, over the vocabulary and every position, padding included (TRL's
-    `logits/chosen`)."""
+    `logits/chosen`); over the real positions only when packed (no padding is computed)."""
     rejected_mean_logits: torch.Tensor
     """The same for the rejected rows."""
     aux_loss: torch.Tensor | None
@@ -136,6 +137,13 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
         """TRL's name of `router_aux_loss_coef` here."""
         return self.router_aux_loss_coef
 
+    def configure(self, model: PreTrainedModel, args: ReferenceFreeConfig, train_dataset: Any) -> None:
+        where = f"{type(args).__name__}.packed_forward"
+        self._packed = resolve_packed_forward((model,), getattr(args, "packed_forward", None), where)
+
+    _packed = False
+    """Whether the forward runs on packed rows (`packed_forward`)."""
+
     def default_collator(self, args: ReferenceFreeConfig) -> DataCollatorForPreference:
         return DataCollatorForPreference(pad_token_id=self.padding_value)
 
@@ -167,20 +175,31 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------------------------------------ loss
     def concatenated_forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> PairedForward:
-        """One fused forward over the 2B chosen-then-rejected rows, without building the logits."""
+        """One fused forward over the 2B chosen-then-rejected rows, without building the logits.
+
+        Packed (`packed_forward`), each pair's prompt runs once and no padding is computed: the losses are the padded
+        ones, and `logits/*` averages over the real positions (the padded layout's TRL value also counts the padding).
+        """
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         length = input_ids.size(1)
         # One more (masked) padding column, so the head also projects the last position of every row: TRL's
         # `logits/*` averages over it (CPO). Causal attention leaves the other positions unchanged.
         padded_ids = F.pad(input_ids, (0, 1), value=self.padding_value)
         kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        outputs = model(
-            input_ids=padded_ids,
-            attention_mask=F.pad(attention_mask, (0, 1), value=0),
-            labels=padded_ids,  # every position is scored: the masks below pick what each term needs
-            token_logprobs=True,
-            **kwargs,
-        )
+        targets = padded_ids[:, 1:]  # every position is scored: the masks below pick what each term needs
+        rows = None
+        if self._packed:
+            rows = pack_rows(input_ids, attention_mask, targets, share_pairs=not self.aux_loss_enabled)
+        if rows is not None:
+            outputs = packed_token_outputs(model, rows, targets, **kwargs)
+        else:
+            outputs = model(
+                input_ids=padded_ids,
+                attention_mask=F.pad(attention_mask, (0, 1), value=0),
+                labels=padded_ids,
+                token_logprobs=True,
+                **kwargs,
+            )
         # Position t scores token t + 1; the last one scores the added column and is in no mask. (Prompt-learning
         # PEFT prepends virtual tokens to the outputs: keep the positions of the real tokens.)
         log_probs, mean_logits = outputs.log_probs[:, -length:], outputs.mean_logits[:, -length:].detach()
@@ -192,13 +211,20 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
         else:
             nll_mask = next_in_completion if self.nll_tokens == "completion" else F.pad(attention_mask[:, 1:], (0, 1))
             nll_loss = masked_mean_nll(log_probs[:num_pairs], nll_mask[:num_pairs])
-        mean_logits = mean_logits[:, : length if self.logits_include_last else length - 1]
+        if rows is not None:  # the real positions (the last one of each row when `logits_include_last`)
+            last = rows.lengths if self.logits_include_last else rows.lengths - 1
+            kept = torch.arange(length, device=last.device) < last[:, None]
+            chosen_mean_logits = mean_logits[:num_pairs][kept[:num_pairs]].mean()
+            rejected_mean_logits = mean_logits[num_pairs:][kept[num_pairs:]].mean()
+        else:
+            mean_logits = mean_logits[:, : length if self.logits_include_last else length - 1]
+            chosen_mean_logits, rejected_mean_logits = mean_logits[:num_pairs].mean(), mean_logits[num_pairs:].mean()
         return PairedForward(
             chosen_logps=logps[:num_pairs],
             rejected_logps=logps[num_pairs:],
             nll_loss=nll_loss,
-            chosen_mean_logits=mean_logits[:num_pairs].mean(),
-            rejected_mean_logits=mean_logits[num_pairs:].mean(),
+            chosen_mean_logits=chosen_mean_logits,
+            rejected_mean_logits=rejected_mean_logits,
             aux_loss=outputs.aux_loss,
         )
 

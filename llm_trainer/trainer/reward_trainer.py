@@ -19,12 +19,15 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from transformers.trainer_utils import EvalPrediction
 
 from ..data.chat_template import read_chat_template
 from ..data.reward_dataset import DataCollatorForReward, prepare_reward_dataset
 from ..losses import reward_model_loss, reward_model_metrics
+from ..models import packed_attention
 from .base_trainer import BaseTrainer, init_arguments
+from .preference_forward import pack_rows, resolve_packed_forward
 from .reward_config import RewardConfig
 from .special_tokens import configure_special_tokens
 
@@ -45,6 +48,11 @@ class RewardTrainer(BaseTrainer):
     `rejected_ids`). Pairs longer than `max_length` are dropped. The loss is `−logσ(r_c − r_r − margin)`, plus
     `center_rewards_coefficient · mean((r_c + r_r)²)` when set. Logged metrics: `accuracy`, `margin`,
     `{min,mean,max}_reward`, `num_tokens`.
+
+    With `packed_forward` (on by default where the model's attention supports it), each batch runs as one packed
+    row: no padding, and the prompt a chosen and a rejected sequence share computed once. The score is read at the
+    token transformers' sequence classifiers pick (the last one that is not the pad token), so the rewards are the
+    padded forward's.
 
     >>> from llm_trainer import RewardConfig, RewardTrainer
     >>> trainer = RewardTrainer(model="path/to/model", args=RewardConfig("out"), train_dataset=dataset)
@@ -111,6 +119,12 @@ class RewardTrainer(BaseTrainer):
             for name, param in model.named_parameters():
                 if param.requires_grad and "lora_magnitude_vector" not in name:
                     param.data = param.data.to(torch.bfloat16)
+        reason = None if _score_head(model) is not None else f"{type(base).__name__} has no `score` head"
+        setting = getattr(args, "packed_forward", None)
+        self._packed = resolve_packed_forward((model,), setting, "RewardConfig.packed_forward", reason)
+
+    _packed = False
+    """Whether the forward runs on packed rows (`packed_forward`)."""
 
     def default_collator(self, args: RewardConfig) -> DataCollatorForReward:
         return DataCollatorForReward(
@@ -133,7 +147,11 @@ class RewardTrainer(BaseTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        scores = self._packed_scores(model, inputs) if self._packed else None
+        if scores is not None:
+            outputs = SequenceClassifierOutputWithPast(logits=scores)
+        else:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         chosen_rewards, rejected_rewards = outputs.logits.squeeze(-1).chunk(2)
         loss = reward_model_loss(
             chosen_rewards, rejected_rewards, inputs.get("margin"), self.args.center_rewards_coefficient
@@ -144,6 +162,30 @@ class RewardTrainer(BaseTrainer):
         for key, value in gathered.items():
             metrics[key].append(value)
         return (loss, outputs) if return_outputs else loss
+
+    def _packed_scores(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The `[rows, 1]` scores of a batch from one packed forward, or None when it must run padded (no pad token,
+        not right-padded, or the scored token in the padding)."""
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        head = _score_head(self.model)
+        pad_token_id = self.model.config.get_text_config().pad_token_id
+        rows = pack_rows(input_ids, attention_mask, share_pairs=True) if pad_token_id is not None else None
+        if rows is None:
+            return None
+        # transformers' choice: the rightmost token that is not the pad token (the first one if all are).
+        columns = torch.arange(input_ids.size(1), device=input_ids.device)
+        last = (columns * (input_ids != pad_token_id)).argmax(dim=-1)
+        if bool((last >= rows.lengths).any()):
+            return None
+        captured: list[torch.Tensor] = []
+        handle = head.register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            kwargs = packed_attention.forward_kwargs(rows.layout, input_ids.device)
+            model(input_ids=rows.input_ids[None], **kwargs, use_cache=False)
+        finally:
+            handle.remove()
+        scores = captured[-1].reshape(rows.total, -1)
+        return scores.index_select(0, rows.index.gather(1, last[:, None]).squeeze(1))
 
 
 @contextlib.contextmanager
@@ -158,6 +200,13 @@ def suppress_seqcls_warning() -> Iterator[None]:
         yield
     finally:
         modeling_logger.removeFilter(quiet)
+
+
+def _score_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The per-token classification head (`score`) of a (PEFT) sequence classifier, None when it has none."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    head = getattr(base, "score", None)
+    return head if isinstance(head, torch.nn.Module) else None
 
 
 class _ExpectedSeqclsKeys(logging.Filter):

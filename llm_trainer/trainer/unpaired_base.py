@@ -5,7 +5,8 @@ policy: a given model, a frozen copy, the PEFT model as its reference, or precom
 forward: summed completion log-probs of the policy and of the reference, split into desirable (chosen) and
 undesirable (rejected) examples, plus the KL completions' log-probs when `calculate_kl`. A subclass turns that into
 a loss in `unpaired_loss`; the shared metrics (`rewards/*`, `logps/*`, `logits/*`, `entropy`, `num_tokens`) are
-recorded here.
+recorded here. With `packed_forward` (on where the model's attention supports it), every forward runs on packed
+rows, without padding (`preference_forward.pack_rows`); same log-probs and metrics as padded.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel
 
@@ -23,6 +25,7 @@ from ..data.unpaired import (
 from ..losses import unpaired_metrics
 from ..modeling import completion_labels
 from .base_trainer import BaseTrainer, gather_sum
+from .preference_forward import pack_rows, packed_token_outputs, resolve_packed_forward
 from .reference_policy import ReferencePolicy, loss_prediction_step
 from .special_tokens import configure_special_tokens
 
@@ -69,6 +72,15 @@ class UnpairedPreferenceTrainer(BaseTrainer):
             adapter_name=self.ref_adapter_name,
             policy_adapter=self.model_adapter_name,
         )
+
+    def configure(self, model: PreTrainedModel, args: Any, train_dataset: Any) -> None:
+        where = f"{type(args).__name__}.packed_forward"
+        self._packed = resolve_packed_forward(
+            (model, self.reference.model), getattr(args, "packed_forward", None), where
+        )
+
+    _packed = False
+    """Whether the forwards run on packed rows (`packed_forward`)."""
 
     def default_collator(self, args: Any) -> DataCollatorForUnpairedPreference:
         return DataCollatorForUnpairedPreference(
@@ -117,13 +129,18 @@ class UnpairedPreferenceTrainer(BaseTrainer):
         before training, to precompute)."""
         return self.ref_model if self.ref_model is not None else self.model
 
-    @staticmethod
-    def _completion_logps(model, input_ids, attention_mask, completion_mask, **kwargs):
-        """The model's token-log-prob outputs on prompt+completion and the summed completion log-probs."""
+    def _completion_logps(self, model, input_ids, attention_mask, completion_mask, **kwargs):
+        """The model's token-log-prob outputs on prompt+completion (`[rows, T - 1]`, the padded layout, also when
+        the forward runs packed) and the summed completion log-probs."""
         labels = completion_labels(input_ids, completion_mask)
-        outputs = model(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels, token_logprobs=True, **kwargs
-        )
+        rows = pack_rows(input_ids, attention_mask) if self._packed else None
+        if rows is not None:
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            outputs = packed_token_outputs(model, rows, targets, next_token_layout=True, **kwargs)
+        else:
+            outputs = model(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, token_logprobs=True, **kwargs
+            )
         seq_len = input_ids.size(1) - 1  # prompt-learning PEFT prepends virtual tokens: keep the real positions
         return outputs, outputs.log_probs[:, -seq_len:].sum(-1)
 

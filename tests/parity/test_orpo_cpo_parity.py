@@ -1,5 +1,9 @@
 """ORPOTrainer / CPOTrainer parity with TRL 1.16's `trl.experimental` trainers: same tiny model, data and seed
-through both; per-step loss within 1e-4 and the same metric names and values (`logits/*` included)."""
+through both; per-step loss within 1e-4 and the same metric names and values (`logits/*` included).
+
+The TRL cases pin `packed_forward=False`: TRL's `logits/*` average the mean logit over every position of the padded
+batch, padding included, which a packed forward never computes (it averages over the real positions). The `*_packed`
+cases run the default (packed) forward and compare everything else."""
 
 from __future__ import annotations
 
@@ -35,12 +39,19 @@ def _train(module, name, model_path, dataset, tmp_path, peft_config=None, **conf
     return trainer
 
 
-def _compare(name, model_path, dataset, tmp_path, peft_config=None, **config):
+def _compare(name, model_path, dataset, tmp_path, peft_config=None, packed_forward=False, **config):
     from llm_trainer.experimental import cpo, orpo
 
     ours_module, trl_module = {"ORPO": (orpo, trl_orpo), "CPO": (cpo, trl_cpo)}[name]
-    ours = _train(ours_module, name, model_path, dataset, tmp_path, peft_config, **config)
+    ours = _train(
+        ours_module, name, model_path, dataset, tmp_path, peft_config, packed_forward=packed_forward, **config
+    )
     theirs = _train(trl_module, name, model_path, dataset, tmp_path, peft_config, **config)
+    if packed_forward is not False:  # packed `logits/*` leave out the padding positions TRL's count
+        assert ours._packed
+        for trainer in (ours, theirs):
+            for log in trainer.state.log_history:
+                log.pop("logits/chosen", None), log.pop("logits/rejected", None)
     assert_same_training(ours, theirs)
 
 
@@ -60,6 +71,8 @@ CASES = {
         "standard_preference",
         {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2, "max_length": 16},
     ),
+    "orpo_packed": ("ORPO", "standard_preference", {"packed_forward": None}),
+    "cpo_packed": ("CPO", "conversational_preference", {"packed_forward": None, "loss_type": "simpo"}),
 }
 
 

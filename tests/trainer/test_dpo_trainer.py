@@ -235,13 +235,14 @@ def test_disable_dropout_covers_policy_and_reference(tiny_model_path, tmp_path, 
     assert kept.args.disable_dropout is False
 
 
-def test_padding_free_falls_back_with_a_warning(tiny_model_path, tmp_path, preference, caplog):
-    with caplog.at_level("WARNING"):
-        trainer = DPOTrainer(
-            model=tiny_model_path, args=_config(tmp_path, padding_free=True), train_dataset=preference
-        )
-    assert trainer.padding_free is False
-    assert "padding_free" in caplog.text
+def test_padding_free_runs_packed(tiny_model_path, tmp_path, preference):
+    """`padding_free=True` means `packed_forward=True` (TRL 1.16 disables it; packed batches give the same loss)."""
+    trainer = DPOTrainer(model=tiny_model_path, args=_config(tmp_path, padding_free=True), train_dataset=preference)
+    assert trainer.padding_free is True
+    trainer.train()
+    assert trainer.state.global_step == 2
+    padded = DPOTrainer(model=tiny_model_path, args=_config(tmp_path, packed_forward=False), train_dataset=preference)
+    assert padded.padding_free is False
 
 
 def test_streaming_dataset_trains(tiny_model_path, tmp_path, preference):
@@ -278,7 +279,9 @@ def test_config_has_trls_fields_and_defaults(tmp_path):
                 values[f.name] = f.default_factory()
         return values
 
-    assert defaults(DPOConfig) == defaults(trl.DPOConfig)
+    ours = defaults(DPOConfig)
+    assert ours.pop("packed_forward") is None  # llm_trainer's own field (packed batches where the model supports them)
+    assert ours == defaults(trl.DPOConfig)
     assert all(f.metadata.get("help") for f in dataclasses.fields(DPOConfig))
     config = DPOConfig(str(tmp_path), loss_type="ipo")
     assert config.loss_type == ["ipo"] and config.learning_rate == 1e-6 and config.beta == 0.1
