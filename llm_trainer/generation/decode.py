@@ -141,6 +141,9 @@ def unsupported_reason(model, config, *, lockstep: bool = False, extra_kwargs=()
         return "the model is an encoder-decoder (or has no config)"
     if not callable(getattr(model, "generate", None)):
         return "the model has no generate method"
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return "a PEFT prompt-learning adapter (its forward adds virtual tokens)"
     base = _base_model(model)
     for name in ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation", "_sample"):
         if getattr(type(base), name, None) is not getattr(GenerationMixin, name, None):
@@ -334,7 +337,7 @@ class _Processors:
 
 def _sampler(device: torch.device):
     """`sample(probs, rows, batch)`: one token per row of `probs` as `torch.multinomial(full_probs, 1)` would draw
-    it for those `rows` (all rows when `rows` is None) of a `batch`-row distribution."""
+    it for those `rows` (all rows when `rows` is None) of a `batch`-row distribution. Overwrites `probs`."""
     kind = _noise_kind(device)
 
     def sample(probs: torch.Tensor, rows: torch.Tensor | None, batch: int) -> torch.Tensor:
@@ -344,27 +347,31 @@ def _sampler(device: torch.device):
             totals = probs.sum(dim=-1)
             if bool((~torch.isfinite(totals) | (totals <= 0)).any()):  # what torch.multinomial refuses
                 raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
-            noise = _cpu_exponential((batch, probs.size(-1)))
-        else:
-            noise = torch.empty((batch, probs.size(-1)), dtype=probs.dtype, device=probs.device).exponential_(1)
+            negated = _cpu_negated_exponential((batch, probs.size(-1)))
+            if rows is not None:
+                negated = negated.index_select(0, rows)
+            # p / E == -(p / -E) exactly (IEEE division is sign-symmetric): the argmax of one is the argmin of the other
+            return torch.argmin(probs.div_(negated), dim=-1)
+        noise = torch.empty((batch, probs.size(-1)), dtype=probs.dtype, device=probs.device).exponential_(1)
         if rows is not None:
             noise = noise.index_select(0, rows)
-        return torch.argmax(probs / noise, dim=-1)
+        return torch.argmax(probs.div_(noise), dim=-1)
 
     return sample
 
 
-_MASK_53 = (1 << 53) - 1
 _KINDS: dict[str, str] = {}
 
 
-def _cpu_exponential(shape: tuple[int, ...]) -> torch.Tensor:
-    """What `torch.empty(shape).exponential_(1)` returns on the default CPU generator, drawn from the same 64-bit
-    words (`random_()` on int64 takes one per element, as `exponential_`'s uniform does) and transformed as it does,
-    `-log1p(-u)` in double with `u` the low 53 bits over 2**53, vectorised instead of one element at a time."""
-    words = torch.empty(shape, dtype=torch.int64).random_()
-    uniform = words.bitwise_and_(_MASK_53).to(torch.float64).mul_(2.0**-53)
-    return uniform.neg_().log1p_().neg_().to(torch.float32)
+def _cpu_negated_exponential(shape: tuple[int, ...]) -> torch.Tensor:
+    """Minus what `torch.empty(shape).exponential_(1)` returns on the default CPU generator, from the same draws.
+
+    `exponential_` takes one 64-bit word per element, `u` = its low 53 bits / 2**53, and returns
+    `float(-log1p(-u))` computed in double, one element at a time; `random_(0, 2**53)` on a double tensor takes the
+    same words and keeps the same bits, and the rest runs vectorised.
+    """
+    uniform = torch.empty(shape, dtype=torch.float64).random_(0, 2**53)
+    return uniform.mul_(-(2.0**-53)).log1p_().to(torch.float32)
 
 
 def _noise_kind(device: torch.device) -> str:
@@ -378,15 +385,17 @@ def _noise_kind(device: torch.device) -> str:
 
 def _probe(device: torch.device) -> str:
     """Check, with the generator's state saved and restored, which draw reproduces `torch.multinomial`."""
-    generator = torch.cuda if device.type == "cuda" else None
-    if device.type not in ("cpu", "cuda"):
+    if device.type == "cpu":
+        get_state, set_state = torch.get_rng_state, torch.set_rng_state
+    elif device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        get_state = lambda: torch.cuda.get_rng_state(index)  # noqa: E731
+        set_state = lambda state: torch.cuda.set_rng_state(state, index)  # noqa: E731
+    else:
         return "multinomial"
-    get_state = torch.get_rng_state if generator is None else generator.get_rng_state
-    set_state = torch.set_rng_state if generator is None else generator.set_rng_state
     saved = get_state()
     try:
         probs = torch.softmax(torch.linspace(-3, 3, 3 * 4099, device=device).view(3, 4099).sin() * 4, dim=-1)
-        set_state(saved)
         reference = torch.multinomial(probs, 1).squeeze(1)
         after_reference = get_state()
         set_state(saved)
@@ -398,7 +407,7 @@ def _probe(device: torch.device) -> str:
         if device.type != "cpu":
             return "exponential"
         set_state(saved)
-        emulated = _cpu_exponential(tuple(probs.shape))
+        emulated = _cpu_negated_exponential(tuple(probs.shape)).neg_()
         same = torch.equal(emulated, exponential) and torch.equal(get_state(), after_reference)
         return "cpu" if same else "exponential"
     finally:
