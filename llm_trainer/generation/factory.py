@@ -54,7 +54,7 @@ def make_generator(
             cache_implementation=getattr(args, "cache_implementation", None),
             unwrap=unwrap,
             fast=getattr(args, "fast_generation", True),
-            compact_finished=getattr(args, "generation_compact_finished", False),
+            compact_finished=getattr(args, "generation_compact_finished", True),
         )
     mode = getattr(args, "vllm_mode", "colocate")
     regex = getattr(args, "vllm_structured_outputs_regex", None)

@@ -36,8 +36,9 @@ class TransformersGenerator(Generator):
     model call, the logits processors and the sampler. It samples the same tokens as `generate` under the same seed
     (see that module), and hands a call to `generate` (saying why, once per reason) for what it does not implement:
     `generation_kwargs` beyond the sampling ones, a `cache_implementation`, lockstep (sharded) generation,
-    encoder-decoders, caches that are not plain `DynamicCache` layers. `compact_finished=True` also drops finished
-    rows from the batch; the draws stay those of the full batch, so the tokens do not change either.
+    encoder-decoders, caches that are not plain `DynamicCache` layers. `compact_finished=True` (the default) also drops
+    finished rows from the batch once a quarter of it has stopped; the random draws stay those of the full batch, so
+    the tokens do not change.
     """
 
     def __init__(
@@ -52,7 +53,7 @@ class TransformersGenerator(Generator):
         unwrap: Callable[[], AbstractContextManager] | None = None,
         return_logprobs: bool = False,
         fast: bool = True,
-        compact_finished: bool = False,
+        compact_finished: bool = True,
     ):
         if pad_token_id is None:
             raise ValueError("pad_token_id is None; pass the tokenizer's pad token id (or its eos id if it has none).")

@@ -44,13 +44,13 @@ def eos_leaning(model, token_ids: list[int], bias: float):
     return biased
 
 
-def both(model, tokenizer, sampling, prompts, eos=None, seed=0, **fast_kwargs):
+def both(model, tokenizer, sampling, prompts, eos=None, seed=0, compact_finished=False):
     """(generate's result, the fast loop's result, the fast generator) from the same seed; checks that the random
     stream ends in the same state."""
     eos = eos if eos is not None else [tokenizer.eos_token_id]
     common = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, return_logprobs=True)
     slow = TransformersGenerator(model, sampling, fast=False, **common)
-    fast = TransformersGenerator(model, sampling, fast=True, **common, **fast_kwargs)
+    fast = TransformersGenerator(model, sampling, fast=True, compact_finished=compact_finished, **common)
     torch.manual_seed(seed)
     expected = slow.generate(prompts)
     state = torch.get_rng_state()
@@ -87,7 +87,7 @@ def test_same_tokens_and_logprobs_as_generate(model, tokenizer, prompts, name):
 def test_eos_stops_rows_at_different_steps_with_several_eos_ids(model, tokenizer, prompts, compact):
     stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("!")]
     leaning = eos_leaning(model, stops, bias=4.0)
-    sampling = SamplingConfig(max_tokens=12, temperature=1.0)
+    sampling = SamplingConfig(max_tokens=12, temperature=0.9, top_k=100, repetition_penalty=1.2)
     expected, got, _ = both(leaning, tokenizer, sampling, prompts * 3, eos=stops, seed=3, compact_finished=compact)
     assert got.completion_ids == expected.completion_ids
     lengths = {len(ids) for ids in got.completion_ids}
@@ -257,7 +257,7 @@ def test_factory_reads_the_fast_generation_fields(model, tokenizer):
     made = make_generator(args, model, tokenizer)
     assert (made.fast, made.compact_finished) == (False, True)
     made = make_generator(SimpleNamespace(max_completion_length=4), model, tokenizer)
-    assert (made.fast, made.compact_finished) == (True, False)
+    assert (made.fast, made.compact_finished) == (True, True)
 
 
 def test_lora_model_samples_the_same_tokens(model, tokenizer, prompts):
