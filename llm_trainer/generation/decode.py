@@ -344,14 +344,16 @@ def _sampler(device: torch.device):
         if kind == "multinomial" and rows is None:
             return torch.multinomial(probs, num_samples=1).squeeze(1)
         if kind == "cpu":
-            totals = probs.sum(dim=-1)
-            if bool((~torch.isfinite(totals) | (totals <= 0)).any()):  # what torch.multinomial refuses
-                raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
             negated = _cpu_negated_exponential((batch, probs.size(-1)))
             if rows is not None:
                 negated = negated.index_select(0, rows)
             # p / E == -(p / -E) exactly (IEEE division is sign-symmetric): the argmax of one is the argmin of the other
-            return torch.argmin(probs.div_(negated), dim=-1)
+            ratios = probs.div_(negated)
+            chosen = torch.argmin(ratios, dim=-1)
+            # softmax gives no inf or negative values; a NaN anywhere in a row is what argmin picks
+            if bool(ratios.gather(1, chosen.unsqueeze(1)).isnan().any()):
+                raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+            return chosen
         noise = torch.empty((batch, probs.size(-1)), dtype=probs.dtype, device=probs.device).exponential_(1)
         if rows is not None:
             noise = noise.index_select(0, rows)

@@ -269,3 +269,18 @@ def test_lora_model_samples_the_same_tokens(model, tokenizer, prompts):
                 torch.nn.init.normal_(weight.weight, std=0.5)
     expected, got, _ = both(lora, tokenizer, SamplingConfig(max_tokens=6, top_k=40), prompts, seed=4)
     assert got.completion_ids == expected.completion_ids
+
+
+def test_nan_logits_raise_as_generate_does(model, tokenizer, prompts):
+    broken = copy.deepcopy(model)
+    broken.lm_head.register_forward_hook(lambda module, args, output: output * float("nan"))
+    fast = TransformersGenerator(
+        broken, SamplingConfig(max_tokens=3), pad_token_id=tokenizer.pad_token_id, eos_token_id=2
+    )
+    with pytest.raises(RuntimeError, match="probability tensor contains"):
+        fast.generate(prompts)
+    slow = TransformersGenerator(
+        broken, SamplingConfig(max_tokens=3), pad_token_id=tokenizer.pad_token_id, eos_token_id=2, fast=False
+    )
+    with pytest.raises(RuntimeError, match="probability tensor contains"):
+        slow.generate(prompts)
