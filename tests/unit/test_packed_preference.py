@@ -218,6 +218,7 @@ DPO_CASES = {
     "sft_ipo_wpo": {"loss_type": ["sigmoid", "ipo", "sft"], "loss_weights": [1.0, 0.5, 0.3], "use_weighting": True},
     "ld_dpo": {"ld_alpha": 0.5},
     "precomputed_reference": {"precompute_ref_log_probs": True},
+    "gradient_checkpointing": {"gradient_checkpointing": True},
 }
 
 
@@ -230,6 +231,9 @@ def test_dpo_packed_matches_padded(case, tiny_llama_path, tmp_path):
         return DPOTrainer(model=tiny_llama_path, args=args, train_dataset=dataset)
 
     padded, packed = _assert_same_step(make)
+    batch = packed.data_collator([packed.train_dataset[i] for i in range(6)])
+    shared = pack_rows(batch["input_ids"], batch["attention_mask"], share_pairs=True).layout.segments
+    assert any(segment.prefix_length for segment in shared)  # the pairs' prompts ran once
     if case == "precomputed_reference":
         for column in ("ref_chosen_logps", "ref_rejected_logps"):
             reference = torch.tensor(padded.train_dataset[column])
