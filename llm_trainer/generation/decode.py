@@ -110,7 +110,6 @@ class DecodePlan:
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    output_scores: bool = False
 
 
 def resolved_config(model, config):
@@ -184,7 +183,6 @@ def plan_from(model, config) -> DecodePlan:
         top_p=merged.top_p,
         min_p=merged.min_p,
         repetition_penalty=merged.repetition_penalty,
-        output_scores=bool(merged.output_scores),
     )
 
 
@@ -237,7 +235,7 @@ def decode(
     )
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None) or cache
     _preallocate(cache, index, len(uniques), width, width + steps)
-    logits = out.logits[:, -1].to(torch.float32)
+    logits = out.logits[:, -1].to(device=device, dtype=torch.float32, copy=True)  # the prefill's logits are freed
     if len(uniques) < rows:
         logits = logits.index_select(0, index)
     del out
@@ -264,7 +262,7 @@ def decode(
                 **{cache_arg: cache},
                 **keep,
             )
-            logits = out.logits[:, -1].to(torch.float32)
+            logits = out.logits[:, -1].to(device=device, dtype=torch.float32)
             del out
             forward_rows += len(active)
         scores = processors(tokens[:, : width + t], logits)
@@ -425,9 +423,10 @@ class _BufferLayer(DynamicLayer):
         rows, filled = index.numel(), keys.size(-2)
         self.key_buffer = keys.new_empty((rows, keys.size(1), capacity, keys.size(-1)))
         self.value_buffer = values.new_empty((rows, values.size(1), capacity, values.size(-1)))
+        index = index.to(keys.device)  # layers may sit on different devices (a model split with `device_map`)
         expand = keys.size(0) != rows or not bool((index == torch.arange(rows, device=index.device)).all())
         self.key_buffer[:, :, :filled] = keys.index_select(0, index) if expand else keys
-        self.value_buffer[:, :, :filled] = values.index_select(0, index) if expand else values
+        self.value_buffer[:, :, :filled] = values.index_select(0, index.to(values.device)) if expand else values
         self.filled = filled
         self.device = keys.device
         self.is_initialized = True
@@ -449,8 +448,8 @@ class _BufferLayer(DynamicLayer):
         return self.filled
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.key_buffer = self.key_buffer.index_select(0, indices)
-        self.value_buffer = self.value_buffer.index_select(0, indices)
+        self.key_buffer = self.key_buffer.index_select(0, indices.to(self.key_buffer.device))
+        self.value_buffer = self.value_buffer.index_select(0, indices.to(self.value_buffer.device))
         self._views()
 
 
