@@ -296,7 +296,6 @@ class TokenBudget:
             raise ValueError(f"max_tokens_per_batch must be a positive token count or None, got {max_tokens}.")
         self.max_tokens, self.packed_forward = max_tokens, packed_forward
         self.backward, self.no_sync = backward, no_sync
-        self._warned = False
 
     def run(
         self,
@@ -339,9 +338,8 @@ class TokenBudget:
             if empty:  # rows without completion tokens ride along with the first chunk (their log-probs are 0)
                 groups = [PromptGroup(tuple(empty), 1, (0,) * len(empty)), *groups]
         chunks = split_groups(groups, max_tokens=self.max_tokens)
-        if not self._warned and any(sum(g.num_tokens for g in chunk) > self.max_tokens for chunk in chunks):
-            self._warned = True
-            logger.warning(
+        if any(sum(g.num_tokens for g in chunk) > self.max_tokens for chunk in chunks):
+            logger.warning_once(
                 f"A prompt group (or row) holds more than max_tokens_per_batch={self.max_tokens} tokens: it is "
                 "forwarded whole, as a chunk of its own (this warning is shown once)."
             )
