@@ -84,7 +84,12 @@ def test_same_tokens_and_logprobs_as_generate(model, tokenizer, prompts, name):
 
 
 @pytest.mark.parametrize("compact", [False, True])
-def test_eos_stops_rows_at_different_steps_with_several_eos_ids(model, tokenizer, prompts, compact):
+@pytest.mark.parametrize("architecture", ["qwen2", "llama"])
+def test_eos_stops_rows_at_different_steps_with_several_eos_ids(
+    request, model, tokenizer, prompts, compact, architecture
+):
+    if architecture == "llama":  # tied embeddings, another attention layout
+        model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue("tiny_llama_path")).eval()
     stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("!")]
     leaning = eos_leaning(model, stops, bias=4.0)
     sampling = SamplingConfig(max_tokens=12, temperature=0.9, top_k=100, repetition_penalty=1.2)
