@@ -11,6 +11,7 @@ with staleness — is corrected by GRPO's importance-sampling ratio, truncated o
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -146,6 +147,7 @@ def prepare_grpo_batch(
     mask_truncated_completions: bool = False,
     compute_old_logps: bool = True,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    packed_forward: bool | None = None,
 ) -> tuple[OnlineBatch, dict[str, float]]:
     """Pad, score and weigh a batch of whole groups for `pg.grpo_loss`.
 
@@ -165,6 +167,7 @@ def prepare_grpo_batch(
         logps_batch_size: rows per log-prob forward (default: all).
         compute_old_logps: False leaves `old_per_token_logps` None (on-policy: the loss uses the detached current
             log-probs); the importance-sampling ratio then needs a forward anyway and computes them.
+        packed_forward: the config's `packed_forward`, for the log-prob forwards (see `completion_logps`).
 
     Returns:
         The `OnlineBatch` (`old_per_token_logps`, `ref_per_token_logps`, `advantages`, `importance_sampling_ratio`,
@@ -185,13 +188,14 @@ def prepare_grpo_batch(
     batch.num_items_in_batch = batch.loss_mask.sum()
     metrics: dict[str, float] = {}
     use_is = importance_sampling is not None and batch.sampling_per_token_logps is not None
+    logps_of = functools.partial(completion_logps, autocast=autocast, packed_forward=packed_forward)
     with torch.no_grad():
         if compute_old_logps or use_is:
-            batch.old_per_token_logps = completion_logps(model, batch, logps_batch_size, autocast=autocast)[0].float()
+            batch.old_per_token_logps = logps_of(model, batch, logps_batch_size)[0].float()
         if ref_model is not None or ref_context is not None:
             with ref_context() if ref_context is not None else contextlib.nullcontext():
                 reference = ref_model if ref_model is not None else model
-                batch.ref_per_token_logps = completion_logps(reference, batch, logps_batch_size, autocast=autocast)[0]
+                batch.ref_per_token_logps = logps_of(reference, batch, logps_batch_size)[0]
     if use_is:
         batch.importance_sampling_ratio, is_metrics = importance_sampling_ratio(batch, **importance_sampling)
         metrics.update(is_metrics)

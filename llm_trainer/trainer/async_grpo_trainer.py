@@ -359,6 +359,7 @@ class AsyncGRPOTrainer(GRPOTrainer):
             mask_truncated_completions=args.mask_truncated_completions,
             compute_old_logps=True,
             autocast=self.accelerator.autocast,
+            packed_forward=args.packed_forward,
         )
         metrics |= self._pool.stats()
         metrics["pool/dropped_stale"] = float(self._pool.dropped_stale)
