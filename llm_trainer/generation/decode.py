@@ -4,9 +4,9 @@
 
 - identical prompts are prefilled once (a left-padded batch of the distinct prompts) and their KV cache is copied to
   each repeat (GRPO and RLOO send every prompt `num_generations` times);
-- the KV cache is preallocated for the whole completion and written in place (no per-step concatenation); each
-  step is the model call on one token per row, the logits processors and the sampler, with `position_ids` and the
-  attention mask kept as views of preallocated buffers;
+- the KV cache is written in place into buffers with room to spare (no per-step concatenation; a full buffer
+  grows by 256 positions); each step is the model call on one token per row, the logits processors and the
+  sampler, with `position_ids` and the attention mask kept as views of preallocated buffers;
 - with `compact_finished=True`, rows that have stopped leave the batch (the model no longer runs on them).
 
 What is sampled is exactly what `generate` samples with the same `GenerationConfig` and torch seed: the same
@@ -414,22 +414,39 @@ def _probe(device: torch.device) -> str:
         set_state(saved)
 
 
-class _BufferLayer(DynamicLayer):
-    """A `DynamicLayer` whose keys and values live in a buffer sized for the whole generation: `update` writes the
-    new positions in place and returns views of the filled part (the values `torch.cat` would give)."""
+_GROWTH = 256  # positions a cache buffer grows by when full (its first size: the prompt + this)
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, capacity: int):
+
+class _BufferLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values live in buffers with room to spare: `update` writes the new positions
+    in place and returns views of the filled part (the values `torch.cat` would give); a full buffer grows by
+    `_GROWTH` positions (up to `limit`), so memory follows the completions' length as `generate`'s cache does."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, limit: int):
         super().__init__()
-        rows, filled = index.numel(), keys.size(-2)
-        self.key_buffer = keys.new_empty((rows, keys.size(1), capacity, keys.size(-1)))
-        self.value_buffer = values.new_empty((rows, values.size(1), capacity, values.size(-1)))
-        index = index.to(keys.device)  # layers may sit on different devices (a model split with `device_map`)
-        expand = keys.size(0) != rows or not bool((index == torch.arange(rows, device=index.device)).all())
-        self.key_buffer[:, :, :filled] = keys.index_select(0, index) if expand else keys
-        self.value_buffer[:, :, :filled] = values.index_select(0, index.to(values.device)) if expand else values
-        self.filled = filled
+        self.limit = limit
+        self.filled = keys.size(-2)
         self.device = keys.device
         self.is_initialized = True
+        self.key_buffer, self.value_buffer = keys, values
+        index = index.to(keys.device)  # layers may sit on different devices (a model split with `device_map`)
+        identity = keys.size(0) == index.numel() and bool(
+            (index == torch.arange(index.numel(), device=index.device)).all()
+        )
+        self._reallocate(None if identity else index, self._room_for(self.filled))
+
+    def _room_for(self, needed: int) -> int:
+        return max(needed, min(self.limit, needed + _GROWTH))
+
+    def _reallocate(self, rows: torch.Tensor | None, capacity: int) -> None:
+        """New buffers of `capacity` positions holding the filled part of `rows` (all rows when None)."""
+        keys, values = self.key_buffer[:, :, : self.filled], self.value_buffer[:, :, : self.filled]
+        if rows is not None:
+            keys, values = keys.index_select(0, rows.to(keys.device)), values.index_select(0, rows.to(values.device))
+        self.key_buffer = keys.new_empty((keys.size(0), keys.size(1), capacity, keys.size(-1)))
+        self.value_buffer = values.new_empty((values.size(0), values.size(1), capacity, values.size(-1)))
+        self.key_buffer[:, :, : self.filled] = keys
+        self.value_buffer[:, :, : self.filled] = values
         self._views()
 
     def _views(self) -> None:
@@ -438,6 +455,8 @@ class _BufferLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         end = self.filled + key_states.size(-2)
+        if end > self.key_buffer.size(-2):
+            self._reallocate(None, self._room_for(end))
         self.key_buffer[:, :, self.filled : end] = key_states
         self.value_buffer[:, :, self.filled : end] = value_states
         self.filled = end
@@ -448,14 +467,13 @@ class _BufferLayer(DynamicLayer):
         return self.filled
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.key_buffer = self.key_buffer.index_select(0, indices.to(self.key_buffer.device))
-        self.value_buffer = self.value_buffer.index_select(0, indices.to(self.value_buffer.device))
-        self._views()
+        self._reallocate(indices, self.key_buffer.size(-2))
 
 
-def _preallocate(cache, index: torch.Tensor, uniques: int, width: int, capacity: int) -> None:
-    """Turn each layer of the prefilled `cache` (one row per distinct prompt) into a preallocated buffer with one
-    row per prompt (`index[row]` the distinct prompt of `row`), written in place from here on."""
+def _preallocate(cache, index: torch.Tensor, uniques: int, width: int, limit: int) -> None:
+    """Turn each layer of the prefilled `cache` (one row per distinct prompt) into buffers with one row per prompt
+    (`index[row]` the distinct prompt of `row`) and room for `limit` positions at most, written in place from here
+    on."""
     if type(cache) is not DynamicCache:
         raise CacheUnsupported(f"the model returned a {type(cache).__name__}, not a DynamicCache")
     for i, layer in enumerate(cache.layers):
@@ -466,7 +484,7 @@ def _preallocate(cache, index: torch.Tensor, uniques: int, width: int, capacity:
             shape = None if keys is None else tuple(keys.shape)
             raise CacheUnsupported(f"cache layer {i} holds keys of shape {shape}")
     for i, layer in enumerate(cache.layers):
-        cache.layers[i] = _BufferLayer(layer.keys, layer.values, index, capacity)
+        cache.layers[i] = _BufferLayer(layer.keys, layer.values, index, limit)
 
 
 def _ids(value) -> list[int]:

@@ -289,3 +289,13 @@ def test_nan_logits_raise_as_generate_does(model, tokenizer, prompts):
     )
     with pytest.raises(RuntimeError, match="probability tensor contains"):
         slow.generate(prompts)
+
+
+def test_cache_buffers_grow_and_compact_without_changing_tokens(model, tokenizer, prompts, monkeypatch):
+    monkeypatch.setattr(decode_module, "_GROWTH", 3)  # buffers grow every 3 positions
+    stops = [tokenizer.eos_token_id]
+    leaning = eos_leaning(model, stops, bias=3.0)
+    sampling = SamplingConfig(max_tokens=14, top_k=50)
+    expected, got, _ = both(leaning, tokenizer, sampling, prompts * 2, eos=stops, seed=9, compact_finished=True)
+    assert got.completion_ids == expected.completion_ids
+    assert max(len(ids) for ids in got.completion_ids) > 6
