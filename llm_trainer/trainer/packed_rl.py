@@ -275,7 +275,8 @@ class TokenBudget:
     evaluated on the full `[B, C]` log-probs with the chunk's rows in place, so its normalizers are those of the
     whole micro-batch; the last chunk's gradient comes with the returned loss, whose value is the objective of the
     whole micro-batch. This is exact for objectives that sum per-row terms (GRPO's and RLOO's); what couples rows
-    (GRPO's `top_entropy_quantile` mask) goes through `prepare`, which sees every row's entropies first.
+    (GRPO's `top_entropy_quantile` mask) goes through `prepare`, which sees every row's entropies first (at the
+    cost of one more forward, without gradient, when the micro-batch is split).
 
     Args:
         max_tokens: the budget; None forwards the micro-batch whole.
