@@ -56,10 +56,9 @@ class OnPolicyConfig(BaseConfig):
         "`generate` for the same seed; options it does not cover fall back to `generate`, with a logged reason.",
     )
     generation_compact_finished: bool = option(
-        False,
+        True,
         "With `fast_generation`, drop finished completions from the decode batch so they stop costing compute. The "
-        "sampled distribution is unchanged, but the random draws (so the exact tokens for a seed) can differ from "
-        "`generate`'s.",
+        "random draws are still made for the full batch, so the sampled tokens do not change.",
     )
     packed_forward: bool | None = shared("packed_forward", None)
 
