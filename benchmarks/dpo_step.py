@@ -220,7 +220,9 @@ def run_trainer(library: str, args: argparse.Namespace) -> dict:
     base = rss_mb()
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    return {"step_times": times[args.warmup :], "base_rss_mb": base, "losses": losses}
+    # TRL's attribute (False in TRL 1.16 whatever the config says); llm_trainer's: whether its forwards ran packed
+    packed = bool(getattr(trainer, "padding_free", False))
+    return {"step_times": times[args.warmup :], "base_rss_mb": base, "losses": losses, "padding_free": packed}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -304,6 +306,10 @@ def main() -> None:
     print(
         f"one step's batch: {stats['real_tokens']} real tokens, {stats['padded_tokens']} padded to the longest row "
         f"({stats['longest']}): {stats['real_tokens'] / stats['padded_tokens']:.0%} real"
+    )
+    print(
+        "forwards packed (the trainer's padding_free attribute): "
+        + ", ".join(f"{name} {r['padding_free']}" for name, r in results.items() if "padding_free" in r)
     )
     report("dpo_step", f"DPO step ({args.case}), fp32, CPU", results, settings, suffix)
 
