@@ -16,7 +16,7 @@ same token history (left padding included, pad fed after eos), the same softmax,
 loop draws that noise itself, always for the full batch as `generate` does, so a compacted batch still uses each
 row's own draws and the random stream advances exactly as under `generate`. On the CPU the noise is computed from
 the same 64-bit draws of the default generator as `exponential_` uses (`-log1p(-u)` in double, then float), about
-2.5x faster than `exponential_`'s scalar kernel, which dominates a small model's decode step; a self-check at first
+2.5-3x faster than `exponential_`'s scalar kernel, which dominates a small model's decode step; a self-check at first
 use compares it bit for bit with `exponential_` and with `torch.multinomial`, and the loop falls back to those
 calls where it does not hold. What can still differ from `generate` is floating-point rounding of the forward
 itself when it runs on fewer rows (the prefill on distinct prompts only, a compacted batch): row results of a
@@ -159,8 +159,8 @@ def unsupported_reason(model, config, *, lockstep: bool = False, extra_kwargs=()
         value = getattr(merged, field, None)
         if value is not None and value not in neutral:
             return f"the generation config sets {field}={value!r}"
-    if merged.max_new_tokens is None:
-        return "max_new_tokens is unset"
+    if merged.max_new_tokens is None or merged.max_new_tokens < 1:
+        return f"max_new_tokens={merged.max_new_tokens}"
     if merged.pad_token_id is None or not _ids(merged.eos_token_id):
         return "no pad or eos token id"
     if merged.use_cache is False:
