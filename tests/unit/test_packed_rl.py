@@ -170,7 +170,7 @@ def test_packed_lora_model_matches_padded(llama_path):
 
 
 # ----------------------------------------------------------------------------------------------- trainers
-def _trainer(cls, config_cls, path, tmp_path, **kwargs):
+def _trainer(cls, config_cls, path, tmp_path, peft_config=None, **kwargs):
     config = config_cls(
         output_dir=str(tmp_path),
         report_to="none",
@@ -185,7 +185,11 @@ def _trainer(cls, config_cls, path, tmp_path, **kwargs):
     )
     dataset = Dataset.from_dict({"prompt": ["a b c", "d e"] * 4})
     trainer = cls(
-        model=path, reward_funcs=lambda completions, **kw: [1.0] * len(completions), args=config, train_dataset=dataset
+        model=path,
+        reward_funcs=lambda completions, **kw: [1.0] * len(completions),
+        args=config,
+        train_dataset=dataset,
+        peft_config=peft_config,
     )
     trainer.current_gradient_accumulation_steps = 2
     trainer.model.train()
@@ -248,6 +252,29 @@ def test_grpo_packed_and_token_budget_match_padded(llama_path, tmp_path, case):
     got, got_grads = _loss_and_grads(trainer, batch, packed_forward=False, max_tokens_per_batch=40)  # padded chunks
     _close(got, loss, "loss, padded chunks")
     _assert_same_grads(got_grads, grads)
+
+
+def test_grpo_lora_packed_and_token_budget_match_padded(llama_path, tmp_path):
+    """A LoRA policy, its reference the base model (adapter disabled), both passes packed and padded."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM")
+    trainer = _trainer(GRPOTrainer, GRPOConfig, llama_path, tmp_path, peft_config=lora, beta=0.1)
+    for name, p in trainer.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    batch = _scored(_rl_batch(seed=8), trainer.model)
+    with torch.no_grad(), trainer.model.disable_adapter():
+        padded_ref = completion_logps(trainer.model, batch, packed_forward=False)[0]
+        packed_ref = completion_logps(trainer.model, batch, packed_forward=True)[0]
+    _close(packed_ref, padded_ref, "reference log-probs")
+    batch.ref_per_token_logps = padded_ref
+    loss, grads = _loss_and_grads(trainer, batch, packed_forward=False, max_tokens_per_batch=None)
+    assert all("lora" in name for name in grads)
+    for budget in (None, 20):
+        got, got_grads = _loss_and_grads(trainer, batch, packed_forward=True, max_tokens_per_batch=budget)
+        _close(got, loss, f"loss, budget {budget}")
+        _assert_same_grads(got_grads, grads)
 
 
 def test_rloo_packed_and_token_budget_match_padded(llama_path, tmp_path):
