@@ -111,7 +111,7 @@ class RewardTrainer(BaseTrainer):
             self._tokenizer.chat_template = read_chat_template(args.chat_template_path)
 
     def configure(self, model: PreTrainedModel, args: RewardConfig, train_dataset: Any) -> None:
-        """QLoRA: the adapters in bf16, as the paper recommends."""
+        """QLoRA: the adapters in bf16, as the paper recommends; whether the forward runs packed."""
         base = model.get_base_model() if is_peft_model(model) else model
         if is_peft_model(model) and (
             getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)

@@ -100,7 +100,7 @@ CASES = {
     "alpha_divergence": {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
     "precompute_ref_log_probs": {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 8},
     "grad_accumulation": {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2},
-    "truncation_and_padding_free_fallback": {"max_length": 12, "padding_free": True},
+    "truncation_and_padding_free": {"max_length": 12, "padding_free": True},  # TRL pads; we pack
 }
 
 
