@@ -252,6 +252,9 @@ def test_grpo_packed_and_token_budget_match_padded(llama_path, tmp_path, case):
     got, got_grads = _loss_and_grads(trainer, batch, packed_forward=False, max_tokens_per_batch=40)  # padded chunks
     _close(got, loss, "loss, padded chunks")
     _assert_same_grads(got_grads, grads)
+    with torch.no_grad():  # as in evaluation: chunks forwarded, nothing backpropagated
+        trainer.args.packed_forward, trainer.args.max_tokens_per_batch = True, 20
+        _close(trainer.compute_loss(trainer.model, batch), loss, "loss without gradient")
 
 
 def test_grpo_lora_packed_and_token_budget_match_padded(llama_path, tmp_path):
