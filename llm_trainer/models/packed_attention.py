@@ -89,6 +89,20 @@ class PackedLayout:
                 )
             position = seg.end
 
+    @functools.cached_property
+    def lengths(self) -> list[int]:
+        """Each segment's length, in order."""
+        return [seg.length for seg in self.segments]
+
+    @functools.cached_property
+    def _segment_spans(self) -> dict[tuple[int, int], int]:
+        return {(seg.start, seg.end): index for index, seg in enumerate(self.segments)}
+
+    def prefix_segment(self, index: int) -> int | None:
+        """The index of the segment whose span is exactly segment `index`'s prefix, if one is."""
+        seg = self.segments[index]
+        return self._segment_spans.get((seg.prefix_start, seg.prefix_end))
+
     @property
     def total(self) -> int:
         return self.segments[-1].end if self.segments else 0
@@ -265,13 +279,19 @@ def _packed_attention(
     if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
         raise ValueError("Packed attention does not support soft-capping or sliding windows.")
     gqa = query.size(1) != key.size(1)
+    # One split per tensor, not a slice per segment: a slice's backward writes a full-size zero gradient each time.
+    queries, keys, values = (t.split(layout.lengths, dim=2) for t in (query, key, value))
     outputs = []
-    for seg in layout.segments:
-        q = query[:, :, seg.start : seg.end]
-        k, v = key[:, :, seg.start : seg.end], value[:, :, seg.start : seg.end]
+    for index, seg in enumerate(layout.segments):
+        q, k, v = queries[index], keys[index], values[index]
         if seg.prefix_length:
-            k = torch.cat([key[:, :, seg.prefix_start : seg.prefix_end], k], dim=2)
-            v = torch.cat([value[:, :, seg.prefix_start : seg.prefix_end], v], dim=2)
+            owner = layout.prefix_segment(index)
+            if owner is None:
+                prefix_k = key[:, :, seg.prefix_start : seg.prefix_end]
+                prefix_v = value[:, :, seg.prefix_start : seg.prefix_end]
+            else:
+                prefix_k, prefix_v = keys[owner], values[owner]
+            k, v = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
             mask = _prefix_mask(seg.length, seg.prefix_length, query.device)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa

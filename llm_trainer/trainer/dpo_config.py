@@ -26,8 +26,8 @@ class DPOConfig(ReferenceModelConfig):
     truncation_mode: str = shared("truncation_mode", "keep_start")
     padding_free: bool = option(
         False,
-        "Accepted for compatibility: TRL 1.16 temporarily disables it, warning and falling back to padded batches, "
-        "and so does llm_trainer.",
+        "Flatten each batch into packed rows without padding: the same as `packed_forward=True` (TRL 1.16 "
+        "temporarily disables it and pads; here it works, with any attention implementation that can pack).",
     )
 
     # Loss
