@@ -33,7 +33,7 @@ INERT = {
     "OnPolicyConfig": {"vllm_group_port"},
     "OnlineRLConfig": {"log_multimodal", "transformers_continuous_batching_config"},
     "GRPOConfig": {"log_completions_hub_repo"},
-    "AsyncGRPOConfig": {"fork_threshold_tokens", "token_budget"},
+    "AsyncGRPOConfig": {"fork_threshold_tokens", "token_budget", "fast_generation", "generation_compact_finished"},
     "DistillationConfig": {"max_tool_calling_iterations"},
     "ReferenceFreeConfig": {"max_completion_length"},
     "BCOConfig": {"max_completion_length"},

@@ -157,8 +157,9 @@ def unsupported_reason(model: Any) -> str | None:
     """Why `model`'s attention cannot run packed sequences, or None when it can.
 
     Supported: decoder-only text models whose attention layers go through transformers' `AttentionInterface` with
-    plain causal softmax attention. Not supported: sliding-window attention, logit soft-capping, encoder-decoders
-    and multimodal models, and models that implement their attention themselves.
+    plain causal softmax attention and rotary positions. Not supported: sliding-window attention, logit soft-capping,
+    learned absolute positions, encoder-decoders and multimodal models, and models that implement their attention
+    themselves.
     """
     model = _inner_model(model)
     config = getattr(model, "config", None)
@@ -176,6 +177,10 @@ def unsupported_reason(model: Any) -> str | None:
     window = getattr(text, "sliding_window", None)
     if "sliding_attention" in layer_types or (window is not None and getattr(text, "use_sliding_window", True)):
         return f"{name} uses sliding-window attention"
+    if getattr(text, "rope_parameters", None) is None and getattr(text, "rope_theta", None) is None:
+        # Rotary attention depends on relative positions only, so restarting them per sequence changes nothing; with
+        # learned absolute positions, left-padded rows (shifted positions) and packed rows would differ.
+        return f"{name} has no rotary position embeddings"
     if getattr(text, "attn_logit_softcapping", None) is not None:
         return f"{name} soft-caps its attention logits"
     if _inner_name(config) == "flex_attention":

@@ -37,6 +37,9 @@ class AsyncGRPOConfig(GRPOConfig):
         "environments in AsyncGRPOTrainer), so no row is ever forked.",
         "token_budget": "micro-batches hold `per_device_train_batch_size` samples here; token-budgeted packing of "
         "rows is not implemented.",
+        "fast_generation": "completions come from the generation servers, not from the policy in this process.",
+        "generation_compact_finished": "completions come from the generation servers, not from the policy in this "
+        "process.",
     }
 
     # TRL's AsyncGRPOConfig defaults that differ from GRPOConfig's

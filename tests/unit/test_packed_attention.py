@@ -161,3 +161,12 @@ def test_gradient_checkpointing_recomputes_packed(model_path, reentrant):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[1].items():
         torch.testing.assert_close(g, grads[0][name], atol=_tolerance(grads[0][name]), rtol=1e-4, msg=name)
+
+
+def test_absolute_position_models_run_padded():
+    """GPT-2's learned positions see left-padded rows shifted, packed rows restarted: they cannot agree, so no packing."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=64))
+    assert "rotary" in packed.unsupported_reason(model)
+    assert packed.resolve(model, None, "GRPOConfig.packed_forward") is False
