@@ -40,6 +40,7 @@ __all__ = [
     "is_enabled",
     "is_placeholder_mask",
     "pack_rows",
+    "prepare",
     "resolve",
     "unsupported_reason",
 ]
@@ -159,8 +160,12 @@ def unsupported_reason(model: Any) -> str | None:
     Supported: decoder-only text models whose attention layers go through transformers' `AttentionInterface` with
     plain causal softmax attention and rotary positions. Not supported: sliding-window attention, logit soft-capping,
     learned absolute positions, encoder-decoders and multimodal models, and models that implement their attention
-    themselves.
+    themselves; PEFT prompt-learning adapters (prompt / prefix tuning), which prepend virtual tokens to every row.
     """
+    peft_model = getattr(model, "module", model)
+    adapter = getattr(peft_model, "peft_config", {}).get(getattr(peft_model, "active_adapter", None))
+    if getattr(adapter, "is_prompt_learning", False):
+        return f"the PEFT adapter is {type(adapter).__name__} (virtual tokens prepended to every row)"
     model = _inner_model(model)
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
@@ -188,12 +193,13 @@ def unsupported_reason(model: Any) -> str | None:
     return None
 
 
-def resolve(model: Any, setting: bool | None, where: str) -> bool:
+def resolve(model: Any, setting: bool | None, where: str, reason: str | None = None) -> bool:
     """Whether to run `model` packed: `setting` None means wherever supported, True requires it (a clear error when
-    the model cannot), False never. `where` names the option for the error (e.g. "DPOConfig.packed_forward")."""
+    the model cannot), False never. `where` names the option for the error (e.g. "DPOConfig.packed_forward");
+    `reason` is the caller's own reason not to pack, checked first."""
     if setting is False:
         return False
-    reason = unsupported_reason(model)
+    reason = reason or unsupported_reason(model)
     if reason is None:
         return True
     if setting:
@@ -202,6 +208,17 @@ def resolve(model: Any, setting: bool | None, where: str) -> bool:
             "padded batches."
         )
     return False
+
+
+def prepare(models: Iterable[Any], setting: bool | None, where: str, reason: str | None = None) -> bool:
+    """`resolve` for a trainer's models together (None entries skipped): packed only if every one can be, and then
+    `enable`d on each. Call before wrapping the models."""
+    models = [model for model in models if model is not None]
+    if not all([resolve(model, setting, where, reason) for model in models]):
+        return False
+    for model in models:
+        enable(model)
+    return True
 
 
 def is_enabled(model: Any) -> bool:

@@ -22,6 +22,7 @@ from transformers.trainer_utils import EvalPrediction
 from ..data.collators import DataCollatorForPreference, DataCollatorForVisionPreference
 from ..data.preference_dataset import prepare_preference_dataset
 from ..losses import dpo_loss, masked_mean_nll, preference_metrics, wpo_weights
+from ..models import packed_attention
 from .base_trainer import BaseTrainer, gather_sum, init_arguments
 from .dpo_config import DPOConfig
 from .preference_forward import (
@@ -30,7 +31,6 @@ from .preference_forward import (
     PairedLogps,
     concatenated_forward,
     paired_token_metrics,
-    resolve_packed_forward,
 )
 from .reference_policy import ReferencePolicy, loss_prediction_step
 from .special_tokens import configure_special_tokens
@@ -111,7 +111,7 @@ class DPOTrainer(BaseTrainer):
     def configure(self, model: PreTrainedModel, args: DPOConfig, train_dataset: Any) -> None:
         setting = True if args.padding_free else getattr(args, "packed_forward", None)
         where = "DPOConfig.padding_free" if args.padding_free else "DPOConfig.packed_forward"
-        self._packed = resolve_packed_forward((model, self.reference.model), setting, where)
+        self._packed = packed_attention.prepare((model, self.reference.model), setting, where)
 
     def default_collator(self, args: DPOConfig) -> DataCollatorForPreference:
         return DataCollatorForPreference(

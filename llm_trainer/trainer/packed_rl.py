@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate.utils import is_peft_model
 from transformers.utils import logging
 
 from ..models import packed_attention
@@ -178,34 +177,10 @@ class PackedRows:
             return model(input_ids=self.input_ids, shift_labels=self.targets, token_logprobs=True, **kwargs)
 
 
-def unsupported_reason(model: torch.nn.Module) -> str | None:
-    """Why `model` cannot run packed RL batches, or None: `packed_attention.unsupported_reason`, and prompt-learning
-    adapters (prompt / prefix tuning), which prepend virtual tokens to every row."""
-    inner = getattr(model, "module", model)
-    if is_peft_model(inner):
-        config = inner.peft_config.get(inner.active_adapter)
-        if getattr(config, "is_prompt_learning", False):
-            return f"the PEFT adapter is {type(config).__name__} (virtual tokens prepended to every row)"
-    return packed_attention.unsupported_reason(model)
-
-
 def use_packed(model: torch.nn.Module, setting: bool | None, where: str = "packed_forward") -> bool:
-    """Whether `completion_logps` runs `model` packed: `setting` as `packed_forward` reads (None: where the model
-    supports it; True: required, else a ValueError naming why, `where` naming the option; False: never). Enables
-    the packed attention on the model the first time."""
-    if setting is False:
-        return False
-    reason = unsupported_reason(model)
-    if reason is not None:
-        if setting:
-            raise ValueError(
-                f"{where}=True needs packed sequences, but {reason}. Set {where}=False (or leave it None) to train on "
-                "padded batches."
-            )
-        return False
-    if not packed_attention.is_enabled(model):
-        packed_attention.enable(model)
-    return True
+    """Whether `completion_logps` runs `model` packed, as `packed_forward` (`setting`) says; see
+    `packed_attention.prepare`, which also installs the packed attention the first time."""
+    return packed_attention.prepare((model,), setting, where)
 
 
 def check_trainer(trainer: Any) -> None:

@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import is_peft_model
 
 from ..losses import dpo_sequence_logps, sequence_logps
 from ..modeling import TokenLogprobOutput, completion_labels
@@ -35,7 +34,6 @@ __all__ = [
     "pack_rows",
     "packed_token_outputs",
     "paired_token_metrics",
-    "resolve_packed_forward",
 ]
 
 NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
@@ -277,37 +275,3 @@ def packed_token_outputs(
     end = -1 if next_token_layout else None
     fields = {name: None if value is None else rows.unpack(value)[:, :end] for name, value in fields.items()}
     return TokenLogprobOutput(**fields, aux_loss=outputs.aux_loss)
-
-
-def resolve_packed_forward(
-    models: Iterable[torch.nn.Module | None], setting: bool | None, where: str, reason: str | None = None
-) -> bool:
-    """Whether a trainer runs its forwards packed: `setting` (`packed_forward`) None means where every one of
-    `models` (None entries skipped) supports it, True requires it (ValueError naming why not), False never. `reason`
-    is the trainer's own reason not to (checked first). When packed, installs `packed_attention.enable` on each."""
-    models = [model for model in models if model is not None]
-    if setting is False:
-        return False
-    reason = reason or next((why for why in map(_prompt_learning_reason, models) if why), None)
-    if reason is not None:
-        if setting:
-            raise ValueError(
-                f"{where}=True needs packed sequences, but {reason}. Set {where}=False (or leave it None) to train on "
-                "padded batches."
-            )
-        return False
-    if not all([packed_attention.resolve(model, setting, where) for model in models]):
-        return False
-    for model in models:
-        packed_attention.enable(model)
-    return True
-
-
-def _prompt_learning_reason(model: torch.nn.Module) -> str | None:
-    """Prompt-learning adapters (prompt / prefix tuning) prepend virtual tokens to every row: no packing."""
-    if not is_peft_model(model):
-        return None
-    config = model.peft_config.get(model.active_adapter)
-    if config is not None and getattr(config, "is_prompt_learning", False):
-        return f"the PEFT adapter is {type(config).__name__} (virtual tokens prepended to every row)"
-    return None

@@ -32,8 +32,9 @@ from transformers.trainer_utils import EvalPrediction
 from ..data.collators import DataCollatorForPreference, pad
 from ..data.reference_free_dataset import prepare_reference_free_dataset
 from ..losses import masked_mean_nll, preference_metrics, sequence_logps
+from ..models import packed_attention
 from .base_trainer import BaseTrainer, init_arguments
-from .preference_forward import pack_rows, packed_token_outputs, resolve_packed_forward
+from .preference_forward import pack_rows, packed_token_outputs
 from .reference_free_config import ReferenceFreeConfig
 from .utils import log_table_to_comet_experiment
 
@@ -139,7 +140,7 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
 
     def configure(self, model: PreTrainedModel, args: ReferenceFreeConfig, train_dataset: Any) -> None:
         where = f"{type(args).__name__}.packed_forward"
-        self._packed = resolve_packed_forward((model,), getattr(args, "packed_forward", None), where)
+        self._packed = packed_attention.prepare((model,), getattr(args, "packed_forward", None), where)
 
     _packed = False
     """Whether the forward runs on packed rows (`packed_forward`)."""

@@ -27,7 +27,7 @@ from ..data.reward_dataset import DataCollatorForReward, prepare_reward_dataset
 from ..losses import reward_model_loss, reward_model_metrics
 from ..models import packed_attention
 from .base_trainer import BaseTrainer, init_arguments
-from .preference_forward import pack_rows, resolve_packed_forward
+from .preference_forward import pack_rows
 from .reward_config import RewardConfig
 from .special_tokens import configure_special_tokens
 
@@ -121,7 +121,7 @@ class RewardTrainer(BaseTrainer):
                     param.data = param.data.to(torch.bfloat16)
         reason = None if _score_head(model) is not None else f"{type(base).__name__} has no `score` head"
         setting = getattr(args, "packed_forward", None)
-        self._packed = resolve_packed_forward((model,), setting, "RewardConfig.packed_forward", reason)
+        self._packed = packed_attention.prepare((model,), setting, "RewardConfig.packed_forward", reason)
 
     _packed = False
     """Whether the forward runs on packed rows (`packed_forward`)."""

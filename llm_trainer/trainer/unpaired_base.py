@@ -24,8 +24,9 @@ from ..data.unpaired import (
 )
 from ..losses import unpaired_metrics
 from ..modeling import completion_labels
+from ..models import packed_attention
 from .base_trainer import BaseTrainer, gather_sum
-from .preference_forward import pack_rows, packed_token_outputs, resolve_packed_forward
+from .preference_forward import pack_rows, packed_token_outputs
 from .reference_policy import ReferencePolicy, loss_prediction_step
 from .special_tokens import configure_special_tokens
 
@@ -75,7 +76,7 @@ class UnpairedPreferenceTrainer(BaseTrainer):
 
     def configure(self, model: PreTrainedModel, args: Any, train_dataset: Any) -> None:
         where = f"{type(args).__name__}.packed_forward"
-        self._packed = resolve_packed_forward(
+        self._packed = packed_attention.prepare(
             (model, self.reference.model), getattr(args, "packed_forward", None), where
         )
 

@@ -33,7 +33,6 @@ from llm_trainer.trainer.preference_forward import (
     concatenated_forward,
     pack_rows,
     paired_token_metrics,
-    resolve_packed_forward,
 )
 
 RELATIVE = 1e-5
@@ -367,6 +366,6 @@ def test_prompt_learning_adapter_is_not_packed(tiny_llama_path):
         AutoModelForCausalLM.from_pretrained(tiny_llama_path),
         PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
     )
-    assert resolve_packed_forward((model,), None, "X.packed_forward") is False
+    assert packed_attention.prepare((model,), None, "X.packed_forward") is False
     with pytest.raises(ValueError, match="PromptTuningConfig"):
-        resolve_packed_forward((model,), True, "X.packed_forward")
+        packed_attention.prepare((model,), True, "X.packed_forward")

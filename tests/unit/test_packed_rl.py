@@ -340,7 +340,7 @@ def test_prompt_learning_adapters_run_padded(llama_path):
     from peft import PromptTuningConfig, get_peft_model
 
     model = get_peft_model(_model(llama_path), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
-    assert "PromptTuningConfig" in packed_rl.unsupported_reason(model)
+    assert "PromptTuningConfig" in packed_attention.unsupported_reason(model)
     assert not packed_rl.use_packed(model, None)
     with pytest.raises(ValueError, match="packed_forward=True needs packed sequences.*virtual tokens"):
         packed_rl.use_packed(model, True)
