@@ -301,6 +301,11 @@ def main(
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         state.print(f"Model pushed to the Hub: https://huggingface.co/{trainer.hub_model_id}.")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every rank's in-flight collectives finish (and gloo's worker threads let go of their tensors, which needs
+        # the GIL this barrier's wait releases) before the group is torn down: tearing it down while a gloo thread
+        # still frees a finished all-gather deadlocks on the GIL, and the launcher then waits forever.
+        torch.distributed.barrier()
     if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, leave the process group
         trainer.end()
 
