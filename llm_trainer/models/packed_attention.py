@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,6 @@ __all__ = [
     "forward_kwargs",
     "is_enabled",
     "is_placeholder_mask",
-    "pack_rows",
     "prepare",
     "resolve",
     "unsupported_reason",
@@ -228,12 +227,12 @@ def is_enabled(model: Any) -> bool:
 
 def enable(model: Any) -> None:
     """Let `model`'s attention take `packed_layout=` (idempotent). Raises ValueError when `unsupported_reason`."""
-    reason = unsupported_reason(model)
-    if reason is not None:
-        raise ValueError(f"Cannot run packed sequences: {reason}.")
     inner_model = _inner_model(model)
     if is_enabled(inner_model):
         return
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f"Cannot run packed sequences: {reason}.")
     inner = inner_model.config._attn_implementation or "eager"
     inner_model.set_attn_implementation(_register(inner))
 
@@ -324,8 +323,3 @@ def _packed_attention(
             )
         outputs.append(out)
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
-
-
-def pack_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The 1-D concatenation of `rows` (each 1-D), on the first row's device."""
-    return torch.cat([row.reshape(-1) for row in rows]) if rows else torch.zeros(0, dtype=torch.long)

@@ -286,11 +286,21 @@ class BaseTrainer(Trainer):
         `num_items_in_batch` in training); otherwise `Trainer` divides the sum."""
         if not self.aux_loss_enabled or aux_loss is None:
             return loss
-        self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+        self.log_router_aux_loss(aux_loss, mode)
+        return loss + self.router_aux_weight(mode, num_items_in_batch) * aux_loss
+
+    def router_aux_weight(self, mode: str, num_items_in_batch: Any = None) -> float:
+        """The weight `add_router_aux_loss` gives the MoE load-balancing loss (0.0 when it is left out)."""
+        if not self.aux_loss_enabled:
+            return 0.0
         scaled = self.loss_is_scaled_for_ga
         scaled = num_items_in_batch is not None if scaled is None else scaled
         steps = self.current_gradient_accumulation_steps if scaled and mode == "train" else 1
-        return loss + self.router_aux_loss_coef * aux_loss / steps
+        return self.router_aux_loss_coef / steps
+
+    def log_router_aux_loss(self, aux_loss: torch.Tensor, mode: str) -> None:
+        """Record the MoE load-balancing loss as the `aux_loss` metric, averaged over processes."""
+        self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
 
     @classmethod
     def resolve_args(cls, args: TrainingArguments | None, model: str | PreTrainedModel) -> TrainingArguments:

@@ -215,7 +215,7 @@ class GRPOTrainer(BaseTrainer):
         )
         args = self.args
         coef = self._entropy_coef_now() if self._entropy_bonus_enabled else 0.0  # before this batch's update
-        aux_weight = self.router_aux_loss_coef / scale.accumulation_steps if self.aux_loss_enabled else 0.0
+        aux_weight = self.router_aux_weight(mode)
         entropy_mask, out = None, None
 
         def set_entropy_mask(entropies: torch.Tensor) -> None:
@@ -275,8 +275,7 @@ class GRPOTrainer(BaseTrainer):
                 metrics["entropy_coef"].append(self.entropy_coef)
             metrics["policy_loss"].append(gather(out.policy_loss.reshape(1)).nanmean().item())
         if aux_weight and forward.aux_loss is not None:
-            aux = self.accelerator.gather_for_metrics(forward.aux_loss.detach()).mean().item()
-            metrics["aux_loss"].append(aux)
+            self.log_router_aux_loss(forward.aux_loss, mode)
         self._log_loss_metrics(out, entropies, advantages, mask, mode)
         return forward.loss
 

@@ -132,7 +132,7 @@ class RLOOTrainer(BaseTrainer):
         mask = inputs.completion_mask
         old_logps = (inputs.old_per_token_logps * mask).sum(1)
         advantages = inputs.advantages
-        aux_weight = self.router_aux_loss_coef if self.aux_loss_enabled else 0.0  # `Trainer` divides for accumulation
+        aux_weight = self.router_aux_weight(mode)
         coef_1 = None
 
         def objective(per_token_logps, entropies, aux_loss):
@@ -146,7 +146,7 @@ class RLOOTrainer(BaseTrainer):
         )
         metrics = self._metrics[mode]  # `coef_1` is the last `objective`'s: the whole micro-batch's
         if aux_weight and forward.aux_loss is not None:
-            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(forward.aux_loss.detach()).mean().item())
+            self.log_router_aux_loss(forward.aux_loss, mode)
         local = {"entropy": pg.masked_sum_count(forward.entropies.detach(), mask)}
         local |= pg.clip_metrics(coef_1, advantages, None, self.epsilon_low, self.epsilon_high, loss_type="grpo")
         for name, value in pg.reduce_metrics(
