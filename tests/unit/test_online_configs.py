@@ -169,6 +169,12 @@ def test_errors_match_trl(ours, theirs, kwargs, message, tmp_path):
         (RLOOConfig, dict(vllm_mode="remote"), "`vllm_mode` must be one of"),
         (RLOOConfig, dict(reward_clip_range=(1.0, -1.0)), "min <= max"),
         (RLOOConfig, dict(reward_clip_range="-1"), r"\(min, max\) pair"),
+        (
+            GRPOConfig,
+            dict(max_tokens_per_batch=0),
+            "`max_tokens_per_batch=0` is invalid.*None runs whole micro-batches",
+        ),
+        (RLOOConfig, dict(max_tokens_per_batch=-5), "`max_tokens_per_batch=-5` is invalid"),
     ],
 )
 def test_early_errors(config_cls, kwargs, message, tmp_path):
