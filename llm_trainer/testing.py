@@ -272,3 +272,205 @@ def _zen_row(config: str, i: int, line: str) -> dict:
     if config not in layouts:
         raise ValueError(f"Unknown zen config {config!r}; expected one of {sorted(layouts)}.")
     return json.loads(json.dumps(layouts[config]))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Tiny vision-language models: random weights, the shipped tokenizer plus the family's image tokens, the family's
+# image processor (PIL back end, no torchvision) and a chat template in the family's layout that renders image parts.
+# ------------------------------------------------------------------------------------------------------------------
+
+VLMFamily = Literal["qwen2_vl", "llava"]
+
+# ChatML with Qwen-VL's vision block for each image part; `{% generation %}` around assistant text.
+_QWEN_VL_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}{%- generation %}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+    "{%- for part in message['content'] %}{%- if part['type'] == 'text' %}{{- part['text'] }}{%- endif %}{%- endfor %}"
+    "{%- endif %}{{- '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
+    "{%- else %}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+    "{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# LLaVA-1.5's `USER: <image>\n... ASSISTANT: ...` layout, each turn closed by the eos token.
+_LLAVA_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}{{- 'ASSISTANT: ' }}{%- generation %}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+    "{%- for part in message['content'] %}{%- if part['type'] == 'text' %}{{- part['text'] }}{%- endif %}{%- endfor %}"
+    "{%- endif %}{{- '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}"
+    "{%- else %}{{- message['role'].upper() + ': ' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+    "{%- for part in message['content'] %}{%- if part['type'] == 'image' %}{{- '<image>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- for part in message['content'] %}{%- if part['type'] == 'text' %}{{- part['text'] }}{%- endif %}{%- endfor %}"
+    "{%- endif %}{{- '\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- 'ASSISTANT: ' }}{%- endif %}"
+)
+
+
+def _tiny_text_config(tokenizer, **overrides) -> dict:
+    """Keyword arguments of a tiny decoder (the language half of a VLM) over `tokenizer`'s vocabulary."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 2048,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": None,
+        "tie_word_embeddings": False,
+        **overrides,
+    }
+
+
+def _build_qwen2_vl(tokenizer):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from .models.vision import ImagesOnlyQwen2VLProcessor
+
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]}
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    # 28-pixel units (14-pixel patches merged 2x2): 4 to 16 image tokens an image.
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 4 * 28 * 28, "longest_edge": 16 * 28 * 28}, patch_size=14, merge_size=2
+    )
+    processor = ImagesOnlyQwen2VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=_QWEN_VL_TEMPLATE
+    )
+    text = _tiny_text_config(tokenizer, rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]})
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": 32,
+        "num_heads": 4,
+        "mlp_ratio": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_chans": 3,
+    }
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    return Qwen2VLForConditionalGeneration(config), processor
+
+
+def _build_llava(tokenizer):
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    # 32x32 crops in 8-pixel patches: 16 image tokens an image (the CLS feature is dropped, as in LLaVA-1.5).
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_LLAVA_TEMPLATE,
+    )
+    vision = {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+        "projection_dim": 32,
+    }
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config={"model_type": "qwen2", **_tiny_text_config(tokenizer)},
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=16,
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+_VLM_BUILDERS = {"qwen2_vl": _build_qwen2_vl, "llava": _build_llava}
+
+
+def make_tiny_vlm(family: VLMFamily = "qwen2_vl", path: str | os.PathLike | None = None, seed: int = 0) -> str:
+    """Build a tiny random-weight vision-language model of `family`, save it with its processor, return the folder.
+
+    `AutoModelForImageTextToText.from_pretrained(folder)` and `llm_trainer.models.vision.load_processor(folder)` then
+    work offline.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    if family not in _VLM_BUILDERS:
+        raise ValueError(f"Unknown VLM family {family!r}; expected one of {sorted(_VLM_BUILDERS)}.")
+    path = Path(path or tempfile.mkdtemp(prefix=f"tiny-{family}-"))
+    torch.manual_seed(seed)
+    model, processor = _VLM_BUILDERS[family](get_tokenizer())
+    tokenizer = processor.tokenizer
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def get_tiny_vlm_processor(path: str | os.PathLike):
+    """The processor saved by `make_tiny_vlm` (images-only for Qwen-VL where torchvision is missing)."""
+    from .models.vision import load_processor
+
+    return load_processor(path)
+
+
+def make_images(count: int, seed: int = 0, min_side: int = 32, max_side: int = 64) -> list:
+    """`count` random RGB PIL images with sides in [min_side, max_side) (as TRL's zen-image rows)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(min_side, max_side, size=(count, 2))
+    return [Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def zen_image_dataset(config: str, split: str = "train", images_per_row: int = 1, seed: int = 0):
+    """Offline twin of `trl-internal-testing/zen-image` (`images_per_row=1`: an `image` column) and of
+    `zen-multi-image` (`images_per_row>1`: an `images` list column), for the conversational configs.
+
+    Rows are `zen_dataset(config)`'s with plain-string contents; the image parts are added by
+    `prepare_multimodal_messages` at training time, as in TRL.
+    """
+    from datasets import Dataset, Features, Image, Sequence
+
+    base = zen_dataset(config, split)
+    if not config.startswith("conversational"):
+        raise ValueError(f"zen-image has conversational configs only, got {config!r}.")
+    offset = 0 if split == "train" else 17
+    images = make_images(len(base) * images_per_row, seed=seed + offset)
+    rows = base.to_list()
+    if images_per_row == 1:
+        for row, image in zip(rows, images):
+            row["image"] = image
+        features = Features({**base.features, "image": Image()})
+    else:
+        for i, row in enumerate(rows):
+            row["images"] = images[i * images_per_row : (i + 1) * images_per_row]
+        features = Features({**base.features, "images": Sequence(Image())})
+    return Dataset.from_list(rows, features=features)
