@@ -1,4 +1,5 @@
-"""Vision-language model helpers: loading a VLM's processor, with an images-only route for Qwen-VL processors.
+"""Vision-language model helpers: recognising a VLM, freezing its vision tower, finding its language model, and
+loading its processor (with an images-only route for Qwen-VL processors).
 
 Qwen2-VL, Qwen2.5-VL and Qwen3-VL processors hold a video processor, and transformers' video processors need
 torchvision. Training on images does not use it, so where torchvision is missing (CPU-only machines whose package
@@ -13,11 +14,99 @@ import json
 import os
 from typing import Any
 
+from torch import nn
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, ProcessorMixin
 from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl import Qwen2VLProcessor
 from transformers.models.qwen3_vl import Qwen3VLProcessor
 from transformers.utils import is_torchvision_available
+
+# Submodules (by attribute name) that hold a VLM's vision encoder or its multimodal projector, across families:
+# Qwen-VL `visual`; LLaVA / LLaVA-Next / Gemma 3 / PaliGemma `vision_tower` + `multi_modal_projector` (LLaVA-Next's
+# learned `image_newline` too); Idefics2 / Idefics3 / SmolVLM `vision_model` + `connector`; others `mm_projector`.
+VISION_PARTS = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "connector", "mm_projector")
+VISION_PARAMETERS = ("image_newline",)
+
+# Attribute names of the decoder inside a VLM, tried in order on the model and on its `.model`.
+LANGUAGE_MODEL_NAMES = ("language_model", "text_model")
+
+
+def unwrap_model(model: Any) -> Any:
+    """The model under PEFT, DDP / FSDP / DataParallel (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            inner = model.get_base_model()
+        elif isinstance(model, nn.Module) and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            inner = model._orig_mod
+        elif isinstance(model, nn.Module) and isinstance(getattr(model, "module", None), nn.Module):
+            inner = model.module
+        else:
+            return model
+        if inner is model:
+            return model
+        model = inner
+
+
+def is_vision_model(model_or_config: Any) -> bool:
+    """Whether a model (possibly PEFT / DDP / compile wrapped) or its config is a vision-language model.
+
+    True when the config carries a `vision_config` (every transformers VLM family does); False for `None`.
+    """
+    if model_or_config is None:
+        return False
+    model = unwrap_model(model_or_config)
+    config = getattr(model, "config", model)
+    return getattr(config, "vision_config", None) is not None
+
+
+def vision_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The named parameters of a VLM's vision encoder and multimodal projector (PEFT adapters on them included)."""
+    named = []
+    for name, param in unwrap_model(model).named_parameters():
+        parts = name.split(".")
+        if any(part in VISION_PARTS for part in parts[:-1]) or parts[-1] in VISION_PARAMETERS:
+            named.append((name, param))
+    return named
+
+
+def freeze_vision_tower(model: nn.Module) -> int:
+    """Stop gradients through the vision encoder and its multimodal projector; return how many parameters froze.
+
+    Raises `ValueError` on a text-only model, or on a VLM whose vision modules are not under a known name.
+    """
+    if not is_vision_model(model):
+        raise ValueError(
+            f"freeze_vision_tower=True needs a vision-language model, but {type(unwrap_model(model)).__name__} has "
+            "no `vision_config`. Set freeze_vision_tower=False for a text-only model."
+        )
+    named = vision_parameters(model)
+    if not named:
+        raise ValueError(
+            f"freeze_vision_tower: found no vision encoder or projector in {type(unwrap_model(model)).__name__} "
+            f"(looked for submodules named {', '.join(VISION_PARTS)}). Freeze it yourself with "
+            "`module.requires_grad_(False)` and set freeze_vision_tower=False."
+        )
+    count = 0
+    for _, param in named:
+        param.requires_grad_(False)
+        count += param.numel()
+    return count
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The decoder (text backbone, without the LM head) inside a VLM; a text-only causal LM's own backbone."""
+    base = unwrap_model(model)
+    for holder in (base, getattr(base, "model", None)):
+        if holder is None:
+            continue
+        for name in LANGUAGE_MODEL_NAMES:
+            inner = getattr(holder, name, None)
+            if isinstance(inner, nn.Module):
+                return inner
+    if is_vision_model(base):
+        raise ValueError(f"Cannot find the language model inside {type(base).__name__}.")
+    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    return backbone if isinstance(backbone, nn.Module) else base
 
 
 class _ImagesOnly:
