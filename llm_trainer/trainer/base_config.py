@@ -60,6 +60,11 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
         "(an error names why a model cannot). False: padded batches, the TRL-identical layout. Same losses either "
         "way, up to summation order."
     },
+    "freeze_vision_tower": {
+        "help": "Vision-language models: freeze the vision encoder and its projector, training only the language "
+        "model (their parameters get no gradient and no optimizer state). No effect on a text-only dataset; an error "
+        "on a text-only model."
+    },
     "precompute_ref_log_probs": {
         "help": "Compute the reference log-probs of the whole dataset before training, so no reference model is kept "
         "in memory."

@@ -68,6 +68,7 @@ class DPOConfig(ReferenceModelConfig):
 
     # Deprecated
     pad_token: str | None = shared("pad_token", None)
+    freeze_vision_tower: bool = shared("freeze_vision_tower", False)
 
     def __post_init__(self):
         check_field_types(self)  # before `loss_weights` is read below

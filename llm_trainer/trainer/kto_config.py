@@ -21,6 +21,7 @@ class KTOConfig(ReferenceModelConfig):
 
     learning_rate: float = shared("learning_rate", 1e-6)
     train_sampling_strategy: str = shared("train_sampling_strategy", "sequential")
+    freeze_vision_tower: bool = shared("freeze_vision_tower", False)
 
     # Loss
     loss_type: str = option(

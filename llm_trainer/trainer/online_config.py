@@ -61,6 +61,7 @@ class OnPolicyConfig(BaseConfig):
         "random draws are still made for the full batch, so the sampled tokens do not change.",
     )
     packed_forward: bool | None = shared("packed_forward", None)
+    freeze_vision_tower: bool = shared("freeze_vision_tower", False)
 
     # vLLM
     use_vllm: bool = option(False, 'Generate with vLLM instead of `generate` (`pip install "llm-trainer[vllm]"`).')

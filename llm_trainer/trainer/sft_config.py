@@ -55,6 +55,7 @@ class SFTConfig(OfflineConfig):
         "nll", "'nll' (cross-entropy) or 'dft' (Dynamic Fine-Tuning).", choices=list(SFT_LOSS_TYPES)
     )
     activation_offloading: bool = shared("activation_offloading", False)
+    freeze_vision_tower: bool = shared("freeze_vision_tower", False)
 
     def __post_init__(self):
         super().__post_init__()

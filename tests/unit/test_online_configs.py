@@ -34,7 +34,13 @@ def assert_same_dict(ours, theirs) -> None:
 
 
 # llm_trainer's own fields (performance switches TRL does not have); every other field is TRL's.
-OUR_EXTRAS = {"fast_generation", "generation_compact_finished", "packed_forward", "max_tokens_per_batch"}
+OUR_EXTRAS = {
+    "fast_generation",
+    "generation_compact_finished",
+    "packed_forward",
+    "max_tokens_per_batch",
+    "freeze_vision_tower",
+}
 
 
 def field_default(f: dataclasses.Field):
