@@ -660,3 +660,23 @@ def test_an_exception_in_a_reward_function_names_it():
     with pytest.raises(RuntimeError, match="my reward broke") as error:
         _score(broken_reward)
     assert "(raised by the reward function 'broken_reward' while scoring a batch)" in error.value.__notes__
+
+
+# ----------------------------------------------------------------------------------------------- image columns
+@pytest.mark.parametrize(
+    ("trainer", "config", "column"),
+    [
+        ("Reward", "conversational_preference", "image"),
+        ("ORPO", "conversational_preference", "images"),
+        ("CPO", "conversational_implicit_prompt_preference", "image"),
+    ],
+)
+def test_a_text_only_trainer_refuses_image_columns_instead_of_ignoring_them(trainer, config, column, paths, tmp_path):
+    from llm_trainer.testing import zen_image_dataset
+
+    dataset = zen_image_dataset(config, images_per_row=1 if column == "image" else 2)
+    with pytest.raises(ValueError) as error:
+        _build(trainer, dataset, tmp_path, paths)
+    message = str(error.value)
+    assert f"['{column}']" in message and f"{trainer}Trainer trains on text only" in message
+    assert "remove_columns" in message  # the fix

@@ -20,7 +20,7 @@ from .collators import pad
 from .formats import get_dataset_column_names, is_conversational
 from .preference_dataset import _add_eos, check_preference_dataset, filter_rows
 from .tokenization import template_kwargs, tokenize
-from .validation import check_numbers, check_text_columns, warn_identical_pairs
+from .validation import check_numbers, check_text_columns, refuse_image_columns, warn_identical_pairs
 
 LEGACY_COLUMNS = {"chosen_input_ids": "chosen_ids", "rejected_input_ids": "rejected_ids"}
 
@@ -38,6 +38,7 @@ def prepare_reward_dataset(
     Already tokenized datasets (`chosen_ids`, `rejected_ids`) are only filtered; the legacy `chosen_input_ids` /
     `rejected_input_ids` columns are renamed with a `FutureWarning`, as TRL does. An optional `margin` column is kept.
     """
+    refuse_image_columns(dataset, "RewardTrainer", name)
     columns = get_dataset_column_names(dataset)
     if set(LEGACY_COLUMNS) <= set(columns) and not {"chosen_ids", "rejected_ids"} <= set(columns):
         warnings.warn(

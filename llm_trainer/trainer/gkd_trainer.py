@@ -22,6 +22,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from ..data.chat_template import read_chat_template
 from ..data.formats import get_dataset_column_names
+from ..data.validation import refuse_image_columns
 from ..generation.transformers_backend import needs_lockstep
 from ..losses.distillation import fused_distillation_loss, generalized_jsd
 from ..modeling import add_token_logprob_head
@@ -126,6 +127,7 @@ class GKDTrainer(BaseTrainer):
     def prepare_dataset(self, dataset: Dataset, name: str, args: GKDConfig) -> Dataset:
         """Render each conversation with the chat template and tokenize it: `input_ids` (the last `max_length`
         tokens) and `prompt_length` (where the last assistant turn starts)."""
+        refuse_image_columns(dataset, "GKDTrainer", name)
         if name not in ("train", "eval"):
             _check_messages(dataset, name)
         tokenize = functools.partial(_tokenize_conversation, tokenizer=self._tokenizer, max_length=args.max_length)

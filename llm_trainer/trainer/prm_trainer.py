@@ -19,6 +19,7 @@ from transformers import (
 from transformers.trainer_utils import EvalPrediction
 
 from ..data.stepwise import prepare_stepwise_dataset, tokenize_stepwise
+from ..data.validation import refuse_image_columns
 from .base_trainer import BaseTrainer, init_arguments
 from .prm_config import PRMConfig
 from .utils import compute_accuracy
@@ -83,6 +84,7 @@ class PRMTrainer(BaseTrainer):
 
     def prepare_dataset(self, dataset: Dataset | IterableDataset, name: str, args: PRMConfig):
         """Tokenize a stepwise dataset into `input_ids` and per-token step `labels` (see `data.stepwise`)."""
+        refuse_image_columns(dataset, "PRMTrainer", name)
         return prepare_stepwise_dataset(
             dataset,
             self._tokenizer,

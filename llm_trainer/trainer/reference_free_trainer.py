@@ -31,6 +31,7 @@ from transformers.trainer_utils import EvalPrediction
 
 from ..data.collators import DataCollatorForPreference, pad
 from ..data.reference_free_dataset import prepare_reference_free_dataset
+from ..data.validation import refuse_image_columns
 from ..losses import masked_mean_nll, preference_metrics, sequence_logps
 from ..models import packed_attention
 from .base_trainer import BaseTrainer, init_arguments
@@ -166,6 +167,7 @@ class ReferenceFreePreferenceTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------------------------------------- data
     def prepare_dataset(self, dataset, name: str, args: ReferenceFreeConfig):
+        refuse_image_columns(dataset, type(self).__name__, name)
         return prepare_reference_free_dataset(
             dataset, self._tokenizer, max_length=self.max_length, num_proc=args.dataset_num_proc, name=name
         )
