@@ -10,6 +10,7 @@ saves under its family's class name, so the checkpoint loads with `AutoProcessor
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Any
@@ -19,7 +20,8 @@ from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Proce
 from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl import Qwen2VLProcessor
 from transformers.models.qwen3_vl import Qwen3VLProcessor
-from transformers.utils import is_torchvision_available
+from transformers.models.smolvlm import SmolVLMProcessor
+from transformers.utils import is_num2words_available, is_torchvision_available
 
 # Submodules (by attribute name) that hold a VLM's vision encoder or its multimodal projector, across families:
 # Qwen-VL `visual`; LLaVA / LLaVA-Next / Gemma 3 / PaliGemma `vision_tower` + `multi_modal_projector` (LLaVA-Next's
@@ -140,31 +142,76 @@ class ImagesOnlyQwen3VLProcessor(_ImagesOnly, Qwen3VLProcessor):
     family_class = Qwen3VLProcessor
 
 
+class ImagesOnlySmolVLMProcessor(SmolVLMProcessor):
+    """`SmolVLMProcessor` without the video processor (no torchvision, no `num2words`, which only videos use)."""
+
+    family_class = SmolVLMProcessor
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None, **kwargs):
+        # SmolVLMProcessor.__init__ refuses to run without num2words; set up the same image-token state, then the
+        # common processor state with the two image-side attributes.
+        self.fake_image_token = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
+        self.image_token = getattr(tokenizer, "image_token", "<image>")
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.end_of_utterance_token = getattr(tokenizer, "end_of_utterance_token", "<end_of_utterance>")
+        self.global_image_token = getattr(tokenizer, "global_image_token", "<global-img>")
+        self.image_seq_len = image_seq_len
+        self.video_token = getattr(tokenizer, "video_token", "<video>")
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.video_processor = None
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """The generic chat-template rendering (SmolVLM's own reads video-sampling defaults off the video processor)."""
+        return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["processor_class"] = self.family_class.__name__
+        return output
+
+
 IMAGES_ONLY_PROCESSORS: dict[str, type[ProcessorMixin]] = {
     cls.family_class.__name__: cls
-    for cls in (ImagesOnlyQwen2VLProcessor, ImagesOnlyQwen2_5_VLProcessor, ImagesOnlyQwen3VLProcessor)
+    for cls in (
+        ImagesOnlyQwen2VLProcessor,
+        ImagesOnlyQwen2_5_VLProcessor,
+        ImagesOnlyQwen3VLProcessor,
+        ImagesOnlySmolVLMProcessor,
+    )
 }
 
 
-def _processor_class_name(path: str | os.PathLike) -> str | None:
-    """The `processor_class` a local processor folder declares, if any."""
+def _video_processor_available(processor_class: str) -> bool:
+    """Whether transformers can build `processor_class`'s video processor here."""
+    if processor_class == SmolVLMProcessor.__name__ and not is_num2words_available():
+        return False
+    return is_torchvision_available()
+
+
+def _processor_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The first of a local folder's processor / preprocessor / tokenizer configs that names a `processor_class`."""
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
         file = os.path.join(path, name)
         if os.path.isfile(file):
             with open(file) as f:
-                value = json.load(f).get("processor_class")
-            if value:
-                return value
-    return None
+                config = json.load(f)
+            if config.get("processor_class"):
+                return config
+    return {}
 
 
 def load_processor(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-    """`AutoProcessor.from_pretrained`; a local Qwen-VL processor loads images-only where torchvision is missing."""
-    if not is_torchvision_available() and os.path.isdir(name_or_path):
-        cls = IMAGES_ONLY_PROCESSORS.get(_processor_class_name(name_or_path) or "")
-        if cls is not None:
+    """`AutoProcessor.from_pretrained`; a local Qwen-VL or SmolVLM processor loads images-only where its video
+    processor cannot be built (no torchvision)."""
+    if os.path.isdir(name_or_path):
+        config = _processor_config(name_or_path)
+        name = config.get("processor_class") or ""
+        cls = IMAGES_ONLY_PROCESSORS.get(name)
+        if cls is not None and not _video_processor_available(name):
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
             image_processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
-            chat_template = getattr(tokenizer, "chat_template", None)
-            return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+            accepted = inspect.signature(cls.__init__).parameters
+            extra = {k: v for k, v in config.items() if k in accepted and k not in ("image_processor", "tokenizer")}
+            extra.setdefault("chat_template", getattr(tokenizer, "chat_template", None))
+            return cls(image_processor=image_processor, tokenizer=tokenizer, **extra)
     return AutoProcessor.from_pretrained(name_or_path, **kwargs)
