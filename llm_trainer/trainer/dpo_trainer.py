@@ -19,17 +19,21 @@ from transformers import (
 )
 from transformers.trainer_utils import EvalPrediction
 
+from ..data.chat_template import extract_prompt
 from ..data.collators import DataCollatorForPreference, DataCollatorForVisionPreference
-from ..data.preference_dataset import prepare_preference_dataset
+from ..data.preference_dataset import check_preference_dataset, prepare_preference_dataset
+from ..data.preference_vision import VisionPreferenceCollator, is_vision_dataset_row, require_processor
+from ..data.vision import check_vision_dataset
 from ..losses import dpo_loss, masked_mean_nll, preference_metrics, wpo_weights
 from ..models import packed_attention
+from ..models.vision import is_vision_model
 from .base_trainer import BaseTrainer, gather_sum, init_arguments
 from .dpo_config import DPOConfig
 from .preference_forward import (
-    NON_MODEL_KEYS,
     POLICY_OUTPUTS,
     PairedLogps,
     concatenated_forward,
+    forward_inputs,
     paired_token_metrics,
 )
 from .reference_policy import ReferencePolicy, loss_prediction_step
@@ -91,16 +95,22 @@ class DPOTrainer(BaseTrainer):
     def check_inputs(self, args: DPOConfig, *, train_dataset, **inputs) -> None:
         super().check_inputs(args, train_dataset=train_dataset)
         sample = next(iter(train_dataset), {})  # checked as a preference dataset when prepared
-        if "image" in sample or "images" in sample:
+        self._vision_dataset = is_vision_dataset_row(sample)
+        if self._vision_dataset and args.max_length is not None and args.truncation_mode == "keep_end":
             raise ValueError(
-                "Vision-language preference datasets (with 'image' / 'images' columns) are not supported yet; "
-                "remove those columns to train on the text alone."
+                "truncation_mode='keep_end' is not supported for vision-language models: the image tokens are in the "
+                "prompt, which keep_end may cut, leaving pixel values without their image tokens. Use "
+                "truncation_mode='keep_start' (the default) or set max_length=None."
             )
         if args.padding_free and getattr(args, "packed_forward", None) is False:
             raise ValueError(
                 "`padding_free=True` asks for packed batches, but `packed_forward=False` asks for padded ones. Set "
                 "one of them: `padding_free=True` alone means `packed_forward=True`."
             )
+
+    def prepare_processing_class(self, model: PreTrainedModel, processing_class: Any, args: DPOConfig) -> Any:
+        self._processor = BaseTrainer.prepare_processing_class(model, processing_class, args)
+        return self._processor
 
     def configure_tokenizer(self, model: PreTrainedModel, args: DPOConfig) -> None:
         configure_special_tokens(model, self._tokenizer, pad_token=args.pad_token)
@@ -112,8 +122,19 @@ class DPOTrainer(BaseTrainer):
         setting = True if args.padding_free else getattr(args, "packed_forward", None)
         where = "DPOConfig.padding_free" if args.padding_free else "DPOConfig.packed_forward"
         self._packed = packed_attention.prepare((model, self.reference.model), setting, where)
+        self._is_vlm = is_vision_model(model)
 
-    def default_collator(self, args: DPOConfig) -> DataCollatorForPreference:
+    _vision_dataset = False
+    """Whether the training rows hold images (`image` / `images`): raw rows, collated by the processor."""
+    _is_vlm = False
+
+    def default_collator(self, args: DPOConfig) -> DataCollatorForPreference | VisionPreferenceCollator:
+        if self._vision_dataset:
+            return VisionPreferenceCollator(
+                require_processor(self._processor, "DPOTrainer"),
+                max_length=args.max_length,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
         return DataCollatorForPreference(
             pad_token_id=self._tokenizer.pad_token_id,
             max_length=args.max_length,
@@ -144,7 +165,10 @@ class DPOTrainer(BaseTrainer):
     def prepare_dataset(
         self, dataset: Dataset | IterableDataset, name: str, args: DPOConfig
     ) -> Dataset | IterableDataset:
-        """Tokenize one preference dataset into `prompt_ids` / `chosen_ids` / `rejected_ids` (idempotent)."""
+        """Tokenize one preference dataset into `prompt_ids` / `chosen_ids` / `rejected_ids` (idempotent). A vision
+        dataset is checked (`check_vision_dataset`) and stays raw: the collator runs the processor on each batch."""
+        if self._vision_dataset:
+            return self._prepare_vision_dataset(dataset, name)
         return prepare_preference_dataset(
             dataset,
             self._tokenizer,
@@ -154,7 +178,34 @@ class DPOTrainer(BaseTrainer):
             name=name,
         )
 
+    def _prepare_vision_dataset(self, dataset: Dataset | IterableDataset, name: str) -> Dataset | IterableDataset:
+        first = check_preference_dataset(dataset, name)
+        check_vision_dataset(
+            dataset,
+            model_is_vlm=self._is_vlm,
+            message_columns=["prompt", "chosen", "rejected"],
+            trainer="DPOTrainer",
+            dataset_name=name,
+            image_token=getattr(self._processor, "image_token", None),
+        )
+        if "prompt" not in first:  # the shared prefix becomes the prompt; the images stay with the row
+            kwargs = {"desc": f"Extracting prompt from {name} dataset"} if isinstance(dataset, Dataset) else {}
+            dataset = dataset.map(extract_prompt, **kwargs)
+        return dataset
+
     def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None and self._vision_dataset:
+            self._signature_columns = [
+                "prompt",
+                "chosen",
+                "rejected",
+                "image",
+                "images",
+                "tools",
+                "chat_template_kwargs",
+                "ref_chosen_logps",
+                "ref_rejected_logps",
+            ]
         if self._signature_columns is None:
             self._signature_columns = [
                 "prompt_ids",
@@ -177,17 +228,24 @@ class DPOTrainer(BaseTrainer):
         """
         context = self.reference.context(self.accelerator.unwrap_model(model))
         with torch.no_grad(), context, self.accelerator.autocast():
-            forward = concatenated_forward(model, inputs, ld_alpha=self.args.ld_alpha, packed=self._packed)
+            forward = concatenated_forward(model, inputs, **self._forward_options)
         return forward.chosen_logps, forward.rejected_logps
 
     prediction_step = loss_prediction_step
+
+    @property
+    def _forward_options(self) -> dict[str, Any]:
+        """`concatenated_forward` options: LD-DPO, packing, and the vision encoder run once per pair of rows (not under
+        FSDP or DeepSpeed, whose sharded parameters are gathered only inside the wrapped model's forward)."""
+        sharded = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
+        return {"ld_alpha": self.args.ld_alpha, "packed": self._packed, "encode_images_once": not sharded}
 
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         args = self.args
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        policy = concatenated_forward(model, inputs, ld_alpha=args.ld_alpha, packed=self._packed, **extra)
+        policy = concatenated_forward(model, inputs, **self._forward_options, **extra)
         if "ref_chosen_logps" in inputs:
             ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
@@ -218,8 +276,7 @@ class DPOTrainer(BaseTrainer):
                 stacklevel=2,
             )
             with torch.no_grad():
-                model_inputs = {key: value for key, value in inputs.items() if key not in NON_MODEL_KEYS}
-                return loss, model(**model_inputs, use_cache=False)
+                return loss, model(**forward_inputs(model, inputs), use_cache=False)
         return loss
 
     def _loss_inputs(self, policy: PairedLogps, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -9,34 +9,46 @@ It also holds the packed forward of every preference trainer (`pack_rows`, `pack
 the collated rows is stripped and every sequence concatenated into one row (`models.packed_attention`), a chosen and
 a rejected row sharing their prompt once (each continuation attends to it), and the per-token outputs are scattered
 back to the padded layout, so the losses and metrics read the same tensors as from a padded forward.
+
+Vision-language batches (`data.preference_vision`) carry their images once per pair (`ImageInputs`): the forward runs
+the vision encoder on them once (`encode_images`) and gives every row its pair's features, through the
+`mm_encoder_outputs` keyword of transformers' VLMs; such batches run padded (packed attention refuses VLMs).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..data.preference_vision import IMAGE_INPUTS_KEY, ImageInputs
 from ..losses import dpo_sequence_logps, sequence_logps
 from ..modeling import TokenLogprobOutput, completion_labels
 from ..models import packed_attention
 from ..models.packed_attention import PackedLayout, Segment
+from ..models.vision import unwrap_model
 
 __all__ = [
     "NON_MODEL_KEYS",
+    "ImageFeatures",
     "POLICY_OUTPUTS",
     "PackedRows",
     "PairedLogps",
     "concatenated_forward",
+    "encode_images",
+    "forward_inputs",
     "pack_rows",
     "packed_token_outputs",
     "paired_token_metrics",
 ]
 
-NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
+NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", IMAGE_INPUTS_KEY})
 """Batch keys that are not model inputs (everything else in the batch is passed to the model, as TRL does)."""
 
 POLICY_OUTPUTS = ("entropy", "is_top1", "mean_logits")
@@ -58,6 +70,97 @@ class PairedLogps(NamedTuple):
     """The model's `TokenLogprobOutput` (entropy, top-1 flags, mean logits, ... per token)."""
 
 
+# ------------------------------------------------------------------------------------------------------- images
+@dataclass(frozen=True)
+class ImageFeatures:
+    """A batch's images as model keywords, for `rows` rows of text.
+
+    `encoded` holds the vision encoder's per-image features (its `pooler_output`), computed once; `tensors` then holds
+    the per-image tensors the forward still reads (Qwen-VL's `image_grid_thw`, for its positions). `encoded` is None
+    where the model cannot take encoded images (or `encode_images(once=False)`): `tensors` are the pixel tensors.
+    """
+
+    encoded: tuple[torch.Tensor, ...] | None
+    tensors: dict[str, torch.Tensor]
+    rows: int
+
+    def repeat(self, copies: int) -> ImageFeatures:
+        """The features of `copies * rows` rows: every block of `rows` rows reads the same images."""
+        if copies == 1:
+            return self
+        encoded = None if self.encoded is None else tuple(self.encoded) * copies
+        tensors = {key: torch.cat([value] * copies, dim=0) for key, value in self.tensors.items()}
+        return ImageFeatures(encoded, tensors, self.rows * copies)
+
+    def detach(self) -> ImageFeatures:
+        """The same features cut from the graph (for a no-grad pass that reuses a gradient pass's encoding)."""
+        encoded = None if self.encoded is None else tuple(feature.detach() for feature in self.encoded)
+        return ImageFeatures(encoded, self.tensors, self.rows)
+
+    def for_rows(self, rows: int) -> ImageFeatures:
+        """The features repeated for a forward over `rows` rows (a multiple of `self.rows`)."""
+        if rows % self.rows:
+            raise ValueError(f"{rows} rows cannot share the images of {self.rows} rows.")
+        return self.repeat(rows // self.rows)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(self.tensors)
+        if self.encoded is not None:
+            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self.encoded)}
+        return kwargs
+
+
+@functools.cache
+def _encoder_keywords(model_type: type, encoder_type: type) -> tuple[frozenset[str], frozenset[str]] | None:
+    """`(keywords of get_image_features, keywords of forward)`, or None when the forward takes no encoded images."""
+    forward = inspect.signature(model_type.forward).parameters
+    if "mm_encoder_outputs" not in forward:
+        return None
+    encoder = inspect.signature(encoder_type.get_image_features).parameters
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return (
+        frozenset(name for name, p in encoder.items() if p.kind in named and name != "self"),
+        frozenset(forward),
+    )
+
+
+def encode_images(model: torch.nn.Module, images: ImageInputs, *, once: bool = True) -> ImageFeatures:
+    """`images` as keywords for `model` (a VLM, possibly PEFT-wrapped): with `once`, the vision encoder runs here,
+    once, through the model's `get_image_features` (under the caller's grad / adapter context), and the forward
+    gets the features as `mm_encoder_outputs`; otherwise (or where the model's forward has no `mm_encoder_outputs`)
+    the pixel tensors themselves, which the model encodes in its forward."""
+    hf_model = unwrap_model(model)
+    encoder = getattr(hf_model, "base_model", hf_model)
+    if not hasattr(encoder, "get_image_features"):
+        encoder = hf_model
+    keywords = _encoder_keywords(type(hf_model), type(encoder)) if hasattr(encoder, "get_image_features") else None
+    if not once or keywords is None:
+        return ImageFeatures(None, dict(images.tensors), images.rows)
+    encoder_keywords, forward_keywords = keywords
+    tensors = images.tensors
+    output = encoder.get_image_features(
+        **{key: value for key, value in tensors.items() if key in encoder_keywords}, return_dict=True
+    )
+    metadata = {
+        key: value for key, value in tensors.items() if key in forward_keywords and not key.startswith("pixel_")
+    }
+    return ImageFeatures(tuple(output.pooler_output), metadata, images.rows)
+
+
+def forward_inputs(
+    model: torch.nn.Module, batch: dict[str, Any], *, features: ImageFeatures | None = None, encode_once: bool = True
+) -> dict[str, Any]:
+    """The model keywords of a collated batch: every key but `NON_MODEL_KEYS`, plus its images (`features`, else
+    encoded from the batch's `ImageInputs`) repeated for its rows."""
+    inputs = {key: value for key, value in batch.items() if key not in NON_MODEL_KEYS}
+    images = batch.get(IMAGE_INPUTS_KEY)
+    if features is None and images is not None:
+        features = encode_images(model, images, once=encode_once)
+    if features is not None:
+        inputs.update(features.for_rows(batch["input_ids"].size(0)).model_kwargs())
+    return inputs
+
+
 def concatenated_forward(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -65,6 +168,7 @@ def concatenated_forward(
     ld_alpha: float | None = None,
     average: bool = False,
     packed: bool = False,
+    encode_images_once: bool = True,
     **forward_kwargs: Any,
 ) -> PairedLogps:
     """Run a collated preference batch through `model` once and reduce the completion log-probs per sequence.
@@ -77,12 +181,13 @@ def concatenated_forward(
     `packed` runs the rows as one packed row (`pack_rows`; `packed_attention.enable` must have run on `model`), each
     pair's prompt once, unless router logits are asked for (the MoE load-balancing loss counts every row's prompt).
     The outputs are the padded layout's, up to summation order. A batch with other model inputs than `input_ids` and
-    `attention_mask`, or not right-padded, runs padded.
+    `attention_mask` (images), or not right-padded, runs padded. A batch's `ImageInputs` (one per pair) are encoded
+    once for both rows of each pair (`encode_images`, unless `encode_images_once=False`).
     """
     if average and ld_alpha is not None:
         raise ValueError("`average=True` and `ld_alpha` are exclusive: LD-DPO weights a summed log-prob.")
     completion_mask = batch["completion_mask"]
-    model_inputs = {key: value for key, value in batch.items() if key not in NON_MODEL_KEYS}
+    model_inputs = forward_inputs(model, batch, encode_once=encode_images_once)
     labels = completion_labels(batch["input_ids"], completion_mask, batch.get("attention_mask"))
     mask = completion_mask[:, 1:]
     rows = None

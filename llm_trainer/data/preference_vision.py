@@ -1,0 +1,145 @@
+"""Vision-language preference batches (DPO, KTO): raw rows with images → token ids and the images' tensors, once.
+
+Images become pixel values only at batch time, as in TRL (doing it for a whole dataset costs too much disk). Unlike
+TRL's `DataCollatorForVisionPreference`, which runs the image processor on every image twice (once for the chosen
+row, once for the rejected row), `VisionPreferenceCollator` processes each pair's prompt and images once: the prompt
+ids are repeated for the two rows and the image tensors come back once per pair in an `ImageInputs`, which the
+forward hands to the vision encoder once (`trainer.preference_forward.encode_images`). The token ids, masks and
+truncation are TRL's, so the losses are too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import ProcessorMixin
+from transformers.data.data_collator import DataCollatorMixin
+
+from .chat_template import apply_chat_template
+from .collators import _join_prompt_completion, _no_pad_to_multiple_of, _process
+from .formats import is_conversational, prepare_multimodal_messages
+from .vision import IMAGE_COLUMNS, row_images
+
+__all__ = [
+    "IMAGE_INPUTS_KEY",
+    "TEXT_FIELDS",
+    "ImageInputs",
+    "VisionPreferenceCollator",
+    "batch_row_images",
+    "is_vision_dataset_row",
+    "render_vision_rows",
+    "require_processor",
+    "split_image_fields",
+]
+
+IMAGE_INPUTS_KEY = "image_inputs"
+"""The batch key of a collated batch's `ImageInputs`."""
+
+TEXT_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+"""Per-token fields of a processor's output; everything else it returns describes the images."""
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """The image tensors a processor made for a batch (`pixel_values`, Qwen-VL's `image_grid_thw`, ...), in the
+    processor's layout: indexed by image (or, for some families, by row) along the first dimension.
+
+    `rows` is how many rows of text they belong to (B pairs for DPO, B examples for KTO); a forward over `k * rows`
+    rows (the chosen and the rejected rows) shares them. `to` lets Accelerate's device placement move them.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    rows: int
+
+    def to(self, device: Any, non_blocking: bool = False) -> ImageInputs:
+        moved = {key: value.to(device, non_blocking=non_blocking) for key, value in self.tensors.items()}
+        return ImageInputs(moved, self.rows)
+
+
+def is_vision_dataset_row(row: dict[str, Any]) -> bool:
+    """Whether a dataset row has an image column (TRL's test for a vision dataset)."""
+    return any(column in row for column in IMAGE_COLUMNS)
+
+
+def batch_row_images(examples: Sequence[dict[str, Any]]) -> list[list] | None:
+    """Each row's images as PIL images (`row_images`), or None when no row has one (processors refuse empty lists)."""
+    images = [row_images(example, index, "batch") for index, example in enumerate(examples)]
+    return images if any(images) else None
+
+
+def render_vision_rows(
+    examples: Sequence[dict[str, Any]], processor: Any, completion_keys: tuple[str, ...], images: list[list] | None
+) -> list[dict[str, str]]:
+    """Text rows: conversational rows get one image placeholder per image in their prompt
+    (`prepare_multimodal_messages`) and are rendered with the processor's chat template (with the row's `tools` and
+    `chat_template_kwargs`); standard rows are returned as they are (their text holds the image tokens)."""
+    if not is_conversational(examples[0]):
+        return [{key: example[key] for key in ("prompt", *completion_keys)} for example in examples]
+    rendered = []
+    for index, example in enumerate(examples):
+        row = {"prompt": prepare_multimodal_messages(example["prompt"], images=images[index] if images else None)}
+        row.update({key: prepare_multimodal_messages(example[key]) for key in completion_keys})
+        if example.get("chat_template_kwargs"):
+            row["chat_template_kwargs"] = example["chat_template_kwargs"]
+        rendered.append(apply_chat_template(row, processor, tools=example.get("tools")))
+    return rendered
+
+
+def split_image_fields(processed: Any, rows: int) -> tuple[dict[str, torch.Tensor], ImageInputs | None]:
+    """A processor's output split into its per-token fields (`TEXT_FIELDS`) and its image tensors (None: none)."""
+    text = {key: processed[key] for key in TEXT_FIELDS if key in processed}
+    images = {key: value for key, value in processed.items() if key not in TEXT_FIELDS and value is not None}
+    return text, (ImageInputs(images, rows) if images else None)
+
+
+def repeat_rows(fields: dict[str, torch.Tensor], copies: int) -> dict[str, torch.Tensor]:
+    """Each tensor's rows repeated as `copies` consecutive blocks (`[x; x]` for 2)."""
+    return {key: torch.cat([value] * copies, dim=0) for key, value in fields.items()}
+
+
+@dataclass
+class VisionPreferenceCollator(DataCollatorMixin):
+    """Collate raw vision-language preference rows (`prompt`, `chosen`, `rejected` and `image` / `images`) for DPO.
+
+    Returns 2B rows, the chosen ones first, exactly as TRL's `DataCollatorForVisionPreference` lays them out:
+    `input_ids`, `attention_mask` and `completion_mask` (1 on completion tokens; with `token_type_ids` /
+    `mm_token_type_ids` where the processor makes them), the prompt's left padding flushed, every row cut to
+    `max_length`. The images are processed once per pair and come back under `"image_inputs"` as an `ImageInputs`
+    of B rows, shared by the chosen and the rejected row. Precomputed `ref_chosen_logps` / `ref_rejected_logps` pass
+    through. Rows without images may be mixed with rows with images.
+    """
+
+    processor: ProcessorMixin
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        _no_pad_to_multiple_of(self.pad_to_multiple_of)
+        images = batch_row_images(examples)
+        rows = render_vision_rows(examples, self.processor, ("chosen", "rejected"), images)
+        prompts = _process(self.processor, [row["prompt"] for row in rows], "left", self.return_tensors, images)
+        prompt_fields, image_inputs = split_image_fields(prompts, len(examples))
+        completions = [row["chosen"] for row in rows] + [row["rejected"] for row in rows]
+        processed = _process(self.processor, completions, "right", self.return_tensors)
+        batch: dict[str, Any] = _join_prompt_completion(repeat_rows(prompt_fields, 2), processed, self.max_length)
+        if image_inputs is not None:
+            batch[IMAGE_INPUTS_KEY] = image_inputs
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([example[key] for example in examples])
+        return batch
+
+
+def require_processor(processing_class: Any, trainer: str) -> ProcessorMixin:
+    """`processing_class` when it can process images (a processor with an image processor); else a `ValueError`."""
+    if getattr(processing_class, "image_processor", None) is None:
+        raise ValueError(
+            f"{trainer} got a dataset with images, but its `processing_class` ({type(processing_class).__name__}) "
+            "cannot process images. Pass the model's processor, e.g. `processing_class=AutoProcessor."
+            "from_pretrained(model_id)`, or leave `processing_class` unset to load it with the model."
+        )
+    return processing_class
