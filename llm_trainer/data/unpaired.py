@@ -4,6 +4,11 @@
 `chosen` / `rejected` pairs, append eos to plain-text completions, tokenize into `prompt_ids` / `completion_ids`, drop
 rows whose prompt alone fills `max_length`, and optionally add `KL_completion_ids`, the mismatched completions KTO's
 reference point is estimated from.
+
+Vision-language rows (`image` / `images`, conversational) are checked (`data.vision.check_vision_dataset`), get their
+prompt extracted and are unpaired the same way, but stay raw: `VisionUnpairedCollator` runs the processor on each
+batch (each row's images once, shared by its completion and its KL completion) and pairs the KL completions within
+the batch, as TRL's vision collator does.
 """
 
 from __future__ import annotations
@@ -14,15 +19,18 @@ from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
+from transformers import ProcessorMixin
 from transformers.data.data_collator import DataCollatorMixin
 
 from .chat_template import extract_prompt
-from .collators import pad
+from .collators import _join_prompt_completion, _no_pad_to_multiple_of, _process, pad
 from .formats import is_conversational
 from .preference import unpair_preference_dataset
 from .preference_dataset import filter_rows, first_row, prompt_fits
+from .preference_vision import IMAGE_INPUTS_KEY, batch_row_images, render_vision_rows, split_image_fields
 from .tokenization import template_kwargs, tokenize_prompt_completions
 from .validation import check_labels, check_text_columns
+from .vision import check_vision_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +45,6 @@ def check_unpaired_dataset(dataset: Dataset | IterableDataset, name: str = "trai
     unpaired automatically) and already tokenized (`prompt_ids`, `completion_ids`, `label`) rows.
     """
     example = first_row(dataset, name, "labelled completion")
-    if "image" in example or "images" in example:
-        raise ValueError(
-            f"The {name} dataset has image columns; vision-language unpaired preference data is not supported yet. "
-            "Drop the 'image' / 'images' columns to train on the text alone."
-        )
     if "chosen" in example and "rejected" in example:
         return example
     layout = TOKENIZED_COLUMNS if "prompt_ids" in example else UNPAIRED_COLUMNS
@@ -65,6 +68,7 @@ def prepare_unpaired_dataset(
     num_proc: int | None = None,
     name: str = "train",
     require_both_labels: bool = False,
+    vision: dict[str, Any] | None = None,
 ) -> Dataset | IterableDataset:
     """Tokenize unpaired (or paired, then unpaired) preference data into `prompt_ids`, `completion_ids`, `label`.
 
@@ -74,6 +78,10 @@ def prepare_unpaired_dataset(
     completion of the row before (the first row takes the last one's): (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}).
     These mismatched pairs line up with training batches only when the sampler is sequential and the batch size is
     `kl_batch_size`. Rows already tokenized skip straight to filtering.
+
+    `vision` (the `check_vision_dataset` keywords but the columns: `model_is_vlm`, `trainer`, `image_token`) marks a
+    vision dataset: it is checked, its prompt extracted and its pairs unpaired, and it stays untokenized (the
+    collator tokenizes it and builds its KL completions).
     """
     first = check_unpaired_dataset(dataset, name)
     is_map_style = isinstance(dataset, Dataset)
@@ -85,6 +93,15 @@ def prepare_unpaired_dataset(
     check_labels(dataset, "label", name)
     if require_both_labels and is_map_style and "label" in first:  # paired rows unpair into both kinds
         check_label_balance(dataset["label"], name)  # the labelling as given, before truncation drops rows
+    if vision is not None:
+        columns = ["prompt", "completion", "chosen", "rejected"]
+        check_text_columns(dataset, columns, name)
+        check_vision_dataset(dataset, message_columns=columns, dataset_name=name, **vision)
+        if "prompt" not in first:
+            dataset = dataset.map(extract_prompt, **described("Extracting prompt from"))
+        if "chosen" in first and "rejected" in first:
+            dataset = unpair_preference_dataset(dataset, **described("Unpairing"))
+        return dataset
     if "prompt_ids" not in first:
         check_text_columns(dataset, ["prompt", "completion", "chosen", "rejected"], name)
         if "prompt" not in first:
@@ -220,3 +237,43 @@ class DataCollatorForUnpairedPreference(DataCollatorMixin):
                 out[key] = torch.tensor([ex[key] for ex in examples])
         out["label"] = torch.tensor([bool(ex["label"]) for ex in examples])
         return out
+
+
+@dataclass
+class VisionUnpairedCollator(DataCollatorMixin):
+    """Collate raw vision-language unpaired rows (`prompt`, `completion`, `label`, `image` / `images`) for KTO.
+
+    Returns TRL's `DataCollatorForVisionUnpairedPreference` layout: `input_ids`, `attention_mask`, `completion_mask`
+    (and `token_type_ids` / `mm_token_type_ids` where the processor makes them), the prompt's left padding flushed,
+    cut to `max_length`; with `calculate_kl`, the same under `KL_` for each prompt followed by the previous row's
+    completion (the first row takes the last one's); `label` as a bool tensor; precomputed `ref_logps` /
+    `ref_KL_logps` pass through. Each row's images are processed once, for both of its sequences, and come back
+    under `"image_inputs"` as an `ImageInputs`.
+    """
+
+    processor: ProcessorMixin
+    max_length: int | None = None
+    calculate_kl: bool = True
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        _no_pad_to_multiple_of(self.pad_to_multiple_of)
+        images = batch_row_images(examples)
+        rows = render_vision_rows(examples, self.processor, ("completion",), images)
+        prompts = _process(self.processor, [row["prompt"] for row in rows], "left", self.return_tensors, images)
+        prompt_fields, image_inputs = split_image_fields(prompts, len(examples))
+        completions = [row["completion"] for row in rows]
+        processed = _process(self.processor, completions, "right", self.return_tensors)
+        batch: dict[str, Any] = _join_prompt_completion(prompt_fields, processed, self.max_length)
+        if self.calculate_kl:
+            shifted = _process(self.processor, completions[-1:] + completions[:-1], "right", self.return_tensors)
+            kl = _join_prompt_completion(prompt_fields, shifted, self.max_length)
+            batch.update({f"KL_{key}": value for key, value in kl.items()})
+        if image_inputs is not None:
+            batch[IMAGE_INPUTS_KEY] = image_inputs
+        batch["label"] = torch.tensor([bool(example["label"]) for example in examples])
+        for key in ("ref_logps", "ref_KL_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([example[key] for example in examples])
+        return batch

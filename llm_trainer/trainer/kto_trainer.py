@@ -32,6 +32,10 @@ class KTOTrainer(UnpairedPreferenceTrainer):
     `rewards/{chosen,rejected,margins}`, `logps/{chosen,rejected}`, `logits/{chosen,rejected}`, `entropy`,
     `num_tokens`.
 
+    Vision-language models train on rows with an `image` or `images` column (conversational, TRL's zen-image
+    formats; paired rows are unpaired too): the processor runs per batch, each row's images once, the vision encoder
+    once per model and batch for both the completion and its KL completion. Precomputed reference log-probs work.
+
     >>> from llm_trainer import KTOConfig, KTOTrainer
     >>> trainer = KTOTrainer(model="path/to/model", args=KTOConfig("out"), train_dataset=dataset)
     >>> trainer.train()
@@ -40,6 +44,7 @@ class KTOTrainer(UnpairedPreferenceTrainer):
     config_class = KTOConfig
     _name = "KTO"
     _tag_names = ["kto"]
+    supports_vision = True
 
     def __init__(
         self,

@@ -7,6 +7,10 @@ undesirable (rejected) examples, plus the KL completions' log-probs when `calcul
 a loss in `unpaired_loss`; the shared metrics (`rewards/*`, `logps/*`, `logits/*`, `entropy`, `num_tokens`) are
 recorded here. With `packed_forward` (on where the model's attention supports it), every forward runs on packed
 rows, without padding (`preference_forward.pack_rows`); same log-probs and metrics as padded.
+
+Vision-language datasets (`image` / `images` columns; `supports_vision` trainers) stay raw and are collated by the
+processor (`data.unpaired.VisionUnpairedCollator`); each model (policy, reference) runs its vision encoder once per
+batch, and the completion and KL passes share the features (`preference_forward.encode_images`).
 """
 
 from __future__ import annotations
@@ -18,17 +22,23 @@ import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel
 
+from ..data.preference_vision import IMAGE_INPUTS_KEY, is_vision_dataset_row, require_processor
 from ..data.unpaired import (
     DataCollatorForUnpairedPreference,
+    VisionUnpairedCollator,
     prepare_unpaired_dataset,
 )
 from ..losses import unpaired_metrics
 from ..modeling import completion_labels
 from ..models import packed_attention
+from ..models.vision import is_vision_model
 from .base_trainer import BaseTrainer, gather_sum
-from .preference_forward import pack_rows, packed_token_outputs
+from .preference_forward import ImageFeatures, encode_images, pack_rows, packed_token_outputs
 from .reference_policy import ReferencePolicy, loss_prediction_step
 from .special_tokens import configure_special_tokens
+
+_TOKEN_TYPE_FIELDS = ("token_type_ids", "mm_token_type_ids")
+"""Per-token fields some processors add (Gemma, Qwen2.5-VL), passed to the model with the ids."""
 
 
 class UnpairedForward(NamedTuple):
@@ -59,8 +69,25 @@ class UnpairedPreferenceTrainer(BaseTrainer):
     model_adapter_name: str | None = None  # BCO's options: the PEFT adapters trained and run as the reference
     ref_adapter_name: str | None = None
     reference_columns = ("ref_logps", "ref_KL_logps")
+    supports_vision: bool = False
+    """Whether the trainer takes vision-language datasets (`image` / `images` columns); set by the subclass."""
+    _vision_dataset = False
+    _is_vlm = False
 
     # ----------------------------------------------------------------------------------------------- setup
+    def check_inputs(self, args: Any, *, train_dataset: Any, **inputs: Any) -> None:
+        super().check_inputs(args, train_dataset=train_dataset)
+        self._vision_dataset = is_vision_dataset_row(next(iter(train_dataset), {}))
+        if self._vision_dataset and not self.supports_vision:
+            raise ValueError(
+                f"{type(self).__name__} does not train on vision-language data, and the training dataset has an "
+                "'image' / 'images' column. Use KTOTrainer, or drop the image columns to train on the text alone."
+            )
+
+    def prepare_processing_class(self, model: PreTrainedModel, processing_class: Any, args: Any) -> Any:
+        self._processor = BaseTrainer.prepare_processing_class(model, processing_class, args)
+        return self._processor
+
     def configure_tokenizer(self, model: PreTrainedModel, args: Any) -> None:
         configure_special_tokens(model, self._tokenizer)  # the model agrees with the tokenizer on the pad token
 
@@ -79,11 +106,19 @@ class UnpairedPreferenceTrainer(BaseTrainer):
         self._packed = packed_attention.prepare(
             (model, self.reference.model), getattr(args, "packed_forward", None), where
         )
+        self._is_vlm = is_vision_model(model)
 
     _packed = False
     """Whether the forwards run on packed rows (`packed_forward`)."""
 
-    def default_collator(self, args: Any) -> DataCollatorForUnpairedPreference:
+    def default_collator(self, args: Any) -> DataCollatorForUnpairedPreference | VisionUnpairedCollator:
+        if self._vision_dataset:
+            return VisionUnpairedCollator(
+                require_processor(self._processor, type(self).__name__),
+                max_length=args.max_length,
+                calculate_kl=self.calculate_kl,
+                pad_to_multiple_of=getattr(args, "pad_to_multiple_of", None),
+            )
         return DataCollatorForUnpairedPreference(
             pad_token_id=self._tokenizer.pad_token_id,
             max_length=args.max_length,
@@ -94,15 +129,21 @@ class UnpairedPreferenceTrainer(BaseTrainer):
         return {"outputs": ("entropy", "mean_logits")}  # what the metrics read
 
     def prepare_dataset(self, dataset: Dataset | IterableDataset, name: str, args: Any) -> Dataset | IterableDataset:
-        """Tokenize one dataset (KL completions in batches of `per_device_train_batch_size`, as TRL)."""
+        """Tokenize one dataset (KL completions in batches of `per_device_train_batch_size`, as TRL); a vision
+        dataset is checked and stays raw (the collator tokenizes it)."""
+        vision = None
+        if self._vision_dataset:
+            image_token = getattr(self._processor, "image_token", None)
+            vision = {"model_is_vlm": self._is_vlm, "trainer": type(self).__name__, "image_token": image_token}
         dataset = prepare_unpaired_dataset(
             dataset,
             self._tokenizer,
             max_length=args.max_length,
-            kl_batch_size=args.per_device_train_batch_size if self.calculate_kl else None,
+            kl_batch_size=args.per_device_train_batch_size if self.calculate_kl and vision is None else None,
             num_proc=args.dataset_num_proc,
             name=name,
             require_both_labels=name == "train",
+            vision=vision,
         )
         if name == "train" and isinstance(dataset, Dataset):
             self._check_balance(dataset["label"], args)
@@ -112,6 +153,18 @@ class UnpairedPreferenceTrainer(BaseTrainer):
         """Hook for a subclass's own label-balance advice (KTO's loss-weight ranges)."""
 
     def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None and self._vision_dataset:
+            self._signature_columns = [
+                "prompt",
+                "completion",
+                "label",
+                "image",
+                "images",
+                "tools",
+                "chat_template_kwargs",
+                "ref_logps",
+                "ref_KL_logps",
+            ]
         if self._signature_columns is None:
             self._signature_columns = [
                 "prompt_ids",
@@ -134,7 +187,8 @@ class UnpairedPreferenceTrainer(BaseTrainer):
         """The model's token-log-prob outputs on prompt+completion (`[rows, T - 1]`, the padded layout, also when
         the forward runs packed) and the summed completion log-probs."""
         labels = completion_labels(input_ids, completion_mask)
-        rows = pack_rows(input_ids, attention_mask) if self._packed else None
+        packable = self._packed and set(kwargs) <= {"output_router_logits"}  # images and token types run padded
+        rows = pack_rows(input_ids, attention_mask) if packable else None
         if rows is not None:
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
             outputs = packed_token_outputs(model, rows, targets, next_token_layout=True, **kwargs)
@@ -145,10 +199,29 @@ class UnpairedPreferenceTrainer(BaseTrainer):
         seq_len = input_ids.size(1) - 1  # prompt-learning PEFT prepends virtual tokens: keep the real positions
         return outputs, outputs.log_probs[:, -seq_len:].sum(-1)
 
-    def _kl_logps(self, model, batch) -> torch.Tensor:
+    def _image_features(self, model, batch: dict[str, Any]) -> ImageFeatures | None:
+        """The batch's images encoded by `model` (once, for the completion and the KL pass), None without images.
+        Under FSDP or DeepSpeed the pixels go to the model instead (its sharded vision tower runs in its forward)."""
+        images = batch.get(IMAGE_INPUTS_KEY)
+        if images is None:
+            return None
+        sharded = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
+        return encode_images(model, images, once=not sharded)
+
+    @staticmethod
+    def _sequence_kwargs(batch: dict[str, Any], prefix: str, images: ImageFeatures | None) -> dict[str, Any]:
+        """Model keywords besides ids and mask for the `prefix` sequences ("" or "KL_"): per-token type ids where the
+        processor made them, and the images."""
+        kwargs = {name: batch[prefix + name] for name in _TOKEN_TYPE_FIELDS if prefix + name in batch}
+        if images is not None:
+            kwargs.update(images.model_kwargs())
+        return kwargs
+
+    def _kl_logps(self, model, batch, images: ImageFeatures | None = None) -> torch.Tensor:
+        kwargs = self._sequence_kwargs(batch, "KL_", None if images is None else images.detach())
         with torch.no_grad():
             return self._completion_logps(
-                model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"]
+                model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"], **kwargs
             )[1]
 
     def compute_ref_log_probs(
@@ -158,9 +231,14 @@ class UnpairedPreferenceTrainer(BaseTrainer):
         completions (else None). `model` is `ref_model`, or the policy: without a `ref_model`, a PEFT policy runs
         as its reference adapter (or with adapters disabled)."""
         with torch.no_grad(), self.reference.context(self.accelerator.unwrap_model(self.model)):
-            ref_kl_logps = self._kl_logps(model, inputs) if self.calculate_kl else None
+            images = self._image_features(model, inputs)
+            ref_kl_logps = self._kl_logps(model, inputs, images) if self.calculate_kl else None
             _, ref_logps = self._completion_logps(
-                model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+                model,
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                inputs["completion_mask"],
+                **self._sequence_kwargs(inputs, "", images),
             )
         return ref_logps, ref_kl_logps
 
@@ -177,8 +255,10 @@ class UnpairedPreferenceTrainer(BaseTrainer):
         labels = batch["label"].bool()
         chosen_idx = labels.nonzero().view(-1)
         rejected_idx = (~labels).nonzero().view(-1)
-        kl_logps = self._kl_logps(model, batch) if self.calculate_kl else None
+        images = self._image_features(model, batch)  # with gradient; the KL pass reads them detached
+        kl_logps = self._kl_logps(model, batch, images) if self.calculate_kl else None
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        extra.update(self._sequence_kwargs(batch, "", images))
         outputs, logps = self._completion_logps(
             model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], **extra
         )
@@ -213,7 +293,8 @@ class UnpairedPreferenceTrainer(BaseTrainer):
         loss = self.add_router_aux_loss(loss, forward.outputs.aux_loss, mode)
         if return_outputs:  # the logits, for `compute_metrics`, need an extra forward pass
             with torch.no_grad():
-                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                kwargs = self._sequence_kwargs(inputs, "", self._image_features(model, inputs))
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **kwargs)
             return loss, outputs
         return loss
 
