@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import logging
 import os
+import re
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from accelerate.utils import is_peft_model
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoProcessor,
+    AutoModelForImageTextToText,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     ProcessorMixin,
@@ -27,6 +29,7 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 from . import kernels
+from .models.vision import is_vision_model, language_model, load_processor
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +89,9 @@ def check_causal_lm(model: Any, role: str = "model") -> Any:
 def load_model(model_id: str, auto_class: Any = None, **init_kwargs: Any) -> PreTrainedModel:
     """Load `model_id` (a local folder or Hub id) with `from_pretrained`, in float32 unless `dtype` says otherwise.
 
-    `auto_class` defaults to the architecture named in the model's config (falling back to `AutoModelForCausalLM`).
+    `auto_class` defaults to the architecture named in the model's config (falling back to `AutoModelForCausalLM`,
+    or `AutoModelForImageTextToText` for a vision-language model). A vision-language checkpoint asked for as a causal
+    LM loads with its own class too, so its vision tower and processor keep working.
     """
     check_model_path(model_id)
     dtype = init_kwargs.get("dtype", "float32")
@@ -97,18 +102,38 @@ def load_model(model_id: str, auto_class: Any = None, **init_kwargs: Any) -> Pre
                 "torch.dtype."
             )
         init_kwargs["dtype"] = _DTYPES[dtype]
-    if auto_class is None:
+    if auto_class is None or auto_class is AutoModelForCausalLM:
         import transformers
 
         config = AutoConfig.from_pretrained(model_id, trust_remote_code=init_kwargs.get("trust_remote_code", False))
-        architectures = getattr(config, "architectures", None) or []
-        auto_class = getattr(transformers, architectures[0], None) if architectures else None
-        auto_class = auto_class or AutoModelForCausalLM
+        vision = is_vision_model(config)
+        if auto_class is None or vision:
+            architectures = getattr(config, "architectures", None) or []
+            auto_class = getattr(transformers, architectures[0], None) if architectures else None
+            auto_class = auto_class or (AutoModelForImageTextToText if vision else AutoModelForCausalLM)
     return auto_class.from_pretrained(model_id, **init_kwargs)
 
 
+def language_model_lora_targets(model: PreTrainedModel) -> str:
+    """PEFT `target_modules` (a regex over module names) matching every linear layer of a VLM's language model: not
+    the vision encoder, its projector or the LM head."""
+    decoder = language_model(model)
+    prefix = next(name for name, module in model.named_modules() if module is decoder)
+    leaves = {
+        name.rsplit(".", 1)[-1] for name, module in decoder.named_modules() if isinstance(module, torch.nn.Linear)
+    }
+    if not leaves:
+        raise ValueError(f"The language model of {type(model).__name__} has no linear layer to put a LoRA adapter on.")
+    return rf"{re.escape(prefix)}\..*\.(?:{'|'.join(sorted(leaves))})"
+
+
 def wrap_with_peft(model: PreTrainedModel, peft_config: Any, gradient_checkpointing: bool) -> PreTrainedModel:
-    """Wrap `model` with a PEFT adapter built from `peft_config` (a `peft.PeftConfig`)."""
+    """Wrap `model` with a PEFT adapter built from `peft_config` (a `peft.PeftConfig`).
+
+    On a vision-language model a LoRA-style config whose `target_modules` is None or `"all-linear"` adapts every
+    linear layer of the language model, and nothing else (`language_model_lora_targets`); explicit targets are used
+    as given.
+    """
     try:
         from peft import PeftConfig, get_peft_model
     except ImportError as e:
@@ -123,6 +148,11 @@ def wrap_with_peft(model: PreTrainedModel, peft_config: Any, gradient_checkpoint
             "You passed a `PeftModel` together with a `peft_config`. Merge and unload the existing adapter first, "
             "or pass the PeftModel alone."
         )
+    if is_vision_model(model) and hasattr(peft_config, "target_modules"):
+        targets = peft_config.target_modules
+        if targets is None or targets == "all-linear":
+            peft_config = copy.copy(peft_config)  # the caller's config keeps its value
+            peft_config.target_modules = language_model_lora_targets(model)
     model = get_peft_model(model, peft_config)
     if gradient_checkpointing:  # checkpointed layers need an input that requires grad to backprop into the adapter
         model.enable_input_require_grads()
@@ -560,10 +590,11 @@ def prepare_model(
 def prepare_processing_class(
     model: PreTrainedModel, processing_class: PreTrainedTokenizerBase | ProcessorMixin | None, args: Any
 ) -> PreTrainedTokenizerBase | ProcessorMixin:
-    """Load the model's processor when none is given, and make sure its tokenizer has a pad token."""
+    """Load the model's processor when none is given (`models.vision.load_processor`: a VLM's full processor), and
+    make sure its tokenizer has a pad token."""
     if processing_class is None:
         revision = (getattr(args, "model_init_kwargs", None) or {}).get("revision")
-        processing_class = AutoProcessor.from_pretrained(
+        processing_class = load_processor(
             model.config._name_or_path,
             revision=revision,
             trust_remote_code=getattr(args, "trust_remote_code", False),

@@ -40,6 +40,7 @@ from ..modeling import (
     prepare_peft,
     prepare_processing_class,
 )
+from ..models.vision import freeze_vision_tower, is_vision_model
 from . import reference_cache, simple
 from .checkpointing import (
     full_model_save,
@@ -135,6 +136,7 @@ class BaseTrainer(Trainer):
         self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.configure_tokenizer(model, args)
         model = self.prepare_peft(model, peft_config, args)
+        self.prepare_vision_tower(model, args)
         self.reference = self.reference_policy(model, ref_model, peft_config, args)
         self.configure(model, args, train_dataset)
         if getattr(args, "disable_dropout", False):
@@ -204,6 +206,13 @@ class BaseTrainer(Trainer):
 
     def configure_tokenizer(self, model: PreTrainedModel, args: TrainingArguments) -> None:
         """Make `self._tokenizer` and `model` agree on special tokens, before PEFT wrapping; nothing here."""
+
+    def prepare_vision_tower(self, model: PreTrainedModel, args: TrainingArguments) -> None:
+        """`freeze_vision_tower=True` (SFT, DPO, KTO, GRPO, RLOO): no gradient into the VLM's vision encoder and
+        projector (adapters put there included); a `ValueError` on a text-only model."""
+        if getattr(args, "freeze_vision_tower", False):
+            count = freeze_vision_tower(model)
+            logger.info("freeze_vision_tower: froze %d vision-encoder and projector parameters.", count)
 
     def reference_policy(
         self, model: PreTrainedModel, ref_model: PreTrainedModel | None, peft_config: Any, args: TrainingArguments
@@ -571,16 +580,20 @@ class BaseTrainer(Trainer):
         base_model = base_model if base_model and not os.path.isdir(base_model) else None
         tags = {tags} if isinstance(tags, str) else set(tags or ())
         tags |= {"llm-trainer", *self._tag_names}
+        vision = is_vision_model(self.model)
+        if vision:
+            tags.add("vision-language-model")
         wandb_url = None
         if "wandb" in (self.args.report_to or []):
             import wandb
 
             wandb_url = wandb.run.url if wandb.run is not None else None
         model_name = model_name or Path(self.args.output_dir).name
+        hub_model_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id or model_name
         card = generate_model_card(
             base_model=base_model,
             model_name=model_name,
-            hub_model_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id or model_name,
+            hub_model_id=hub_model_id,
             dataset_name=dataset_name,
             tags=sorted(tags),
             wandb_url=wandb_url,
@@ -588,6 +601,8 @@ class BaseTrainer(Trainer):
             comet_url=get_comet_experiment_url(),
             trainer_name=self._name,
         )
+        if vision:
+            mark_vision_language_card(card, hub_model_id)
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))
 
@@ -720,6 +735,34 @@ class BaseTrainer(Trainer):
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Load a checkpoint of `save_checkpoint` (or a `checkpoint-N`): the weights now, the rest at `fit`."""
         simple.load_checkpoint(self, path)
+
+
+_VLM_QUICK_START = """```python
+from transformers import pipeline
+
+pipe = pipeline("image-text-to-text", model="{hub_model_id}", device_map="auto")
+messages = [
+    {{
+        "role": "user",
+        "content": [
+            {{"type": "image", "url": "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/bee.jpg"}},
+            {{"type": "text", "text": "What is in this image?"}},
+        ],
+    }}
+]
+print(pipe(text=messages, max_new_tokens=128, return_full_text=False)[0]["generated_text"])
+```"""
+
+
+def mark_vision_language_card(card: Any, hub_model_id: str) -> None:
+    """Make a text-generation model card (`generate_model_card`) describe a vision-language model: the
+    `image-text-to-text` pipeline tag, and a quick start that passes an image."""
+    card.data.pipeline_tag = "image-text-to-text"
+    start, end = "## Quick start\n\n", "\n\n## Training"
+    head, found, rest = card.text.partition(start)
+    if found and end in rest:
+        body = _VLM_QUICK_START.format(hub_model_id=hub_model_id)
+        card.text = head + start + body + rest[rest.index(end) :]
 
 
 def gather_sum(trainer: Trainer, value: torch.Tensor) -> torch.Tensor:
