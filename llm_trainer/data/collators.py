@@ -156,8 +156,11 @@ class DataCollatorForPreference(DataCollatorMixin):
 
 
 def _batch_images(examples: list[dict[str, Any]]) -> list[list] | None:
-    """Each row's image list (`images`, or a lone `image`); None when no row has one (processors refuse empty lists)."""
-    images = [ex["images"] if "images" in ex else [ex["image"]] if "image" in ex else [] for ex in examples]
+    """Each row's image list (`images`, or a lone `image`; a missing or None cell: none); None when no row has one
+    (processors refuse a batch of empty lists)."""
+    from .vision import cell_images
+
+    images = [cell_images(ex.get("images", ex.get("image"))) for ex in examples]
     return None if all(not row for row in images) else images
 
 

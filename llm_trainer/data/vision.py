@@ -18,7 +18,7 @@ from datasets import Dataset, IterableDataset
 
 from .formats import get_dataset_column_names
 
-__all__ = ["IMAGE_COLUMNS", "check_vision_dataset", "count_image_placeholders", "row_images"]
+__all__ = ["IMAGE_COLUMNS", "cell_images", "check_vision_dataset", "count_image_placeholders", "row_images"]
 
 IMAGE_COLUMNS = ("image", "images")
 # Columns that receive a row's images (the first one present); the other message columns get none.
@@ -26,7 +26,7 @@ _IMAGE_RECEIVERS = ("messages", "prompt")
 _CHECK_BATCH = 256
 
 
-def _cell_images(value: Any) -> list[Any]:
+def cell_images(value: Any) -> list[Any]:
     """The raw images of one `image` / `images` cell: None -> [], a list as is, anything else as one image."""
     if value is None:
         return []
@@ -92,7 +92,7 @@ def row_images(row: dict[str, Any], index: int, dataset_name: str = "train") -> 
     column = next((name for name in IMAGE_COLUMNS if name in row), None)
     if column is None:
         return []
-    return [_decode(value, index, column, dataset_name, load=True) for value in _cell_images(row[column])]
+    return [_decode(value, index, column, dataset_name, load=True) for value in cell_images(row[column])]
 
 
 def _content_parts(messages: Any) -> Iterator[tuple[str, Any]]:
@@ -208,13 +208,14 @@ def check_vision_dataset(
     column = image_columns[0]
     if not model_is_vlm:
         raise ValueError(
-            f"The {dataset_name} dataset has an '{column}' column, but the model given to {trainer} is not a "
-            "vision-language model (its config has no `vision_config`). Pass a vision-language model (and its "
-            f"processor as `processing_class`), or drop the images with `dataset.remove_columns('{column}')`."
+            f"The {dataset_name} dataset is vision-related (it has an '{column}' column), but the model given to "
+            f"{trainer} is not a vision-language model (its config has no `vision_config`). Pass a vision-language "
+            "model (and its processor as `processing_class`), or drop the images with "
+            f"`dataset.remove_columns('{column}')`."
         )
     text_columns = [name for name in message_columns if name in columns]
     for index, row in enumerate(_raw_rows(dataset, [column, *text_columns])):
-        images = _cell_images(row[column])
+        images = cell_images(row[column])
         for value in images:
             _decode(value, index, column, dataset_name, load=False)
         _check_placeholders(row, len(images), text_columns, image_token, index, dataset_name)

@@ -24,7 +24,9 @@ from ..data.chat_template import read_chat_template
 from ..data.collators import DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling
 from ..data.formats import get_dataset_column_names, is_conversational
 from ..data.sft import check_sft_dataset, has_generation_markers, prepare_sft_dataset
+from ..data.vision import IMAGE_COLUMNS, check_vision_dataset
 from ..models.selective_activation_checkpointing import enable_selective_activation_checkpointing
+from ..models.vision import is_vision_model
 from .base_trainer import BaseTrainer, gather_sum, init_arguments
 from .sft_config import SFTConfig
 from .special_tokens import configure_special_tokens
@@ -42,6 +44,12 @@ class SFTTrainer(BaseTrainer):
     `assistant_masks`). The loss is computed from the hidden states by `llm_trainer.kernels`, so the
     `(batch, seq_len, vocab)` logits are never built. Logged metrics: `entropy`, `mean_token_accuracy`,
     `num_tokens`.
+
+    Vision-language models (a processor as `processing_class`, or loaded with the model): a dataset with an `image`
+    or `images` column is kept raw and `DataCollatorForVisionLanguageModeling` runs the processor on each batch
+    (images into `pixel_values` & co., padding); rows without images may be mixed in. The loss still goes through
+    the fused head on the language model's hidden states. No packing, padding-free batches or `keep_end`
+    truncation with images, as in TRL.
 
     >>> from llm_trainer import SFTConfig, SFTTrainer
     >>> trainer = SFTTrainer(model="path/to/model", args=SFTConfig("out"), train_dataset=dataset)
@@ -79,6 +87,10 @@ class SFTTrainer(BaseTrainer):
         args = self.args
         return args.padding_free or (args.packing and args.packing_strategy in ("bfd", "bfd_split"))
 
+    _is_vision_dataset = False  # the training set has an image column (set by `check_inputs`)
+    _processor: PreTrainedTokenizerBase | ProcessorMixin | None = None  # the processing class (tokenizer or processor)
+    _model_is_vlm = False  # the policy has a vision tower (set by `configure`)
+
     def set_options(self, args: SFTConfig, formatting_func: Callable[[dict], str] | None = None) -> None:
         self._formatting_func = formatting_func
 
@@ -87,8 +99,9 @@ class SFTTrainer(BaseTrainer):
         super().check_inputs(args, train_dataset=train_dataset)
         formatted = self._formatting_func is not None
         sample = check_sft_dataset(train_dataset, args.dataset_text_field, formatted=formatted)
-        if "image" in sample or "images" in sample:
-            raise ValueError("Vision-language datasets (with 'image' / 'images' columns) are not supported yet.")
+        self._is_vision_dataset = any(column in sample for column in IMAGE_COLUMNS)
+        if self._is_vision_dataset:
+            self._check_vision_options(args, sample, formatted)
         if self.padding_free and data_collator is not None:
             raise ValueError(
                 "A custom `data_collator` cannot be used with padding-free batches (`padding_free` or bfd packing)."
@@ -114,7 +127,7 @@ class SFTTrainer(BaseTrainer):
             raise ValueError(
                 "`compute_loss_func` cannot be combined with `loss_type='dft'`, which sets the loss itself."
             )
-        if (args.dataset_kwargs or {}).get("skip_prepare_dataset", False):
+        if (args.dataset_kwargs or {}).get("skip_prepare_dataset", False) and not self._is_vision_dataset:
             self._check_skipped_preparation({"train": train_dataset, "eval": eval_dataset}, data_collator)
         if compute_loss_func is not None:
             warnings.warn(
@@ -124,23 +137,118 @@ class SFTTrainer(BaseTrainer):
                 stacklevel=4,
             )
 
+    def _check_vision_options(self, args: SFTConfig, sample: dict[str, Any], formatted: bool) -> None:
+        """The options TRL refuses with images (packing, padding-free, `keep_end` truncation), and layouts the vision
+        collator cannot read, refused before anything loads."""
+        column = next(column for column in IMAGE_COLUMNS if column in sample)
+        if args.packing:
+            raise ValueError(
+                f"Packing is not supported for vision datasets (this one has an '{column}' column): image tokens "
+                "cannot be split across packed rows. Set `packing=False` in the SFTConfig."
+            )
+        if args.padding_free:
+            raise ValueError(
+                f"Padding-free training is not supported for vision datasets (this one has an '{column}' column). Set "
+                "`padding_free=False` in the SFTConfig."
+            )
+        if args.max_length is not None and args.truncation_mode == "keep_end":
+            raise ValueError(
+                "truncation_mode='keep_end' is not supported for vision datasets: the image tokens sit at the start of "
+                "the sequence, and cutting them would leave pixel values without their tokens. Use "
+                "truncation_mode='keep_start' (the default) or set max_length=None."
+            )
+        if formatted:
+            raise ValueError(
+                "A `formatting_func` is not applied to vision datasets: their rows reach the collator raw, which "
+                "renders the messages and processes the images per batch. Format the dataset yourself with "
+                "`dataset.map(...)` into 'messages', or 'prompt' and 'completion' columns."
+            )
+        language_modeling = "messages" in sample or args.dataset_text_field in sample
+        if not language_modeling and not ("prompt" in sample and "completion" in sample):
+            raise ValueError(
+                f"The train dataset has columns {sorted(sample)}; with images, SFT reads 'messages', "
+                f"'{args.dataset_text_field}' (see `dataset_text_field`), or 'prompt' and 'completion'. Rename the "
+                "columns (ShareGPT 'conversations': `dataset.map(llm_trainer.data.maybe_convert_to_chatml)`)."
+            )
+        if args.assistant_only_loss and "messages" not in sample:
+            raise ValueError(
+                "`assistant_only_loss=True` with images needs a conversational language modeling dataset (a 'messages' "
+                "column). For prompt-completion rows use `completion_only_loss` instead."
+            )
+        if args.completion_only_loss and language_modeling:
+            raise ValueError(
+                "`completion_only_loss=True` needs prompt-completion rows, but this vision dataset is language "
+                "modeling (no prompt/completion split). Use `assistant_only_loss=True` with 'messages', or set "
+                "`completion_only_loss=None`."
+            )
+        if args.pad_to_multiple_of is not None and not language_modeling:
+            raise ValueError(
+                "`pad_to_multiple_of` is not supported for vision prompt-completion datasets: the processor pads the "
+                "prompts and the completions separately. Leave it unset."
+            )
+
+    def prepare_processing_class(
+        self,
+        model: PreTrainedModel,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None,
+        args: SFTConfig,
+    ) -> PreTrainedTokenizerBase | ProcessorMixin:
+        """As `BaseTrainer.prepare_processing_class`, keeping the result: the vision collator needs the processor."""
+        self._processor = super().prepare_processing_class(model, processing_class, args)
+        return self._processor
+
     def configure_tokenizer(self, model: PreTrainedModel, args: SFTConfig) -> None:
         """Special tokens and `chat_template_path`, then the template that masks assistant turns (see
-        `_assistant_masking_template`)."""
+        `_assistant_masking_template`). With images, the chat template is the processor's."""
         tokenizer = self._tokenizer
         configure_special_tokens(model, tokenizer, args.eos_token, args.pad_token)
+        template_owner = self._processor if self._uses_vision_collator else tokenizer
         if args.chat_template_path is not None:
-            tokenizer.chat_template = read_chat_template(args.chat_template_path)
-        if args.assistant_only_loss and not tokenizer.chat_template:
+            template_owner.chat_template = read_chat_template(args.chat_template_path)
+        if args.assistant_only_loss and not template_owner.chat_template:
             raise ValueError(
-                "`assistant_only_loss=True` needs a chat template; this tokenizer has none. Set `chat_template_path`."
+                f"`assistant_only_loss=True` needs a chat template; this {type(template_owner).__name__} has none. "
+                "Set `chat_template_path`."
             )
-        self.chat_template = self._assistant_masking_template(args, tokenizer)
+        self.chat_template = self._assistant_masking_template(args, template_owner)
+
+    @property
+    def _uses_vision_collator(self) -> bool:
+        """Whether batches are built by `DataCollatorForVisionLanguageModeling`: image data and a processor."""
+        return self._is_vision_dataset and isinstance(self._processor, ProcessorMixin)
+
+    def _check_vision_dataset(self, dataset: Any, name: str, model_is_vlm: bool) -> bool:
+        """`check_vision_dataset` with SFT's columns; True when `dataset` holds images."""
+        return check_vision_dataset(
+            dataset,
+            model_is_vlm=model_is_vlm,
+            message_columns=["messages", self.args.dataset_text_field, "prompt", "completion"],
+            trainer=type(self).__name__,
+            dataset_name=name,
+            image_token=getattr(self._processor, "image_token", None),
+        )
 
     def configure(self, model: PreTrainedModel, args: SFTConfig, train_dataset: Any) -> None:
         """Selective checkpointing, and the loss on completions only for a prompt-completion dataset (TRL's
         default when `completion_only_loss` is None)."""
         self._configure_selective_checkpointing(model, args)
+        self._model_is_vlm = is_vision_model(model)
+        if self._is_vision_dataset:
+            self._check_vision_dataset(train_dataset, "train", self._model_is_vlm)
+            if not isinstance(self._processor, ProcessorMixin):
+                raise ValueError(
+                    f"The train dataset has images, but `processing_class` is a {type(self._processor).__name__}, which "
+                    "cannot process them. Pass the model's processor (`AutoProcessor.from_pretrained(...)`), or leave "
+                    "`processing_class` unset to load it with the model."
+                )
+        # A batch without images leaves the vision tower without gradients, so DDP must look for unused parameters
+        # (as TRL sets it; reentrant checkpointing cannot run with it).
+        if (
+            isinstance(self._processor, ProcessorMixin)
+            and args.ddp_find_unused_parameters is None
+            and not (args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+        ):
+            args.ddp_find_unused_parameters = True
         sample = next(iter(train_dataset))
         self.completion_only_loss = (
             "prompt" in sample and "completion" in sample
@@ -148,7 +256,19 @@ class SFTTrainer(BaseTrainer):
             else args.completion_only_loss
         )
 
-    def default_collator(self, args: SFTConfig) -> DataCollatorForLanguageModeling:
+    def default_collator(
+        self, args: SFTConfig
+    ) -> DataCollatorForLanguageModeling | DataCollatorForVisionLanguageModeling:
+        if self._uses_vision_collator:
+            return DataCollatorForVisionLanguageModeling(
+                processor=self._processor,
+                max_length=args.max_length,
+                completion_only_loss=self.completion_only_loss,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+                dataset_text_field=args.dataset_text_field,
+                assistant_only_loss=args.assistant_only_loss,
+                chat_template=self.chat_template,
+            )
         return DataCollatorForLanguageModeling(
             pad_token_id=self._tokenizer.pad_token_id,
             padding_free=self.padding_free,
@@ -195,7 +315,18 @@ class SFTTrainer(BaseTrainer):
         return template
 
     def prepare_dataset(self, dataset, name: str, args: SFTConfig):
-        """Tokenize, mask, and truncate or pack `dataset`; a raw dataset passed to `evaluate` goes through it too."""
+        """Tokenize, mask, and truncate or pack `dataset`; a raw dataset passed to `evaluate` goes through it too.
+        Vision datasets stay raw (checked only): the collator processes their images per batch."""
+        if name != "train" and self._check_vision_dataset(dataset, name, self._model_is_vlm):
+            if not self._uses_vision_collator:
+                raise ValueError(
+                    f"The {name} dataset has images but the train dataset has none, so batches are built by the "
+                    "text collator, which cannot process them. Drop the image column of the evaluation set "
+                    "(`dataset.remove_columns(...)`), or train on images too."
+                )
+            return dataset
+        if self._uses_vision_collator:
+            return dataset
         if (args.dataset_kwargs or {}).get("skip_prepare_dataset", False):
             return dataset
         packing = args.packing if name == "train" or args.eval_packing is None else args.eval_packing
@@ -242,11 +373,30 @@ class SFTTrainer(BaseTrainer):
                     )
 
     def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None and self._uses_vision_collator:  # raw rows reach the collator
+            self._signature_columns = [
+                "messages",
+                "prompt",
+                "completion",
+                *IMAGE_COLUMNS,
+                self.args.dataset_text_field,
+            ]
         if self._signature_columns is None:
             self._signature_columns = ["input_ids", "labels", "seq_lengths"]
 
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        try:
+            return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        except ValueError as error:
+            if "Image features and image tokens do not match" in str(error) and self.args.max_length is not None:
+                raise ValueError(
+                    f"`max_length={self.args.max_length}` cuts image tokens out of a sequence whose image is kept, so "
+                    "the model finds fewer image tokens than image features. Raise `max_length`, or set it to None."
+                ) from error
+            raise
+
+    def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         if self.compute_loss_func is not None or self.label_smoother is not None:
