@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from typing import Any
+
+import torch
 
 
 @dataclass
@@ -74,8 +77,97 @@ class GenerationResult:
     model_version: int | None = None
 
 
+TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
+"""Per-token fields of a VLM processor's output (aligned with `input_ids`); every other non-text field is per image."""
+
+
+@dataclass
+class VisionInputs:
+    """The processor's image tensors for a batch of prompts, as the vision-language model's forward takes them.
+
+    `num_images[i]` images belong to row `i`. `tensors` are indexed by image or by image patch, rows in order, as the
+    processor returns them (`pixel_values`, Qwen-VL's `image_grid_thw`, LLaVA-Next's `image_sizes`, ...);
+    `token_types` are per token (`mm_token_type_ids`, `token_type_ids`), `[rows, width]` and left-padded like the
+    prompts they describe. `select` re-slices the per-image tensors by row (`split_pixel_values_by_grid`), so a
+    batch can be shuffled and cut into micro-batches with each row keeping its own images.
+    """
+
+    num_images: list[int]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_types: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return len(self.num_images)
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> VisionInputs:
+        """The inputs of `rows` (indices, in that order)."""
+        from ..trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
+
+        index = torch.as_tensor(rows, dtype=torch.long).reshape(-1).tolist()
+        split = split_pixel_values_by_grid({**self.tensors, "num_images": self.num_images})
+        picked: dict[str, Any] = {}
+        for key, value in self.tensors.items():
+            parts = split[key]
+            if isinstance(parts, list):  # one entry per row
+                picked[key] = [parts[i] for i in index]
+            elif value.dim() and value.size(0) == self.rows and sum(self.num_images) != self.rows:
+                picked[key] = value[index]  # already one (padded) entry per row (Idefics)
+            else:
+                picked[key] = self._by_image(key, value, index)
+        tensors = {key: value for key, value in unsplit_pixel_values_by_grid(picked).items() if key != "num_images"}
+        token_types = {key: value[index] for key, value in self.token_types.items()}
+        return VisionInputs([self.num_images[i] for i in index], tensors, token_types)
+
+    def _by_image(self, key: str, value: torch.Tensor, index: list[int]) -> torch.Tensor:
+        """A tensor with one entry per image that `split_pixel_values_by_grid` leaves whole (e.g. `image_sizes`
+        next to Qwen-VL grids), picked by row; anything else cannot be re-sliced."""
+        if not value.dim() or value.size(0) != sum(self.num_images):
+            raise ValueError(
+                f"Cannot split the processor's '{key}' ({tuple(value.shape)}) by row: it has neither one entry per "
+                f"image ({sum(self.num_images)}) nor one per row ({self.rows})."
+            )
+        starts = list(accumulate(self.num_images, initial=0))
+        return torch.cat([value[starts[i] : starts[i + 1]] for i in index]) if index else value[:0]
+
+    def model_kwargs(self, width: int | None = None) -> dict[str, torch.Tensor]:
+        """Keywords for the model's forward or `generate` on these rows: the image tensors (none when the rows hold no
+        image) and the token types cut or right-padded with zeros (text) to `width` columns, the prompt's left padding
+        kept (a sequence of `width` tokens whose prompt is the last `token_types` columns, when `width` is smaller)."""
+        kwargs = dict(self.tensors) if sum(self.num_images) else {}
+        for key, value in self.token_types.items():
+            if width is not None and width < value.size(1):
+                value = value[:, value.size(1) - width :]
+            elif width is not None and width > value.size(1):
+                value = torch.cat([value, value.new_zeros(value.size(0), width - value.size(1))], dim=1)
+            kwargs[key] = value
+        return kwargs
+
+    def to(self, device: torch.device | str) -> VisionInputs:
+        return VisionInputs(
+            list(self.num_images),
+            {key: value.to(device) for key, value in self.tensors.items()},
+            {key: value.to(device) for key, value in self.token_types.items()},
+        )
+
+    def state(self) -> dict[str, Any]:
+        """Plain tensors and lists (what `torch.load(weights_only=True)` reads back), for `from_state`."""
+        return {"num_images": list(self.num_images), "tensors": self.tensors, "token_types": self.token_types}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> VisionInputs:
+        return cls(list(state["num_images"]), dict(state["tensors"]), dict(state["token_types"]))
+
+
 class Generator(ABC):
-    """Generates one completion per prompt with the policy's current weights."""
+    """Generates one completion per prompt with the policy's current weights.
+
+    A back end that generates from images too sets `supports_images` and takes `images` (PIL images per prompt) and
+    `vision` (the processor's tensors for the prompts, `VisionInputs`) as keywords of `generate`; the trainers pass
+    them only for prompts with images, and refuse image datasets before training with a back end that cannot.
+    """
+
+    supports_images: bool = False
 
     @abstractmethod
     def generate(self, prompt_ids: list[list[int]]) -> GenerationResult:

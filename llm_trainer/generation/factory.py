@@ -23,6 +23,20 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def image_token_ids(model, processing_class) -> list[int]:
+    """The ids never to sample with a processor (a vision-language model): its image token, as TRL suppresses it (a
+    sampled one would have no image features)."""
+    from transformers import ProcessorMixin
+
+    if not isinstance(processing_class, ProcessorMixin):
+        return []
+    config = getattr(model, "config", None)
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    return [] if token is None else [int(token)]
+
+
 def make_generator(
     args: Any,
     model,
@@ -55,6 +69,7 @@ def make_generator(
             unwrap=unwrap,
             fast=getattr(args, "fast_generation", True),
             compact_finished=getattr(args, "generation_compact_finished", True),
+            suppress_token_ids=image_token_ids(model, processing_class),
         )
     mode = getattr(args, "vllm_mode", "colocate")
     regex = getattr(args, "vllm_structured_outputs_regex", None)

@@ -18,17 +18,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import gather, set_seed
 from datasets import Dataset, IterableDataset
+from transformers import ProcessorMixin
 from transformers.utils import logging
 
 from ..data.collators import pad
-from ..data.formats import is_conversational
+from ..data.formats import is_conversational, prepare_multimodal_messages
 from ..data.sampling import RepeatSampler, repeat_iterable_dataset
 from ..data.validation import check_text_columns
+from ..data.vision import IMAGE_COLUMNS, row_images
 from ..trainer.utils import shuffle_sequence_dict, split_tensor_dict
-from .base import Generator
+from .base import TOKEN_TYPE_KEYS, Generator, VisionInputs
 from .factory import eos_token_ids
 
 logger = logging.get_logger(__name__)
@@ -105,6 +108,13 @@ class Rollout:
     """1 where the policy wrote the token, 0 where an environment did; None without one."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Further fields of a rollout function's output: reward-function keywords."""
+    prompts: list[Any] | None = None
+    """The prompts as generated from, when they differ from the dataset's: conversations with the row's images in
+    their content (`prepare_multimodal_messages`), which reward functions and logs get, as in TRL."""
+    images: list[list[Any]] | None = None
+    """Each prompt's images (PIL), None when no prompt of the batch has one."""
+    vision: VisionInputs | None = None
+    """The processor's image tensors of the prompts (None without images)."""
 
 
 @dataclass
@@ -124,6 +134,8 @@ class OnlineBatch:
     importance_sampling_ratio: torch.Tensor | None = None
     num_items_in_batch: torch.Tensor | None = None
     """Loss tokens of the whole generation batch, over every process."""
+    vision: VisionInputs | None = None
+    """The prompts' image tensors (vision-language models); `token_types` span the prompt columns."""
 
     @property
     def loss_mask(self) -> torch.Tensor:
@@ -142,15 +154,38 @@ class OnlineBatch:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def select(self, rows: torch.Tensor) -> OnlineBatch:
-        """The batch of `rows` (indices); per-batch scalars (`num_items_in_batch`) are kept as they are."""
+        """The batch of `rows` (indices); per-batch scalars (`num_items_in_batch`) are kept as they are, and each row
+        keeps its own images."""
         size = self.prompt_ids.size(0)
 
-        def pick(value: torch.Tensor | None) -> torch.Tensor | None:
+        def pick(value: Any) -> Any:
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == size:
                 return value[rows]
+            if isinstance(value, VisionInputs):
+                return value.select(rows.cpu() if isinstance(rows, torch.Tensor) else rows)
             return value
 
         return OnlineBatch(**{name: pick(value) for name, value in self.as_dict().items()})
+
+    def model_kwargs(self, rows: slice | None = None) -> dict[str, torch.Tensor]:
+        """The image keywords of the model's forward on `input_ids` (of `rows`): none without images."""
+        if self.vision is None:
+            return {}
+        vision = self.vision
+        if rows is not None:
+            vision = vision.select(range(*rows.indices(vision.rows)))
+        return vision.model_kwargs(self.prompt_ids.size(1) + self.completion_ids.size(1))
+
+    def state(self) -> dict[str, Any]:
+        """The batch as plain tensors (for `torch.save` / `torch.load(weights_only=True)`); `from_state` undoes it."""
+        state = self.as_dict()
+        state["vision"] = self.vision.state() if self.vision is not None else None
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> OnlineBatch:
+        vision = state.get("vision")
+        return cls(**{**state, "vision": VisionInputs.from_state(vision) if vision is not None else None})
 
 
 class GenerationLoop:
@@ -178,6 +213,7 @@ class GenerationLoop:
     ):
         self.generator, self.processing_class, self.geometry = generator, processing_class, geometry
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self.is_vlm = isinstance(processing_class, ProcessorMixin)
         self.device, self.eos_token_ids = device, eos_token_ids
         self.chat_template_kwargs = args.chat_template_kwargs or {}
         self.pad_to_multiple_of, self.seed, self.shuffle = args.pad_to_multiple_of, args.seed, args.shuffle_dataset
@@ -238,9 +274,18 @@ class GenerationLoop:
         return self.buffer is None or self.step % self.geometry.generate_every == 0
 
     def fill(self, batch: OnlineBatch) -> None:
-        """Buffer a generation batch: shuffled and cut into `steps_per_generation` micro-batches."""
-        parts = split_tensor_dict(shuffle_sequence_dict(batch.as_dict()), self.geometry.steps_per_generation)
-        self.buffer = [OnlineBatch(**part) for part in parts]
+        """Buffer a generation batch: shuffled and cut into `steps_per_generation` micro-batches (rows with images
+        take theirs along: the same permutation, drawn the same way)."""
+        steps = self.geometry.steps_per_generation
+        if batch.vision is None:
+            parts = split_tensor_dict(shuffle_sequence_dict(batch.as_dict()), steps)
+            self.buffer = [OnlineBatch(**part) for part in parts]
+            return
+        order = torch.randperm(batch.prompt_ids.size(0))
+        size = order.numel() // steps
+        self.buffer = [
+            batch.select(order[i * size : (i + 1) * size].to(batch.prompt_ids.device)) for i in range(steps)
+        ]
 
     def next_batch(self) -> OnlineBatch:
         """This micro-step's slice of the buffer; advances the clock."""
@@ -263,7 +308,7 @@ class GenerationLoop:
         if self.needs_generation():
             return
         os.makedirs(folder, exist_ok=True)
-        buffer = [batch.as_dict() for batch in self.buffer]
+        buffer = [batch.state() for batch in self.buffer]
         state = {"step": self.step, "num_processes": num_processes, "buffer": buffer}
         torch.save(state, os.path.join(folder, GENERATION_BUFFER_NAME.format(process_index)))
 
@@ -284,7 +329,7 @@ class GenerationLoop:
                 f"generation, not {now[0]} and {now[1]}: sampling a new generation batch instead of resuming from it."
             )
             return
-        self.step, self.buffer = state["step"], [OnlineBatch(**batch) for batch in state["buffer"]]
+        self.step, self.buffer = state["step"], [OnlineBatch.from_state(batch) for batch in state["buffer"]]
 
     # ----------------------------------------------------------------------------------------------- generation
     def sync_weights(self, model: torch.nn.Module, global_step: int) -> None:
@@ -300,21 +345,39 @@ class GenerationLoop:
         rollout_func: RolloutFunc | None = None,
         trainer: Any = None,
     ) -> Rollout:
-        """Completions of `prompts`: from the back end, or from `rollout_func(prompts, trainer[, rows=rows])`."""
+        """Completions of `prompts`: from the back end, or from `rollout_func(prompts, trainer[, rows=rows])`.
+
+        Rows with images (an `image` or `images` column) have them put into their conversation
+        (`prepare_multimodal_messages`); the processor's image tensors go to the back end and into the rollout."""
         extra: dict[str, Any] = {}
+        images = batch_images(rows)
+        given = prompts
+        if images is not None:
+            prompts = [prepare_multimodal_messages(p, images=i) for p, i in zip(prompts, images, strict=True)]
+        vision = None
         if rollout_func is not None:
             output = call_rollout_func(rollout_func, copy.deepcopy(prompts), trainer, rows)
             prompt_ids, completion_ids, logprobs = output["prompt_ids"], output["completion_ids"], output["logprobs"]
             extra = {k: v for k, v in output.items() if k not in ("prompt_ids", "completion_ids", "logprobs")}
+            if images is not None:
+                vision = tokenize_vision_prompts(self.processing_class, prompts, self.chat_template_kwargs)[1]
+        elif images is not None:
+            prompt_ids, vision = tokenize_vision_prompts(self.processing_class, prompts, self.chat_template_kwargs)
+            result = self.generator.generate(prompt_ids, images=images, vision=vision.to(self.device))
+            completion_ids, logprobs = result.completion_ids, result.logprobs
         else:
+            if self.is_vlm and is_conversational({"prompt": prompts[0]}):  # the processor's content-block format
+                prompts = [prepare_multimodal_messages(p) for p in prompts]
             prompt_ids = tokenize_prompts(self.processing_class, prompts, self.chat_template_kwargs)
+            prompts = given
             result = self.generator.generate(prompt_ids)
             completion_ids, logprobs = result.completion_ids, result.logprobs
         texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
         conversational = is_conversational({"prompt": prompts[0]})
         completions = [[{"role": "assistant", "content": text}] for text in texts] if conversational else texts
         env_mask = extra.pop("env_mask", None)
-        return Rollout(prompt_ids, completion_ids, completions, logprobs, env_mask, extra)
+        shown = prompts if prompts is not given else None
+        return Rollout(prompt_ids, completion_ids, completions, logprobs, env_mask, extra, shown, images, vision)
 
     def pad(self, rollout: Rollout) -> OnlineBatch:
         """The rollout as left-padded prompts and right-padded completions (truncated completions masked out of the
@@ -332,7 +395,24 @@ class GenerationLoop:
         if rollout.logprobs is not None:
             rows = [torch.tensor([math.nan if x is None else x for x in row]) for row in rollout.logprobs]
             sampling = self._pad(rows, "right")[0].float()
-        return OnlineBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, tool_mask, sampling)
+        batch = OnlineBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, tool_mask, sampling)
+        if rollout.vision is not None:
+            batch.vision = self._prompt_vision(rollout, prompt_ids.size(1))
+        return batch
+
+    def _prompt_vision(self, rollout: Rollout, width: int) -> VisionInputs:
+        """The rollout's image inputs with their token types left-padded to the padded prompts' `width` (whose
+        tokens they describe: their last columns)."""
+        vision = rollout.vision.to(self.device)
+        token_types = {}
+        for key, value in vision.token_types.items():
+            if value.size(1) > width:
+                raise ValueError(
+                    f"The processor's '{key}' spans {value.size(1)} prompt tokens but the prompts have at most {width}; "
+                    "a `rollout_func` must return the prompt ids the processor makes from the prompts."
+                )
+            token_types[key] = torch.cat([value.new_zeros(value.size(0), width - value.size(1)), value], dim=1)
+        return VisionInputs(vision.num_images, vision.tensors, token_types)
 
     def _pad(self, rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
         values = pad(rows, self.tokenizer.pad_token_id, side, self.pad_to_multiple_of).to(self.device)
@@ -406,11 +486,14 @@ def generation_tokens(model: Any, tokenizer: Any) -> list[int]:
     return eos_token_ids(model, tokenizer)
 
 
-def prompt_columns(train_dataset: Any, eval_dataset: Any, trainer_name: str, has_rollout: bool = False) -> list[str]:
-    """The training dataset's columns, checked: no images, a 'prompt' column (unless a rollout function makes the
-    prompts), and every 'prompt' cell (train and eval) a string or a conversation."""
+def prompt_columns(
+    train_dataset: Any, eval_dataset: Any, trainer_name: str, has_rollout: bool = False, images: bool = False
+) -> list[str]:
+    """The training dataset's columns, checked: no images unless the trainer takes them (`images`; see
+    `check_image_prompts`), a 'prompt' column (unless a rollout function makes the prompts), and every 'prompt' cell
+    (train and eval) a string or a conversation."""
     columns = dataset_columns(train_dataset)
-    if {"image", "images"} & set(columns):
+    if not images and set(IMAGE_COLUMNS) & set(columns):
         raise NotImplementedError(
             f"{trainer_name} does not train vision-language models yet: drop the image column(s) or use TRL."
         )
@@ -440,11 +523,17 @@ def streaming_loader(args: Any, accelerator: Any) -> Iterator[None]:
 
 
 def save_completions_table(
-    table: dict[str, list], args: Any, step: int, num_to_print: int | None, reward_columns: tuple[str, ...] = ()
+    table: dict[str, list],
+    args: Any,
+    step: int,
+    num_to_print: int | None,
+    reward_columns: tuple[str, ...] = (),
+    images: list[list[Any]] | None = None,
 ) -> None:
     """Print a sample of `table` (rich) and save it all to `completions/*.parquet` in `args.output_dir`; also log it
-    to wandb / trackio when those are in `report_to`. `table` needs the columns `step`, `prompt` and `completion`;
-    it may have `advantage`, the `reward_columns` and other (extra) columns."""
+    to wandb / trackio when those are in `report_to`, with each row's `images` (PIL, `log_multimodal`) as an 'image'
+    column there. `table` needs the columns `step`, `prompt` and `completion`; it may have `advantage`, the
+    `reward_columns` and other (extra) columns."""
     import pandas as pd
 
     from ..trainer.utils import print_prompt_completions_sample
@@ -470,11 +559,21 @@ def save_completions_table(
         import wandb
 
         if wandb.run is not None:
-            wandb.log({"completions": wandb.Table(dataframe=frame.astype(str))})
+            wandb.log({"completions": wandb.Table(dataframe=_with_images(frame.astype(str), images, wandb.Image))})
     if "trackio" in report_to:
         import trackio
 
-        trackio.log({"completions": trackio.Table(dataframe=frame.astype(str))})
+        trackio.log({"completions": trackio.Table(dataframe=_with_images(frame.astype(str), images, trackio.Image))})
+
+
+def _with_images(frame: Any, images: list[list[Any]] | None, image_type: Any) -> Any:
+    """`frame` with an 'image' column of each row's images as the tracker's image type (as is without images)."""
+    if images is None:
+        return frame
+    import pandas as pd
+
+    column = pd.Series([[image_type(image) for image in row or []] for row in images], name="image")
+    return pd.concat([frame.reset_index(drop=True), column], axis=1)
 
 
 def call_rollout_func(
@@ -493,6 +592,56 @@ def call_rollout_func(
             f"rollout_func must return keys {sorted(missing)} in its output dict (it returned {sorted(output)})."
         )
     return output
+
+
+def batch_images(rows: list[dict[str, Any]]) -> list[list[Any]] | None:
+    """Each row's images (its `image` or `images` column, decoded), or None when no row of the batch has one (the
+    processor then takes no images, as in TRL)."""
+    if not rows or not set(IMAGE_COLUMNS) & rows[0].keys():
+        return None
+    images = [row_images(row, index) for index, row in enumerate(rows)]
+    return images if any(images) else None
+
+
+def tokenize_vision_prompts(
+    processor: Any, prompts: list[Any], chat_template_kwargs: dict[str, Any]
+) -> tuple[list[list[int]], VisionInputs]:
+    """Token ids of conversational `prompts` whose content holds images (through the processor's chat template with
+    the generation prompt), and the processor's image tensors for them (`VisionInputs`, token types left-padded)."""
+    out = processor.apply_chat_template(
+        conversation=prompts, add_generation_prompt=True, tokenize=True, return_dict=True, **chat_template_kwargs
+    )
+    prompt_ids = [list(ids) for ids in out["input_ids"]]
+    num_images = [
+        sum(part.get("type") == "image" for m in p if isinstance(m["content"], list) for part in m["content"])
+        for p in prompts
+    ]
+    tensors, token_types = {}, {}
+    for key, value in out.items():
+        if key in ("input_ids", "attention_mask"):
+            continue
+        if key in TOKEN_TYPE_KEYS:
+            rows = [torch.as_tensor(list(row), dtype=torch.long) for row in value]
+            token_types[key] = pad(rows, 0, "left")
+        else:
+            tensors[key] = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.array(value))
+    return prompt_ids, VisionInputs(num_images, tensors, token_types)
+
+
+def check_image_prompts(dataset: Any, dataset_name: str = "train") -> None:
+    """Rows with images need conversational prompts (the images go into the conversation): refuse a dataset whose
+    first prompt is plain text, naming the fix."""
+    if not isinstance(dataset, Dataset | IterableDataset) or not set(IMAGE_COLUMNS) & set(dataset_columns(dataset)):
+        return
+    if "prompt" not in dataset_columns(dataset):
+        return
+    first = next(iter(dataset.select_columns(["prompt"]).take(1)), None)
+    if first is not None and not is_conversational(first):
+        raise ValueError(
+            f"Row 0 of the {dataset_name} dataset: its 'prompt' is plain text, but a dataset with images needs "
+            "conversational prompts (a list of messages) for the images to go into. Keep the raw conversations and let "
+            "the trainer apply the chat template, e.g. `{'prompt': [{'role': 'user', 'content': ...}]}`."
+        )
 
 
 def tokenize_prompts(
@@ -540,8 +689,10 @@ def completion_logps(
         ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
         labels = ids.masked_fill(mask == 0, -100)
         labels[:, : ids.size(1) - completion_length] = -100
+        rows = slice(start, start + batch_size) if batch_size < input_ids.size(0) else None
+        images = batch.model_kwargs(rows) if batch.vision is not None else {}
         with autocast():
-            out = model(input_ids=ids, attention_mask=mask, labels=labels, token_logprobs=True)
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, token_logprobs=True, **images)
         logps.append(out.log_probs[:, -completion_length:])
         if entropy:
             entropies.append(out.entropy[:, -completion_length:])

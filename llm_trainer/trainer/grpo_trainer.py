@@ -93,12 +93,14 @@ class GRPOTrainer(BaseTrainer):
         online_rl.check_online_inputs(
             type(self).__name__, args, train_dataset, eval_dataset, self._reward_source, self.rollout_func
         )
+        self._eval_source = eval_dataset  # its images are checked once the model is loaded (`configure`)
 
     def reference_policy(self, model, ref_model, peft_config, args):
         return online_rl.online_reference(model, peft_config, args)
 
     def configure(self, model: PreTrainedModel, args: GRPOConfig, train_dataset: Any) -> None:
         """The reward functions and the rollout's tools, and the settings TRL exposes as attributes."""
+        self._vision_data = online_rl.check_vision_data(type(self).__name__, model, train_dataset, self._eval_source)
         self.tools = list(self.rollout_func.tools) if isinstance(self.rollout_func, ToolRollout) else []
         if self.tools:
             check_tool_template(self._tokenizer)
@@ -135,6 +137,7 @@ class GRPOTrainer(BaseTrainer):
             self.train_dataset = online_rl.placeholder_dataset(self.rollout_func, args)
         self.online = OnlineRL.build(self, self.vllm_importance_sampling_correction)
         self.generation, self._logs = self.online.generation, self.online.logs
+        online_rl.check_image_generation(self, self._vision_data)
         self.eos_token_ids = self.generation.eos_token_ids
 
     # ----------------------------------------------------------------------------------------------- rollouts

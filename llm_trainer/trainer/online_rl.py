@@ -10,13 +10,16 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers.utils import logging
 
+from ..data.vision import check_vision_dataset
 from ..environments.rollout import rollout_and_rewards
 from ..environments.tools import EnvironmentToolRollout, ToolRollout
 from ..generation.loop import (
+    check_image_prompts,
     check_streaming,
     dataset_columns,
     prompt_columns,
 )
+from ..models.vision import is_vision_model
 from .base_trainer import BaseTrainer
 from .reference_policy import ReferencePolicy
 from .reward_functions import RewardFunctions
@@ -94,7 +97,9 @@ def check_online_inputs(
     check_streaming(train_dataset, eval_dataset, args)
     if train_dataset is not None or not isinstance(rollout_func, EnvironmentToolRollout):
         BaseTrainer.check_train_dataset(train_dataset, "a dataset with a 'prompt' column")
-        prompt_columns(train_dataset, eval_dataset, trainer_name, rollout_func is not None)
+        prompt_columns(train_dataset, eval_dataset, trainer_name, rollout_func is not None, images=True)
+        for name, dataset in _named_datasets(train_dataset, eval_dataset):
+            check_image_prompts(dataset, name)
     if args.use_transformers_continuous_batching:
         raise NotImplementedError(
             "`use_transformers_continuous_batching` is not supported yet; generation uses batched `generate` with "
@@ -104,6 +109,51 @@ def check_online_inputs(
         raise ValueError(
             "`sync_ref_model=True` needs a reference model, but `beta=0.0` uses none; set `beta` > 0 or "
             "`sync_ref_model=False`."
+        )
+
+
+def _named_datasets(train_dataset: Any, eval_dataset: Any) -> list[tuple[str, Any]]:
+    evals = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]
+    return [(name, dataset) for name, dataset in [("train", train_dataset), *evals] if dataset is not None]
+
+
+def check_vision_data(trainer_name: str, model: Any, train_dataset: Any, eval_dataset: Any) -> bool:
+    """Whether the prompts come with images, after checking every dataset (`data.vision.check_vision_dataset`: an
+    image column needs a vision-language model, every image decodes, no row asks for more images than it holds)."""
+    vision = False
+    for name, dataset in _named_datasets(train_dataset, eval_dataset):
+        is_vlm = is_vision_model(model)
+        vision |= check_vision_dataset(
+            dataset, model_is_vlm=is_vlm, message_columns=["prompt"], trainer=trainer_name, dataset_name=name
+        )
+    return vision
+
+
+def check_image_generation(trainer: Any, vision_data: bool) -> None:
+    """Prompts with images need a processor (not a bare tokenizer) and a generation back end that takes images:
+    refuse before training, naming the fix."""
+    if not vision_data:
+        return
+    from transformers import ProcessorMixin
+
+    name = type(trainer).__name__
+    if not isinstance(trainer.processing_class, ProcessorMixin):
+        raise ValueError(
+            f"The dataset has images, but {name}'s `processing_class` is a {type(trainer.processing_class).__name__}, "
+            "which cannot read them. Pass the model's processor (`AutoProcessor.from_pretrained(...)`) as "
+            "`processing_class`, or leave it None to load it from the model."
+        )
+    generator = trainer.generation.generator
+    if trainer.rollout_func is None and not getattr(generator, "supports_images", False):
+        hint = ""
+        if getattr(trainer.args, "use_vllm", False) and getattr(trainer.args, "vllm_mode", None) == "server":
+            hint = (
+                " `llm-trainer vllm-serve` generates from text and token ids only; use `vllm_mode='colocate'`, or "
+                "`use_vllm=False` to generate with the policy through transformers."
+            )
+        raise ValueError(
+            f"The dataset has images, but the generation back end {type(generator).__name__} cannot generate from "
+            f"images.{hint or ' Set `use_vllm=False` to generate with the policy through transformers.'}"
         )
 
 

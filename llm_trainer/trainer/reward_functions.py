@@ -40,7 +40,7 @@ from ..generation.loop import (
 from ..losses.policy_gradient import nanstd
 from ..modeling import check_model_path
 from .reference_policy import ReferencePolicy
-from .utils import get_callable_name, is_async_callable
+from .utils import get_callable_name, is_async_callable, strip_images_from_messages
 
 logger = logging.getLogger(__name__)
 
@@ -361,6 +361,7 @@ class OnlineRL:
             "rewards": defaultdict(lambda: deque(maxlen=size)),
             "advantages": deque(maxlen=size),
             "extra": defaultdict(lambda: deque(maxlen=size)),
+            "images": deque(maxlen=size),
         }
         self.pending_extra_logs: defaultdict[str, list] = defaultdict(list)
         self.pending_metrics: defaultdict[str, list[float]] = defaultdict(list)
@@ -396,6 +397,7 @@ class OnlineRL:
             self.generation.sync_weights(policy, state.global_step)  # FSDP1: its wrapper summons the full weights
         prompts = [row["prompt"] for row in rows]
         rollout = self.generation.generate(prompts, rows, self.rollout_func, trainer)
+        prompts = rollout.prompts if rollout.prompts is not None else prompts  # with the rows' images, as TRL's
         rollout, metrics = self._tool_metrics(rollout)
         tokens, length_metrics = self.generation.completion_metrics(rollout)
         batch = self.generation.pad(rollout)
@@ -479,6 +481,8 @@ class OnlineRL:
             metrics[name] = total / count
         self.pending_metrics.clear()
         self._log_samples(scored.prompts, scored.rollout.completions, rewards_per_func, advantages)
+        if scored.rollout.images is not None and getattr(self.args, "log_multimodal", False):
+            self.logs["images"].extend(gather_object(scored.rollout.images))
         return metrics
 
     def _warn_zero_reward_spread(self, step: int) -> None:
@@ -510,10 +514,11 @@ class OnlineRL:
         logs = self.logs
         table = {
             "step": [step] * len(logs["prompt"]),
-            "prompt": list(logs["prompt"]),
+            "prompt": [strip_images_from_messages(prompt) for prompt in logs["prompt"]],
             "completion": list(logs["completion"]),
             **{name: list(values) for name, values in logs["rewards"].items()},
             **{name: list(values) for name, values in logs["extra"].items()},
             "advantage": list(logs["advantages"]),
         }
-        save_completions_table(table, args, step, args.num_completions_to_print, tuple(logs["rewards"]))
+        images = list(logs["images"]) if len(logs["images"]) == len(logs["prompt"]) else None
+        save_completions_table(table, args, step, args.num_completions_to_print, tuple(logs["rewards"]), images)

@@ -58,11 +58,13 @@ class RLOOTrainer(BaseTrainer):
 
     def check_inputs(self, args: RLOOConfig, *, train_dataset: Any, eval_dataset: Any = None, **inputs: Any) -> None:
         online_rl.check_online_inputs("RLOOTrainer", args, train_dataset, eval_dataset, self._reward_source, None)
+        self._eval_source = eval_dataset  # its images are checked once the model is loaded (`configure`)
 
     def reference_policy(self, model, ref_model, peft_config, args):
         return online_rl.online_reference(model, peft_config, args)
 
     def configure(self, model: PreTrainedModel, args: RLOOConfig, train_dataset: Any) -> None:
+        self._vision_data = online_rl.check_vision_data(type(self).__name__, model, train_dataset, self._eval_source)
         configure_streaming(train_dataset, args)
         self.reward_functions = online_rl.online_reward_functions(
             args, self._reward_source, self._reward_processing_source, None, train_dataset
@@ -83,6 +85,7 @@ class RLOOTrainer(BaseTrainer):
         packed_rl.check_trainer(self)
         self.online = OnlineRL.build(self, needs_old_logps=True)
         self.generation, self._logs = self.online.generation, self.online.logs
+        online_rl.check_image_generation(self, self._vision_data)
         self.eos_token_ids = self.generation.eos_token_ids
 
     # ----------------------------------------------------------------------------------------------- rollouts

@@ -1,0 +1,297 @@
+"""GRPO and RLOO on vision-language models: training on image prompts (Qwen2-VL and LLaVA stand-ins), the images
+reaching the reward functions, multi-image rows and rows without images, the per-image tensors following their rows
+through shuffles and micro-batches, the fused log-prob head, LoRA, a frozen vision tower, and the errors raised
+before training."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+from llm_trainer import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+from llm_trainer.generation.base import GenerationResult, Generator, VisionInputs
+from llm_trainer.generation.loop import OnlineBatch, completion_logps, tokenize_vision_prompts
+from llm_trainer.testing import get_tiny_vlm_processor, make_images, make_tiny_vlm, zen_dataset, zen_image_dataset
+
+FAMILIES = ["qwen2_vl", "llava"]
+
+
+@pytest.fixture(scope="module")
+def vlm_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlms")
+    return {family: make_tiny_vlm(family, root / family) for family in FAMILIES}
+
+
+def _config(config_class, tmp_path, **overrides):
+    values = {
+        "output_dir": str(tmp_path),
+        "report_to": "none",
+        "max_steps": 1,
+        "per_device_train_batch_size": 4,
+        "num_generations": 2,
+        "max_completion_length": 4,
+        "learning_rate": 1e-1,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "bf16": False,
+        "disable_tqdm": True,
+        "dataloader_pin_memory": False,
+        "seed": 3,
+        **overrides,
+    }
+    return config_class(**values)
+
+
+class ImageSpy:
+    """A reward function that records the image keywords it gets and scores by completion length."""
+
+    __name__ = "image_spy"
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def __call__(self, prompts, completions, **kwargs):
+        self.calls.append({"prompts": prompts, **{k: kwargs[k] for k in ("image", "images") if k in kwargs}})
+        return [len(c[0]["content"]) / 10 for c in completions]
+
+
+def _changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("trainer_name", ["GRPO", "RLOO"])
+def test_trains_on_image_prompts_and_rewards_see_the_images(trainer_name, family, vlm_paths, tmp_path):
+    trainer_class, config_class = {"GRPO": (GRPOTrainer, GRPOConfig), "RLOO": (RLOOTrainer, RLOOConfig)}[trainer_name]
+    spy = ImageSpy()
+    dataset = zen_image_dataset("conversational_prompt_only")
+    trainer = trainer_class(
+        model=vlm_paths[family],
+        reward_funcs=[spy],
+        args=_config(config_class, tmp_path, beta=0.04),
+        train_dataset=dataset,
+    )
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = _changed(before, trainer.model)
+    assert any("language_model" in name or "lm_head" in name for name in changed)
+    assert any(part in name for name in changed for part in ("visual", "vision_tower", "multi_modal_projector"))
+    call = spy.calls[0]
+    assert len(call["image"]) == 4 and all(hasattr(image, "size") for image in call["image"])
+    # the prompts the reward functions get carry the row's image in their content, as TRL's do
+    first = call["prompts"][0][0]["content"]
+    assert [part["type"] for part in first] == ["image", "text"] and first[0]["image"].size == call["image"][0].size
+    logged = trainer.state.log_history[0]
+    assert {"kl", "entropy", "reward"} <= logged.keys() and torch.isfinite(torch.tensor(logged["loss"]))
+
+
+def test_multi_image_rows_and_rows_without_images(vlm_paths, tmp_path):
+    spy = ImageSpy()
+    rows = zen_image_dataset("conversational_prompt_only", images_per_row=2).to_list()[:4]
+    for row in rows[1::2]:
+        row["images"] = []  # rows without images, in the same generation batch as rows with two
+    trainer = GRPOTrainer(
+        model=vlm_paths["qwen2_vl"],
+        reward_funcs=[spy],
+        args=_config(GRPOConfig, tmp_path, gradient_accumulation_steps=2),  # 8 completions: every row, twice
+        train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(rows),
+    )
+    trainer.train()
+    assert sorted(len(images) for images in spy.calls[0]["images"]) == [0] * 4 + [2] * 4
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+    metrics = trainer.evaluate()
+    assert "eval_reward" in metrics and len(spy.calls) > 1
+
+
+def _qwen_inputs(vlm_paths, rows: int = 6):
+    from llm_trainer.data.formats import prepare_multimodal_messages
+
+    processor = get_tiny_vlm_processor(vlm_paths["qwen2_vl"])
+    images = make_images(2 * rows, seed=4)
+    counts = [i % 3 for i in range(rows)]  # 0, 1 or 2 images a row
+    prompts, used = [], 0
+    for count in counts:
+        prompts.append(prepare_multimodal_messages([{"role": "user", "content": "hi"}], images[used : used + count]))
+        used += count
+    return tokenize_vision_prompts(processor, prompts, {})
+
+
+def test_split_and_rejoin_keep_each_rows_images(vlm_paths):
+    prompt_ids, vision = _qwen_inputs(vlm_paths)
+    assert vision.num_images == [0, 1, 2, 0, 1, 2]
+    assert vision.tensors["pixel_values"].size(0) == vision.tensors["image_grid_thw"].prod(-1).sum()
+    order = torch.tensor([4, 0, 5, 2, 1, 3])
+    shuffled = vision.select(order)
+    assert shuffled.num_images == [vision.num_images[i] for i in order]
+    for position, row in enumerate(order.tolist()):  # each row, alone, has the same tensors before and after
+        a, b = vision.select([row]), shuffled.select([position])
+        assert a.tensors.keys() == b.tensors.keys()
+        for key in a.tensors:
+            assert torch.equal(a.tensors[key], b.tensors[key])
+        for key in a.token_types:
+            assert torch.equal(a.token_types[key], b.token_types[key])
+    back = shuffled.select(torch.argsort(order))
+    for key, value in vision.tensors.items():
+        assert torch.equal(back.tensors[key], value)
+    # a micro-batch without images passes no image tensors to the model, only the (text) token types
+    empty = vision.select([0, 3]).model_kwargs(width=vision.token_types["mm_token_type_ids"].size(1) + 5)
+    assert "pixel_values" not in empty and empty["mm_token_type_ids"].abs().sum() == 0
+
+
+def test_llava_one_row_per_image_split(vlm_paths):
+    from llm_trainer.data.formats import prepare_multimodal_messages
+
+    processor = get_tiny_vlm_processor(vlm_paths["llava"])
+    images = make_images(3, seed=1)
+    prompts = [prepare_multimodal_messages([{"role": "user", "content": "hi"}], [image]) for image in images]
+    _, vision = tokenize_vision_prompts(processor, prompts, {})
+    assert vision.tensors["pixel_values"].size(0) == 3
+    picked = vision.select([2, 0])
+    assert torch.equal(picked.tensors["pixel_values"], vision.tensors["pixel_values"][[2, 0]])
+
+
+def test_buffered_batch_with_images_survives_a_checkpoint(vlm_paths, tmp_path):
+    prompt_ids, vision = _qwen_inputs(vlm_paths, rows=3)
+    width = max(len(ids) for ids in prompt_ids)
+    batch = OnlineBatch(
+        torch.zeros(3, width, dtype=torch.long),
+        torch.ones(3, width, dtype=torch.long),
+        torch.zeros(3, 2, dtype=torch.long),
+        torch.ones(3, 2, dtype=torch.long),
+        vision=vision,
+    )
+    path = os.path.join(tmp_path, "buffer.pt")
+    torch.save(batch.state(), path)
+    loaded = OnlineBatch.from_state(torch.load(path, weights_only=True))
+    assert loaded.vision.num_images == vision.num_images
+    for key, value in vision.tensors.items():
+        assert torch.equal(loaded.vision.tensors[key], value)
+
+
+def test_log_probs_use_the_fused_head_on_the_language_model(vlm_paths, monkeypatch):
+    """The completion log-probs of a VLM come from its backbone and the fused head: the class forward (which builds
+    batch x length x vocab logits) is never called, and the values match log-softmax of the full logits."""
+    from transformers import AutoModelForImageTextToText
+
+    from llm_trainer.modeling import add_token_logprob_head
+
+    model = AutoModelForImageTextToText.from_pretrained(vlm_paths["qwen2_vl"]).eval()
+    prompt_ids, vision = _qwen_inputs(vlm_paths, rows=3)
+    width = max(len(ids) for ids in prompt_ids)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for row, prompt in enumerate(prompt_ids):
+        ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = torch.tensor(prompt), 1
+    completion = torch.randint(10, 100, (3, 4))
+    batch = OnlineBatch(ids, mask, completion, torch.ones(3, 4, dtype=torch.long), vision=vision)
+    with torch.no_grad():
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.model_kwargs()).logits
+    expected = torch.log_softmax(full[:, width - 1 : -1].float(), -1).gather(-1, completion[..., None])[..., 0]
+    add_token_logprob_head(model, outputs=("entropy",))
+    cls = type(model)
+    monkeypatch.setattr(cls, "forward", lambda *a, **k: pytest.fail("the full-logits forward ran"))
+    with torch.no_grad():
+        logps, entropies, _ = completion_logps(model, batch, batch_size=2, entropy=True)
+    torch.testing.assert_close(logps, expected, rtol=1e-4, atol=1e-5)  # float32 log-softmax of O(10) logits
+    assert entropies.shape == (3, 4)
+
+
+def test_lora_and_frozen_vision_tower(vlm_paths, tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(
+        model=vlm_paths["qwen2_vl"],
+        reward_funcs=[ImageSpy()],
+        args=_config(GRPOConfig, tmp_path, beta=0.04),
+        train_dataset=zen_image_dataset("conversational_prompt_only"),
+        peft_config=lora,
+    )
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = _changed(before, trainer.model)
+    assert changed and all("lora_" in name for name in changed)
+    assert "kl" in trainer.state.log_history[0]
+
+    frozen = GRPOTrainer(
+        model=vlm_paths["llava"],
+        reward_funcs=[ImageSpy()],
+        args=_config(GRPOConfig, tmp_path / "frozen", freeze_vision_tower=True),
+        train_dataset=zen_image_dataset("conversational_prompt_only"),
+    )
+    before = {name: p.detach().clone() for name, p in frozen.model.named_parameters()}
+    frozen.train()
+    changed = _changed(before, frozen.model)
+    assert changed and not any("vision_tower" in n or "multi_modal_projector" in n for n in changed)
+
+
+class TextOnlyGenerator(Generator):
+    def generate(self, prompt_ids):
+        return GenerationResult([[1] for _ in prompt_ids])
+
+
+def test_a_back_end_without_images_is_refused_before_training(vlm_paths, tmp_path, monkeypatch):
+    import llm_trainer.generation as generation
+
+    monkeypatch.setattr(generation, "make_generator", lambda *args, **kwargs: TextOnlyGenerator())
+    with pytest.raises(ValueError, match="cannot generate from images"):
+        GRPOTrainer(
+            model=vlm_paths["qwen2_vl"],
+            reward_funcs=[ImageSpy()],
+            args=_config(GRPOConfig, tmp_path),
+            train_dataset=zen_image_dataset("conversational_prompt_only"),
+        )
+
+
+def test_vllm_server_back_end_is_text_only():
+    from llm_trainer.generation.remote import VLLMServerGenerator
+    from llm_trainer.generation.transformers_backend import TransformersGenerator
+
+    assert not VLLMServerGenerator.supports_images and TransformersGenerator.supports_images
+
+
+def test_bad_image_inputs_are_refused_naming_the_fix(vlm_paths, tiny_model_path, tmp_path):
+    images = zen_image_dataset("conversational_prompt_only")
+    with pytest.raises(ValueError, match="not a vision-language model"):
+        RLOOTrainer(
+            model=tiny_model_path, reward_funcs=[ImageSpy()], args=_config(RLOOConfig, tmp_path), train_dataset=images
+        )
+    plain = zen_dataset("standard_prompt_only").to_list()[: len(images)]
+    for row, image in zip(plain, images["image"]):
+        row["image"] = image
+    with pytest.raises(ValueError, match="Row 0 .*conversational prompts"):
+        GRPOTrainer(
+            model=vlm_paths["llava"],
+            reward_funcs=[ImageSpy()],
+            args=_config(GRPOConfig, tmp_path),
+            train_dataset=Dataset.from_list(plain),
+        )
+    tokenizer = get_tiny_vlm_processor(vlm_paths["llava"]).tokenizer
+    with pytest.raises(ValueError, match="processing_class"):
+        GRPOTrainer(
+            model=vlm_paths["llava"],
+            reward_funcs=[ImageSpy()],
+            args=_config(GRPOConfig, tmp_path),
+            train_dataset=images,
+            processing_class=tokenizer,
+        )
+
+
+def test_packed_forward_is_refused_for_a_vlm(vlm_paths, tmp_path):
+    with pytest.raises(ValueError, match="multimodal"):
+        GRPOTrainer(
+            model=vlm_paths["qwen2_vl"],
+            reward_funcs=[ImageSpy()],
+            args=_config(GRPOConfig, tmp_path, packed_forward=True),
+            train_dataset=zen_image_dataset("conversational_prompt_only"),
+        )
+
+
+def test_vision_inputs_refuse_a_tensor_they_cannot_split():
+    vision = VisionInputs([1, 1], {"pixel_values": torch.zeros(2, 3), "odd": torch.zeros(5)})
+    with pytest.raises(ValueError, match="'odd'"):
+        vision.select([1])
