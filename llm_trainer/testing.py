@@ -283,6 +283,7 @@ VLMFamily = Literal[
     "qwen2_vl",
     "qwen2_5_vl",
     "qwen3_vl",
+    "qwen3_5",
     "llava",
     "llava_next",
     "idefics2",
@@ -581,6 +582,42 @@ def _build_llava(tokenizer):
     return LlavaForConditionalGeneration(config), processor
 
 
+def _build_qwen3_5(tokenizer):
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from .models.vision import ImagesOnlyQwen3VLProcessor
+
+    tokens = _qwen_vl_tokens(tokenizer)  # Qwen3.5 uses Qwen3-VL's processor
+    processor = ImagesOnlyQwen3VLProcessor(
+        image_processor=_qwen_vl_image_processor(16), tokenizer=tokenizer, chat_template=_QWEN_VL_TEMPLATE
+    )
+    # One gated-delta-net (linear attention) layer, then one full-attention layer.
+    text = _tiny_text_config(
+        tokenizer,
+        head_dim=8,
+        layer_types=["linear_attention", "full_attention"],
+        linear_conv_kernel_dim=2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+    )
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 4,
+        "out_hidden_size": 32,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 64,
+    }
+    config = Qwen3_5Config(text_config=text, vision_config=vision, **tokens)
+    return Qwen3_5ForConditionalGeneration(config), processor
+
+
 def _clip_vision(image_size: int = 32, patch_size: int = 8) -> dict:
     """A 2-layer CLIP vision tower, hidden size 32."""
     return {
@@ -816,6 +853,7 @@ _VLM_BUILDERS = {
     "qwen2_vl": _build_qwen2_vl,
     "qwen2_5_vl": _build_qwen2_5_vl,
     "qwen3_vl": _build_qwen3_vl,
+    "qwen3_5": _build_qwen3_5,
     "llava": _build_llava,
     "llava_next": _build_llava_next,
     "idefics2": _build_idefics2,

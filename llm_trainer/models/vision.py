@@ -25,8 +25,17 @@ from transformers.utils import is_num2words_available, is_torchvision_available
 
 # Submodules (by attribute name) that hold a VLM's vision encoder or its multimodal projector, across families:
 # Qwen-VL `visual`; LLaVA / LLaVA-Next / Gemma 3 / PaliGemma `vision_tower` + `multi_modal_projector` (LLaVA-Next's
-# learned `image_newline` too); Idefics2 / Idefics3 / SmolVLM `vision_model` + `connector`; others `mm_projector`.
-VISION_PARTS = ("visual", "vision_tower", "vision_model", "multi_modal_projector", "connector", "mm_projector")
+# learned `image_newline` too); Idefics2 / Idefics3 / SmolVLM `vision_model` + `connector`; Gemma 4 `vision_tower` +
+# `embed_vision`; others `mm_projector`.
+VISION_PARTS = (
+    "visual",
+    "vision_tower",
+    "vision_model",
+    "multi_modal_projector",
+    "connector",
+    "mm_projector",
+    "embed_vision",
+)
 VISION_PARAMETERS = ("image_newline",)
 
 # Attribute names of the decoder inside a VLM, tried in order on the model and on its `.model`.

@@ -53,6 +53,14 @@ def _conversation(images: int, answer: str = "A cat.") -> list[dict]:
     ]
 
 
+def test_every_builder_is_a_named_family():
+    from llm_trainer.testing import _VLM_BUILDERS
+
+    assert sorted(_VLM_BUILDERS) == sorted(FAMILIES)
+    with pytest.raises(ValueError, match="Unknown VLM family 'nope'"):
+        make_tiny_vlm("nope")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_loads_offline_and_runs_forward_and_generate(family, vlm_path):
     path = vlm_path(family)
