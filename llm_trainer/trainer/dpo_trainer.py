@@ -123,6 +123,8 @@ class DPOTrainer(BaseTrainer):
         where = "DPOConfig.padding_free" if args.padding_free else "DPOConfig.packed_forward"
         self._packed = packed_attention.prepare((model, self.reference.model), setting, where)
         self._is_vlm = is_vision_model(model)
+        if self._vision_dataset and not self._is_vlm:  # the text-only model's error before the processor's
+            check_vision_dataset(train_dataset, model_is_vlm=False, message_columns=[], trainer="DPOTrainer")
 
     _vision_dataset = False
     """Whether the training rows hold images (`image` / `images`): raw rows, collated by the processor."""

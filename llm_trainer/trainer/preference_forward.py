@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput
 
 from ..data.preference_vision import IMAGE_INPUTS_KEY, ImageInputs
 from ..losses import dpo_sequence_logps, sequence_logps
@@ -71,16 +71,35 @@ class PairedLogps(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------------------- images
+_PER_IMAGE_FIELDS = ("pooler_output",)
+"""Fields of a vision encoder's output (`get_image_features`) that hold one feature tensor per image."""
+_PER_LAYER_FIELDS = ("deepstack_features",)
+"""Fields that hold, per encoder layer, one feature tensor per image (Qwen3-VL's deepstack features)."""
+
+
+def _map_per_image(output: ModelOutput, function: Callable[[tuple[torch.Tensor, ...]], tuple]) -> ModelOutput:
+    """`output` with only its per-image fields, each per-image sequence passed through `function`."""
+    fields: dict[str, Any] = {}
+    for name in _PER_IMAGE_FIELDS:
+        if output.get(name) is not None:
+            fields[name] = function(tuple(output[name]))
+    for name in _PER_LAYER_FIELDS:
+        if output.get(name) is not None:
+            fields[name] = [function(tuple(layer)) for layer in output[name]]
+    return type(output)(**fields)
+
+
 @dataclass(frozen=True)
 class ImageFeatures:
     """A batch's images as model keywords, for `rows` rows of text.
 
-    `encoded` holds the vision encoder's per-image features (its `pooler_output`), computed once; `tensors` then holds
-    the per-image tensors the forward still reads (Qwen-VL's `image_grid_thw`, for its positions). `encoded` is None
-    where the model cannot take encoded images (or `encode_images(once=False)`): `tensors` are the pixel tensors.
+    `encoded` is the vision encoder's output (its per-image features: `pooler_output`, and Qwen3-VL's deepstack
+    features), computed once; `tensors` then holds the per-image tensors the forward still reads (Qwen-VL's
+    `image_grid_thw`, for its positions). `encoded` is None where the model cannot take encoded images (or
+    `encode_images(once=False)`): `tensors` are then the pixel tensors.
     """
 
-    encoded: tuple[torch.Tensor, ...] | None
+    encoded: ModelOutput | None
     tensors: dict[str, torch.Tensor]
     rows: int
 
@@ -88,13 +107,15 @@ class ImageFeatures:
         """The features of `copies * rows` rows: every block of `rows` rows reads the same images."""
         if copies == 1:
             return self
-        encoded = None if self.encoded is None else tuple(self.encoded) * copies
+        encoded = None if self.encoded is None else _map_per_image(self.encoded, lambda images: images * copies)
         tensors = {key: torch.cat([value] * copies, dim=0) for key, value in self.tensors.items()}
         return ImageFeatures(encoded, tensors, self.rows * copies)
 
     def detach(self) -> ImageFeatures:
         """The same features cut from the graph (for a no-grad pass that reuses a gradient pass's encoding)."""
-        encoded = None if self.encoded is None else tuple(feature.detach() for feature in self.encoded)
+        if self.encoded is None:
+            return self
+        encoded = _map_per_image(self.encoded, lambda images: tuple(image.detach() for image in images))
         return ImageFeatures(encoded, self.tensors, self.rows)
 
     def for_rows(self, rows: int) -> ImageFeatures:
@@ -106,7 +127,7 @@ class ImageFeatures:
     def model_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(self.tensors)
         if self.encoded is not None:
-            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=self.encoded)}
+            kwargs["mm_encoder_outputs"] = {"image": self.encoded}
         return kwargs
 
 
@@ -144,7 +165,7 @@ def encode_images(model: torch.nn.Module, images: ImageInputs, *, once: bool = T
     metadata = {
         key: value for key, value in tensors.items() if key in forward_keywords and not key.startswith("pixel_")
     }
-    return ImageFeatures(tuple(output.pooler_output), metadata, images.rows)
+    return ImageFeatures(_map_per_image(output, tuple), metadata, images.rows)
 
 
 def forward_inputs(

@@ -28,6 +28,8 @@ from ..data.unpaired import (
     VisionUnpairedCollator,
     prepare_unpaired_dataset,
 )
+from ..data.validation import refuse_image_columns
+from ..data.vision import check_vision_dataset
 from ..losses import unpaired_metrics
 from ..modeling import completion_labels
 from ..models import packed_attention
@@ -77,12 +79,9 @@ class UnpairedPreferenceTrainer(BaseTrainer):
     # ----------------------------------------------------------------------------------------------- setup
     def check_inputs(self, args: Any, *, train_dataset: Any, **inputs: Any) -> None:
         super().check_inputs(args, train_dataset=train_dataset)
+        if not self.supports_vision:
+            refuse_image_columns(train_dataset, type(self).__name__)
         self._vision_dataset = is_vision_dataset_row(next(iter(train_dataset), {}))
-        if self._vision_dataset and not self.supports_vision:
-            raise ValueError(
-                f"{type(self).__name__} does not train on vision-language data, and the training dataset has an "
-                "'image' / 'images' column. Use KTOTrainer, or drop the image columns to train on the text alone."
-            )
 
     def prepare_processing_class(self, model: PreTrainedModel, processing_class: Any, args: Any) -> Any:
         self._processor = BaseTrainer.prepare_processing_class(model, processing_class, args)
@@ -107,6 +106,8 @@ class UnpairedPreferenceTrainer(BaseTrainer):
             (model, self.reference.model), getattr(args, "packed_forward", None), where
         )
         self._is_vlm = is_vision_model(model)
+        if self._vision_dataset and not self._is_vlm:  # the text-only model's error before the processor's
+            check_vision_dataset(train_dataset, model_is_vlm=False, message_columns=[], trainer=type(self).__name__)
 
     _packed = False
     """Whether the forwards run on packed rows (`packed_forward`)."""
