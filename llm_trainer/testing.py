@@ -290,6 +290,7 @@ VLMFamily = Literal[
     "idefics3",
     "smolvlm",
     "gemma3",
+    "gemma4",
     "paligemma",
 ]
 
@@ -821,6 +822,63 @@ def _build_gemma3(tokenizer):
     return Gemma3ForConditionalGeneration(config), processor
 
 
+def _build_gemma4(tokenizer):
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil
+
+    from .models.vision import ImagesOnlyGemma4Processor
+
+    _add_tokens(
+        tokenizer,
+        ["<start_of_turn>", "<|video|>"],
+        eos="<end_of_turn>",
+        bos="<bos>",
+        boi_token="<start_of_image>",
+        image_token="<image_soft_token>",
+        eoi_token="<end_of_image>",
+        audio_token="<audio_soft_token>",  # Gemma4Processor checks the audio tokens exist even without audio
+        boa_token="<start_of_audio>",
+        eoa_token="<end_of_audio>",
+    )
+    # Images resized to 630 4-pixel patches, pooled 3x3: 70 image tokens an image (Gemma 4's smallest budget).
+    processor = ImagesOnlyGemma4Processor(
+        image_processor=Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3),
+        tokenizer=tokenizer,
+        image_seq_length=70,
+        chat_template=_GEMMA3_TEMPLATE.replace("'<start_of_image>'", "'<image_soft_token>'"),
+    )
+    # A sliding and a global layer (both head dim 8), per-layer input embeddings of width 8, no audio tower.
+    text = _gemma_text_config(
+        tokenizer,
+        global_head_dim=8,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+        vocab_size_per_layer_input=len(tokenizer),
+        hidden_size_per_layer_input=8,
+    )
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "head_dim": 8,
+        "patch_size": 4,
+        "pooling_kernel_size": 3,
+        "position_embedding_size": 64,
+    }
+    config = Gemma4Config(
+        text_config=text,
+        vision_config=vision,
+        audio_config=None,
+        boi_token_id=tokenizer.boi_token_id,
+        eoi_token_id=tokenizer.eoi_token_id,
+        image_token_id=tokenizer.image_token_id,
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
+        tie_word_embeddings=True,
+    )
+    return Gemma4ForConditionalGeneration(config), processor
+
+
 def _build_paligemma(tokenizer):
     from transformers import (
         PaliGemmaConfig,
@@ -860,6 +918,7 @@ _VLM_BUILDERS = {
     "idefics3": _build_idefics3,
     "smolvlm": _build_smolvlm,
     "gemma3": _build_gemma3,
+    "gemma4": _build_gemma4,
     "paligemma": _build_paligemma,
 }
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, ProcessorMixin
+from transformers.models.gemma4 import Gemma4Processor
 from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl import Qwen2VLProcessor
 from transformers.models.qwen3_vl import Qwen3VLProcessor
@@ -179,6 +180,44 @@ class ImagesOnlySmolVLMProcessor(SmolVLMProcessor):
         return output
 
 
+class ImagesOnlyGemma4Processor(Gemma4Processor):
+    """`Gemma4Processor` without its video processor (torchvision) and audio feature extractor."""
+
+    family_class = Gemma4Processor
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        image_seq_length: int = 280,
+        audio_seq_length: int = 750,
+        audio_ms_per_token: int = 40,
+        **kwargs,
+    ):
+        # The image and special-token state Gemma4Processor.__init__ sets up; the video token must already be in the
+        # tokenizer (the family's processor adds it when built).
+        self.image_seq_length = image_seq_length
+        self.image_token_id = tokenizer.image_token_id
+        self.boi_token, self.eoi_token, self.image_token = (
+            tokenizer.boi_token,
+            tokenizer.eoi_token,
+            tokenizer.image_token,
+        )
+        self.video_token = "<|video|>"
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        self.audio_seq_length, self.audio_ms_per_token = audio_seq_length, audio_ms_per_token
+        for name in ("audio_token", "audio_token_id", "boa_token", "eoa_token"):
+            setattr(self, name, getattr(tokenizer, name, None))
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.feature_extractor = self.video_processor = None
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["processor_class"] = self.family_class.__name__
+        return output
+
+
 IMAGES_ONLY_PROCESSORS: dict[str, type[ProcessorMixin]] = {
     cls.family_class.__name__: cls
     for cls in (
@@ -186,6 +225,7 @@ IMAGES_ONLY_PROCESSORS: dict[str, type[ProcessorMixin]] = {
         ImagesOnlyQwen2_5_VLProcessor,
         ImagesOnlyQwen3VLProcessor,
         ImagesOnlySmolVLMProcessor,
+        ImagesOnlyGemma4Processor,
     )
 }
 

@@ -137,7 +137,7 @@ def test_is_vision_model_on_models_configs_and_wrappers(vlm_path, tiny_model_pat
     assert is_vision_model(torch.nn.DataParallel(vlm))
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "llava_next", "idefics3", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "llava_next", "idefics3", "gemma3", "gemma4"])
 def test_freeze_vision_tower_freezes_encoder_and_projector_only(family, vlm_path):
     model = AutoModelForImageTextToText.from_pretrained(vlm_path(family))
     inner = model.model
