@@ -629,19 +629,34 @@ def tokenize_vision_prompts(
 
 
 def check_image_prompts(dataset: Any, dataset_name: str = "train") -> None:
-    """Rows with images need conversational prompts (the images go into the conversation): refuse a dataset whose
-    first prompt is plain text, naming the fix."""
-    if not isinstance(dataset, Dataset | IterableDataset) or not set(IMAGE_COLUMNS) & set(dataset_columns(dataset)):
+    """Rows with images need conversational prompts (the images go into the conversation): refuse a dataset with
+    images whose prompts are plain text, naming the fix. (A stream is judged by its first row.)"""
+    columns = dataset_columns(dataset) if isinstance(dataset, Dataset | IterableDataset) else []
+    column = next((name for name in IMAGE_COLUMNS if name in columns), None)
+    if column is None or "prompt" not in columns:
         return
-    if "prompt" not in dataset_columns(dataset):
+    first = next(iter(dataset.select_columns(["prompt", column]).take(1)), None)
+    if first is None or is_conversational(first) or not _holds_images(dataset, column, first):
         return
-    first = next(iter(dataset.select_columns(["prompt"]).take(1)), None)
-    if first is not None and not is_conversational(first):
-        raise ValueError(
-            f"Row 0 of the {dataset_name} dataset: its 'prompt' is plain text, but a dataset with images needs "
-            "conversational prompts (a list of messages) for the images to go into. Keep the raw conversations and let "
-            "the trainer apply the chat template, e.g. `{'prompt': [{'role': 'user', 'content': ...}]}`."
-        )
+    raise ValueError(
+        f"The {dataset_name} dataset has images (column '{column}') but plain-text prompts (row 0): the images go "
+        "into the conversation, so its 'prompt' column must hold conversational prompts (lists of messages). Keep "
+        "the raw conversations and let the trainer apply the chat template, e.g. "
+        "`{'prompt': [{'role': 'user', 'content': ...}]}`."
+    )
+
+
+def _holds_images(dataset: Dataset | IterableDataset, column: str, first: dict[str, Any]) -> bool:
+    """Whether any row's `column` holds an image (read from the Arrow column, without decoding; a stream: its first
+    row)."""
+    if not isinstance(dataset, Dataset):
+        return bool(first[column])
+    import pyarrow.compute as pc
+
+    values = dataset.with_format("arrow")[column]
+    if column == "image":
+        return values.null_count < len(values)
+    return bool(pc.sum(pc.list_value_length(values)).as_py())
 
 
 def tokenize_prompts(

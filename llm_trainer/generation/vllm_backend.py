@@ -4,6 +4,7 @@ only when used."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -64,12 +65,23 @@ def load_vllm(model: str, **engine_args):
 
 
 def generate_runs(
-    llm, prompts: list[list[int]], counts: list[int], sampling: SamplingConfig, stop_ids: list[int], regex: str | None
+    llm,
+    prompts: list[list[int]],
+    counts: list[int],
+    sampling: SamplingConfig,
+    stop_ids: list[int],
+    regex: str | None,
+    images: list[list[Any]] | None = None,
 ) -> GenerationResult:
-    """`counts[i]` completions of each prompt `prompts[i]` (token ids) from the engine `llm`, one request per prompt,
-    flattened in request order; `stop_ids` and the structured-output `regex` apply to every request."""
+    """`counts[i]` completions of each prompt `prompts[i]` (token ids, with `images[i]` as its multimodal data when
+    given) from the engine `llm`, one request per prompt, flattened in request order; `stop_ids` and the
+    structured-output `regex` apply to every request."""
     params = [vllm_sampling_params(sampling, c, stop_ids, regex) for c in counts]
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling_params=params, use_tqdm=False)
+    requests: list[dict[str, Any]] = [{"prompt_token_ids": ids} for ids in prompts]
+    for request, pictures in zip(requests, images or [], strict=False):
+        if pictures:  # vLLM takes a single image as is, several as a list (TRL's colocate request)
+            request["multi_modal_data"] = {"image": pictures if len(pictures) > 1 else pictures[0]}
+    outputs = llm.generate(requests, sampling_params=params, use_tqdm=False)
     completions, logprobs = [], []
     for request in outputs:
         for out in request.outputs:
@@ -99,8 +111,11 @@ class VLLMColocateGenerator(Generator):
     group's gathered prompts) runs its own copy. `sync_weights` copies the policy's weights in with the model's
     `load_weights`. With `enable_sleep_mode` the engine's weights and KV cache are released between generations
     (level-2 sleep), and the weights are pushed again before the next one. Identical consecutive prompts are one
-    request with `n` completions.
+    request with `n` completions. Prompts with images send them as the request's multimodal data (one request per
+    prompt), as TRL's colocate mode does.
     """
+
+    supports_images = True
 
     def __init__(
         self,
@@ -170,20 +185,32 @@ class VLLMColocateGenerator(Generator):
             load_weights_into_vllm(self.llm, [(name, tensor)])
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompt_ids: list[list[int]]) -> GenerationResult:
+    def generate(
+        self, prompt_ids: list[list[int]], images: list[list[Any]] | None = None, vision: Any = None
+    ) -> GenerationResult:
+        """One completion per prompt; `images` (PIL images per prompt) go to vLLM with their prompt (`vision`, the
+        trainer's processor tensors, is not needed: vLLM processes the images itself)."""
         check_prompts(prompt_ids)
         if self._weights_asleep:  # level-2 sleep dropped them; vLLM can only reload the initial checkpoint
             self.sync_weights(self.model)
-        all_prompts = prompt_ids
-        if self.tp_group is not None:
+        all_prompts, all_images = prompt_ids, images
+        if self.tp_group is not None:  # every rank of a group gathers images too (None where it has none)
             gathered = [None] * self.tensor_parallel_size
-            torch.distributed.all_gather_object(gathered, list(prompt_ids), group=self.tp_group)
-            all_prompts = [ids for part in gathered for ids in part]
+            torch.distributed.all_gather_object(gathered, (list(prompt_ids), images), group=self.tp_group)
+            all_prompts = [ids for part, _ in gathered for ids in part]
+            all_images = None
+            if any(part is not None for _, part in gathered):
+                all_images = [
+                    pics for ids, part in gathered for pics in (part if part is not None else [[]] * len(ids))
+                ]
         if self.enable_sleep_mode:
             self.llm.wake_up(tags=["kv_cache"])
-        prompts, counts = consecutive_runs(all_prompts)
+        if all_images is None:
+            prompts, counts = consecutive_runs(all_prompts)
+        else:  # repeats of a prompt look alike as token ids whatever their images: one request each
+            prompts, counts = all_prompts, [1] * len(all_prompts)
         result = generate_runs(
-            self.llm, prompts, counts, self.sampling, self.eos_token_ids, self.structured_outputs_regex
+            self.llm, prompts, counts, self.sampling, self.eos_token_ids, self.structured_outputs_regex, all_images
         )
         if self.enable_sleep_mode:
             self.llm.sleep(level=2)

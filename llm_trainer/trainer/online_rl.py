@@ -10,8 +10,8 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers.utils import logging
 
-from ..data.vision import check_vision_dataset
-from ..environments.rollout import rollout_and_rewards
+from ..data.vision import IMAGE_COLUMNS, check_vision_dataset
+from ..environments.rollout import EnvironmentRollout, rollout_and_rewards
 from ..environments.tools import EnvironmentToolRollout, ToolRollout
 from ..generation.loop import (
     check_image_prompts,
@@ -97,9 +97,9 @@ def check_online_inputs(
     check_streaming(train_dataset, eval_dataset, args)
     if train_dataset is not None or not isinstance(rollout_func, EnvironmentToolRollout):
         BaseTrainer.check_train_dataset(train_dataset, "a dataset with a 'prompt' column")
-        prompt_columns(train_dataset, eval_dataset, trainer_name, rollout_func is not None, images=True)
-        for name, dataset in _named_datasets(train_dataset, eval_dataset):
-            check_image_prompts(dataset, name)
+        columns = prompt_columns(train_dataset, eval_dataset, trainer_name, rollout_func is not None, images=True)
+        if set(IMAGE_COLUMNS) & set(columns):
+            check_image_rollout(args, rollout_func)
     if args.use_transformers_continuous_batching:
         raise NotImplementedError(
             "`use_transformers_continuous_batching` is not supported yet; generation uses batched `generate` with "
@@ -117,15 +117,34 @@ def _named_datasets(train_dataset: Any, eval_dataset: Any) -> list[tuple[str, An
     return [(name, dataset) for name, dataset in [("train", train_dataset), *evals] if dataset is not None]
 
 
+def check_image_rollout(args: Any, rollout_func: Any) -> None:
+    """What cannot generate from a dataset's images, refused before anything loads: `llm-trainer vllm-serve` (text
+    and token ids only) and the tool / environment rollouts (their turns are generated from text)."""
+    if getattr(args, "use_vllm", False) and getattr(args, "vllm_mode", None) == "server":
+        raise ValueError(
+            "The dataset has an image column, but `use_vllm=True, vllm_mode='server'` generates with "
+            "`llm-trainer vllm-serve`, which takes text and token ids only, not images. Use `vllm_mode='colocate'`, "
+            "or `use_vllm=False` to generate with the policy through transformers."
+        )
+    if isinstance(rollout_func, EnvironmentRollout):  # tools and TRL's environments too
+        raise NotImplementedError(
+            "Tool calling and environments generate their turns from text, so they cannot use the dataset's images: "
+            "drop the image column, or pass a `rollout_func` that generates from the images itself."
+        )
+
+
 def check_vision_data(trainer_name: str, model: Any, train_dataset: Any, eval_dataset: Any) -> bool:
     """Whether the prompts come with images, after checking every dataset (`data.vision.check_vision_dataset`: an
-    image column needs a vision-language model, every image decodes, no row asks for more images than it holds)."""
+    image column needs a vision-language model, every image decodes, no row asks for more images than it holds;
+    `check_image_prompts`: the prompts of rows with images are conversations)."""
     vision = False
     for name, dataset in _named_datasets(train_dataset, eval_dataset):
         is_vlm = is_vision_model(model)
-        vision |= check_vision_dataset(
+        if check_vision_dataset(
             dataset, model_is_vlm=is_vlm, message_columns=["prompt"], trainer=trainer_name, dataset_name=name
-        )
+        ):
+            check_image_prompts(dataset, name)
+            vision = True
     return vision
 
 

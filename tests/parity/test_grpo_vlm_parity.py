@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm_trainer.testing import get_tiny_vlm_processor, make_tiny_vlm, zen_image_dataset
+from llm_trainer.testing import get_tiny_vlm_processor, make_tiny_vlm, zen_dataset, zen_image_dataset
 
 from .helpers import assert_same_training
 
@@ -23,9 +23,12 @@ def length_reward(completions, **kwargs):
 
 def image_reward(completions, prompts, **kwargs):
     """Reads the images the trainer passes: the dataset column (`image` or `images`) and the prompts' image parts."""
-    column = kwargs.get("image") or kwargs.get("images")
+    column = kwargs.get("image") or kwargs.get("images") or [[] for _ in completions]
     sizes = [sum(im.size[0] for im in (row if isinstance(row, list) else [row])) for row in column]
-    in_prompts = [sum(part.get("type") == "image" for m in p for part in m["content"]) for p in prompts]
+    in_prompts = [
+        sum(isinstance(part, dict) and part.get("type") == "image" for m in p for part in m["content"])
+        for p in prompts
+    ]
     return [size / 100 + count for size, count in zip(sizes, in_prompts)]
 
 
@@ -70,7 +73,10 @@ def _assert_parity(trainer_name, family, vlm_paths, tmp_path, images_per_row=1, 
     # One processor instance for both (Qwen-VL processors load images-only here), left-padding as TRL loads it.
     processor = get_tiny_vlm_processor(path)
     processor.tokenizer.padding_side = "left"
-    dataset = zen_image_dataset("conversational_prompt_only", images_per_row=images_per_row)
+    if images_per_row:
+        dataset = zen_image_dataset("conversational_prompt_only", images_per_row=images_per_row)
+    else:  # text-only prompts on a vision-language model
+        dataset = zen_dataset("conversational_prompt_only")
     ours = _train(llm_trainer, trainer_name, path, processor, dataset, tmp_path, **config)
     theirs = _train(trl, trainer_name, path, processor, dataset, tmp_path, **config)
     assert list(ours._logs["completion"]) == list(theirs._logs["completion"])
@@ -99,3 +105,7 @@ def test_grpo_multi_image_matches_trl(vlm_paths, tmp_path):
     _assert_parity(
         "GRPO", "qwen2_vl", vlm_paths, tmp_path, images_per_row=2, num_generations=2, gradient_accumulation_steps=2
     )
+
+
+def test_grpo_text_prompts_on_a_vlm_match_trl(vlm_paths, tmp_path):
+    _assert_parity("GRPO", "qwen2_vl", vlm_paths, tmp_path, images_per_row=0, beta=0.04)

@@ -247,11 +247,34 @@ def test_a_back_end_without_images_is_refused_before_training(vlm_paths, tmp_pat
         )
 
 
-def test_vllm_server_back_end_is_text_only():
+def test_vllm_server_and_tools_are_refused_with_images_before_loading(tmp_path):
+    """`llm-trainer vllm-serve` and tool rollouts generate from text: refused before the model loads (the model
+    named here does not exist, and no server runs)."""
     from llm_trainer.generation.remote import VLLMServerGenerator
     from llm_trainer.generation.transformers_backend import TransformersGenerator
 
     assert not VLLMServerGenerator.supports_images and TransformersGenerator.supports_images
+    images = zen_image_dataset("conversational_prompt_only")
+    server = _config(GRPOConfig, tmp_path, use_vllm=True, vllm_mode="server")
+    with pytest.raises(ValueError, match="vllm-serve.*not images.*colocate"):
+        GRPOTrainer(model="missing/model", reward_funcs=[ImageSpy()], args=server, train_dataset=images)
+
+    def lookup(word: str) -> str:
+        """Look a word up.
+
+        Args:
+            word: the word.
+        """
+        return word
+
+    with pytest.raises(NotImplementedError, match="Tool calling"):
+        GRPOTrainer(
+            model="missing/model",
+            reward_funcs=[ImageSpy()],
+            args=_config(GRPOConfig, tmp_path),
+            train_dataset=images,
+            tools=[lookup],
+        )
 
 
 def test_bad_image_inputs_are_refused_naming_the_fix(vlm_paths, tiny_model_path, tmp_path):
@@ -263,7 +286,7 @@ def test_bad_image_inputs_are_refused_naming_the_fix(vlm_paths, tiny_model_path,
     plain = zen_dataset("standard_prompt_only").to_list()[: len(images)]
     for row, image in zip(plain, images["image"]):
         row["image"] = image
-    with pytest.raises(ValueError, match="Row 0 .*conversational prompts"):
+    with pytest.raises(ValueError, match="plain-text prompts \\(row 0\\).*conversational"):
         GRPOTrainer(
             model=vlm_paths["llava"],
             reward_funcs=[ImageSpy()],
@@ -295,3 +318,42 @@ def test_vision_inputs_refuse_a_tensor_they_cannot_split():
     vision = VisionInputs([1, 1], {"pixel_values": torch.zeros(2, 3), "odd": torch.zeros(5)})
     with pytest.raises(ValueError, match="'odd'"):
         vision.select([1])
+
+
+def test_vllm_colocate_sends_each_prompts_images(monkeypatch):
+    """Colocated vLLM gets each prompt's images as its multimodal data (one image as is, several as a list), one
+    request per prompt; text prompts still go as runs of repeats. (A stand-in engine: vLLM is not installed here.)"""
+    from types import SimpleNamespace
+
+    from llm_trainer.generation import vllm_backend
+    from llm_trainer.generation.base import SamplingConfig
+
+    class Engine:
+        def __init__(self):
+            self.requests = []
+
+        def generate(self, requests, sampling_params, use_tqdm):
+            self.requests.append(requests)
+            sample = SimpleNamespace(token_ids=[7], logprobs=None)
+            return [SimpleNamespace(outputs=[sample] * n) for n in sampling_params]
+
+    monkeypatch.setattr(vllm_backend, "vllm_sampling_params", lambda sampling, n, *args: n)
+    generator = object.__new__(vllm_backend.VLLMColocateGenerator)
+    engine = Engine()
+    vars(generator).update(
+        llm=engine,
+        sampling=SamplingConfig(),
+        eos_token_ids=[2],
+        structured_outputs_regex=None,
+        tp_group=None,
+        enable_sleep_mode=False,
+        _weights_asleep=False,
+    )
+    one, two = make_images(2), make_images(2, seed=1)
+    result = generator.generate([[5, 6], [5, 6], [8]], images=[[one[0]], [one[0]], two])
+    assert result.completion_ids == [[7]] * 3
+    sent = engine.requests[0]
+    assert [r["prompt_token_ids"] for r in sent] == [[5, 6], [5, 6], [8]]
+    assert sent[0]["multi_modal_data"]["image"] is one[0] and sent[2]["multi_modal_data"]["image"] == two
+    generator.generate([[5, 6], [5, 6]])
+    assert engine.requests[1] == [{"prompt_token_ids": [5, 6]}]  # text: one request for the run of two
