@@ -125,6 +125,31 @@ def test_qwen_and_smolvlm_processors_load_images_only_without_their_video_proces
         assert processor.video_processor is None
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_logprob_head_on_the_language_model_matches_the_logits(family, vlm_path):
+    """The fused head runs the VLM's backbone (vision tower included) and projects its hidden states chunk by chunk:
+    the same log-probs as the full logits, without building them."""
+    from llm_trainer.modeling import _splittable, add_token_logprob_head
+
+    model = AutoModelForImageTextToText.from_pretrained(vlm_path(family)).eval()
+    processor = load_processor(vlm_path(family))
+    text = processor.apply_chat_template(_conversation(1), tokenize=False)
+    images = [[image] for image in make_images(2)]
+    batch = processor(text=[text, text], images=images, return_tensors="pt", padding=True)
+    batch.pop("labels", None)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        logits = model(**batch).logits[:, :-1].float()
+        expected = logits.log_softmax(-1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        add_token_logprob_head(model)
+        out = model(**batch, labels=labels, token_logprobs=True)
+    assert _splittable(model)  # the plain-linear-head route, not the logits fallback
+    mask = out.label_mask
+    # float32 rounding of a log-softmax over a few hundred logits of size ~|log p|: tens of ulps of the values.
+    tolerance = 64 * torch.finfo(torch.float32).eps * expected[mask].abs().max()
+    torch.testing.assert_close(out.log_probs[mask], expected[mask], rtol=0, atol=tolerance.item())
+
+
 def test_is_vision_model_on_models_configs_and_wrappers(vlm_path, tiny_model_path):
     from peft import LoraConfig, get_peft_model
 
