@@ -525,7 +525,9 @@ def _chat_messages(messages) -> list[dict]:
         if isinstance(content, list):  # OpenAI content parts: text only here
             if any(not isinstance(part, dict) or part.get("type") != "text" for part in content):
                 raise BadRequest(
-                    "multimodal messages (image parts) are not supported by llm-trainer vllm-serve.", f"messages[{i}]"
+                    "multimodal messages (image parts) are not supported by llm-trainer vllm-serve: send text parts "
+                    "only (to train on images, generate with vllm_mode='colocate' or use_vllm=False).",
+                    f"messages[{i}]",
                 )
             content = "".join(part.get("text", "") for part in content)
         elif not isinstance(content, str) and not (role == "assistant" and content is None):

@@ -32,6 +32,13 @@ class GRPOTrainer(BaseTrainer):
     other columns reach the reward functions as keywords), reward-function contract and logged metrics. The
     log-probs come from `llm_trainer.kernels` (the vocabulary-sized logits are never materialized).
 
+    Vision-language models train as in TRL: with the model's processor as `processing_class` (loaded from the model
+    when None), an `image` or `images` column puts each row's images into its conversational prompt
+    (`prepare_multimodal_messages`; rows without images may be mixed in), the images go to generation (transformers,
+    or colocated vLLM) and to every log-prob pass, and reward functions get the column as a keyword. The forwards run
+    padded (no packing) and the fused head scores the language model's hidden states. `freeze_vision_tower=True`
+    freezes the vision encoder and projector.
+
     Args:
         model: model id or path, or a loaded `PreTrainedModel` (or `PeftModel`).
         reward_funcs: a reward function, a sequence-classification model (or its id), or a list of them.

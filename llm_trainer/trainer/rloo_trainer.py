@@ -24,7 +24,7 @@ class RLOOTrainer(BaseTrainer):
     clipped sequence-level importance ratio.
 
     Drop-in for TRL's `RLOOTrainer`: same arguments, dataset format, reward-function contract and logged metrics.
-    See `GRPOTrainer` for the arguments.
+    See `GRPOTrainer` for the arguments and for vision-language models (`image` / `images` columns).
     """
 
     config_class = RLOOConfig

@@ -38,7 +38,7 @@ def vlm_paths(tmp_path_factory):
     return {family: make_tiny_vlm(family, root / family) for family in ("qwen2_vl", "llava")}
 
 
-def _train(module, trainer_name, model_path, processor, dataset, tmp_path, **config):
+def _train(module, trainer_name, model_path, processor, dataset, tmp_path, trainer_kwargs=None, **config):
     config = {
         "output_dir": str(tmp_path / f"{module.__name__}-{trainer_name}"),
         "report_to": "none",
@@ -61,12 +61,13 @@ def _train(module, trainer_name, model_path, processor, dataset, tmp_path, **con
         args=getattr(module, f"{trainer_name}Config")(**config),
         train_dataset=dataset,
         processing_class=processor,
+        **(trainer_kwargs or {}),
     )
     trainer.train()
     return trainer
 
 
-def _assert_parity(trainer_name, family, vlm_paths, tmp_path, images_per_row=1, **config):
+def _assert_parity(trainer_name, family, vlm_paths, tmp_path, images_per_row=1, trainer_kwargs=None, **config):
     import llm_trainer
 
     path = vlm_paths[family]
@@ -77,8 +78,8 @@ def _assert_parity(trainer_name, family, vlm_paths, tmp_path, images_per_row=1, 
         dataset = zen_image_dataset("conversational_prompt_only", images_per_row=images_per_row)
     else:  # text-only prompts on a vision-language model
         dataset = zen_dataset("conversational_prompt_only")
-    ours = _train(llm_trainer, trainer_name, path, processor, dataset, tmp_path, **config)
-    theirs = _train(trl, trainer_name, path, processor, dataset, tmp_path, **config)
+    ours = _train(llm_trainer, trainer_name, path, processor, dataset, tmp_path, trainer_kwargs, **config)
+    theirs = _train(trl, trainer_name, path, processor, dataset, tmp_path, trainer_kwargs, **config)
     assert list(ours._logs["completion"]) == list(theirs._logs["completion"])
     assert_same_training(ours, theirs, loss_scale=LOSS_SCALE)
 
@@ -109,3 +110,20 @@ def test_grpo_multi_image_matches_trl(vlm_paths, tmp_path):
 
 def test_grpo_text_prompts_on_a_vlm_match_trl(vlm_paths, tmp_path):
     _assert_parity("GRPO", "qwen2_vl", vlm_paths, tmp_path, images_per_row=0, beta=0.04)
+
+
+def scripted_image_rollout(prompts, trainer):
+    """A `rollout_func` that needs no sampling: the prompts (which hold their images) through the processor's chat
+    template, each completion the prompt's last tokens."""
+    out = trainer.processing_class.apply_chat_template(
+        conversation=prompts, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    prompt_ids = [list(ids) for ids in out["input_ids"]]
+    completion_ids = [ids[-(2 + i % 3) :] for i, ids in enumerate(prompt_ids)]
+    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grpo_rollout_func_with_images_matches_trl(family, vlm_paths, tmp_path):
+    kwargs = {"rollout_func": scripted_image_rollout}
+    _assert_parity("GRPO", family, vlm_paths, tmp_path, trainer_kwargs=kwargs, beta=0.04)

@@ -357,3 +357,36 @@ def test_vllm_colocate_sends_each_prompts_images(monkeypatch):
     assert sent[0]["multi_modal_data"]["image"] is one[0] and sent[2]["multi_modal_data"]["image"] == two
     generator.generate([[5, 6], [5, 6]])
     assert engine.requests[1] == [{"prompt_token_ids": [5, 6]}]  # text: one request for the run of two
+
+
+def test_token_budget_chunks_keep_each_rows_images(vlm_paths):
+    """`max_tokens_per_batch` forwards a micro-batch in chunks of rows (padded: VLMs do not pack): each chunk gets
+    its rows' images, so the loss and gradients equal the unsplit micro-batch's."""
+    from transformers import AutoModelForImageTextToText
+
+    from llm_trainer.modeling import add_token_logprob_head
+    from llm_trainer.trainer.packed_rl import TokenBudget
+
+    model = AutoModelForImageTextToText.from_pretrained(vlm_paths["qwen2_vl"])
+    add_token_logprob_head(model, outputs=("entropy",))
+    prompt_ids, vision = _qwen_inputs(vlm_paths, rows=4)
+    width = max(len(ids) for ids in prompt_ids)
+    ids, mask = torch.zeros(4, width, dtype=torch.long), torch.zeros(4, width, dtype=torch.long)
+    for row, prompt in enumerate(prompt_ids):
+        ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = torch.tensor(prompt), 1
+    completion = torch.randint(10, 100, (4, 3), generator=torch.Generator().manual_seed(0))
+    batch = OnlineBatch(ids, mask, completion, torch.ones(4, 3, dtype=torch.long), vision=vision)
+    batch.old_per_token_logps = torch.zeros(4, 3)
+
+    def objective(logps, entropies, aux):
+        return -(logps * torch.arange(1.0, 5.0)[:, None]).sum() / 12
+
+    grads = []
+    for budget in (None, width + 3):
+        model.zero_grad()
+        forward = TokenBudget(budget, None, backward=lambda loss: loss.backward()).run(model, batch, objective)
+        forward.loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    # float32 sums of the same O(1) per-row terms in another grouping
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert grads[0].abs().sum() > 0
