@@ -72,21 +72,40 @@ class PairedLogps(NamedTuple):
 
 # ------------------------------------------------------------------------------------------------------- images
 _PER_IMAGE_FIELDS = ("pooler_output",)
-"""Fields of a vision encoder's output (`get_image_features`) that hold one feature tensor per image."""
+"""Fields of a vision encoder's output (`get_image_features`) that hold the features of each image: a sequence of
+per-image tensors, or one tensor indexed by image (Gemma 3)."""
 _PER_LAYER_FIELDS = ("deepstack_features",)
-"""Fields that hold, per encoder layer, one feature tensor per image (Qwen3-VL's deepstack features)."""
+"""Fields that hold, per encoder layer, such per-image features (Qwen3-VL's deepstack features)."""
+
+PerImage = torch.Tensor | tuple[torch.Tensor, ...]
 
 
-def _map_per_image(output: ModelOutput, function: Callable[[tuple[torch.Tensor, ...]], tuple]) -> ModelOutput:
-    """`output` with only its per-image fields, each per-image sequence passed through `function`."""
+def _map_per_image(output: ModelOutput, function: Callable[[PerImage], PerImage]) -> ModelOutput:
+    """`output` with only its per-image fields, each one's per-image features passed through `function`."""
     fields: dict[str, Any] = {}
     for name in _PER_IMAGE_FIELDS:
         if output.get(name) is not None:
-            fields[name] = function(tuple(output[name]))
+            fields[name] = function(_per_image(output[name]))
     for name in _PER_LAYER_FIELDS:
         if output.get(name) is not None:
-            fields[name] = [function(tuple(layer)) for layer in output[name]]
+            fields[name] = [function(_per_image(layer)) for layer in output[name]]
     return type(output)(**fields)
+
+
+def _per_image(features: Any) -> PerImage:
+    return features if isinstance(features, torch.Tensor) else tuple(features)
+
+
+def _repeat_images(features: PerImage, copies: int) -> PerImage:
+    if isinstance(features, torch.Tensor):
+        return torch.cat([features] * copies, dim=0)
+    return features * copies
+
+
+def _detach_images(features: PerImage) -> PerImage:
+    if isinstance(features, torch.Tensor):
+        return features.detach()
+    return tuple(feature.detach() for feature in features)
 
 
 @dataclass(frozen=True)
@@ -107,7 +126,11 @@ class ImageFeatures:
         """The features of `copies * rows` rows: every block of `rows` rows reads the same images."""
         if copies == 1:
             return self
-        encoded = None if self.encoded is None else _map_per_image(self.encoded, lambda images: images * copies)
+        encoded = (
+            None
+            if self.encoded is None
+            else _map_per_image(self.encoded, lambda images: _repeat_images(images, copies))
+        )
         tensors = {key: torch.cat([value] * copies, dim=0) for key, value in self.tensors.items()}
         return ImageFeatures(encoded, tensors, self.rows * copies)
 
@@ -115,7 +138,7 @@ class ImageFeatures:
         """The same features cut from the graph (for a no-grad pass that reuses a gradient pass's encoding)."""
         if self.encoded is None:
             return self
-        encoded = _map_per_image(self.encoded, lambda images: tuple(image.detach() for image in images))
+        encoded = _map_per_image(self.encoded, _detach_images)
         return ImageFeatures(encoded, self.tensors, self.rows)
 
     def for_rows(self, rows: int) -> ImageFeatures:
@@ -165,7 +188,7 @@ def encode_images(model: torch.nn.Module, images: ImageInputs, *, once: bool = T
     metadata = {
         key: value for key, value in tensors.items() if key in forward_keywords and not key.startswith("pixel_")
     }
-    return ImageFeatures(_map_per_image(output, tuple), metadata, images.rows)
+    return ImageFeatures(_map_per_image(output, lambda features: features), metadata, images.rows)
 
 
 def forward_inputs(
