@@ -22,7 +22,7 @@ from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl import Qwen2VLProcessor
 from transformers.models.qwen3_vl import Qwen3VLProcessor
 from transformers.models.smolvlm import SmolVLMProcessor
-from transformers.utils import is_num2words_available, is_torchvision_available
+from transformers.utils import cached_file, is_num2words_available, is_torchvision_available
 
 # Submodules (by attribute name) that hold a VLM's vision encoder or its multimodal projector, across families:
 # Qwen-VL `visual`; LLaVA / LLaVA-Next / Gemma 3 / PaliGemma `vision_tower` + `multi_modal_projector` (LLaVA-Next's
@@ -237,11 +237,25 @@ def _video_processor_available(processor_class: str) -> bool:
     return is_torchvision_available()
 
 
-def _processor_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The first of a local folder's processor / preprocessor / tokenizer configs that names a `processor_class`."""
+def _processor_config(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:
+    """The first of a model's processor / preprocessor / tokenizer configs that names a `processor_class` (a local
+    folder's, or a Hub repository's through the cache); {} when none does or none can be fetched."""
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
-        file = os.path.join(path, name)
-        if os.path.isfile(file):
+        if os.path.isdir(name_or_path):
+            file = os.path.join(name_or_path, name)
+            file = file if os.path.isfile(file) else None
+        else:
+            try:
+                file = cached_file(
+                    str(name_or_path),
+                    name,
+                    **hub_kwargs,
+                    _raise_exceptions_for_missing_entries=False,
+                    _raise_exceptions_for_connection_errors=False,
+                )
+            except OSError:  # not a repository, gated, offline: AutoProcessor reports it
+                return {}
+        if file is not None:
             with open(file) as f:
                 config = json.load(f)
             if config.get("processor_class"):
@@ -249,18 +263,37 @@ def _processor_config(path: str | os.PathLike) -> dict[str, Any]:
     return {}
 
 
+def _images_only_processor(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+    """The images-only processor of a Qwen-VL / SmolVLM / Gemma 4 model whose video processor (or audio feature
+    extractor) cannot be built here; None for other models, or where it can."""
+    hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    config = _processor_config(name_or_path, **hub)
+    name = config.get("processor_class") or ""
+    cls = IMAGES_ONLY_PROCESSORS.get(name)
+    if cls is None or _video_processor_available(name):
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    image_processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
+    accepted = inspect.signature(cls.__init__).parameters
+    extra = {k: v for k, v in config.items() if k in accepted and k not in ("image_processor", "tokenizer")}
+    extra.setdefault("chat_template", getattr(tokenizer, "chat_template", None))
+    return cls(image_processor=image_processor, tokenizer=tokenizer, **extra)
+
+
 def load_processor(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-    """`AutoProcessor.from_pretrained`; a local Qwen-VL or SmolVLM processor loads images-only where its video
-    processor cannot be built (no torchvision)."""
-    if os.path.isdir(name_or_path):
-        config = _processor_config(name_or_path)
-        name = config.get("processor_class") or ""
-        cls = IMAGES_ONLY_PROCESSORS.get(name)
-        if cls is not None and not _video_processor_available(name):
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-            image_processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
-            accepted = inspect.signature(cls.__init__).parameters
-            extra = {k: v for k, v in config.items() if k in accepted and k not in ("image_processor", "tokenizer")}
-            extra.setdefault("chat_template", getattr(tokenizer, "chat_template", None))
-            return cls(image_processor=image_processor, tokenizer=tokenizer, **extra)
+    """`AutoProcessor.from_pretrained`; a Qwen-VL, SmolVLM or Gemma 4 processor (local or from the Hub) loads
+    images-only where its video processor cannot be built (no torchvision)."""
+    if not (is_torchvision_available() and is_num2words_available()):
+        if os.path.isdir(name_or_path):
+            processor = _images_only_processor(name_or_path, **kwargs)
+            if processor is not None:
+                return processor
+        else:  # a Hub id: look at its configs only when AutoProcessor cannot build it
+            try:
+                return AutoProcessor.from_pretrained(name_or_path, **kwargs)
+            except (OSError, ImportError, ValueError):
+                processor = _images_only_processor(name_or_path, **kwargs)
+                if processor is None:
+                    raise
+                return processor
     return AutoProcessor.from_pretrained(name_or_path, **kwargs)

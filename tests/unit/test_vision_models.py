@@ -150,6 +150,25 @@ def test_token_logprob_head_on_the_language_model_matches_the_logits(family, vlm
     torch.testing.assert_close(out.log_probs[mask], expected[mask], rtol=0, atol=tolerance.item())
 
 
+def test_hub_processor_falls_back_to_images_only_when_autoprocessor_cannot_build_it(vlm_path, tmp_path, monkeypatch):
+    """A Hub id (here served from a local Hub cache, offline) whose video processor needs torchvision."""
+    import shutil
+
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        pytest.skip("torchvision is installed: AutoProcessor builds the full processor")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    revision = "0" * 40
+    repo = tmp_path / "models--tiny-org--qwen2-vl"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copytree(vlm_path("qwen2_vl"), repo / "snapshots" / revision)
+    processor = load_processor("tiny-org/qwen2-vl", cache_dir=str(tmp_path))
+    assert "Qwen2VLProcessor" in [cls.__name__ for cls in type(processor).__mro__]
+    assert processor.chat_template == load_processor(vlm_path("qwen2_vl")).chat_template
+
+
 def test_is_vision_model_on_models_configs_and_wrappers(vlm_path, tiny_model_path):
     from peft import LoraConfig, get_peft_model
 
