@@ -101,7 +101,7 @@ def freeze_vision_tower(model: nn.Module) -> int:
     count = 0
     for _, param in named:
         param.requires_grad_(False)
-        count += param.numel()
+        count += getattr(param, "ds_numel", param.numel())  # a ZeRO-3 partitioned parameter is empty here
     return count
 
 
