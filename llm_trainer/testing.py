@@ -7,6 +7,7 @@ folder, so `from_pretrained(path)` works offline. Tests, examples, benchmarks an
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -284,6 +285,8 @@ VLMFamily = Literal[
     "qwen2_5_vl",
     "qwen3_vl",
     "qwen3_5",
+    "qwen3_5_think",
+    "qwen3_5_moe",
     "llava",
     "llava_next",
     "idefics2",
@@ -309,6 +312,17 @@ _QWEN_VL_TEMPLATE = (
     "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}"
     "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Qwen3.5 with thinking on: the assistant's `reasoning_content` in a `<think>` block before its answer (an empty one
+# when it has none), and a generation prompt that opens the block.
+_QWEN_THINK_TEMPLATE = _QWEN_VL_TEMPLATE.replace(
+    "{%- if message['role'] == 'assistant' %}{%- generation %}",
+    "{%- if message['role'] == 'assistant' %}{%- generation %}"
+    "{{- '<think>\\n' + (message['reasoning_content'] or '') + '\\n</think>\\n\\n' }}",
+).replace(
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}",
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}",
 )
 
 # LLaVA-1.5's `USER: <image>\n... ASSISTANT: ...` layout, each turn closed by the eos token.
@@ -583,14 +597,19 @@ def _build_llava(tokenizer):
     return LlavaForConditionalGeneration(config), processor
 
 
-def _build_qwen3_5(tokenizer):
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+def _build_qwen3_5(tokenizer, template: str = _QWEN_VL_TEMPLATE, moe: bool = False):
+    from transformers import (
+        Qwen3_5Config,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeForConditionalGeneration,
+    )
 
     from .models.vision import ImagesOnlyQwen3VLProcessor
 
     tokens = _qwen_vl_tokens(tokenizer)  # Qwen3.5 uses Qwen3-VL's processor
     processor = ImagesOnlyQwen3VLProcessor(
-        image_processor=_qwen_vl_image_processor(16), tokenizer=tokenizer, chat_template=_QWEN_VL_TEMPLATE
+        image_processor=_qwen_vl_image_processor(16), tokenizer=tokenizer, chat_template=template
     )
     # One gated-delta-net (linear attention) layer, then one full-attention layer.
     text = _tiny_text_config(
@@ -604,6 +623,9 @@ def _build_qwen3_5(tokenizer):
         linear_num_value_heads=4,
         rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True},
     )
+    if moe:  # 4 experts, 2 a token, plus the shared expert
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+        del text["intermediate_size"]
     vision = {
         "depth": 2,
         "hidden_size": 32,
@@ -615,8 +637,13 @@ def _build_qwen3_5(tokenizer):
         "temporal_patch_size": 2,
         "num_position_embeddings": 64,
     }
-    config = Qwen3_5Config(text_config=text, vision_config=vision, **tokens)
-    return Qwen3_5ForConditionalGeneration(config), processor
+    config_class, model_class = (
+        (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration)
+        if moe
+        else (Qwen3_5Config, Qwen3_5ForConditionalGeneration)
+    )
+    config = config_class(text_config=text, vision_config=vision, **tokens)
+    return model_class(config), processor
 
 
 def _clip_vision(image_size: int = 32, patch_size: int = 8) -> dict:
@@ -912,6 +939,8 @@ _VLM_BUILDERS = {
     "qwen2_5_vl": _build_qwen2_5_vl,
     "qwen3_vl": _build_qwen3_vl,
     "qwen3_5": _build_qwen3_5,
+    "qwen3_5_think": functools.partial(_build_qwen3_5, template=_QWEN_THINK_TEMPLATE),
+    "qwen3_5_moe": functools.partial(_build_qwen3_5, moe=True),
     "llava": _build_llava,
     "llava_next": _build_llava_next,
     "idefics2": _build_idefics2,
