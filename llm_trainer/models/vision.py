@@ -1,11 +1,12 @@
 """Vision-language model helpers: recognising a VLM, freezing its vision tower, finding its language model, and
-loading its processor (with an images-only route for Qwen-VL processors).
+loading its processor (with an images-only route where a family's video processor cannot be built).
 
-Qwen2-VL, Qwen2.5-VL and Qwen3-VL processors hold a video processor, and transformers' video processors need
-torchvision. Training on images does not use it, so where torchvision is missing (CPU-only machines whose package
-index carries only CUDA torchvision wheels) `load_processor` builds the same processor without its video half: the
-tokenizer, image processor, chat template and image-token bookkeeping are the family's own classes. The processor
-saves under its family's class name, so the checkpoint loads with `AutoProcessor` wherever torchvision is installed.
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL / Qwen3.5, SmolVLM and Gemma 4 processors hold a video processor, and transformers'
+video processors need torchvision (SmolVLM's also `num2words`; Gemma 4's processor an audio feature extractor too).
+Training on images uses neither, so where they cannot be built (CPU-only machines whose package index carries only
+CUDA torchvision wheels) `load_processor` builds the same processor without them: the tokenizer, image processor,
+chat template and image-token bookkeeping are the family's own classes. The processor saves under its family's class
+name, so the checkpoint loads with `AutoProcessor` wherever torchvision is installed.
 """
 
 from __future__ import annotations
@@ -121,17 +122,23 @@ def language_model(model: nn.Module) -> nn.Module:
     return backbone if isinstance(backbone, nn.Module) else base
 
 
-class _ImagesOnly:
-    """Mixin for a processor class whose `__init__` takes no video processor (so transformers checks none)."""
+class _SavedAsFamily:
+    """Mixin: an images-only processor saves under its family's processor class (`family_class`)."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-        self.video_processor = None
+    family_class: type[ProcessorMixin]
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output["processor_class"] = self.family_class.__name__  # reloads as the family's own processor
         return output
+
+
+class _ImagesOnly(_SavedAsFamily):
+    """Mixin for a processor class whose `__init__` takes no video processor (so transformers checks none)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+        self.video_processor = None
 
 
 class ImagesOnlyQwen2VLProcessor(_ImagesOnly, Qwen2VLProcessor):
@@ -152,7 +159,7 @@ class ImagesOnlyQwen3VLProcessor(_ImagesOnly, Qwen3VLProcessor):
     family_class = Qwen3VLProcessor
 
 
-class ImagesOnlySmolVLMProcessor(SmolVLMProcessor):
+class ImagesOnlySmolVLMProcessor(_SavedAsFamily, SmolVLMProcessor):
     """`SmolVLMProcessor` without the video processor (no torchvision, no `num2words`, which only videos use)."""
 
     family_class = SmolVLMProcessor
@@ -174,13 +181,8 @@ class ImagesOnlySmolVLMProcessor(SmolVLMProcessor):
         """The generic chat-template rendering (SmolVLM's own reads video-sampling defaults off the video processor)."""
         return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
 
-    def to_dict(self) -> dict[str, Any]:
-        output = super().to_dict()
-        output["processor_class"] = self.family_class.__name__
-        return output
 
-
-class ImagesOnlyGemma4Processor(Gemma4Processor):
+class ImagesOnlyGemma4Processor(_SavedAsFamily, Gemma4Processor):
     """`Gemma4Processor` without its video processor (torchvision) and audio feature extractor."""
 
     family_class = Gemma4Processor
@@ -195,8 +197,8 @@ class ImagesOnlyGemma4Processor(Gemma4Processor):
         audio_ms_per_token: int = 40,
         **kwargs,
     ):
-        # The image and special-token state Gemma4Processor.__init__ sets up; the video token must already be in the
-        # tokenizer (the family's processor adds it when built).
+        # The image and special-token state Gemma4Processor.__init__ sets up, without adding the video token to the
+        # tokenizer as it does (only videos use it).
         self.image_seq_length = image_seq_length
         self.image_token_id = tokenizer.image_token_id
         self.boi_token, self.eoi_token, self.image_token = (
@@ -211,11 +213,6 @@ class ImagesOnlyGemma4Processor(Gemma4Processor):
             setattr(self, name, getattr(tokenizer, name, None))
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
         self.feature_extractor = self.video_processor = None
-
-    def to_dict(self) -> dict[str, Any]:
-        output = super().to_dict()
-        output["processor_class"] = self.family_class.__name__
-        return output
 
 
 IMAGES_ONLY_PROCESSORS: dict[str, type[ProcessorMixin]] = {
