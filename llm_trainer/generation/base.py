@@ -95,6 +95,9 @@ class VisionInputs:
     num_images: list[int]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     token_types: dict[str, torch.Tensor] = field(default_factory=dict)
+    completion_types: dict[str, int] = field(default_factory=dict)
+    """The value a token type takes on generated tokens (0, text, unless given: PaliGemma's suffix tokens are 1,
+    as its `generate` extends them)."""
 
     @property
     def rows(self) -> int:
@@ -117,7 +120,7 @@ class VisionInputs:
                 picked[key] = self._by_image(key, value, index)
         tensors = {key: value for key, value in unsplit_pixel_values_by_grid(picked).items() if key != "num_images"}
         token_types = {key: value[index] for key, value in self.token_types.items()}
-        return VisionInputs([self.num_images[i] for i in index], tensors, token_types)
+        return VisionInputs([self.num_images[i] for i in index], tensors, token_types, self.completion_types)
 
     def _by_image(self, key: str, value: torch.Tensor, index: list[int]) -> torch.Tensor:
         """A tensor with one entry per image that `split_pixel_values_by_grid` leaves whole (e.g. `image_sizes`
@@ -132,14 +135,15 @@ class VisionInputs:
 
     def model_kwargs(self, width: int | None = None) -> dict[str, torch.Tensor]:
         """Keywords for the model's forward or `generate` on these rows: the image tensors (none when the rows hold no
-        image) and the token types cut or right-padded with zeros (text) to `width` columns, the prompt's left padding
-        kept (a sequence of `width` tokens whose prompt is the last `token_types` columns, when `width` is smaller)."""
+        image) and the token types to `width` columns: extended on the right for the completion tokens (with their
+        `completion_types` value), or cut on the left for `generate` on a narrower left-padded prompt batch."""
         kwargs = dict(self.tensors) if sum(self.num_images) else {}
         for key, value in self.token_types.items():
             if width is not None and width < value.size(1):
                 value = value[:, value.size(1) - width :]
             elif width is not None and width > value.size(1):
-                value = torch.cat([value, value.new_zeros(value.size(0), width - value.size(1))], dim=1)
+                fill = value.new_full((value.size(0), width - value.size(1)), self.completion_types.get(key, 0))
+                value = torch.cat([value, fill], dim=1)
             kwargs[key] = value
         return kwargs
 
@@ -148,15 +152,22 @@ class VisionInputs:
             list(self.num_images),
             {key: value.to(device) for key, value in self.tensors.items()},
             {key: value.to(device) for key, value in self.token_types.items()},
+            dict(self.completion_types),
         )
 
     def state(self) -> dict[str, Any]:
         """Plain tensors and lists (what `torch.load(weights_only=True)` reads back), for `from_state`."""
-        return {"num_images": list(self.num_images), "tensors": self.tensors, "token_types": self.token_types}
+        return {
+            "num_images": list(self.num_images),
+            "tensors": self.tensors,
+            "token_types": self.token_types,
+            "completion_types": dict(self.completion_types),
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> VisionInputs:
-        return cls(list(state["num_images"]), dict(state["tensors"]), dict(state["token_types"]))
+        types = dict(state.get("completion_types", {}))
+        return cls(list(state["num_images"]), dict(state["tensors"]), dict(state["token_types"]), types)
 
 
 class Generator(ABC):

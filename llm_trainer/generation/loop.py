@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from accelerate.utils import gather, set_seed
 from datasets import Dataset, IterableDataset
-from transformers import ProcessorMixin
+from transformers import PaliGemmaProcessor, ProcessorMixin
 from transformers.utils import logging
 
 from ..data.collators import pad
@@ -412,7 +412,7 @@ class GenerationLoop:
                     "a `rollout_func` must return the prompt ids the processor makes from the prompts."
                 )
             token_types[key] = torch.cat([value.new_zeros(value.size(0), width - value.size(1)), value], dim=1)
-        return VisionInputs(vision.num_images, vision.tensors, token_types)
+        return VisionInputs(vision.num_images, vision.tensors, token_types, vision.completion_types)
 
     def _pad(self, rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
         values = pad(rows, self.tokenizer.pad_token_id, side, self.pad_to_multiple_of).to(self.device)
@@ -618,14 +618,16 @@ def tokenize_vision_prompts(
     ]
     tensors, token_types = {}, {}
     for key, value in out.items():
-        if key in ("input_ids", "attention_mask"):
+        if key in ("input_ids", "attention_mask", "labels"):  # PaliGemma's processor adds labels: not an input here
             continue
         if key in TOKEN_TYPE_KEYS:
             rows = [torch.as_tensor(list(row), dtype=torch.long) for row in value]
             token_types[key] = pad(rows, 0, "left")
         else:
             tensors[key] = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.array(value))
-    return prompt_ids, VisionInputs(num_images, tensors, token_types)
+    # PaliGemma marks its prefix (image + prompt) 0 and the suffix it generates 1 (bidirectional vs causal attention)
+    completion_types = {"token_type_ids": 1} if isinstance(processor, PaliGemmaProcessor) else {}
+    return prompt_ids, VisionInputs(num_images, tensors, token_types, completion_types)
 
 
 def check_image_prompts(dataset: Any, dataset_name: str = "train") -> None:

@@ -390,3 +390,51 @@ def test_token_budget_chunks_keep_each_rows_images(vlm_paths):
     # float32 sums of the same O(1) per-row terms in another grouping
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
     assert grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("family", "images_per_row"), [("qwen2_vl", 2), ("llava", 1), ("paligemma", 1), ("idefics3", 2)]
+)
+def test_training_forward_scores_completions_as_they_were_sampled(family, images_per_row, tmp_path):
+    """The log-prob pass (images re-sliced by row, token types extended over the completion) gives the sampler's own
+    log-probs: the same images, positions and attention as generation (PaliGemma's generated tokens are its causal
+    suffix: token type 1)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForImageTextToText
+
+    from llm_trainer.data.formats import prepare_multimodal_messages
+    from llm_trainer.generation.base import SamplingConfig
+    from llm_trainer.generation.loop import GenerationLoop, Rollout, batch_images
+    from llm_trainer.generation.transformers_backend import TransformersGenerator
+    from llm_trainer.modeling import add_token_logprob_head
+
+    path = make_tiny_vlm(family, tmp_path / family)
+    processor = get_tiny_vlm_processor(path)
+    tokenizer = processor.tokenizer
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    dataset = zen_image_dataset("conversational_prompt_only", images_per_row=images_per_row)
+    rows = [dataset[i] for i in range(4)]
+    images = batch_images(rows)
+    prompts = [prepare_multimodal_messages(row["prompt"], images=i) for row, i in zip(rows, images)]
+    prompt_ids, vision = tokenize_vision_prompts(processor, prompts, {})
+    sampling = SamplingConfig(max_tokens=5, temperature=1.0)
+    generator = TransformersGenerator(
+        model,
+        sampling,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[tokenizer.eos_token_id],
+        return_logprobs=True,
+    )
+    torch.manual_seed(0)
+    result = generator.generate(prompt_ids, images=images, vision=vision)
+    args = SimpleNamespace(chat_template_kwargs={}, pad_to_multiple_of=3, seed=0, shuffle_dataset=False)
+    loop = GenerationLoop(generator, processor, None, torch.device("cpu"), [tokenizer.eos_token_id], args)
+    batch = loop.pad(Rollout(prompt_ids, result.completion_ids, [""] * 4, result.logprobs, vision=vision))
+    add_token_logprob_head(model, outputs=())
+    with torch.no_grad():
+        logps = completion_logps(model, batch, batch_size=3)[0]  # a chunk of 3 rows and one of 1
+    scored = batch.completion_mask.bool()
+    # float32 log-softmax of the same logits computed with another batch shape: ~1e-6; a wrong image, position or
+    # mask moves these tiny models' log-probs by ~1e-3
+    torch.testing.assert_close(logps[scored], batch.sampling_per_token_logps[scored], rtol=0, atol=5e-5)
