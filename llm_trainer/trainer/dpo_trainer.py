@@ -57,6 +57,12 @@ class DPOTrainer(BaseTrainer):
     metrics: `rewards/{chosen,rejected,accuracies,margins}`, `logps/{chosen,rejected}`, `logits/{chosen,rejected}`,
     `entropy`, `mean_token_accuracy`, `num_tokens`.
 
+    Vision-language models train on rows with an `image` or `images` column (TRL's zen-image formats, multi-image
+    rows, rows without images mixed in): the rows stay raw and `VisionPreferenceCollator` runs the processor per
+    batch, on each pair's images once; each model (policy, reference) runs its vision encoder once per pair, the
+    chosen and rejected rows sharing the features, and the log-probs still come from the fused head on the language
+    model. Precomputed reference log-probs work (TRL refuses them for VLMs). VLMs run padded.
+
     With `packed_forward` (on by default where the model's attention supports it; `padding_free=True` requires it),
     the policy and reference passes run on packed rows: no padding, and each pair's prompt computed once for its
     chosen and rejected continuations (see `preference_forward.pack_rows`). Same losses and metrics as padded.

@@ -261,3 +261,9 @@ def test_collator_processes_each_pairs_images_once(vlm_paths):
     image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     per_row = (batch["input_ids"] == image_token).sum(dim=1)
     assert per_row.tolist() == [16] * 4  # every row, chosen and rejected, holds its pair's image tokens
+    # Accelerate's device placement (what the prepared data loader applies) moves the images with the batch.
+    from accelerate.utils import send_to_device
+
+    moved = send_to_device(batch, "meta")
+    assert moved[IMAGE_INPUTS_KEY].rows == 2
+    assert all(t.device.type == "meta" for t in moved[IMAGE_INPUTS_KEY].tensors.values())
