@@ -86,6 +86,16 @@ def check_causal_lm(model: Any, role: str = "model") -> Any:
     )
 
 
+def _architecture_class(config: Any) -> Any:
+    """The transformers class `config.architectures` names; else `AutoModelForImageTextToText` for a
+    vision-language config, `AutoModelForCausalLM` otherwise."""
+    import transformers
+
+    architectures = getattr(config, "architectures", None) or []
+    found = getattr(transformers, architectures[0], None) if architectures else None
+    return found or (AutoModelForImageTextToText if is_vision_model(config) else AutoModelForCausalLM)
+
+
 def load_model(model_id: str, auto_class: Any = None, **init_kwargs: Any) -> PreTrainedModel:
     """Load `model_id` (a local folder or Hub id) with `from_pretrained`, in float32 unless `dtype` says otherwise.
 
@@ -102,15 +112,18 @@ def load_model(model_id: str, auto_class: Any = None, **init_kwargs: Any) -> Pre
                 "torch.dtype."
             )
         init_kwargs["dtype"] = _DTYPES[dtype]
-    if auto_class is None or auto_class is AutoModelForCausalLM:
-        import transformers
-
-        config = AutoConfig.from_pretrained(model_id, trust_remote_code=init_kwargs.get("trust_remote_code", False))
-        vision = is_vision_model(config)
-        if auto_class is None or vision:
-            architectures = getattr(config, "architectures", None) or []
-            auto_class = getattr(transformers, architectures[0], None) if architectures else None
-            auto_class = auto_class or (AutoModelForImageTextToText if vision else AutoModelForCausalLM)
+    config_kwargs = {"trust_remote_code": init_kwargs.get("trust_remote_code", False)}
+    if "revision" in init_kwargs:
+        config_kwargs["revision"] = init_kwargs["revision"]
+    if auto_class is None:
+        auto_class = _architecture_class(AutoConfig.from_pretrained(model_id, **config_kwargs))
+    elif auto_class is AutoModelForCausalLM:
+        try:
+            config = AutoConfig.from_pretrained(model_id, **config_kwargs)
+        except (OSError, ValueError):  # e.g. a PEFT adapter folder, which AutoModelForCausalLM resolves itself
+            config = None
+        if is_vision_model(config):
+            auto_class = _architecture_class(config)
     return auto_class.from_pretrained(model_id, **init_kwargs)
 
 
