@@ -330,6 +330,20 @@ def test_trained_vlm_checkpoint_reloads_as_a_vlm_with_its_processor(vlm_path, tm
     assert 'pipeline("image-text-to-text"' in card and "text-generation" not in card
 
 
+def test_trainer_takes_a_vlm_instance_with_its_processor(vlm_path, tmp_path):
+    from llm_trainer import SFTConfig, SFTTrainer
+    from llm_trainer.testing import zen_image_dataset
+
+    model = AutoModelForImageTextToText.from_pretrained(vlm_path("gemma3"))
+    processor = load_processor(vlm_path("gemma3"))
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], freeze_vision_tower=True)
+    dataset = zen_image_dataset("conversational_language_modeling").select(range(2))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
+    assert trainer.model is model and trainer.processing_class is processor
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    assert all(p.requires_grad for p in model.model.language_model.parameters())
+
+
 def test_freeze_vision_tower_on_a_text_model_fails_before_training(tiny_model_path, tmp_path):
     from llm_trainer import SFTConfig, SFTTrainer
     from llm_trainer.testing import zen_dataset
