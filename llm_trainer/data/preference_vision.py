@@ -29,6 +29,7 @@ __all__ = [
     "ImageInputs",
     "VisionPreferenceCollator",
     "batch_row_images",
+    "check_image_tokens_kept",
     "is_vision_dataset_row",
     "render_vision_rows",
     "require_processor",
@@ -95,6 +96,36 @@ def split_image_fields(processed: Any, rows: int) -> tuple[dict[str, torch.Tenso
     return text, (ImageInputs(images, rows) if images else None)
 
 
+def image_token_id(processor: Any) -> int | None:
+    """The id of the processor's image placeholder token, None where it names none."""
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None and getattr(processor, "image_token", None) is not None:
+        token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return token_id
+
+
+def check_image_tokens_kept(
+    processor: Any, prompt_ids: torch.Tensor, input_ids: torch.Tensor, max_length: int | None
+) -> None:
+    """Raise a `ValueError` when truncation to `max_length` cut image tokens off the prompts (rows `i`,
+    `rows + i`, ... of `input_ids` hold prompt `i`): the image features would no longer match their tokens."""
+    token_id = image_token_id(processor)
+    if max_length is None or token_id is None:
+        return
+    wanted = (prompt_ids == token_id).sum(dim=1)
+    kept = (input_ids == token_id).sum(dim=1).view(-1, prompt_ids.size(0)).min(dim=0).values
+    if torch.equal(wanted, kept):
+        return
+    row = int((kept < wanted).nonzero()[0, 0])
+    prompt_length = int((prompt_ids[row] != processor.tokenizer.pad_token_id).sum())
+    raise ValueError(
+        f"The current `max_length` ({max_length}) is too short and causes image placeholder tokens in `input_ids` to "
+        f"be truncated: a prompt of this batch is {prompt_length} tokens long, {int(wanted[row])} of them image "
+        f"tokens, and only {int(kept[row])} of those are kept. Raise `max_length` above the longest prompt (with its "
+        "image tokens), or set it to None."
+    )
+
+
 def repeat_rows(fields: dict[str, torch.Tensor], copies: int) -> dict[str, torch.Tensor]:
     """Each tensor's rows repeated as `copies` consecutive blocks (`[x; x]` for 2)."""
     return {key: torch.cat([value] * copies, dim=0) for key, value in fields.items()}
@@ -126,6 +157,7 @@ class VisionPreferenceCollator(DataCollatorMixin):
         completions = [row["chosen"] for row in rows] + [row["rejected"] for row in rows]
         processed = _process(self.processor, completions, "right", self.return_tensors)
         batch: dict[str, Any] = _join_prompt_completion(repeat_rows(prompt_fields, 2), processed, self.max_length)
+        check_image_tokens_kept(self.processor, prompt_fields["input_ids"], batch["input_ids"], self.max_length)
         if image_inputs is not None:
             batch[IMAGE_INPUTS_KEY] = image_inputs
         for key in ("ref_chosen_logps", "ref_rejected_logps"):

@@ -27,7 +27,13 @@ from .collators import _join_prompt_completion, _no_pad_to_multiple_of, _process
 from .formats import is_conversational
 from .preference import unpair_preference_dataset
 from .preference_dataset import filter_rows, first_row, prompt_fits
-from .preference_vision import IMAGE_INPUTS_KEY, batch_row_images, render_vision_rows, split_image_fields
+from .preference_vision import (
+    IMAGE_INPUTS_KEY,
+    batch_row_images,
+    check_image_tokens_kept,
+    render_vision_rows,
+    split_image_fields,
+)
 from .tokenization import template_kwargs, tokenize_prompt_completions
 from .validation import check_labels, check_text_columns
 from .vision import check_vision_dataset
@@ -266,6 +272,7 @@ class VisionUnpairedCollator(DataCollatorMixin):
         completions = [row["completion"] for row in rows]
         processed = _process(self.processor, completions, "right", self.return_tensors)
         batch: dict[str, Any] = _join_prompt_completion(prompt_fields, processed, self.max_length)
+        check_image_tokens_kept(self.processor, prompt_fields["input_ids"], batch["input_ids"], self.max_length)
         if self.calculate_kl:
             shifted = _process(self.processor, completions[-1:] + completions[:-1], "right", self.return_tensors)
             kl = _join_prompt_completion(prompt_fields, shifted, self.max_length)

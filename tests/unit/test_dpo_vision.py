@@ -243,6 +243,16 @@ def test_keep_end_truncation_and_a_tokenizer_without_images_are_refused(vlm_path
         )
 
 
+@pytest.mark.parametrize(("trainer_class", "config_class"), [(DPOTrainer, DPOConfig), (KTOTrainer, KTOConfig)])
+def test_max_length_cutting_image_tokens_is_a_clear_error(trainer_class, config_class, vlm_paths, tmp_path):
+    config = "conversational_preference" if trainer_class is DPOTrainer else "conversational_unpaired_preference"
+    dataset = zen_image_dataset(config)
+    args = {"max_length": 20}  # LLaVA's prompts hold 16 image tokens after a few text tokens
+    trainer = _train(trainer_class, config_class, vlm_paths["llava"], dataset, tmp_path, args=args)
+    with pytest.raises(ValueError, match=r"`max_length` \(20\) is too short and causes image placeholder tokens"):
+        trainer.train()
+
+
 def test_collator_processes_each_pairs_images_once(vlm_paths):
     processor = get_tiny_vlm_processor(vlm_paths["llava"])
     images = make_images(2, seed=3)
