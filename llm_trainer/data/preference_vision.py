@@ -30,6 +30,7 @@ __all__ = [
     "VisionPreferenceCollator",
     "batch_row_images",
     "check_image_tokens_kept",
+    "flat_image_inputs",
     "is_vision_dataset_row",
     "render_vision_rows",
     "require_processor",
@@ -124,6 +125,15 @@ def check_image_tokens_kept(
         f"tokens, and only {int(kept[row])} of those are kept. Raise `max_length` above the longest prompt (with its "
         "image tokens), or set it to None."
     )
+
+
+def flat_image_inputs(batch: dict[str, Any]) -> ImageInputs | None:
+    """The image tensors of a batch laid out flat, as TRL's vision collators return them (`pixel_*` / `image_*`
+    keys next to `input_ids`), as an `ImageInputs` for the batch's rows; None when it has none."""
+    tensors = {key: value for key, value in batch.items() if key.startswith(("pixel_", "image_"))}
+    if not tensors or IMAGE_INPUTS_KEY in batch:
+        return None
+    return ImageInputs(tensors, batch["input_ids"].size(0))
 
 
 def repeat_rows(fields: dict[str, torch.Tensor], copies: int) -> dict[str, torch.Tensor]:

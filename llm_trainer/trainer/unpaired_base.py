@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
 from transformers import PreTrainedModel
 
-from ..data.preference_vision import IMAGE_INPUTS_KEY, is_vision_dataset_row, require_processor
+from ..data.preference_vision import IMAGE_INPUTS_KEY, flat_image_inputs, is_vision_dataset_row, require_processor
 from ..data.unpaired import (
     DataCollatorForUnpairedPreference,
     VisionUnpairedCollator,
@@ -203,7 +203,7 @@ class UnpairedPreferenceTrainer(BaseTrainer):
     def _image_features(self, model, batch: dict[str, Any]) -> ImageFeatures | None:
         """The batch's images encoded by `model` (once, for the completion and the KL pass), None without images.
         Under FSDP or DeepSpeed the pixels go to the model instead (its sharded vision tower runs in its forward)."""
-        images = batch.get(IMAGE_INPUTS_KEY)
+        images = batch.get(IMAGE_INPUTS_KEY) or flat_image_inputs(batch)  # ours, or a TRL vision collator's
         if images is None:
             return None
         sharded = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)

@@ -277,3 +277,34 @@ def test_collator_processes_each_pairs_images_once(vlm_paths):
     moved = send_to_device(batch, "meta")
     assert moved[IMAGE_INPUTS_KEY].rows == 2
     assert all(t.device.type == "meta" for t in moved[IMAGE_INPUTS_KEY].tensors.values())
+
+
+def test_trl_layout_collators_give_the_same_losses(vlm_paths, tmp_path):
+    """TRL's vision collators (flat `pixel_values`, per row) passed as `data_collator` train the same numbers."""
+    from llm_trainer.data.collators import DataCollatorForVisionPreference, DataCollatorForVisionUnpairedPreference
+
+    path = vlm_paths["qwen2_vl"]
+    processor = get_tiny_vlm_processor(path)
+    cases = [
+        (DPOTrainer, DPOConfig, "conversational_preference", DataCollatorForVisionPreference(processor)),
+        (
+            KTOTrainer,
+            KTOConfig,
+            "conversational_unpaired_preference",
+            DataCollatorForVisionUnpairedPreference(processor),
+        ),
+    ]
+    for trainer_class, config_class, config, trl_collator in cases:
+        losses = []
+        for collator in (None, trl_collator):
+            trainer = trainer_class(
+                model=path,
+                args=_args(config_class, tmp_path),
+                train_dataset=zen_image_dataset(config),
+                processing_class=processor,
+                data_collator=collator,
+            )
+            trainer.train()
+            losses.append([log["loss"] for log in trainer.state.log_history if "loss" in log])
+        # Same tokens and images; only the encoder's batch differs (summation order): float32 rounding of a ~0.7 loss.
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
