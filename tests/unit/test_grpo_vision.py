@@ -438,3 +438,33 @@ def test_training_forward_scores_completions_as_they_were_sampled(family, images
     # float32 log-softmax of the same logits computed with another batch shape: ~1e-6; a wrong image, position or
     # mask moves these tiny models' log-probs by ~1e-3
     torch.testing.assert_close(logps[scored], batch.sampling_per_token_logps[scored], rtol=0, atol=5e-5)
+
+
+def test_resuming_mid_generation_batch_reuses_the_buffered_image_batch(vlm_paths, tmp_path, monkeypatch):
+    """A checkpoint taken while a generation batch (with its image tensors) is being consumed holds that batch; the
+    resumed run trains on it without generating."""
+    args = _config(
+        GRPOConfig,
+        tmp_path,
+        max_steps=2,
+        steps_per_generation=2,  # one generation batch for two optimizer steps
+        beta=0.04,
+        save_strategy="steps",
+        save_steps=1,
+    )
+
+    def trainer():
+        dataset = zen_image_dataset("conversational_prompt_only")
+        return GRPOTrainer(vlm_paths["qwen2_vl"], ImageSpy(), args=args, train_dataset=dataset)
+
+    first = trainer()
+    first.train()
+    second = trainer()
+    monkeypatch.setattr(second, "make_batch", lambda rows: pytest.fail("the resumed run generated"))
+    second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    saved, used = first.generation.buffer[1], second.generation.buffer[1]
+    assert used.vision.num_images == saved.vision.num_images == [1] * 4
+    for key, value in saved.vision.model_kwargs().items():
+        assert torch.equal(used.vision.model_kwargs()[key], value)
+    assert torch.equal(used.completion_ids, saved.completion_ids)
+    assert second.state.global_step == 2 and second.state.log_history[-2]["step"] == 2
