@@ -33,6 +33,7 @@ from .preference_forward import (
     POLICY_OUTPUTS,
     PairedLogps,
     concatenated_forward,
+    encodes_images_once,
     forward_inputs,
     paired_token_metrics,
 )
@@ -243,10 +244,12 @@ class DPOTrainer(BaseTrainer):
 
     @property
     def _forward_options(self) -> dict[str, Any]:
-        """`concatenated_forward` options: LD-DPO, packing, and the vision encoder run once per pair of rows (not under
-        FSDP or DeepSpeed, whose sharded parameters are gathered only inside the wrapped model's forward)."""
-        sharded = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
-        return {"ld_alpha": self.args.ld_alpha, "packed": self._packed, "encode_images_once": not sharded}
+        """`concatenated_forward` options: LD-DPO, packing, and the vision encoder run once per pair of rows."""
+        return {
+            "ld_alpha": self.args.ld_alpha,
+            "packed": self._packed,
+            "encode_images_once": encodes_images_once(self),
+        }
 
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -42,6 +42,7 @@ __all__ = [
     "PairedLogps",
     "concatenated_forward",
     "encode_images",
+    "encodes_images_once",
     "forward_inputs",
     "pack_rows",
     "packed_token_outputs",
@@ -189,6 +190,12 @@ def encode_images(model: torch.nn.Module, images: ImageInputs, *, once: bool = T
         key: value for key, value in tensors.items() if key in forward_keywords and not key.startswith("pixel_")
     }
     return ImageFeatures(_map_per_image(output, lambda features: features), metadata, images.rows)
+
+
+def encodes_images_once(trainer: Any) -> bool:
+    """Whether a trainer's forwards run the vision encoder themselves, once per batch (`encode_images`): not under
+    FSDP or DeepSpeed, whose sharded parameters are gathered only inside the wrapped model's forward."""
+    return not (getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False))
 
 
 def forward_inputs(

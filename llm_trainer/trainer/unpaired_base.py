@@ -35,7 +35,7 @@ from ..modeling import completion_labels
 from ..models import packed_attention
 from ..models.vision import is_vision_model
 from .base_trainer import BaseTrainer, gather_sum
-from .preference_forward import ImageFeatures, encode_images, pack_rows, packed_token_outputs
+from .preference_forward import ImageFeatures, encode_images, encodes_images_once, pack_rows, packed_token_outputs
 from .reference_policy import ReferencePolicy, loss_prediction_step
 from .special_tokens import configure_special_tokens
 
@@ -201,13 +201,12 @@ class UnpairedPreferenceTrainer(BaseTrainer):
         return outputs, outputs.log_probs[:, -seq_len:].sum(-1)
 
     def _image_features(self, model, batch: dict[str, Any]) -> ImageFeatures | None:
-        """The batch's images encoded by `model` (once, for the completion and the KL pass), None without images.
-        Under FSDP or DeepSpeed the pixels go to the model instead (its sharded vision tower runs in its forward)."""
+        """The batch's images encoded by `model` (once, for the completion and the KL pass; `encodes_images_once`),
+        None without images."""
         images = batch.get(IMAGE_INPUTS_KEY) or flat_image_inputs(batch)  # ours, or a TRL vision collator's
         if images is None:
             return None
-        sharded = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
-        return encode_images(model, images, once=not sharded)
+        return encode_images(model, images, once=encodes_images_once(self))
 
     @staticmethod
     def _sequence_kwargs(batch: dict[str, Any], prefix: str, images: ImageFeatures | None) -> dict[str, Any]:
