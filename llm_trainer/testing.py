@@ -431,7 +431,7 @@ def _add_tokens(tokenizer, tokens: list[str], eos: str | None = None, bos: str |
         tokenizer.eos_token = eos
     if bos:
         tokenizer.bos_token = bos
-    if named:
+    if named:  # transformers' hook for a multimodal tokenizer's named tokens; saved in tokenizer_config.json
         tokenizer._set_model_specific_special_tokens(named)
 
 
