@@ -96,7 +96,8 @@ def test_multi_image_rows_and_rows_without_images(vlm_paths, tmp_path):
     trainer = GRPOTrainer(
         model=vlm_paths["qwen2_vl"],
         reward_funcs=[spy],
-        args=_config(GRPOConfig, tmp_path, gradient_accumulation_steps=2),  # 8 completions: every row, twice
+        # 8 completions: every row, twice; the completions table is written (prompts without their images)
+        args=_config(GRPOConfig, tmp_path, gradient_accumulation_steps=2, log_completions=True),
         train_dataset=Dataset.from_list(rows),
         eval_dataset=Dataset.from_list(rows),
     )
@@ -105,6 +106,11 @@ def test_multi_image_rows_and_rows_without_images(vlm_paths, tmp_path):
     assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
     metrics = trainer.evaluate()
     assert "eval_reward" in metrics and len(spy.calls) > 1
+    import pandas as pd
+
+    table = pd.read_parquet(tmp_path / "completions" / "completions_00001.parquet")
+    assert len(table) == 8 and "'type': 'image'" in table["prompt"][0] and "PIL" not in table["prompt"][0]
+    assert len(trainer._logs["images"]) == 8  # log_multimodal (TRL's default): the rows' images, for trackers
 
 
 def _qwen_inputs(vlm_paths, rows: int = 6):
@@ -207,7 +213,7 @@ def test_lora_and_frozen_vision_tower(vlm_paths, tmp_path):
     trainer = GRPOTrainer(
         model=vlm_paths["qwen2_vl"],
         reward_funcs=[ImageSpy()],
-        args=_config(GRPOConfig, tmp_path, beta=0.04),
+        args=_config(GRPOConfig, tmp_path, beta=0.04, log_multimodal=False),
         train_dataset=zen_image_dataset("conversational_prompt_only"),
         peft_config=lora,
     )
@@ -215,7 +221,7 @@ def test_lora_and_frozen_vision_tower(vlm_paths, tmp_path):
     trainer.train()
     changed = _changed(before, trainer.model)
     assert changed and all("lora_" in name for name in changed)
-    assert "kl" in trainer.state.log_history[0]
+    assert "kl" in trainer.state.log_history[0] and len(trainer._logs["images"]) == 0
 
     frozen = GRPOTrainer(
         model=vlm_paths["llava"],
