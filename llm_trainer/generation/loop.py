@@ -361,9 +361,11 @@ class GenerationLoop:
             extra = {k: v for k, v in output.items() if k not in ("prompt_ids", "completion_ids", "logprobs")}
             if images is not None:
                 vision = tokenize_vision_prompts(self.processing_class, prompts, self.chat_template_kwargs)[1]
+                vision = vision.to(self.device)
         elif images is not None:
             prompt_ids, vision = tokenize_vision_prompts(self.processing_class, prompts, self.chat_template_kwargs)
-            result = self.generator.generate(prompt_ids, images=images, vision=vision.to(self.device))
+            vision = vision.to(self.device)  # once: generation and the log-prob passes share it
+            result = self.generator.generate(prompt_ids, images=images, vision=vision)
             completion_ids, logprobs = result.completion_ids, result.logprobs
         else:
             if self.is_vlm and is_conversational({"prompt": prompts[0]}):  # the processor's content-block format
@@ -403,7 +405,7 @@ class GenerationLoop:
     def _prompt_vision(self, rollout: Rollout, width: int) -> VisionInputs:
         """The rollout's image inputs with their token types left-padded to the padded prompts' `width` (whose
         tokens they describe: their last columns)."""
-        vision = rollout.vision.to(self.device)
+        vision = rollout.vision.to(self.device)  # a no-op for the rollouts `generate` makes
         token_types = {}
         for key, value in vision.token_types.items():
             if value.size(1) > width:
