@@ -40,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "fakehub"
-CACHE_VERSION = "3"  # bump to rebuild every entry of an existing cache
+CACHE_VERSION = "4"  # bump to rebuild every entry of an existing cache
 FAKE_SHA = "0123456789abcdef0123456789abcdef01234567"
 ORG = "trl-internal-testing"
 
@@ -157,6 +157,65 @@ MODELS: dict[str, dict[str, Any]] = {
     "tiny-OPTForCausalLM": {"type": "opt", "template": None, "bos": "</s>", "eos": "</s>", "pad": "<pad>"},
     "tiny-Olmo3ForCausalLM": {"type": "olmo3", "template": None, "eos": "<|endoftext|>", "pad": "<|pad|>"},
 }
+
+
+# Vision-language models: repo name -> `llm_trainer.testing.make_tiny_vlm` family. A family make_tiny_vlm does not
+# build yet is reported as not built (and retried on the next run); its tests fail on real TRL too and do not count.
+VLM_MODELS: dict[str, str] = {
+    "tiny-Qwen2VLForConditionalGeneration": "qwen2_vl",
+    "tiny-Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "tiny-Qwen3VLForConditionalGeneration": "qwen3_vl",
+    "tiny-Qwen3_5ForConditionalGeneration-NoThink": "qwen3_5",
+    "tiny-Qwen3_5ForConditionalGeneration-Think": "qwen3_5_think",
+    "tiny-Qwen3_5MoeForConditionalGeneration-3.6": "qwen3_5_moe",
+    "tiny-LlavaForConditionalGeneration": "llava",
+    "tiny-LlavaNextForConditionalGeneration": "llava_next",
+    "tiny-Idefics2ForConditionalGeneration": "idefics2",
+    "tiny-Idefics3ForConditionalGeneration": "idefics3",
+    "tiny-SmolVLMForConditionalGeneration": "smolvlm",
+    "tiny-Gemma3ForConditionalGeneration": "gemma3",
+    "tiny-Gemma4ForConditionalGeneration": "gemma4",
+    "tiny-PaliGemmaForConditionalGeneration": "paligemma",
+}
+
+
+# Config values in which the Hub's tiny checkpoints differ from `make_tiny_vlm`'s defaults and that TRL's tests check:
+# LLaVA(-Next) reads the vision tower's second-to-last layer (so its last layer gets no gradient and the tests expect
+# it unchanged), Gemma 3's SigLIP tower has no attention-pooling head (the tests expect every vision weight to train).
+VLM_CONFIG: dict[str, dict[str, Any]] = {
+    "llava": {"vision_feature_layer": -2},
+    "llava_next": {"vision_feature_layer": -2},
+    "gemma3": {"vision_config.vision_use_head": False},
+}
+
+
+def _build_vlm(repo: str, folder: Path) -> None:
+    """Write the tiny stand-in of a VLM repo id (model, processor, generation config) to `folder`."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    from llm_trainer import testing
+
+    family = VLM_MODELS[repo]
+    builders = getattr(testing, "_VLM_BUILDERS", None)
+    if builders is not None and family not in builders:
+        raise NotImplementedError(f"make_tiny_vlm has no {family!r} family yet")
+    testing.make_tiny_vlm(family, folder)
+    if family in VLM_CONFIG:  # rebuild the weights (seeded) from the adjusted config
+        config = AutoConfig.from_pretrained(folder)
+        for key, value in VLM_CONFIG[family].items():
+            *parents, name = key.split(".")
+            target = config
+            for parent in parents:
+                target = getattr(target, parent)
+            setattr(target, name, value)
+        torch.manual_seed(0)
+        model = getattr(transformers, config.architectures[0])(config)
+        model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+        for file in folder.glob("model*.safetensors*"):
+            file.unlink()
+        model.save_pretrained(folder)
 
 
 def _class_name(repo: str, spec: dict[str, Any]) -> str:
@@ -358,17 +417,37 @@ def _imdb_configs() -> dict[str, dict[str, list[dict[str, Any]]]]:
     return {"plain_text": {"train": rows, "test": rows}}
 
 
+def _zen_image_configs(images_per_row: int) -> dict[str, dict[str, Any]]:
+    """`trl-internal-testing/zen-image` (`image` column) or `zen-multi-image` (`images` list): every conversational
+    config `llm_trainer.testing.zen_image_dataset` builds, 17 train / 2 test rows."""
+    from llm_trainer.testing import zen_image_dataset
+
+    configs = [
+        "conversational_language_modeling",
+        "conversational_prompt_only",
+        "conversational_prompt_completion",
+        "conversational_preference",
+        "conversational_implicit_prompt_preference",
+        "conversational_unpaired_preference",
+    ]
+    return {c: {s: zen_image_dataset(c, s, images_per_row=images_per_row) for s in ("train", "test")} for c in configs}
+
+
 DATASETS = {
     f"{ORG}/zen": _zen_configs,
     f"{ORG}/toolcall": _toolcall_configs,
     f"{ORG}/harmony": _harmony_configs,
     f"{ORG}/dolly-chatml-sft": _dolly_configs,
     "stanfordnlp/imdb": _imdb_configs,
+    f"{ORG}/zen-image": lambda: _zen_image_configs(1),
+    f"{ORG}/zen-multi-image": lambda: _zen_image_configs(2),
 }
 
 
-def _write_dataset(repo: str, configs: dict[str, dict[str, list[dict[str, Any]]]], hub: Path, ds_cache: Path) -> None:
-    """Write one dataset as a Hub-layout parquet repo and as the `datasets` arrow cache offline loading reads."""
+def _write_dataset(repo: str, configs: dict[str, dict[str, Any]], hub: Path, ds_cache: Path) -> None:
+    """Write one dataset as a Hub-layout parquet repo and as the `datasets` arrow cache offline loading reads.
+
+    Each split is a list of rows or a `datasets.Dataset` (kept with its features, e.g. `Image` columns)."""
     from datasets import Dataset
     from datasets.packaged_modules.parquet.parquet import Parquet
 
@@ -381,7 +460,7 @@ def _write_dataset(repo: str, configs: dict[str, dict[str, list[dict[str, Any]]]
         for split, rows in splits.items():
             path = snapshot / config / f"{split}-00000-of-00001.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
-            Dataset.from_list(rows).to_parquet(str(path))
+            (rows if isinstance(rows, Dataset) else Dataset.from_list(rows)).to_parquet(str(path))
             files[split] = [str(path)]
         card += [f"- config_name: {config}", "  data_files:"]
         card += [f"  - split: {s}\n    path: {config}/{s}-*" for s in splits]
@@ -410,7 +489,7 @@ def build_cache(cache_dir: Path, console) -> dict[str, str]:
     hub.mkdir(parents=True, exist_ok=True)
     ds_cache.mkdir(parents=True, exist_ok=True)
     status: dict[str, str] = {}
-    jobs = [(f"{ORG}/{r}", "model") for r in MODELS] + [(r, "dataset") for r in DATASETS]
+    jobs = [(f"{ORG}/{r}", "model") for r in [*MODELS, *VLM_MODELS]] + [(r, "dataset") for r in DATASETS]
     from rich.progress import Progress
 
     with Progress(console=console, transient=True) as progress:
@@ -428,7 +507,10 @@ def build_cache(cache_dir: Path, console) -> dict[str, str]:
                     if kind == "model":
                         snapshot = repo_dir / "snapshots" / FAKE_SHA
                         snapshot.mkdir(parents=True)
-                        _build_model(name, MODELS[name], snapshot)
+                        if name in VLM_MODELS:
+                            _build_vlm(name, snapshot)
+                        else:
+                            _build_model(name, MODELS[name], snapshot)
                         (repo_dir / "refs").mkdir()
                         (repo_dir / "refs" / "main").write_text(FAKE_SHA)
                     else:
@@ -443,12 +525,188 @@ def build_cache(cache_dir: Path, console) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# A TRL checkout's tests can be newer than the installed TRL and import names it lacks, which fails the whole file.
+# `--compat` runs a copy of the tests folder where each module-level `from trl... import a, b` becomes one tolerant
+# import a name: a missing name is a stand-in (`is_*_available` -> False; anything else raises ImportError when used),
+# so only the tests that use it fail, on both sides alike.
+# ------------------------------------------------------------------------------------------------------------------
+_COMPAT_HELPER = """\"\"\"Stand-ins for names a TRL checkout's tests import but the installed `trl` lacks (written by
+llm_trainer's benchmarks/trl_test_suite.py --compat).\"\"\"
+
+
+class _Missing:
+    def __init__(self, name):
+        self._name = name
+
+    def __call__(self, *args, **kwargs):
+        raise ImportError(f"{self._name} is not in the installed trl")
+
+    def __getattr__(self, attr):
+        raise ImportError(f"{self._name} is not in the installed trl")
+
+
+def missing(module, name):
+    if name.startswith("is_") and name.endswith("_available"):
+        return lambda *args, **kwargs: False
+    return _Missing(f"{module}.{name}")
+"""
+
+
+def _tolerant_imports(source: str) -> tuple[str, list[tuple[str, str]]]:
+    """`source` with each module-level `from trl... import ...` split into per-name try/except imports."""
+    import ast
+
+    tree = ast.parse(source)
+    targets: list[ast.ImportFrom] = []
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, ast.ImportFrom) and child.level == 0 and (child.module or "").split(".")[0] == "trl":
+                targets.append(child)
+            visit(child)
+
+    visit(tree)
+    lines = source.splitlines(keepends=True)
+    names: list[tuple[str, str]] = []
+    for node in sorted(targets, key=lambda n: n.lineno, reverse=True):
+        pad = " " * node.col_offset
+        block = []
+        for alias in node.names:
+            bound = alias.asname or alias.name
+            block += [
+                f"{pad}try:\n",
+                f"{pad}    from {node.module} import {alias.name} as {bound}\n",
+                f"{pad}except ImportError:\n",
+                f"{pad}    from tests._trl_compat import missing as _trl_missing\n",
+                f"{pad}    {bound} = _trl_missing({node.module!r}, {alias.name!r})\n",
+            ]
+            names.append((node.module or "", alias.name))
+        lines[node.lineno - 1 : node.end_lineno] = block
+    return "".join(lines), names
+
+
+def stage_compat_tests(tests_root: Path, staging: Path) -> dict[str, list[str]]:
+    """Copy `tests_root` to `staging/tests` with tolerant `trl` imports; returns file -> names the installed trl lacks."""
+    import importlib
+
+    target = staging / "tests"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(tests_root, target, ignore=shutil.ignore_patterns("__pycache__"))
+    (target / "_trl_compat.py").write_text(_COMPAT_HELPER, encoding="utf-8")
+    missing: dict[str, list[str]] = {}
+    for path in sorted(target.rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        if "trl" not in source or path.name == "_trl_compat.py":
+            continue
+        new, names = _tolerant_imports(source)
+        path.write_text(new, encoding="utf-8")
+        lacking = []
+        for module, name in names:
+            try:
+                if not hasattr(importlib.import_module(module), name):
+                    importlib.import_module(f"{module}.{name}")
+            except Exception:
+                lacking.append(f"{module}.{name}")
+        if lacking:
+            missing[str(path.relative_to(target))] = lacking
+    return missing
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Qwen-VL and SmolVLM processors hold a video processor, which needs torchvision; where it is missing,
+# `AutoProcessor.from_pretrained` fails for them on real TRL and under the alias alike. `--images-only-processors`
+# loads both sides' runs with a pytest plugin that retries such a load through `llm_trainer.models.vision.
+# load_processor` (the family's processor class without its video half), so those tests can count.
+# ------------------------------------------------------------------------------------------------------------------
+_IMAGES_ONLY_PLUGIN = """\"\"\"pytest plugin written by llm_trainer's benchmarks/trl_test_suite.py --images-only-processors: a processor
+whose video half cannot load (no torchvision) is loaded images-only.\"\"\"
+import os
+
+import transformers
+
+_original = transformers.AutoProcessor.from_pretrained.__func__
+
+
+def _from_pretrained(cls, name_or_path, *args, **kwargs):
+    try:
+        return _original(cls, name_or_path, *args, **kwargs)
+    except (OSError, ValueError, ImportError) as error:
+        if "video" not in str(error).lower() and "torchvision" not in str(error).lower():
+            raise
+        from huggingface_hub import snapshot_download
+
+        from llm_trainer.models.vision import load_processor
+
+        path = name_or_path if os.path.isdir(name_or_path) else snapshot_download(name_or_path)
+        return load_processor(path)
+
+
+transformers.AutoProcessor.from_pretrained = classmethod(_from_pretrained)
+"""
+IMAGES_ONLY_PLUGIN = "trl_suite_images_only"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# `--vlm`: the vision-language tests of the selected files. A test counts when its node id names a VLM (repo id,
+# parameter id such as `qwen2_vl`, or `vlm` / `image` / `vision` / `multimodal` in its name) or, for a test without
+# parameters, when its body loads a VLM repo or an image dataset.
+# ------------------------------------------------------------------------------------------------------------------
+_VLM_ID = re.compile(
+    r"(?<!T5)ForConditionalGeneration|vlm|vision|image|multimodal|processor|qwen2_vl|qwen2\.5_vl|qwen3_vl|qwen3?5|qwen36"
+    r"|gemma[34]|gemma_3n|idefics|llava|smolvlm|paligemma",
+    re.IGNORECASE,
+)
+_VLM_BODY = re.compile(r"(?<!T5)ForConditionalGeneration|zen-image|zen-multi-image")
+
+
+def _vlm_functions(path: Path) -> set[str]:
+    """`Class::test_name` (or `test_name`) of each test function in `path` whose body names a VLM or image dataset."""
+    import ast
+
+    source = path.read_text(encoding="utf-8")
+    found: set[str] = set()
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}{child.name}::")
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and child.name.startswith("test"):
+                body = "".join(ast.get_source_segment(source, stmt) or "" for stmt in child.body)
+                if _VLM_BODY.search(body):
+                    found.add(prefix + child.name)
+
+    visit(ast.parse(source), "")
+    return found
+
+
+def select_vlm_tests(tests_root: Path, targets: list[str], env: dict[str, str], log: Path) -> list[str]:
+    """Collect `targets` (run from the tests folder's parent) and keep the vision-language test node ids."""
+    cmd = [sys.executable, "-m", "pytest", *targets, "--collect-only", "-q", "-p", "no:cacheprovider"]
+    proc = subprocess.run(cmd, cwd=tests_root.parent, env=env, capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr, encoding="utf-8")
+    by_file: dict[str, set[str]] = {}
+    selected = []
+    for line in proc.stdout.splitlines():
+        if "::" not in line or " " in line.split("::")[0]:
+            continue
+        node = line.strip()
+        file = node.split("::")[0]
+        if file not in by_file:
+            by_file[file] = _vlm_functions(tests_root.parent / file)
+        function = "::".join(node.split("::")[1:]).split("[")[0]
+        parametrized = node.endswith("]")  # then the name or the parameters must name the VLM
+        if _VLM_ID.search(node.split("::", 1)[1]) or (not parametrized and function in by_file[file]):
+            selected.append(node)
+    return selected
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Running the tests and reading the results.
 # ------------------------------------------------------------------------------------------------------------------
-def run_pytest(label: str, tests_root: Path, targets: list[str], args, junit: Path, log: Path, console) -> float:
-    """Run pytest on `targets` (paths relative to the tests folder's parent), streaming its progress; returns seconds."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+def pytest_env(args) -> dict[str, str]:
+    """The environment TRL's tests run in: offline, reading the stand-in cache."""
     cache = Path(args.cache_dir)
     env = dict(os.environ)
     env.update(
@@ -462,14 +720,41 @@ def run_pytest(label: str, tests_root: Path, targets: list[str], args, junit: Pa
         PYTHONDONTWRITEBYTECODE="1",
         PYTHONUNBUFFERED="1",  # progress lines arrive as pytest writes them
     )
+    if getattr(args, "images_only_processors", False):
+        plugins = cache / "plugins"
+        plugins.mkdir(parents=True, exist_ok=True)
+        (plugins / f"{IMAGES_ONLY_PLUGIN}.py").write_text(_IMAGES_ONLY_PLUGIN, encoding="utf-8")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(plugins), env.get("PYTHONPATH")]))
+    return env
+
+
+def _has_module(name: str) -> bool:
+    """Whether `name` is importable (a pytest plugin this script passes options to)."""
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def run_pytest(label: str, tests_root: Path, targets: list[str], args, junit: Path, log: Path, console) -> float:
+    """Run pytest on `targets` (paths relative to the tests folder's parent), streaming its progress; returns seconds."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    env = pytest_env(args)
     cmd = [sys.executable, "-m", "pytest", *targets, "-p", "no:cacheprovider", "-q", "-rN", f"--junitxml={junit}"]
-    cmd += ["--timeout", str(args.timeout)]
-    if args.workers > 0:
+    if _has_module("pytest_timeout"):
+        cmd += ["--timeout", str(args.timeout)]
+    else:
+        console.print("[yellow]pytest-timeout is not installed: no per-test timeout[/]")
+    if args.workers > 0 and _has_module("xdist"):
         cmd += ["-n", str(args.workers)]
+    elif args.workers > 0:
+        console.print("[yellow]pytest-xdist is not installed: tests run in one process[/]")
     if args.k:
         cmd += ["-k", args.k]
     if label == "alias":
         cmd += ["-p", "llm_trainer.trl_alias"]
+    if getattr(args, "images_only_processors", False):
+        cmd += ["-p", IMAGES_ONLY_PLUGIN]
     start = time.perf_counter()
     with (
         Progress(
@@ -572,6 +857,20 @@ def main() -> None:
     parser.add_argument("--label", default="", help="suffix for run files and the JSON, to keep staged runs apart")
     parser.add_argument("--output", help="JSON report (default benchmarks/results/trl_test_suite[_label].json)")
     parser.add_argument("--real-pass-list", help="also write the ids passing on real TRL here, one a line")
+    parser.add_argument(
+        "--compat", action="store_true", help="run a copy of the tests with tolerant `trl` imports (newer checkouts)"
+    )
+    parser.add_argument("--vlm", action="store_true", help="run only the vision-language tests of the selected files")
+    parser.add_argument(
+        "--images-only-processors",
+        action="store_true",
+        help="on both sides, load a processor whose video half needs the missing torchvision images-only",
+    )
+    parser.add_argument(
+        "--only-real-passing",
+        action="store_true",
+        help="run the alias side on the tests that passed on real TRL only (the others do not count)",
+    )
     args = parser.parse_args()
     suffix = f"_{args.label}" if args.label else ""
     args.output = args.output or str(RESULTS / f"trl_test_suite{suffix}.json")
@@ -592,15 +891,32 @@ def main() -> None:
         return
 
     names = args.files or sorted(p.name for p in tests_root.glob("test_*.py"))
-    targets = [f"{tests_root.name}/{n}" for n in names]
     runs = cache_dir / "runs"
     runs.mkdir(exist_ok=True)
+    compat_missing: dict[str, list[str]] = {}
+    if args.compat:
+        compat_missing = stage_compat_tests(tests_root, cache_dir / f"compat{suffix}")
+        tests_root = cache_dir / f"compat{suffix}" / "tests"
+        console.print(f"compat copy of the tests at {tests_root}: {len(compat_missing)} files import names trl lacks")
+    targets = [f"{tests_root.name}/{n}" for n in names]
+    if args.vlm:
+        selection = runs / f"vlm_selection{suffix}.txt"
+        if not (selection.exists() and (args.report_only or args.reuse_real)):
+            ids = select_vlm_tests(tests_root, targets, pytest_env(args), runs / f"collect{suffix}.log")
+            selection.write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+        targets = selection.read_text(encoding="utf-8").split()
+        console.print(f"--vlm: {len(targets)} vision-language tests selected ({selection})")
     seconds = {}
     for label in ("real", "alias"):
         junit, log = runs / f"{label}{suffix}.xml", runs / f"{label}{suffix}.log"
         if junit.exists() and (args.report_only or (label == "real" and args.reuse_real)):
             continue
-        seconds[label] = run_pytest(label, tests_root, targets, args, junit, log, console)
+        run_targets = targets
+        if label == "alias" and args.only_real_passing:
+            passed = read_junit(runs / f"real{suffix}.xml", tests_root.parent)
+            run_targets = sorted(n for n, (o, _) in passed.items() if o == "passed")
+            console.print(f"alias side: the {len(run_targets)} tests passing on real TRL")
+        seconds[label] = run_pytest(label, tests_root, run_targets, args, junit, log, console)
         console.print(f"{label}: {seconds[label]:.0f} s, log {log}")
     real = read_junit(runs / f"real{suffix}.xml", tests_root.parent)
     alias = read_junit(runs / f"alias{suffix}.xml", tests_root.parent)
@@ -625,6 +941,10 @@ def main() -> None:
         "transformers_version": transformers.__version__,
         "tests": str(tests_root),
         "files_selected": names,
+        "vlm_only": args.vlm,
+        "images_only_processors": args.images_only_processors,
+        "tests_selected": len(targets) if args.vlm else None,
+        "compat_missing_names": compat_missing,
         "k": args.k,
         "timeout_s": args.timeout,
         "workers": args.workers,
