@@ -281,6 +281,7 @@ def test_config_has_trls_fields_and_defaults(tmp_path):
 
     ours = defaults(DPOConfig)
     assert ours.pop("packed_forward") is None  # llm_trainer's own field (packed batches where the model supports them)
+    assert ours.pop("freeze_vision_tower") is False  # llm_trainer's own field (VLMs: train the language model only)
     assert ours == defaults(trl.DPOConfig)
     assert all(f.metadata.get("help") for f in dataclasses.fields(DPOConfig))
     config = DPOConfig(str(tmp_path), loss_type="ipo")
@@ -346,7 +347,8 @@ def test_sync_ref_model_with_peft_is_rejected(tiny_model_path, tmp_path, prefere
         )
 
 
-def test_vision_dataset_is_rejected(tiny_model_path, tmp_path):
+def test_vision_dataset_with_a_text_only_model_is_rejected(tiny_model_path, tmp_path):
     dataset = Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"], "images": [[]]})
-    with pytest.raises(ValueError, match="remove those columns"):
+    with pytest.raises(ValueError, match="is not a vision-language model") as error:
         DPOTrainer(model=tiny_model_path, args=_config(tmp_path), train_dataset=dataset)
+    assert "remove_columns('images')" in str(error.value)  # the fix
