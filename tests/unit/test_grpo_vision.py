@@ -87,6 +87,7 @@ def test_trains_on_image_prompts_and_rewards_see_the_images(trainer_name, family
     logged = trainer.state.log_history[0]
     assert {"kl", "entropy", "reward"} <= logged.keys() and torch.isfinite(torch.tensor(logged["loss"]))
     assert trainer.args.ddp_find_unused_parameters  # a batch without images leaves the vision tower unused (TRL's)
+    assert trainer.generator.suppress_token_ids == [trainer.model.config.image_token_id]  # never sampled (TRL's)
 
 
 def test_multi_image_rows_and_rows_without_images(vlm_paths, tmp_path):
@@ -223,6 +224,7 @@ def test_lora_and_frozen_vision_tower(vlm_paths, tmp_path):
     changed = _changed(before, trainer.model)
     assert changed and all("lora_" in name for name in changed)
     assert "kl" in trainer.state.log_history[0] and len(trainer._logs["images"]) == 0
+    assert trainer.generator.suppress_token_ids == [trainer.model.config.image_token_id]
 
     frozen = GRPOTrainer(
         model=vlm_paths["llava"],
