@@ -108,6 +108,10 @@ class VisionInputs:
         from ..trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
         index = torch.as_tensor(rows, dtype=torch.long).reshape(-1).tolist()
+        if self._padded_per_row():
+            tensors = {key: value[index] for key, value in self.tensors.items()}
+            token_types = {key: value[index] for key, value in self.token_types.items()}
+            return VisionInputs([self.num_images[i] for i in index], tensors, token_types, self.completion_types)
         split = split_pixel_values_by_grid({**self.tensors, "num_images": self.num_images})
         picked: dict[str, Any] = {}
         for key, value in self.tensors.items():
@@ -121,6 +125,20 @@ class VisionInputs:
         tensors = {key: value for key, value in unsplit_pixel_values_by_grid(picked).items() if key != "num_images"}
         token_types = {key: value[index] for key, value in self.token_types.items()}
         return VisionInputs([self.num_images[i] for i in index], tensors, token_types, self.completion_types)
+
+    def _padded_per_row(self) -> bool:
+        """Whether the image tensors hold one padded entry per row (Idefics2/3, SmolVLM: `pixel_values`
+        `[rows, max images, C, H, W]` with a `pixel_attention_mask`), which a count of images per row could not tell
+        apart from one entry per image when the counts add up to the rows (e.g. rows of 0 and 2 images)."""
+        pixels, mask = self.tensors.get("pixel_values"), self.tensors.get("pixel_attention_mask")
+        return (
+            pixels is not None
+            and mask is not None
+            and "spatial_shapes" not in self.tensors
+            and pixels.dim() == 5
+            and mask.dim() == 4
+            and pixels.size(0) == mask.size(0) == self.rows
+        )
 
     def _by_image(self, key: str, value: torch.Tensor, index: list[int]) -> torch.Tensor:
         """A tensor with one entry per image that `split_pixel_values_by_grid` leaves whole (e.g. `image_sizes`

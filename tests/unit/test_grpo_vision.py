@@ -477,3 +477,20 @@ def test_resuming_mid_generation_batch_reuses_the_buffered_image_batch(vlm_paths
         assert torch.equal(used.vision.model_kwargs()[key], value)
     assert torch.equal(used.completion_ids, saved.completion_ids)
     assert second.state.global_step == 2 and second.state.log_history[-2]["step"] == 2
+
+
+def test_padded_per_row_images_are_picked_by_row(tmp_path):
+    """Idefics-style processors pad the images per row (`[rows, max images, ...]`): rows of 0 and 2 images (2 in
+    all, as many as rows) are still picked by row, not split as one entry per image."""
+    from llm_trainer.data.formats import prepare_multimodal_messages
+
+    processor = get_tiny_vlm_processor(make_tiny_vlm("idefics3", tmp_path / "idefics3"))
+    prompts = [
+        prepare_multimodal_messages([{"role": "user", "content": "hi"}], images)
+        for images in ([], make_images(2, seed=5))
+    ]
+    _, vision = tokenize_vision_prompts(processor, prompts, {})
+    assert vision.num_images == [0, 2] and vision.tensors["pixel_values"].dim() == 5
+    swapped = vision.select([1, 0])
+    for key, value in vision.tensors.items():
+        assert torch.equal(swapped.tensors[key], value[[1, 0]])
