@@ -11,7 +11,7 @@ vLLM back end is built.
 from .._lazy import lazy_exports
 
 _EXPORTS = {
-    "base": ["GenerationResult", "Generator", "SamplingConfig"],
+    "base": ["GenerationResult", "Generator", "SamplingConfig", "VisionInputs"],
     "factory": ["make_generator"],
     "remote": ["GenerationClient", "VLLMServerGenerator"],
     "transformers_backend": ["TransformersGenerator"],
