@@ -31,7 +31,7 @@ SCRIPT_MODULES = ["llm_trainer.scripts.utils", "llm_trainer.scripts._training", 
 # Fields that do nothing by design, per class that declares them (subclasses inherit them); each warns when set.
 INERT = {
     "OnPolicyConfig": {"vllm_group_port"},
-    "OnlineRLConfig": {"log_multimodal", "transformers_continuous_batching_config"},
+    "OnlineRLConfig": {"transformers_continuous_batching_config"},
     "GRPOConfig": {"log_completions_hub_repo"},
     "AsyncGRPOConfig": {"fork_threshold_tokens", "token_budget", "fast_generation", "generation_compact_finished"},
     "DistillationConfig": {"max_tool_calling_iterations"},

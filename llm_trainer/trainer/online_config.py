@@ -130,7 +130,6 @@ class OnlineRLConfig(OnPolicyConfig):
 
     _VALID_DICT_FIELDS = OnPolicyConfig._VALID_DICT_FIELDS + ["transformers_continuous_batching_config"]
     _inert_fields = {
-        "log_multimodal": "vision-language models are not trained here, so completions carry no media to log.",
         "transformers_continuous_batching_config": "transformers continuous batching is not supported here "
         "(`use_transformers_continuous_batching=True` raises).",
     }

@@ -196,7 +196,7 @@ def test_bad_configuration_is_refused(tiny_model_path, tmp_path):
         GRPOTrainer(
             tiny_model_path, length_reward, args=_config(tmp_path), train_dataset=dataset.rename_column("prompt", "q")
         )
-    with pytest.raises(NotImplementedError, match="vision-language"):
+    with pytest.raises(ValueError, match="not a vision-language model"):
         GRPOTrainer(
             tiny_model_path,
             length_reward,
