@@ -482,7 +482,7 @@ def _qwen_vl_image_processor(patch_size: int):
 def _build_qwen2_vl(tokenizer):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from .models.vision import ImagesOnlyQwen2VLProcessor
+    from .models.images_only_processors import ImagesOnlyQwen2VLProcessor
 
     tokens = _qwen_vl_tokens(tokenizer)
     processor = ImagesOnlyQwen2VLProcessor(
@@ -507,7 +507,7 @@ def _build_qwen2_vl(tokenizer):
 def _build_qwen2_5_vl(tokenizer):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from .models.vision import ImagesOnlyQwen2_5_VLProcessor
+    from .models.images_only_processors import ImagesOnlyQwen2_5_VLProcessor
 
     tokens = _qwen_vl_tokens(tokenizer)
     processor = ImagesOnlyQwen2_5_VLProcessor(
@@ -534,7 +534,7 @@ def _build_qwen2_5_vl(tokenizer):
 def _build_qwen3_vl(tokenizer):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from .models.vision import ImagesOnlyQwen3VLProcessor
+    from .models.images_only_processors import ImagesOnlyQwen3VLProcessor
 
     tokens = _qwen_vl_tokens(tokenizer)
     processor = ImagesOnlyQwen3VLProcessor(
@@ -605,7 +605,7 @@ def _build_qwen3_5(tokenizer, template: str = _QWEN_VL_TEMPLATE, moe: bool = Fal
         Qwen3_5MoeForConditionalGeneration,
     )
 
-    from .models.vision import ImagesOnlyQwen3VLProcessor
+    from .models.images_only_processors import ImagesOnlyQwen3VLProcessor
 
     tokens = _qwen_vl_tokens(tokenizer)  # Qwen3.5 uses Qwen3-VL's processor
     processor = ImagesOnlyQwen3VLProcessor(
@@ -782,7 +782,7 @@ def _build_idefics3(tokenizer):
 def _build_smolvlm(tokenizer):
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil
 
-    from .models.vision import ImagesOnlySmolVLMProcessor
+    from .models.images_only_processors import ImagesOnlySmolVLMProcessor
 
     _idefics_tokens(tokenizer)
     processor = ImagesOnlySmolVLMProcessor(
@@ -852,7 +852,7 @@ def _build_gemma3(tokenizer):
 def _build_gemma4(tokenizer):
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil
 
-    from .models.vision import ImagesOnlyGemma4Processor
+    from .models.images_only_processors import ImagesOnlyGemma4Processor
 
     _add_tokens(
         tokenizer,

@@ -17,12 +17,7 @@ import os
 from typing import Any
 
 from torch import nn
-from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, ProcessorMixin
-from transformers.models.gemma4 import Gemma4Processor
-from transformers.models.qwen2_5_vl import Qwen2_5_VLProcessor
-from transformers.models.qwen2_vl import Qwen2VLProcessor
-from transformers.models.qwen3_vl import Qwen3VLProcessor
-from transformers.models.smolvlm import SmolVLMProcessor
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 from transformers.utils import cached_file, is_num2words_available, is_torchvision_available
 
 # Submodules (by attribute name) that hold a VLM's vision encoder or its multimodal projector, across families:
@@ -122,116 +117,14 @@ def language_model(model: nn.Module) -> nn.Module:
     return backbone if isinstance(backbone, nn.Module) else base
 
 
-class _SavedAsFamily:
-    """Mixin: an images-only processor saves under its family's processor class (`family_class`)."""
-
-    family_class: type[ProcessorMixin]
-
-    def to_dict(self) -> dict[str, Any]:
-        output = super().to_dict()
-        output["processor_class"] = self.family_class.__name__  # reloads as the family's own processor
-        return output
-
-
-class _ImagesOnly(_SavedAsFamily):
-    """Mixin for a processor class whose `__init__` takes no video processor (so transformers checks none)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-        self.video_processor = None
-
-
-class ImagesOnlyQwen2VLProcessor(_ImagesOnly, Qwen2VLProcessor):
-    """`Qwen2VLProcessor` without the video processor (no torchvision needed)."""
-
-    family_class = Qwen2VLProcessor
-
-
-class ImagesOnlyQwen2_5_VLProcessor(_ImagesOnly, Qwen2_5_VLProcessor):
-    """`Qwen2_5_VLProcessor` without the video processor (no torchvision needed)."""
-
-    family_class = Qwen2_5_VLProcessor
-
-
-class ImagesOnlyQwen3VLProcessor(_ImagesOnly, Qwen3VLProcessor):
-    """`Qwen3VLProcessor` without the video processor (no torchvision needed)."""
-
-    family_class = Qwen3VLProcessor
-
-
-class ImagesOnlySmolVLMProcessor(_SavedAsFamily, SmolVLMProcessor):
-    """`SmolVLMProcessor` without the video processor (no torchvision, no `num2words`, which only videos use)."""
-
-    family_class = SmolVLMProcessor
-
-    def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None, **kwargs):
-        # SmolVLMProcessor.__init__ refuses to run without num2words; set up the same image-token state, then the
-        # common processor state with the two image-side attributes.
-        self.fake_image_token = getattr(tokenizer, "fake_image_token", "<fake_token_around_image>")
-        self.image_token = getattr(tokenizer, "image_token", "<image>")
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.end_of_utterance_token = getattr(tokenizer, "end_of_utterance_token", "<end_of_utterance>")
-        self.global_image_token = getattr(tokenizer, "global_image_token", "<global-img>")
-        self.image_seq_len = image_seq_len
-        self.video_token = getattr(tokenizer, "video_token", "<video>")
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
-        self.video_processor = None
-
-    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
-        """The generic chat-template rendering (SmolVLM's own reads video-sampling defaults off the video processor)."""
-        return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
-
-
-class ImagesOnlyGemma4Processor(_SavedAsFamily, Gemma4Processor):
-    """`Gemma4Processor` without its video processor (torchvision) and audio feature extractor."""
-
-    family_class = Gemma4Processor
-
-    def __init__(
-        self,
-        image_processor=None,
-        tokenizer=None,
-        chat_template=None,
-        image_seq_length: int = 280,
-        audio_seq_length: int = 750,
-        audio_ms_per_token: int = 40,
-        **kwargs,
-    ):
-        # The image and special-token state Gemma4Processor.__init__ sets up, without adding the video token to the
-        # tokenizer as it does (only videos use it).
-        self.image_seq_length = image_seq_length
-        self.image_token_id = tokenizer.image_token_id
-        self.boi_token, self.eoi_token, self.image_token = (
-            tokenizer.boi_token,
-            tokenizer.eoi_token,
-            tokenizer.image_token,
-        )
-        self.video_token = "<|video|>"
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        self.audio_seq_length, self.audio_ms_per_token = audio_seq_length, audio_ms_per_token
-        for name in ("audio_token", "audio_token_id", "boa_token", "eoa_token"):
-            setattr(self, name, getattr(tokenizer, name, None))
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
-        self.feature_extractor = self.video_processor = None
-
-
-IMAGES_ONLY_PROCESSORS: dict[str, type[ProcessorMixin]] = {
-    cls.family_class.__name__: cls
-    for cls in (
-        ImagesOnlyQwen2VLProcessor,
-        ImagesOnlyQwen2_5_VLProcessor,
-        ImagesOnlyQwen3VLProcessor,
-        ImagesOnlySmolVLMProcessor,
-        ImagesOnlyGemma4Processor,
-    )
-}
-
-
-def _video_processor_available(processor_class: str) -> bool:
-    """Whether transformers can build `processor_class`'s video processor here."""
-    if processor_class == SmolVLMProcessor.__name__ and not is_num2words_available():
-        return False
-    return is_torchvision_available()
+# The processor classes `images_only_processors` has an images-only twin of.
+IMAGES_ONLY_FAMILIES = (
+    "Qwen2VLProcessor",
+    "Qwen2_5_VLProcessor",
+    "Qwen3VLProcessor",
+    "SmolVLMProcessor",
+    "Gemma4Processor",
+)
 
 
 def _processor_config(name_or_path: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:
@@ -266,8 +159,12 @@ def _images_only_processor(name_or_path: str | os.PathLike, **kwargs: Any) -> An
     hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
     config = _processor_config(name_or_path, **hub)
     name = config.get("processor_class") or ""
-    cls = IMAGES_ONLY_PROCESSORS.get(name)
-    if cls is None or _video_processor_available(name):
+    if name not in IMAGES_ONLY_FAMILIES:
+        return None
+    from .images_only_processors import IMAGES_ONLY_PROCESSORS, video_processor_available
+
+    cls = IMAGES_ONLY_PROCESSORS[name]
+    if video_processor_available(name):
         return None
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     image_processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
@@ -294,3 +191,16 @@ def load_processor(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
                     raise
                 return processor
     return AutoProcessor.from_pretrained(name_or_path, **kwargs)
+
+
+def load_checkpoint_weights(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Load the weights a `save_pretrained` folder holds into the VLM `model`, through transformers' key conversions.
+
+    transformers saves a VLM under its checkpoint key names (`model.layers...` for the module
+    `model.language_model.layers...`), which only `from_pretrained` maps back. `Trainer`'s resume reads the file with
+    a plain non-strict `load_state_dict`, so it would match none of the keys and silently keep the current weights;
+    this reads the folder with `from_pretrained` and copies every tensor, strictly.
+    """
+    dtype = next(model.parameters()).dtype
+    loaded = type(model).from_pretrained(folder, config=model.config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict(), strict=True)

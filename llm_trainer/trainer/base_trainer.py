@@ -40,7 +40,7 @@ from ..modeling import (
     prepare_peft,
     prepare_processing_class,
 )
-from ..models.vision import freeze_vision_tower, is_vision_model
+from ..models.vision import freeze_vision_tower, is_vision_model, load_checkpoint_weights
 from . import reference_cache, simple
 from .checkpointing import (
     full_model_save,
@@ -501,6 +501,16 @@ class BaseTrainer(Trainer):
         `from_pretrained`-loadable model (transformers would silently write none)."""
         with full_model_save(self, _internal_call):
             super().save_model(output_dir, _internal_call=_internal_call)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        """As `Trainer._load_from_checkpoint`; a full (non-PEFT, unsharded) VLM reads its weights through
+        `from_pretrained`'s key conversions, which transformers' plain `load_state_dict` would miss silently."""
+        target = self.model if model is None else model
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if isinstance(target, PreTrainedModel) and is_vision_model(target) and not sharded:
+            load_checkpoint_weights(target, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _save_checkpoint(self, model, trial):
         """As `Trainer._save_checkpoint`, but written into a staging folder and renamed into place when complete, so

@@ -330,6 +330,39 @@ def test_trained_vlm_checkpoint_reloads_as_a_vlm_with_its_processor(vlm_path, tm
     assert 'pipeline("image-text-to-text"' in card and "text-generation" not in card
 
 
+def test_resuming_a_vlm_run_loads_the_checkpoint_weights(vlm_path, tmp_path):
+    """transformers' resume loads a VLM checkpoint's (converted) key names into nothing; ours reads them through
+    `from_pretrained`, so a resumed run ends where the uninterrupted one does."""
+    from llm_trainer import SFTConfig, SFTTrainer
+    from llm_trainer.testing import zen_image_dataset
+
+    dataset = zen_image_dataset("conversational_language_modeling").select(range(6))
+
+    def run(output_dir, max_steps, resume=None):
+        args = SFTConfig(
+            output_dir=str(output_dir),
+            max_steps=max_steps,
+            per_device_train_batch_size=2,
+            save_steps=2,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",  # the 2-step run's schedule is then the 3-step run's
+            report_to=[],
+            seed=3,
+        )
+        trainer = SFTTrainer(model=vlm_path("llava"), args=args, train_dataset=dataset)
+        trainer.train(resume_from_checkpoint=resume)
+        return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+
+    straight = run(tmp_path / "straight", 3)
+    run(tmp_path / "first", 2)
+    resumed = run(tmp_path / "first", 3, resume=str(tmp_path / "first" / "checkpoint-2"))
+    for name, param in straight.items():
+        scale = param.abs().max().item() + 1.0
+        assert torch.allclose(resumed[name], param, rtol=0, atol=1e-5 * scale), name
+    initial = AutoModelForImageTextToText.from_pretrained(vlm_path("llava")).state_dict()
+    assert any(not torch.equal(initial[name], resumed[name]) for name in initial if name in resumed)
+
+
 def test_trainer_takes_a_vlm_instance_with_its_processor(vlm_path, tmp_path):
     from llm_trainer import SFTConfig, SFTTrainer
     from llm_trainer.testing import zen_image_dataset
