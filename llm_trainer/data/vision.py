@@ -38,7 +38,10 @@ def cell_images(value: Any) -> list[Any]:
 def _open_image(value: Any, *, load: bool):
     """A PIL image from a PIL image, encoded bytes, a `{"bytes", "path"}` dict (a `datasets.Image` cell), a path or
     an array. `load=False` only parses and verifies the file (no pixel decoding)."""
-    from PIL import Image
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise ImportError('Image datasets need Pillow: pip install "llm-trainer[vision]"') from error
 
     if isinstance(value, Image.Image):
         return value
