@@ -54,9 +54,9 @@ def _conversation(images: int, answer: str = "A cat.") -> list[dict]:
 
 
 def test_every_builder_is_a_named_family():
-    from llm_trainer.testing import _VLM_BUILDERS
+    from llm_trainer.testing_vlm import VLM_BUILDERS
 
-    assert sorted(_VLM_BUILDERS) == sorted(FAMILIES)
+    assert sorted(VLM_BUILDERS) == sorted(FAMILIES)
     with pytest.raises(ValueError, match="Unknown VLM family 'nope'"):
         make_tiny_vlm("nope")
 
