@@ -9,6 +9,8 @@ import torch
 from transformers import ProcessorMixin
 from transformers.data.data_collator import DataCollatorMixin
 
+from .vision import batch_row_images, render_vision_rows
+
 
 def pad(
     tensors: list[torch.Tensor],
@@ -155,32 +157,6 @@ class DataCollatorForPreference(DataCollatorMixin):
 # completions as text, right-padded, then join the two and flush the padding left.
 
 
-def _batch_images(examples: list[dict[str, Any]]) -> list[list] | None:
-    """Each row's image list (`images`, or a lone `image`; a missing or None cell: none); None when no row has one
-    (processors refuse a batch of empty lists)."""
-    from .vision import cell_images
-
-    images = [cell_images(ex.get("images", ex.get("image"))) for ex in examples]
-    return None if all(not row for row in images) else images
-
-
-def _render_vision_rows(
-    examples: list[dict[str, Any]], processor: Any, completion_keys: tuple[str, ...], images: list[list] | None
-) -> list[dict[str, Any]]:
-    """Text rows: conversational rows get their images' placeholders and are rendered with the chat template."""
-    from .chat_template import apply_chat_template
-    from .formats import is_conversational, prepare_multimodal_messages
-
-    if not is_conversational(examples[0]):
-        return examples
-    rendered = []
-    for i, ex in enumerate(examples):
-        row = {"prompt": prepare_multimodal_messages(ex["prompt"], images=images[i] if images else None)}
-        row.update({key: prepare_multimodal_messages(ex[key]) for key in completion_keys})
-        rendered.append(apply_chat_template(row, processor))
-    return rendered
-
-
 def _process(processor: Any, texts: list[str], padding_side: str, return_tensors: str, images=None) -> dict:
     # add_special_tokens=False: a rendered chat template already holds the special tokens (no second BOS).
     kwargs = {"images": images} if images is not None else {}
@@ -268,7 +244,7 @@ class DataCollatorForVisionLanguageModeling(DataCollatorMixin):
     def _collate_language_modeling(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         from .formats import prepare_multimodal_messages
 
-        images = _batch_images(examples)
+        images = batch_row_images(examples)
         processor_kwargs = {
             "padding": True,
             "padding_side": "right",
@@ -304,8 +280,8 @@ class DataCollatorForVisionLanguageModeling(DataCollatorMixin):
 
     def _collate_prompt_completion(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         _no_pad_to_multiple_of(self.pad_to_multiple_of)
-        images = _batch_images(examples)
-        rows = _render_vision_rows(examples, self.processor, ("completion",), images)
+        images = batch_row_images(examples)
+        rows = render_vision_rows(examples, self.processor, ("completion",), images)
         prompts = _process(self.processor, [r["prompt"] for r in rows], "left", self.return_tensors, images)
         completions = _process(self.processor, [r["completion"] for r in rows], "right", self.return_tensors)
         joined = _join_prompt_completion(prompts, completions, self.max_length)
@@ -336,8 +312,8 @@ class DataCollatorForVisionPreference(DataCollatorMixin):
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         _no_pad_to_multiple_of(self.pad_to_multiple_of)
-        images = _batch_images(examples)
-        rows = _render_vision_rows(examples, self.processor, ("chosen", "rejected"), images)
+        images = batch_row_images(examples)
+        rows = render_vision_rows(examples, self.processor, ("chosen", "rejected"), images)
         prompt_texts = [r["prompt"] for r in rows] * 2  # one prompt per chosen row, one per rejected row
         completion_texts = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
         prompts = _process(self.processor, prompt_texts, "left", self.return_tensors, images and images * 2)
@@ -366,8 +342,8 @@ class DataCollatorForVisionUnpairedPreference(DataCollatorMixin):
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         _no_pad_to_multiple_of(self.pad_to_multiple_of)
-        images = _batch_images(examples)
-        rows = _render_vision_rows(examples, self.processor, ("completion",), images)
+        images = batch_row_images(examples)
+        rows = render_vision_rows(examples, self.processor, ("completion",), images)
         completion_texts = [r["completion"] for r in rows]
         prompts = _process(self.processor, [r["prompt"] for r in rows], "left", self.return_tensors, images)
         completions = _process(self.processor, completion_texts, "right", self.return_tensors)

@@ -10,7 +10,6 @@ truncation are TRL's, so the losses are too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +17,8 @@ import torch
 from transformers import ProcessorMixin
 from transformers.data.data_collator import DataCollatorMixin
 
-from .chat_template import apply_chat_template
 from .collators import _join_prompt_completion, _no_pad_to_multiple_of, _process
-from .formats import is_conversational, prepare_multimodal_messages
-from .vision import IMAGE_COLUMNS, row_images
+from .vision import IMAGE_COLUMNS, batch_row_images, render_vision_rows
 
 __all__ = [
     "IMAGE_INPUTS_KEY",
@@ -64,30 +61,6 @@ class ImageInputs:
 def is_vision_dataset_row(row: dict[str, Any]) -> bool:
     """Whether a dataset row has an image column (TRL's test for a vision dataset)."""
     return any(column in row for column in IMAGE_COLUMNS)
-
-
-def batch_row_images(examples: Sequence[dict[str, Any]]) -> list[list] | None:
-    """Each row's images as PIL images (`row_images`), or None when no row has one (processors refuse empty lists)."""
-    images = [row_images(example, index, "batch") for index, example in enumerate(examples)]
-    return images if any(images) else None
-
-
-def render_vision_rows(
-    examples: Sequence[dict[str, Any]], processor: Any, completion_keys: tuple[str, ...], images: list[list] | None
-) -> list[dict[str, str]]:
-    """Text rows: conversational rows get one image placeholder per image in their prompt
-    (`prepare_multimodal_messages`) and are rendered with the processor's chat template (with the row's `tools` and
-    `chat_template_kwargs`); standard rows are returned as they are (their text holds the image tokens)."""
-    if not is_conversational(examples[0]):
-        return [{key: example[key] for key in ("prompt", *completion_keys)} for example in examples]
-    rendered = []
-    for index, example in enumerate(examples):
-        row = {"prompt": prepare_multimodal_messages(example["prompt"], images=images[index] if images else None)}
-        row.update({key: prepare_multimodal_messages(example[key]) for key in completion_keys})
-        if example.get("chat_template_kwargs"):
-            row["chat_template_kwargs"] = example["chat_template_kwargs"]
-        rendered.append(apply_chat_template(row, processor, tools=example.get("tools")))
-    return rendered
 
 
 def split_image_fields(processed: Any, rows: int) -> tuple[dict[str, torch.Tensor], ImageInputs | None]:

@@ -16,7 +16,8 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset
 
-from .formats import get_dataset_column_names
+from .chat_template import apply_chat_template
+from .formats import get_dataset_column_names, is_conversational, prepare_multimodal_messages
 
 __all__ = ["IMAGE_COLUMNS", "cell_images", "check_vision_dataset", "count_image_placeholders", "row_images"]
 
@@ -223,3 +224,27 @@ def check_vision_dataset(
             _decode(value, index, column, dataset_name, load=False)
         _check_placeholders(row, len(images), text_columns, image_token, index, dataset_name)
     return True
+
+
+def batch_row_images(examples: Sequence[dict[str, Any]]) -> list[list] | None:
+    """Each row's images as PIL images (`row_images`), or None when no row has one (processors refuse empty lists)."""
+    images = [row_images(example, index, "batch") for index, example in enumerate(examples)]
+    return images if any(images) else None
+
+
+def render_vision_rows(
+    examples: Sequence[dict[str, Any]], processor: Any, completion_keys: tuple[str, ...], images: list[list] | None
+) -> list[dict[str, str]]:
+    """Text rows: conversational rows get one image placeholder per image in their prompt
+    (`prepare_multimodal_messages`) and are rendered with the processor's chat template (with the row's `tools` and
+    `chat_template_kwargs`); standard rows are returned as they are (their text holds the image tokens)."""
+    if not is_conversational(examples[0]):
+        return [{key: example[key] for key in ("prompt", *completion_keys)} for example in examples]
+    rendered = []
+    for index, example in enumerate(examples):
+        row = {"prompt": prepare_multimodal_messages(example["prompt"], images=images[index] if images else None)}
+        row.update({key: prepare_multimodal_messages(example[key]) for key in completion_keys})
+        if example.get("chat_template_kwargs"):
+            row["chat_template_kwargs"] = example["chat_template_kwargs"]
+        rendered.append(apply_chat_template(row, processor, tools=example.get("tools")))
+    return rendered
