@@ -101,6 +101,14 @@ def freeze_vision_tower(model: nn.Module) -> int:
     return count
 
 
+def allow_unused_vision_parameters(args: Any, model: Any) -> None:
+    """A vision-language policy: let DDP look for unused parameters (a batch without images leaves the vision tower
+    without gradients), as TRL sets it, unless the user chose or reentrant checkpointing (which cannot run with it)."""
+    reentrant = (args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+    if is_vision_model(model) and args.ddp_find_unused_parameters is None and not reentrant:
+        args.ddp_find_unused_parameters = True
+
+
 def language_model(model: nn.Module) -> nn.Module:
     """The decoder (text backbone, without the LM head) inside a VLM; a text-only causal LM's own backbone."""
     base = unwrap_model(model)

@@ -40,7 +40,12 @@ from ..modeling import (
     prepare_peft,
     prepare_processing_class,
 )
-from ..models.vision import freeze_vision_tower, is_vision_model, load_checkpoint_weights
+from ..models.vision import (
+    allow_unused_vision_parameters,
+    freeze_vision_tower,
+    is_vision_model,
+    load_checkpoint_weights,
+)
 from . import reference_cache, simple
 from .checkpointing import (
     full_model_save,
@@ -209,7 +214,9 @@ class BaseTrainer(Trainer):
 
     def prepare_vision_tower(self, model: PreTrainedModel, args: TrainingArguments) -> None:
         """`freeze_vision_tower=True` (SFT, DPO, KTO, GRPO, RLOO): no gradient into the VLM's vision encoder and
-        projector (adapters put there included); a `ValueError` on a text-only model."""
+        projector (adapters put there included); a `ValueError` on a text-only model. A VLM lets DDP look for unused
+        parameters, as TRL sets it: a batch without images leaves the vision tower without gradients."""
+        allow_unused_vision_parameters(args, model)
         if getattr(args, "freeze_vision_tower", False):
             count = freeze_vision_tower(model)
             logger.info("freeze_vision_tower: froze %d vision-encoder and projector parameters.", count)

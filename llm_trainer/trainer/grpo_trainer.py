@@ -108,7 +108,6 @@ class GRPOTrainer(BaseTrainer):
     def configure(self, model: PreTrainedModel, args: GRPOConfig, train_dataset: Any) -> None:
         """The reward functions and the rollout's tools, and the settings TRL exposes as attributes."""
         self._vision_data = online_rl.check_vision_data(type(self).__name__, model, train_dataset, self._eval_source)
-        online_rl.allow_unused_vision_parameters(args, model)
         self.tools = list(self.rollout_func.tools) if isinstance(self.rollout_func, ToolRollout) else []
         if self.tools:
             check_tool_template(self._tokenizer)

@@ -148,14 +148,6 @@ def check_vision_data(trainer_name: str, model: Any, train_dataset: Any, eval_da
     return vision
 
 
-def allow_unused_vision_parameters(args: Any, model: Any) -> None:
-    """A vision-language policy: let DDP look for unused parameters (a batch without images leaves the vision tower
-    without gradients), as TRL sets it, unless the user chose or reentrant checkpointing (which cannot run with it)."""
-    reentrant = (args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
-    if is_vision_model(model) and args.ddp_find_unused_parameters is None and not reentrant:
-        args.ddp_find_unused_parameters = True
-
-
 def check_image_generation(trainer: Any, vision_data: bool) -> None:
     """Prompts with images need a processor (not a bare tokenizer) and a generation back end that takes images:
     refuse before training, naming the fix."""

@@ -65,7 +65,6 @@ class RLOOTrainer(BaseTrainer):
 
     def configure(self, model: PreTrainedModel, args: RLOOConfig, train_dataset: Any) -> None:
         self._vision_data = online_rl.check_vision_data(type(self).__name__, model, train_dataset, self._eval_source)
-        online_rl.allow_unused_vision_parameters(args, model)
         configure_streaming(train_dataset, args)
         self.reward_functions = online_rl.online_reward_functions(
             args, self._reward_source, self._reward_processing_source, None, train_dataset

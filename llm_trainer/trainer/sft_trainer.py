@@ -241,14 +241,6 @@ class SFTTrainer(BaseTrainer):
                     "cannot process them. Pass the model's processor (`AutoProcessor.from_pretrained(...)`), or leave "
                     "`processing_class` unset to load it with the model."
                 )
-        # A batch without images leaves the vision tower without gradients, so DDP must look for unused parameters
-        # (as TRL sets it; reentrant checkpointing cannot run with it).
-        if (
-            isinstance(self._processor, ProcessorMixin)
-            and args.ddp_find_unused_parameters is None
-            and not (args.gradient_checkpointing_kwargs or {}).get("use_reentrant")
-        ):
-            args.ddp_find_unused_parameters = True
         sample = next(iter(train_dataset))
         self.completion_only_loss = (
             "prompt" in sample and "completion" in sample

@@ -398,3 +398,24 @@ def test_text_model_card_keeps_the_text_generation_pipeline(tiny_model_path, tmp
     card = (tmp_path / "README.md").read_text()
     assert "image-text-to-text" not in card and "vision-language-model" not in card
     assert 'pipeline("text-generation"' in card
+
+
+@pytest.mark.parametrize("trainer_name", ["SFT", "DPO", "KTO"])
+def test_a_vlm_lets_ddp_find_unused_parameters(trainer_name, vlm_path, tmp_path):
+    """A batch without images leaves the vision tower without gradients: every VLM trainer sets TRL's
+    `ddp_find_unused_parameters=True` (unless the user chose), a text model keeps transformers' default."""
+    import llm_trainer
+    from llm_trainer.testing import make_tiny_model, zen_dataset
+
+    config = {"SFT": "conversational_language_modeling", "DPO": "conversational_preference"}
+    data = zen_dataset(config.get(trainer_name, "conversational_unpaired_preference"))
+    config_cls = getattr(llm_trainer, f"{trainer_name}Config")
+    trainer_cls = getattr(llm_trainer, f"{trainer_name}Trainer")
+    for model, expected in [(vlm_path("qwen2_vl"), True), (make_tiny_model(tmp_path / "text"), None)]:
+        args = config_cls(output_dir=str(tmp_path / "out"), report_to=[], max_steps=1)
+        trainer = trainer_cls(model=model, args=args, train_dataset=data)
+        assert trainer.args.ddp_find_unused_parameters is expected
+    args = config_cls(output_dir=str(tmp_path / "out"), report_to=[], ddp_find_unused_parameters=False)
+    assert (
+        trainer_cls(model=vlm_path("qwen2_vl"), args=args, train_dataset=data).args.ddp_find_unused_parameters is False
+    )
