@@ -20,7 +20,8 @@ from .collators import pad
 from .formats import get_dataset_column_names, is_conversational
 from .preference_dataset import _add_eos, check_preference_dataset, filter_rows
 from .tokenization import template_kwargs, tokenize
-from .validation import check_numbers, check_text_columns, refuse_image_columns, warn_identical_pairs
+from .validation import check_numbers, check_text_columns, warn_identical_pairs
+from .vision import refuse_image_columns
 
 LEGACY_COLUMNS = {"chosen_input_ids": "chosen_ids", "rejected_input_ids": "rejected_ids"}
 

@@ -17,6 +17,7 @@ from .formats import is_conversational, is_conversational_from_value, maybe_conv
 from .packing import pack_dataset
 from .tokenization import template_kwargs, tokenize, tokenize_prompt_completions
 from .validation import check_rows_kept, check_text_columns
+from .vision import IMAGE_COLUMNS
 
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -196,3 +197,54 @@ def _tokenize_example(
 def _build_labels(example: dict, mask_columns: list[str]) -> dict:
     masks = [example[c] for c in mask_columns]
     return {"labels": [tok if all(bits) else -100 for tok, *bits in zip(example["input_ids"], *masks)]}
+
+
+def check_vision_sft_options(args: Any, sample: dict[str, Any], formatted: bool) -> None:
+    """Refuse, before anything loads, the SFT options TRL refuses with an image dataset (packing, padding-free,
+    `keep_end` truncation) and the layouts the vision collator cannot read."""
+    column = next(column for column in IMAGE_COLUMNS if column in sample)
+    if args.packing:
+        raise ValueError(
+            f"Packing is not supported for vision datasets (this one has an '{column}' column): image tokens "
+            "cannot be split across packed rows. Set `packing=False` in the SFTConfig."
+        )
+    if args.padding_free:
+        raise ValueError(
+            f"Padding-free training is not supported for vision datasets (this one has an '{column}' column). Set "
+            "`padding_free=False` in the SFTConfig."
+        )
+    if args.max_length is not None and args.truncation_mode == "keep_end":
+        raise ValueError(
+            "truncation_mode='keep_end' is not supported for vision datasets: the image tokens sit at the start of "
+            "the sequence, and cutting them would leave pixel values without their tokens. Use "
+            "truncation_mode='keep_start' (the default) or set max_length=None."
+        )
+    if formatted:
+        raise ValueError(
+            "A `formatting_func` is not applied to vision datasets: their rows reach the collator raw, which "
+            "renders the messages and processes the images per batch. Format the dataset yourself with "
+            "`dataset.map(...)` into 'messages', or 'prompt' and 'completion' columns."
+        )
+    language_modeling = "messages" in sample or args.dataset_text_field in sample
+    if not language_modeling and not ("prompt" in sample and "completion" in sample):
+        raise ValueError(
+            f"The train dataset has columns {sorted(sample)}; with images, SFT reads 'messages', "
+            f"'{args.dataset_text_field}' (see `dataset_text_field`), or 'prompt' and 'completion'. Rename the "
+            "columns (ShareGPT 'conversations': `dataset.map(llm_trainer.data.maybe_convert_to_chatml)`)."
+        )
+    if args.assistant_only_loss and "messages" not in sample:
+        raise ValueError(
+            "`assistant_only_loss=True` with images needs a conversational language modeling dataset (a 'messages' "
+            "column). For prompt-completion rows use `completion_only_loss` instead."
+        )
+    if args.completion_only_loss and language_modeling:
+        raise ValueError(
+            "`completion_only_loss=True` needs prompt-completion rows, but this vision dataset is language "
+            "modeling (no prompt/completion split). Use `assistant_only_loss=True` with 'messages', or set "
+            "`completion_only_loss=None`."
+        )
+    if args.pad_to_multiple_of is not None and not language_modeling:
+        raise ValueError(
+            "`pad_to_multiple_of` is not supported for vision prompt-completion datasets: the processor pads the "
+            "prompts and the completions separately. Leave it unset."
+        )

@@ -60,24 +60,6 @@ def check_text_columns(
     _check_one_format(kinds, 0, name)
 
 
-IMAGE_COLUMNS = ("image", "images")
-
-
-def refuse_image_columns(dataset: Dataset | IterableDataset, trainer: str, name: str = "train") -> None:
-    """Raise a `ValueError` when a trainer that reads text only gets an `image` / `images` column.
-
-    TRL's text-only trainers drop such columns unseen; here the images would be silently ignored, so the run would
-    train on questions about pictures it never sees.
-    """
-    present = [column for column in IMAGE_COLUMNS if column in get_dataset_column_names(dataset)]
-    if present:
-        raise ValueError(
-            f"The {name} dataset has image column(s) {present}, but {trainer} trains on text only (as in TRL 1.16), so "
-            "the images would be ignored. Drop the column(s) (`dataset.remove_columns(...)`) to train on the text "
-            "alone, or use a trainer that takes images: SFTTrainer, DPOTrainer, KTOTrainer, GRPOTrainer or RLOOTrainer."
-        )
-
-
 def _bad_cell(column: str, row: int, name: str, problem: str, non_empty: bool) -> ValueError:
     if non_empty:
         expected, keep = "a non-empty string", f"isinstance(row['{column}'], str) and row['{column}'] != ''"

@@ -22,7 +22,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from ..data.chat_template import read_chat_template
 from ..data.formats import get_dataset_column_names
-from ..data.validation import refuse_image_columns
+from ..data.vision import refuse_image_columns
 from ..generation.transformers_backend import needs_lockstep
 from ..losses.distillation import fused_distillation_loss, generalized_jsd
 from ..modeling import add_token_logprob_head

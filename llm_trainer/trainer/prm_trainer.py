@@ -19,7 +19,7 @@ from transformers import (
 from transformers.trainer_utils import EvalPrediction
 
 from ..data.stepwise import prepare_stepwise_dataset, tokenize_stepwise
-from ..data.validation import refuse_image_columns
+from ..data.vision import refuse_image_columns
 from .base_trainer import BaseTrainer, init_arguments
 from .prm_config import PRMConfig
 from .utils import compute_accuracy

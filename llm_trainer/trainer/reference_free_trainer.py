@@ -31,7 +31,7 @@ from transformers.trainer_utils import EvalPrediction
 
 from ..data.collators import DataCollatorForPreference, pad
 from ..data.reference_free_dataset import prepare_reference_free_dataset
-from ..data.validation import refuse_image_columns
+from ..data.vision import refuse_image_columns
 from ..losses import masked_mean_nll, preference_metrics, sequence_logps
 from ..models import packed_attention
 from .base_trainer import BaseTrainer, init_arguments

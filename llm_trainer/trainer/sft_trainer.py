@@ -23,7 +23,7 @@ from ..chat_template_utils import get_training_chat_template, is_chat_template_s
 from ..data.chat_template import read_chat_template
 from ..data.collators import DataCollatorForLanguageModeling, DataCollatorForVisionLanguageModeling
 from ..data.formats import get_dataset_column_names, is_conversational
-from ..data.sft import check_sft_dataset, has_generation_markers, prepare_sft_dataset
+from ..data.sft import check_sft_dataset, check_vision_sft_options, has_generation_markers, prepare_sft_dataset
 from ..data.vision import IMAGE_COLUMNS, check_vision_dataset
 from ..models.selective_activation_checkpointing import enable_selective_activation_checkpointing
 from ..models.vision import is_vision_model
@@ -101,7 +101,7 @@ class SFTTrainer(BaseTrainer):
         sample = check_sft_dataset(train_dataset, args.dataset_text_field, formatted=formatted)
         self._is_vision_dataset = any(column in sample for column in IMAGE_COLUMNS)
         if self._is_vision_dataset:
-            self._check_vision_options(args, sample, formatted)
+            check_vision_sft_options(args, sample, formatted)
         if self.padding_free and data_collator is not None:
             raise ValueError(
                 "A custom `data_collator` cannot be used with padding-free batches (`padding_free` or bfd packing)."
@@ -135,56 +135,6 @@ class SFTTrainer(BaseTrainer):
                 "It needs the full logits, so each step runs an extra forward pass.",
                 FutureWarning,
                 stacklevel=4,
-            )
-
-    def _check_vision_options(self, args: SFTConfig, sample: dict[str, Any], formatted: bool) -> None:
-        """The options TRL refuses with images (packing, padding-free, `keep_end` truncation), and layouts the vision
-        collator cannot read, refused before anything loads."""
-        column = next(column for column in IMAGE_COLUMNS if column in sample)
-        if args.packing:
-            raise ValueError(
-                f"Packing is not supported for vision datasets (this one has an '{column}' column): image tokens "
-                "cannot be split across packed rows. Set `packing=False` in the SFTConfig."
-            )
-        if args.padding_free:
-            raise ValueError(
-                f"Padding-free training is not supported for vision datasets (this one has an '{column}' column). Set "
-                "`padding_free=False` in the SFTConfig."
-            )
-        if args.max_length is not None and args.truncation_mode == "keep_end":
-            raise ValueError(
-                "truncation_mode='keep_end' is not supported for vision datasets: the image tokens sit at the start of "
-                "the sequence, and cutting them would leave pixel values without their tokens. Use "
-                "truncation_mode='keep_start' (the default) or set max_length=None."
-            )
-        if formatted:
-            raise ValueError(
-                "A `formatting_func` is not applied to vision datasets: their rows reach the collator raw, which "
-                "renders the messages and processes the images per batch. Format the dataset yourself with "
-                "`dataset.map(...)` into 'messages', or 'prompt' and 'completion' columns."
-            )
-        language_modeling = "messages" in sample or args.dataset_text_field in sample
-        if not language_modeling and not ("prompt" in sample and "completion" in sample):
-            raise ValueError(
-                f"The train dataset has columns {sorted(sample)}; with images, SFT reads 'messages', "
-                f"'{args.dataset_text_field}' (see `dataset_text_field`), or 'prompt' and 'completion'. Rename the "
-                "columns (ShareGPT 'conversations': `dataset.map(llm_trainer.data.maybe_convert_to_chatml)`)."
-            )
-        if args.assistant_only_loss and "messages" not in sample:
-            raise ValueError(
-                "`assistant_only_loss=True` with images needs a conversational language modeling dataset (a 'messages' "
-                "column). For prompt-completion rows use `completion_only_loss` instead."
-            )
-        if args.completion_only_loss and language_modeling:
-            raise ValueError(
-                "`completion_only_loss=True` needs prompt-completion rows, but this vision dataset is language "
-                "modeling (no prompt/completion split). Use `assistant_only_loss=True` with 'messages', or set "
-                "`completion_only_loss=None`."
-            )
-        if args.pad_to_multiple_of is not None and not language_modeling:
-            raise ValueError(
-                "`pad_to_multiple_of` is not supported for vision prompt-completion datasets: the processor pads the "
-                "prompts and the completions separately. Leave it unset."
             )
 
     def prepare_processing_class(

@@ -28,8 +28,7 @@ from ..data.unpaired import (
     VisionUnpairedCollator,
     prepare_unpaired_dataset,
 )
-from ..data.validation import refuse_image_columns
-from ..data.vision import check_vision_dataset
+from ..data.vision import check_vision_dataset, refuse_image_columns
 from ..losses import unpaired_metrics
 from ..modeling import completion_labels
 from ..models import packed_attention
