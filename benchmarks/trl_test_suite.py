@@ -198,10 +198,7 @@ def _build_vlm(repo: str, folder: Path) -> None:
     from llm_trainer import testing
 
     family = VLM_MODELS[repo]
-    builders = getattr(testing, "_VLM_BUILDERS", None)
-    if builders is not None and family not in builders:
-        raise NotImplementedError(f"make_tiny_vlm has no {family!r} family yet")
-    testing.make_tiny_vlm(family, folder)
+    testing.make_tiny_vlm(family, folder)  # a family it does not build raises, and the repo is reported as not built
     if family in VLM_CONFIG:  # rebuild the weights (seeded) from the adjusted config
         config = AutoConfig.from_pretrained(folder)
         for key, value in VLM_CONFIG[family].items():
