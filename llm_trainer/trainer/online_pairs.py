@@ -62,8 +62,9 @@ class MixtureGenerator(TransformersGenerator):
         self.reference, self.coef = reference, coef
 
     def _generate_batch(
-        self, model, prompts: list[list[int]], config, synced: bool = False
+        self, model, prompts: list[list[int]], config, synced: bool = False, vision: None = None
     ) -> tuple[list[list[int]], list[list[float]]]:
+        """`vision` is always None: Nash-MD trains on text only (image columns are refused)."""
         input_ids, attention_mask = self.left_padded(prompts, next(model.parameters()).device)
         width = input_ids.size(1)
         mixture = GeometricMixtureLogits(self.reference, attention_mask, self.coef())
