@@ -26,7 +26,7 @@ DPO_METRICS = {
 }
 
 
-def _train(module, model_path, dataset, tmp_path, peft_config=None, **config):
+def _train(module, model_path, dataset, tmp_path, peft_config=None, processing_class=None, **config):
     config = {
         "output_dir": str(tmp_path / module.__name__),
         "report_to": "none",
@@ -42,7 +42,11 @@ def _train(module, model_path, dataset, tmp_path, peft_config=None, **config):
         **config,
     }
     trainer = module.DPOTrainer(
-        model=model_path, args=module.DPOConfig(**config), train_dataset=dataset, peft_config=peft_config
+        model=model_path,
+        args=module.DPOConfig(**config),
+        train_dataset=dataset,
+        processing_class=processing_class,
+        peft_config=peft_config,
     )
     trainer.train()
     return trainer

@@ -11,7 +11,7 @@ import torch
 from llm_trainer.testing import get_tiny_vlm_processor, make_tiny_vlm, zen_image_dataset
 
 from .helpers import assert_same_training
-from .test_dpo_parity import DPO_METRICS
+from .test_dpo_parity import DPO_METRICS, _train
 
 trl = pytest.importorskip("trl")
 
@@ -24,39 +24,14 @@ def vlm_paths(tmp_path_factory):
     return {family: make_tiny_vlm(family, root / family) for family in FAMILIES}
 
 
-def _train(module, model_path, processor, dataset, tmp_path, peft_config=None, **config):
-    config = {
-        "output_dir": str(tmp_path / module.__name__),
-        "report_to": "none",
-        "max_steps": 2,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "bf16": False,
-        "save_strategy": "no",
-        "seed": 7,
-        "disable_tqdm": True,
-        "dataloader_pin_memory": False,
-        **config,
-    }
-    trainer = module.DPOTrainer(
-        model=model_path,
-        args=module.DPOConfig(**config),
-        train_dataset=dataset,
-        processing_class=processor,
-        peft_config=peft_config,
-    )
-    trainer.train()
-    return trainer
-
-
 def _assert_parity(model_path, tmp_path, images_per_row=1, peft_config=None, **config):
     import llm_trainer
 
     processor = get_tiny_vlm_processor(model_path)  # one instance for both (Qwen-VL's loads images-only here)
     dataset = zen_image_dataset("conversational_preference", images_per_row=images_per_row)
-    ours = _train(llm_trainer, model_path, processor, dataset, tmp_path, peft_config, **config)
-    theirs = _train(trl, model_path, processor, dataset, tmp_path, peft_config, **config)
+    config = {"processing_class": processor, "peft_config": peft_config, **config}
+    ours = _train(llm_trainer, model_path, dataset, tmp_path, **config)
+    theirs = _train(trl, model_path, dataset, tmp_path, **config)
     assert_same_training(ours, theirs)
     logged = next(log for log in ours.state.log_history if "loss" in log)
     assert DPO_METRICS <= set(logged)

@@ -12,7 +12,9 @@ from .helpers import VOLATILE, assert_close_metrics, assert_same_training
 trl = pytest.importorskip("trl")
 
 
-def _train(module, model_path, dataset, tmp_path, eval_dataset=None, peft_config=None, **config):
+def _train(
+    module, model_path, dataset, tmp_path, eval_dataset=None, peft_config=None, processing_class=None, **config
+):
     config = {
         "output_dir": str(tmp_path / module.__name__),
         "report_to": "none",
@@ -30,6 +32,7 @@ def _train(module, model_path, dataset, tmp_path, eval_dataset=None, peft_config
         args=module.KTOConfig(**config),
         train_dataset=dataset,
         eval_dataset=eval_dataset,
+        processing_class=processing_class,
         peft_config=peft_config,
     )
     trainer.train()

@@ -11,6 +11,7 @@ import torch
 from llm_trainer.testing import get_tiny_vlm_processor, make_tiny_vlm, zen_image_dataset
 
 from .helpers import assert_same_training
+from .test_kto_parity import _train
 
 trl = pytest.importorskip("trl")
 
@@ -24,35 +25,14 @@ def vlm_paths(tmp_path_factory):
     return {family: make_tiny_vlm(family, root / family) for family in FAMILIES}
 
 
-def _train(module, model_path, processor, dataset, tmp_path, **config):
-    config = {
-        "output_dir": str(tmp_path / module.__name__),
-        "report_to": "none",
-        "max_steps": 3,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "bf16": False,
-        "save_strategy": "no",
-        "seed": 7,
-        "disable_tqdm": True,
-        "dataloader_pin_memory": False,
-        **config,
-    }
-    trainer = module.KTOTrainer(
-        model=model_path, args=module.KTOConfig(**config), train_dataset=dataset, processing_class=processor
-    )
-    trainer.train()
-    return trainer
-
-
 def _assert_parity(model_path, tmp_path, images_per_row=1, **config):
     import llm_trainer
 
     processor = get_tiny_vlm_processor(model_path)  # one instance for both (Qwen-VL's loads images-only here)
     dataset = zen_image_dataset("conversational_unpaired_preference", images_per_row=images_per_row)
-    ours = _train(llm_trainer, model_path, processor, dataset, tmp_path, **config)
-    theirs = _train(trl, model_path, processor, dataset, tmp_path, **config)
+    config = {"processing_class": processor, "learning_rate": 1e-2, **config}
+    ours = _train(llm_trainer, model_path, dataset, tmp_path, **config)
+    theirs = _train(trl, model_path, dataset, tmp_path, **config)
     assert_same_training(ours, theirs)
     logged = [log for log in ours.state.log_history if "loss" in log]
     assert KTO_METRICS <= set(logged[0])
