@@ -396,8 +396,8 @@ def test_token_budget_chunks_keep_each_rows_images(vlm_paths):
         forward = TokenBudget(budget, None, backward=lambda loss: loss.backward()).run(model, batch, objective)
         forward.loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    # float32 sums of the same O(1) per-row terms in another grouping
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    # float32 sums of the same per-row terms in another grouping: the absolute slack scales with the largest gradient
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6 * grads[0].abs().max().item())
     assert grads[0].abs().sum() > 0
 
 
